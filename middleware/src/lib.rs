@@ -19,9 +19,11 @@
 //! never carries internal detail.
 
 pub mod client_ip;
+pub mod rate_limit;
 pub mod request_id;
 
 pub use client_ip::{ClientIp, ClientIpLayer, ClientIpService, PeerAddr};
+pub use rate_limit::{HandshakeLimiter, HandshakeRateLimitLayer, HandshakeRateLimitService};
 pub use request_id::{RequestId, RequestIdLayer, RequestIdService};
 
 use bytes::Bytes;
