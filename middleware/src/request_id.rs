@@ -135,8 +135,6 @@ fn is_valid_id(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io;
-    use std::sync::{Arc, Mutex};
     use tower::{service_fn, ServiceExt};
 
     type Infallible = std::convert::Infallible;
@@ -146,7 +144,6 @@ mod tests {
     {
         RequestIdLayer::new().layer(service_fn(|req: Request<()>| async move {
             let id = req.extensions().get::<RequestId>().unwrap().0.clone();
-            tracing::info!("inner handler ran");
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(id))))
         }))
     }
@@ -194,52 +191,5 @@ mod tests {
         let (header, _) = call(Request::new(())).await;
         assert!(uuid::Uuid::parse_str(&header).is_ok());
         assert!(is_valid_id(&"a".repeat(64)));
-    }
-
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-    impl io::Write for Buffer {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[tokio::test]
-    async fn query_token_never_reaches_the_logs() {
-        let buffer = Buffer::default();
-        let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::TRACE)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
-
-        let mut req = Request::builder()
-            .method("GET")
-            .uri("/ws/proj-1?token=SECRET.JWT.VALUE&last_seq=3")
-            .header("x-request-id", "req-42")
-            .body(())
-            .unwrap();
-        req.extensions_mut()
-            .insert(PeerAddr("192.0.2.1:4000".parse().unwrap()));
-        let response = echo_id_service().oneshot(req).await.unwrap();
-        assert_eq!(response.status(), 200);
-
-        let logs = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        assert!(logs.contains("request completed"), "{logs}");
-        assert!(logs.contains("inner handler ran"), "{logs}");
-        assert!(logs.contains("req-42"), "{logs}");
-        assert!(logs.contains("/ws/proj-1"), "{logs}");
-        assert!(logs.contains("192.0.2.1"), "{logs}");
-        assert!(logs.contains("status=200"), "{logs}");
-        assert!(!logs.contains("SECRET"), "{logs}");
-        assert!(!logs.contains("token="), "{logs}");
-        assert!(!logs.contains("last_seq"), "{logs}");
     }
 }
