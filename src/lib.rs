@@ -1,1 +1,35 @@
+//! Switchboard: a WebSocket edge gateway that fans worker events out to browsers.
+//!
+//! Follow one event and one connection (DESIGN "Data flow"):
+//!
+//! ```text
+//! server.rs     accept loop, tower stack (middleware crate), shutdown/drain
+//! handshake.rs  GET /ws/{project}|/ws/user -> checks -> fastwebsockets upgrade -> session
+//! session/      one connection: outbox (bounded queue), conn (reader + writer tasks),
+//!               messages (client -> server: ping, commands, subscribe, auth.refresh)
+//! hub.rs        project -> sessions; reference-counted broker subscriptions; fan-out
+//! broker/       memory.rs (embedded default) | redis.rs (pub/sub + pool + publish.lua)
+//! event.rs      envelope checks, fill-in, encode-once framing
+//! frame.rs      server WebSocket frames as shared bytes
+//! heartbeat.rs  one shared timer: heartbeats, idle drop, expiry, record TTLs
+//! routes.rs     HTTP API: health, readiness, publish, broadcast, ws-url
+//! limits.rs     connection caps (global, per IP)
+//! config.rs     the one config struct; app.rs the per-instance state; cli.rs the commands
+//! ```
+//!
+//! Invariants kept throughout: fan-out never awaits a socket; every queue is bounded; an
+//! event is encoded once and its frame bytes are shared by every recipient.
 
+pub mod app;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod frame;
+pub mod handshake;
+pub mod heartbeat;
+pub mod hub;
+pub mod limits;
+pub mod routes;
+pub mod server;
+pub mod session;

@@ -1,0 +1,162 @@
+//! The shared state of one gateway instance, built once at start and passed down.
+//!
+//! Holds the validated config, the hub, the broker, the authenticator, the connection caps
+//! and the draining flag. Nothing in here is global; tests build as many instances as
+//! they like in one process.
+
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchboard_middleware::{Authenticator, JwtConfig, JwtVerifier};
+
+use crate::broker::{memory::MemoryBroker, redis::RedisBroker, Broker, HistoryLimits};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::limits::ConnectionLimits;
+use crate::session::outbox::Limits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot read JWT public key {path}: {source}")]
+    PublicKey {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid JWT configuration: {0}")]
+    Jwt(String),
+    #[error("broker setup failed: {0}")]
+    Broker(String),
+}
+
+pub struct App {
+    pub config: Arc<Config>,
+    pub hub: Arc<Hub>,
+    pub broker: Broker,
+    pub auth: Arc<Authenticator>,
+    pub limits: Arc<ConnectionLimits>,
+    pub instance_id: String,
+    pub started: Instant,
+    /// The HS256 secret in force (configured or generated in development), for `token`.
+    pub jwt_secret: Option<Vec<u8>>,
+    draining: AtomicBool,
+    /// The port actually bound (the config may say 0).
+    listen_port: AtomicU16,
+}
+
+impl App {
+    /// Builds the instance. `generated_secret` is used when development runs without one.
+    /// Must run inside a tokio runtime (the Redis subscription manager is spawned).
+    pub fn build(config: Config, generated_secret: Option<Vec<u8>>) -> Result<Arc<Self>, AppError> {
+        let config = Arc::new(config);
+        let instance_id =
+            config.server.instance_id.clone().unwrap_or_else(|| {
+                format!("sb-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+            });
+        let history = HistoryLimits {
+            max_len: config.events.history_max_len,
+            ttl: Duration::from_secs(config.events.history_ttl_secs),
+        };
+        let linger = Duration::from_millis(config.redis.unsubscribe_linger_ms);
+        let (hub, broker) = match &config.redis.url {
+            None => {
+                let hub = Hub::new(None, linger);
+                let broker = Broker::Memory(MemoryBroker::new(hub.clone(), history));
+                (hub, broker)
+            }
+            Some(url) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let hub = Hub::new(Some(tx), linger);
+                let redis = RedisBroker::new(url, &config.redis, hub.clone(), history)
+                    .map_err(|e| AppError::Broker(e.to_string()))?;
+                tokio::spawn(redis.clone().run_pubsub(rx));
+                (hub, Broker::Redis(redis))
+            }
+        };
+        let jwt_secret = config
+            .auth
+            .jwt_secret
+            .as_ref()
+            .map(|s| s.as_bytes().to_vec())
+            .or(generated_secret);
+        let public_key_pem = match &config.auth.jwt_public_key_file {
+            None => None,
+            Some(path) => Some(std::fs::read(path).map_err(|source| AppError::PublicKey {
+                path: path.display().to_string(),
+                source,
+            })?),
+        };
+        let jwt = if jwt_secret.is_some() || public_key_pem.is_some() {
+            Some(
+                JwtVerifier::new(JwtConfig {
+                    hs256_secret: jwt_secret.clone(),
+                    public_key_pem,
+                    issuer: config.auth.issuer.clone(),
+                    audience: config.auth.audience.clone(),
+                    leeway_secs: config.auth.leeway_secs,
+                })
+                .map_err(|e| AppError::Jwt(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let auth = Arc::new(Authenticator::new(jwt, broker.session_store()));
+        let limits = ConnectionLimits::new(
+            config.server.max_connections,
+            config.server.max_connections_per_ip,
+        );
+        Ok(Arc::new(Self {
+            config,
+            hub,
+            broker,
+            auth,
+            limits,
+            instance_id,
+            started: Instant::now(),
+            jwt_secret,
+            draining: AtomicBool::new(false),
+            listen_port: AtomicU16::new(0),
+        }))
+    }
+
+    pub fn set_listen_port(&self, port: u16) {
+        self.listen_port.store(port, Ordering::Relaxed);
+    }
+
+    /// `BACKEND_PORT`, defaulting to the port we listen on (PROTOCOL §8).
+    pub fn backend_port(&self) -> u16 {
+        self.config
+            .server
+            .backend_port
+            .unwrap_or_else(|| self.listen_port.load(Ordering::Relaxed))
+    }
+
+    pub fn outbox_limits(&self) -> Limits {
+        Limits {
+            messages: self.config.ws.outbound_queue_messages,
+            bytes: self.config.ws.outbound_queue_bytes,
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) -> bool {
+        !self.draining.swap(true, Ordering::AcqRel)
+    }
+
+    /// Ready: broker reachable and not draining.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.broker.is_up()
+    }
+
+    /// TTL of connection records and the instance registry entry.
+    pub fn record_ttl(&self) -> Duration {
+        let secs = match self.config.redis.connection_ttl_secs {
+            0 => (self.config.ws.heartbeat_interval_secs * 3).max(10),
+            n => n,
+        };
+        Duration::from_secs(secs)
+    }
+}

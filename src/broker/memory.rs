@@ -1,0 +1,180 @@
+//! The embedded broker: everything a single instance needs, in-process.
+//!
+//! Per project it keeps the seq, the epoch (new per process: a restarted embedded gateway
+//! has lost its history, so clients must resync) and a bounded history ring. Publishing
+//! assigns seqs, appends to the ring and delivers into the hub under the project's lock,
+//! which is what makes seq order and delivery order the same (the in-process equivalent of
+//! the Lua script). Delivery itself never awaits.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::{new_epoch, BrokerError, HistoryLimits, Position};
+use crate::event;
+use crate::hub::Hub;
+
+struct ProjectLog {
+    seq: u64,
+    epoch: String,
+    /// (seq, event JSON with seq) — oldest first, at most `history.max_len`.
+    history: VecDeque<(u64, Bytes)>,
+    last_publish: Instant,
+}
+
+pub struct MemoryBroker {
+    hub: Arc<Hub>,
+    projects: Mutex<HashMap<String, ProjectLog>>,
+    history: HistoryLimits,
+}
+
+impl MemoryBroker {
+    pub fn new(hub: Arc<Hub>, history: HistoryLimits) -> Arc<Self> {
+        Arc::new(Self {
+            hub,
+            projects: Mutex::new(HashMap::new()),
+            history,
+        })
+    }
+
+    fn log<'a>(projects: &'a mut HashMap<String, ProjectLog>, project: &str) -> &'a mut ProjectLog {
+        projects
+            .entry(project.to_owned())
+            .or_insert_with(|| ProjectLog {
+                seq: 0,
+                epoch: new_epoch(),
+                history: VecDeque::new(),
+                last_publish: Instant::now(),
+            })
+    }
+
+    pub fn publish_events(
+        &self,
+        project: &str,
+        events: Vec<Vec<u8>>,
+    ) -> Result<Vec<u64>, BrokerError> {
+        // All or nothing: refuse the batch before assigning any seq.
+        for ev in &events {
+            with_seq(ev, 0)?;
+        }
+        let mut projects = self.projects.lock();
+        let log = Self::log(&mut projects, project);
+        if log.last_publish.elapsed() > self.history.ttl && self.history.ttl > Duration::ZERO {
+            // Age bound: an idle project's history is gone, like the Redis TTL.
+            log.history.clear();
+        }
+        log.last_publish = Instant::now();
+        let mut seqs = Vec::with_capacity(events.len());
+        for ev in events {
+            log.seq += 1;
+            let body = with_seq(&ev, log.seq)?;
+            let prepared = event::prepare_project_event(project, &body)
+                .map_err(|e| BrokerError::Protocol(e.to_string()))?;
+            log.history.push_back((log.seq, Bytes::from(body)));
+            while log.history.len() > self.history.max_len {
+                log.history.pop_front();
+            }
+            self.hub.deliver(project, &prepared);
+            seqs.push(log.seq);
+        }
+        Ok(seqs)
+    }
+
+    pub fn publish_broadcast(&self, payload: &[u8]) -> Result<(), BrokerError> {
+        self.hub
+            .broadcast_raw(payload)
+            .map(|_| ())
+            .map_err(|e| BrokerError::Protocol(e.to_string()))
+    }
+
+    /// There are no in-process workers: a command reaches nobody.
+    pub fn publish_command(&self, project: &str, _payload: Vec<u8>) -> Result<u64, BrokerError> {
+        tracing::debug!(project, "embedded broker: command has no worker to go to");
+        Ok(0)
+    }
+
+    pub fn position(&self, project: &str) -> Position {
+        let mut projects = self.projects.lock();
+        let log = Self::log(&mut projects, project);
+        Position {
+            seq: log.seq,
+            epoch: log.epoch.clone(),
+        }
+    }
+
+    /// Events with seq > `after`, oldest first (the resume path reads this).
+    pub fn history_after(&self, project: &str, after: u64) -> Vec<(u64, Bytes)> {
+        let projects = self.projects.lock();
+        projects
+            .get(project)
+            .map(|log| {
+                log.history
+                    .iter()
+                    .filter(|(s, _)| *s > after)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Adds `"seq":N` to an event object, exactly as the Lua script does.
+pub fn with_seq(event: &[u8], seq: u64) -> Result<Vec<u8>, BrokerError> {
+    let trimmed = event.trim_ascii();
+    if trimmed.first() != Some(&b'{') || trimmed.last() != Some(&b'}') {
+        return Err(BrokerError::Protocol("event is not a JSON object".into()));
+    }
+    let inner = trimmed[1..trimmed.len() - 1].trim_ascii();
+    let mut out = Vec::with_capacity(trimmed.len() + 24);
+    out.push(b'{');
+    if !inner.is_empty() {
+        out.extend_from_slice(inner);
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"seq\":");
+    out.extend_from_slice(seq.to_string().as_bytes());
+    out.push(b'}');
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_is_spliced_in() {
+        assert_eq!(
+            with_seq(br#"{"type":"x"}"#, 7).unwrap(),
+            br#"{"type":"x","seq":7}"#
+        );
+        assert_eq!(with_seq(b"{ }", 1).unwrap(), br#"{"seq":1}"#);
+        assert!(with_seq(b"[1]", 1).is_err());
+    }
+
+    #[tokio::test]
+    async fn seqs_are_per_project_and_history_is_bounded() {
+        let hub = Hub::new(None, Duration::from_millis(10));
+        let b = MemoryBroker::new(
+            hub,
+            HistoryLimits {
+                max_len: 3,
+                ttl: Duration::from_secs(60),
+            },
+        );
+        let ev = || br#"{"type":"x","project_id":"p","timestamp":"t"}"#.to_vec();
+        assert_eq!(b.publish_events("p", vec![ev(), ev()]).unwrap(), vec![1, 2]);
+        assert_eq!(
+            b.publish_events("q", vec![br#"{"type":"x"}"#.to_vec()])
+                .unwrap(),
+            vec![1]
+        );
+        b.publish_events("p", vec![ev(), ev(), ev()]).unwrap();
+        let h = b.history_after("p", 0);
+        assert_eq!(h.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(b.position("p").seq, 5);
+        assert_ne!(b.position("p").epoch, b.position("q").epoch);
+    }
+}

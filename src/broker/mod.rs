@@ -1,0 +1,182 @@
+//! The broker: where events come from and commands go to.
+//!
+//! Two implementations behind one enum (static dispatch, no boxed futures on the hot path):
+//! - [`memory::MemoryBroker`], the embedded default: one instance, seq/epoch/history kept
+//!   in-process, publishing delivers straight into the hub;
+//! - [`redis::RedisBroker`]: one shared pub/sub connection per instance (reference-counted
+//!   subscriptions driven by the hub), pooled connections for PUBLISH/EVAL/SET, the publish
+//!   Lua script ([`PUBLISH_SCRIPT`]) assigning seq atomically with the history append.
+//!
+//! Both give every published event a per-project `seq` and the project an `epoch`, assign
+//! them in one atomic step with the history append and the delivery, and never block the
+//! fan-out path.
+
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use switchboard_middleware::SessionStore;
+
+/// The one Lua script that publishes events (seq, epoch, history, PUBLISH).
+pub const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
+
+/// Channel of global events.
+pub const BROADCAST_CHANNEL: &str = "websocket:broadcast";
+
+pub fn commands_channel(project: &str) -> String {
+    format!("project:{project}:commands")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker cannot be reached right now; the caller may retry.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker answered with something we did not expect.
+    #[error("broker protocol error: {0}")]
+    Protocol(String),
+}
+
+/// A project's position in its history: last assigned seq and the history epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub seq: u64,
+    pub epoch: String,
+}
+
+/// `ws:connection:{client_id}` (PROTOCOL §7).
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionRecord {
+    pub client_id: String,
+    pub user_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    pub projects: Vec<String>,
+    pub instance_id: String,
+    pub connected_at: String,
+}
+
+pub fn connection_key(client_id: &str) -> String {
+    format!("ws:connection:{client_id}")
+}
+
+pub fn instance_key(instance_id: &str) -> String {
+    format!("ws:instance:{instance_id}")
+}
+
+/// History bounds passed to the publish path.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryLimits {
+    pub max_len: usize,
+    pub ttl: Duration,
+}
+
+pub fn new_epoch() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..16].to_owned()
+}
+
+#[derive(Clone)]
+pub enum Broker {
+    Memory(Arc<memory::MemoryBroker>),
+    Redis(Arc<redis::RedisBroker>),
+}
+
+impl Broker {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Broker::Memory(_) => "memory",
+            Broker::Redis(_) => "redis",
+        }
+    }
+
+    /// Whether the broker is reachable (always true for the embedded one).
+    pub fn is_up(&self) -> bool {
+        match self {
+            Broker::Memory(_) => true,
+            Broker::Redis(r) => r.is_up(),
+        }
+    }
+
+    /// Publishes events of one project, all or nothing. Each event is a JSON object with
+    /// `project_id` and `timestamp` already set and no `seq`. Returns the assigned seqs.
+    pub async fn publish_events(
+        &self,
+        project: &str,
+        events: Vec<Vec<u8>>,
+    ) -> Result<Vec<u64>, BrokerError> {
+        match self {
+            Broker::Memory(m) => m.publish_events(project, events),
+            Broker::Redis(r) => r.publish_events(project, events).await,
+        }
+    }
+
+    /// Publishes a global event to every connection of every instance.
+    pub async fn publish_broadcast(&self, payload: Vec<u8>) -> Result<(), BrokerError> {
+        match self {
+            Broker::Memory(m) => m.publish_broadcast(&payload),
+            Broker::Redis(r) => r.publish_broadcast(payload).await,
+        }
+    }
+
+    /// Relays a client command to the workers; returns how many received it.
+    pub async fn publish_command(
+        &self,
+        project: &str,
+        payload: Vec<u8>,
+    ) -> Result<u64, BrokerError> {
+        match self {
+            Broker::Memory(m) => m.publish_command(project, payload),
+            Broker::Redis(r) => r.publish_command(project, payload).await,
+        }
+    }
+
+    /// The project's current seq and epoch (creating the epoch if it has none).
+    pub async fn position(&self, project: &str) -> Result<Position, BrokerError> {
+        match self {
+            Broker::Memory(m) => Ok(m.position(project)),
+            Broker::Redis(r) => r.position(project).await,
+        }
+    }
+
+    pub async fn put_connection(&self, record: &ConnectionRecord, ttl: Duration) {
+        if let Broker::Redis(r) = self {
+            r.put_connection(record, ttl).await
+        }
+    }
+
+    pub async fn delete_connection(&self, client_id: &str) {
+        if let Broker::Redis(r) = self {
+            r.delete_connection(client_id).await
+        }
+    }
+
+    /// Refreshes the TTL of this instance's connection records and its registry entry.
+    pub async fn refresh_instance(
+        &self,
+        instance_id: &str,
+        info: &serde_json::Value,
+        client_ids: &[String],
+        ttl: Duration,
+    ) {
+        if let Broker::Redis(r) = self {
+            r.refresh_instance(instance_id, info, client_ids, ttl).await
+        }
+    }
+
+    pub async fn deregister_instance(&self, instance_id: &str) {
+        if let Broker::Redis(r) = self {
+            r.deregister_instance(instance_id).await
+        }
+    }
+
+    /// Where `session=` credentials are looked up (Redis only, PROTOCOL §1).
+    pub fn session_store(&self) -> Option<Arc<dyn SessionStore>> {
+        match self {
+            Broker::Memory(_) => None,
+            Broker::Redis(r) => Some(r.clone() as Arc<dyn SessionStore>),
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! The Redis broker: cross-instance fan-out, command relay, history and records.
+//!
+//! One pub/sub connection per instance carries every subscribed channel. Its manager task
+//! ([`RedisBroker::run_pubsub`]) owns that connection and applies the hub's
+//! [`SubCommand`]s in order, so SUBSCRIBE/UNSUBSCRIBE follow the hub's reference counts.
+//! Messages go straight into the hub (checked, framed once, queued; never awaited).
+//!
+//! Outages are survivable: when the connection drops, or stops answering PING (a silently
+//! dead connection is the most reported failure of gateways like this one), `up` turns
+//! false, the manager reconnects with capped exponential backoff, resubscribes every
+//! channel the hub still wants, and logs the outage's length. Sessions stay connected
+//! throughout. Everything else (PUBLISH, EVAL, SET) uses a deadpool pool with timeouts, so
+//! a dead Redis gives quick `Unavailable` errors rather than hung requests.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_redis::redis::{self, AsyncCommands};
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use switchboard_middleware::{AuthError, SessionRecord, SessionStore};
+use tokio::sync::mpsc;
+
+use super::{
+    commands_channel, connection_key, instance_key, new_epoch, BrokerError, ConnectionRecord,
+    HistoryLimits, Position, BROADCAST_CHANNEL, PUBLISH_SCRIPT,
+};
+use crate::config::RedisConfig;
+use crate::hub::{channel_project, project_channel, Hub, SubCommand};
+
+#[derive(Default)]
+pub struct RedisStats {
+    pub reconnects: AtomicU64,
+    pub dead_pubsub_detected: AtomicU64,
+    pub dropped_events: AtomicU64,
+}
+
+pub struct RedisBroker {
+    client: redis::Client,
+    pool: Pool,
+    script: redis::Script,
+    hub: Arc<Hub>,
+    up: AtomicBool,
+    timeout: Duration,
+    ping_interval: Duration,
+    max_backoff: Duration,
+    history: HistoryLimits,
+    pub stats: RedisStats,
+    /// Rate limit for "dropped event" logs: reason -> last time logged.
+    drop_log: Mutex<Vec<(&'static str, Instant)>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+impl RedisBroker {
+    /// Creates the broker; call [`RedisBroker::run_pubsub`] to start the subscription
+    /// manager with the hub's command receiver.
+    pub fn new(
+        url: &str,
+        config: &RedisConfig,
+        hub: Arc<Hub>,
+        history: HistoryLimits,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let client = redis::Client::open(url).map_err(|e| BrokerError::Protocol(e.to_string()))?;
+        let timeout = Duration::from_millis(config.command_timeout_ms.max(100));
+        let mut pool_config = PoolConfig::new(config.pool_size.max(1));
+        pool_config.timeouts = Timeouts {
+            wait: Some(timeout),
+            create: Some(timeout),
+            recycle: Some(timeout),
+        };
+        let mut cfg = deadpool_redis::Config::from_url(url);
+        cfg.pool = Some(pool_config);
+        let pool = cfg
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| BrokerError::Protocol(e.to_string()))?;
+        Ok(Arc::new(Self {
+            client,
+            pool,
+            script: redis::Script::new(PUBLISH_SCRIPT),
+            hub,
+            up: AtomicBool::new(false),
+            timeout,
+            ping_interval: Duration::from_millis(config.pubsub_ping_interval_ms.max(100)),
+            max_backoff: Duration::from_millis(config.reconnect_max_backoff_ms.max(100)),
+            history,
+            stats: RedisStats::default(),
+            drop_log: Mutex::new(Vec::new()),
+        }))
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Runs a pooled command with the command timeout.
+    async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let work = async {
+            let conn = self.pool.get().await.map_err(unavailable)?;
+            f(conn).await.map_err(|e| {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                    unavailable(e)
+                } else {
+                    BrokerError::Protocol(e.to_string())
+                }
+            })
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| unavailable("timed out"))?
+    }
+
+    async fn run_script(
+        &self,
+        project: &str,
+        events: Vec<Vec<u8>>,
+    ) -> Result<(String, Vec<u64>, u64), BrokerError> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(format!("project:{project}:seq"))
+            .key(format!("project:{project}:history"))
+            .key(project_channel(project))
+            .arg(new_epoch())
+            .arg(self.history.max_len)
+            .arg(self.history.ttl.as_secs());
+        for ev in events {
+            invocation.arg(ev);
+        }
+        self.with_conn(|mut conn| async move {
+            invocation
+                .invoke_async::<(String, Vec<u64>, u64)>(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    pub async fn publish_events(
+        &self,
+        project: &str,
+        events: Vec<Vec<u8>>,
+    ) -> Result<Vec<u64>, BrokerError> {
+        let (_, seqs, _) = self.run_script(project, events).await?;
+        Ok(seqs)
+    }
+
+    pub async fn position(&self, project: &str) -> Result<Position, BrokerError> {
+        let (epoch, _, seq) = self.run_script(project, Vec::new()).await?;
+        Ok(Position { seq, epoch })
+    }
+
+    pub async fn publish_broadcast(&self, payload: Vec<u8>) -> Result<(), BrokerError> {
+        self.with_conn(|mut conn| async move {
+            conn.publish::<_, _, i64>(BROADCAST_CHANNEL, payload).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn publish_command(
+        &self,
+        project: &str,
+        payload: Vec<u8>,
+    ) -> Result<u64, BrokerError> {
+        let channel = commands_channel(project);
+        let n = self
+            .with_conn(|mut conn| async move { conn.publish::<_, _, i64>(channel, payload).await })
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    pub async fn put_connection(&self, record: &ConnectionRecord, ttl: Duration) {
+        let key = connection_key(&record.client_id);
+        let value = serde_json::to_string(record).unwrap_or_default();
+        let secs = ttl.as_secs().max(1);
+        if let Err(e) = self
+            .with_conn(|mut conn| async move { conn.set_ex::<_, _, ()>(key, value, secs).await })
+            .await
+        {
+            tracing::warn!(error = %e, client_id = %record.client_id, "could not write connection record");
+        }
+    }
+
+    pub async fn delete_connection(&self, client_id: &str) {
+        let key = connection_key(client_id);
+        if let Err(e) = self
+            .with_conn(|mut conn| async move { conn.del::<_, ()>(key).await })
+            .await
+        {
+            tracing::warn!(error = %e, client_id, "could not delete connection record");
+        }
+    }
+
+    pub async fn refresh_instance(
+        &self,
+        instance_id: &str,
+        info: &serde_json::Value,
+        client_ids: &[String],
+        ttl: Duration,
+    ) {
+        let secs = ttl.as_secs().max(1);
+        let info = info.to_string();
+        let key = instance_key(instance_id);
+        // One round trip per chunk of records, whatever the number of connections.
+        let mut chunks: Vec<&[String]> = client_ids.chunks(1000).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut pipe = redis::pipe();
+            if i == 0 {
+                pipe.set_ex(&key, &info, secs).ignore();
+            }
+            for id in chunk {
+                pipe.expire(connection_key(id), secs as i64).ignore();
+            }
+            if let Err(e) = self
+                .with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
+                .await
+            {
+                tracing::warn!(error = %e, "could not refresh instance registry");
+                return;
+            }
+        }
+    }
+
+    pub async fn deregister_instance(&self, instance_id: &str) {
+        let key = instance_key(instance_id);
+        let _ = self
+            .with_conn(|mut conn| async move { conn.del::<_, ()>(key).await })
+            .await;
+    }
+
+    /// Logs a dropped event at most once per reason per minute; always counts it.
+    fn note_dropped(&self, channel: &str, reason: &'static str, detail: &str) {
+        self.stats.dropped_events.fetch_add(1, Ordering::Relaxed);
+        let mut log = self.drop_log.lock();
+        let now = Instant::now();
+        match log.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, last)) if now.duration_since(*last) < Duration::from_secs(60) => return,
+            Some((_, last)) => *last = now,
+            None => log.push((reason, now)),
+        }
+        drop(log);
+        tracing::warn!(
+            channel,
+            reason,
+            detail,
+            "dropped an invalid event from Redis (logged once a minute per reason)"
+        );
+    }
+
+    fn on_message(&self, msg: &redis::Msg) {
+        let channel = msg.get_channel_name();
+        let payload = msg.get_payload_bytes();
+        let result = if channel == BROADCAST_CHANNEL {
+            self.hub.broadcast_raw(payload)
+        } else if let Some(project) = channel_project(channel) {
+            self.hub.deliver_raw(project, payload)
+        } else {
+            return;
+        };
+        if let Err(e) = result {
+            self.note_dropped(channel, e.reason(), &e.to_string());
+        }
+    }
+
+    /// The subscription manager: owns the pub/sub connection for the life of the process.
+    pub async fn run_pubsub(self: Arc<Self>, mut commands: mpsc::UnboundedReceiver<SubCommand>) {
+        let mut wanted: HashSet<String> = HashSet::from([BROADCAST_CHANNEL.to_owned()]);
+        let mut backoff = Duration::from_millis(100);
+        let mut down_since: Option<Instant> = None;
+        loop {
+            match self
+                .connect_and_serve(&mut wanted, &mut commands, &mut down_since)
+                .await
+            {
+                Serve::Stop => return,
+                Serve::Lost(reason) => {
+                    if self.up.swap(false, Ordering::Relaxed) {
+                        // It was serving: start the next attempt from the shortest backoff.
+                        backoff = Duration::from_millis(100);
+                        down_since = Some(Instant::now());
+                        tracing::error!(%reason, "broker connection lost; clients stay connected, reconnecting");
+                    } else {
+                        tracing::debug!(%reason, "broker still unreachable");
+                    }
+                }
+            }
+            // Back off, still answering the hub so nobody waits on a dead connection.
+            let wake = tokio::time::sleep(backoff);
+            tokio::pin!(wake);
+            loop {
+                tokio::select! {
+                    _ = &mut wake => break,
+                    cmd = commands.recv() => match cmd {
+                        None => return,
+                        Some(SubCommand::Subscribe { channel, done }) => {
+                            wanted.insert(channel);
+                            let _ = done.send(false);
+                        }
+                        Some(SubCommand::Unsubscribe { channel }) => {
+                            wanted.remove(&channel);
+                        }
+                    },
+                }
+            }
+            backoff = (backoff * 2).min(self.max_backoff);
+        }
+    }
+
+    async fn connect_and_serve(
+        &self,
+        wanted: &mut HashSet<String>,
+        commands: &mut mpsc::UnboundedReceiver<SubCommand>,
+        down_since: &mut Option<Instant>,
+    ) -> Serve {
+        let connect = async {
+            let pubsub = self.client.get_async_pubsub().await?;
+            let (mut sink, stream) = pubsub.split();
+            let channels: Vec<&String> = wanted.iter().collect();
+            sink.subscribe(channels).await?;
+            Ok::<_, redis::RedisError>((sink, stream))
+        };
+        let (mut sink, mut stream) = match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Serve::Lost(e.to_string()),
+            Err(_) => return Serve::Lost("connect timed out".into()),
+        };
+        self.up.store(true, Ordering::Relaxed);
+        if let Some(since) = down_since.take() {
+            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                outage_ms = since.elapsed().as_millis() as u64,
+                channels = wanted.len(),
+                "broker reconnected and resubscribed"
+            );
+        } else {
+            tracing::info!(channels = wanted.len(), "broker pub/sub connected");
+        }
+        let mut ping = tokio::time::interval(self.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                msg = stream.next() => match msg {
+                    Some(msg) => self.on_message(&msg),
+                    None => return Serve::Lost("pub/sub connection closed".into()),
+                },
+                cmd = commands.recv() => match cmd {
+                    None => return Serve::Stop,
+                    Some(SubCommand::Subscribe { channel, done }) => {
+                        let fresh = wanted.insert(channel.clone());
+                        if !fresh {
+                            let _ = done.send(true);
+                            continue;
+                        }
+                        match tokio::time::timeout(self.timeout, sink.subscribe(&channel)).await {
+                            Ok(Ok(())) => { let _ = done.send(true); }
+                            Ok(Err(e)) => { let _ = done.send(false); return Serve::Lost(e.to_string()); }
+                            Err(_) => { let _ = done.send(false); return Serve::Lost("SUBSCRIBE timed out".into()); }
+                        }
+                    }
+                    Some(SubCommand::Unsubscribe { channel }) => {
+                        if wanted.remove(&channel) {
+                            match tokio::time::timeout(self.timeout, sink.unsubscribe(&channel)).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => return Serve::Lost(e.to_string()),
+                                Err(_) => return Serve::Lost("UNSUBSCRIBE timed out".into()),
+                            }
+                        }
+                    }
+                },
+                _ = ping.tick() => {
+                    match tokio::time::timeout(self.timeout, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Serve::Lost(format!("PING failed: {e}")),
+                        Err(_) => {
+                            self.stats.dead_pubsub_detected.fetch_add(1, Ordering::Relaxed);
+                            return Serve::Lost("pub/sub connection silently dead (PING unanswered)".into());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Serve {
+    Stop,
+    Lost(String),
+}
+
+impl SessionStore for RedisBroker {
+    fn load<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<SessionRecord>, AuthError>> + Send + 'a>> {
+        Box::pin(async move {
+            let key = format!("session:{id}");
+            let raw: Option<String> = self
+                .with_conn(|mut conn| async move { conn.get(key).await })
+                .await
+                .map_err(|_| AuthError::SessionStoreUnavailable)?;
+            match raw {
+                None => Ok(None),
+                Some(text) => serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|_| AuthError::SessionNotFound),
+            }
+        })
+    }
+}

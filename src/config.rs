@@ -1,0 +1,513 @@
+//! Configuration: one serde struct with documented defaults, loaded once at start.
+//!
+//! Sources, later wins: built-in defaults, `config/default.toml`-style file given with
+//! `--config`, then the environment names of PROTOCOL §1. The result is validated once
+//! ([`Config::validate`]) and passed down explicitly; nothing reads the environment later.
+//! Secrets never appear in [`Config::redacted_toml`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid value for {name}: {message}")]
+    Env { name: &'static str, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Deployment environment; decides URLs, origin defaults and secret requirements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Development,
+    Docker,
+    Production,
+}
+
+impl std::str::FromStr for Environment {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "development" | "dev" => Ok(Self::Development),
+            "docker" => Ok(Self::Docker),
+            "production" | "prod" => Ok(Self::Production),
+            other => Err(format!(
+                "unknown environment {other:?} (expected development, docker or production)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub redis: RedisConfig,
+    pub auth: AuthConfig,
+    pub ws: WsConfig,
+    pub events: EventsConfig,
+    pub api: ApiConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub environment: Environment,
+    pub domain: String,
+    pub backend_host: String,
+    pub backend_port: Option<u16>,
+    pub instance_id: Option<String>,
+    pub trusted_proxies: Vec<String>,
+    pub allowed_origins: Vec<String>,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub handshake_rate_per_sec: u32,
+    pub handshake_burst: u32,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: Option<String>,
+    pub pool_size: usize,
+    pub command_timeout_ms: u64,
+    pub pubsub_ping_interval_ms: u64,
+    pub reconnect_max_backoff_ms: u64,
+    pub unsubscribe_linger_ms: u64,
+    pub connection_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub jwt_secret: Option<String>,
+    pub jwt_public_key_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WsConfig {
+    pub heartbeat_interval_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub max_message_bytes: usize,
+    pub outbound_queue_messages: usize,
+    pub outbound_queue_bytes: usize,
+    pub client_messages_per_sec: u32,
+    pub client_messages_burst: u32,
+    pub rate_limit_close_after: u32,
+    pub max_invalid_in_row: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    pub max_event_bytes: usize,
+    pub allow_unknown_types: bool,
+    pub history_max_len: usize,
+    pub history_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            environment: Environment::Development,
+            domain: "localhost".into(),
+            backend_host: "localhost".into(),
+            backend_port: None,
+            instance_id: None,
+            trusted_proxies: Vec::new(),
+            allowed_origins: Vec::new(),
+            max_connections: 100_000,
+            max_connections_per_ip: 10_000,
+            handshake_rate_per_sec: 20,
+            handshake_burst: 40,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            pool_size: 16,
+            command_timeout_ms: 2_000,
+            pubsub_ping_interval_ms: 3_000,
+            reconnect_max_backoff_ms: 5_000,
+            unsubscribe_linger_ms: 1_000,
+            connection_ttl_secs: 0,
+        }
+    }
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_secs: 30,
+            idle_timeout_secs: 75,
+            max_message_bytes: 64 * 1024,
+            outbound_queue_messages: 1024,
+            outbound_queue_bytes: 1024 * 1024,
+            client_messages_per_sec: 50,
+            client_messages_burst: 100,
+            rate_limit_close_after: 50,
+            max_invalid_in_row: 10,
+        }
+    }
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 256 * 1024,
+            allow_unknown_types: false,
+            history_max_len: 10_000,
+            history_ttl_secs: 86_400,
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+        }
+    }
+}
+
+/// Reads an environment variable, treating empty values as unset.
+type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let lookup = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self::load_with(file, &lookup)
+    }
+
+    pub fn load_with(file: Option<&Path>, env: EnvLookup<'_>) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source,
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self, env: EnvLookup<'_>) -> Result<(), ConfigError> {
+        fn num<T: std::str::FromStr>(
+            env: EnvLookup<'_>,
+            name: &'static str,
+        ) -> Result<Option<T>, ConfigError> {
+            match env(name) {
+                None => Ok(None),
+                Some(v) => v.trim().parse().map(Some).map_err(|_| ConfigError::Env {
+                    name,
+                    message: format!("{v:?} is not a valid number"),
+                }),
+            }
+        }
+        if let Some(v) = env("SWITCHBOARD_LISTEN") {
+            self.server.listen = v;
+        }
+        if let Some(v) = env("REDIS_URL") {
+            self.redis.url = Some(v);
+        }
+        if let Some(v) = env("SWITCHBOARD_JWT_SECRET") {
+            self.auth.jwt_secret = Some(v);
+        }
+        if let Some(v) = env("SWITCHBOARD_JWT_PUBLIC_KEY_FILE") {
+            self.auth.jwt_public_key_file = Some(v.into());
+        }
+        if let Some(v) = num(env, "WS_HEARTBEAT_INTERVAL")? {
+            self.ws.heartbeat_interval_secs = v;
+        }
+        if let Some(v) = num(env, "WS_IDLE_TIMEOUT")? {
+            self.ws.idle_timeout_secs = v;
+        }
+        if let Some(v) = env("ENVIRONMENT") {
+            self.server.environment = v.parse().map_err(|message| ConfigError::Env {
+                name: "ENVIRONMENT",
+                message,
+            })?;
+        }
+        if let Some(v) = env("DOMAIN") {
+            self.server.domain = v;
+        }
+        if let Some(v) = env("BACKEND_HOST") {
+            self.server.backend_host = v;
+        }
+        if let Some(v) = num(env, "BACKEND_PORT")? {
+            self.server.backend_port = Some(v);
+        }
+        if let Some(v) = env("CONTAINER_ID") {
+            self.server.instance_id = Some(v);
+        }
+        if let Some(v) = num(env, "SWITCHBOARD_SHUTDOWN_GRACE")? {
+            self.server.shutdown_grace_secs = v;
+        }
+        if let Some(v) = env("SWITCHBOARD_LOG_FORMAT") {
+            self.log.format = v;
+        }
+        Ok(())
+    }
+
+    /// Checks everything that can be checked without I/O, once, at start.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.listen_addr().is_err() {
+            return bad(format!(
+                "server.listen {:?} is not host:port",
+                self.server.listen
+            ));
+        }
+        for cidr in &self.server.trusted_proxies {
+            if parse_cidr(cidr).is_none() {
+                return bad(format!(
+                    "server.trusted_proxies: {cidr:?} is not an IP or CIDR"
+                ));
+            }
+        }
+        if let Some(url) = &self.redis.url {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+            {
+                return bad("redis.url must start with redis://, rediss:// or unix://".into());
+            }
+        }
+        if self.ws.heartbeat_interval_secs == 0 {
+            return bad("ws.heartbeat_interval_secs must be at least 1".into());
+        }
+        if self.ws.idle_timeout_secs == 0 {
+            return bad("ws.idle_timeout_secs must be at least 1".into());
+        }
+        if self.ws.outbound_queue_messages < 2 || self.ws.outbound_queue_bytes < 1024 {
+            return bad(
+                "ws.outbound_queue_messages must be >= 2 and ws.outbound_queue_bytes >= 1024"
+                    .into(),
+            );
+        }
+        if self.ws.max_message_bytes < 128 {
+            return bad("ws.max_message_bytes must be at least 128".into());
+        }
+        if self.events.max_event_bytes < 64 || self.api.max_body_bytes < 64 {
+            return bad("events.max_event_bytes and api.max_body_bytes must be >= 64".into());
+        }
+        if self.events.history_max_len == 0 {
+            return bad("events.history_max_len must be at least 1".into());
+        }
+        if let Some(id) = &self.server.instance_id {
+            if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()) {
+                return bad(
+                    "CONTAINER_ID / server.instance_id must be 1..128 printable characters".into(),
+                );
+            }
+        }
+        match self.log.format.as_str() {
+            "text" | "json" => {}
+            other => return bad(format!("log.format {other:?} must be text or json")),
+        }
+        if self.server.environment == Environment::Production && !self.has_credential_key() {
+            return bad(
+                "ENVIRONMENT=production needs an explicit JWT key: set SWITCHBOARD_JWT_SECRET \
+                 (HS256) or SWITCHBOARD_JWT_PUBLIC_KEY_FILE (RS256/ES256)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn has_credential_key(&self) -> bool {
+        self.auth.jwt_secret.is_some() || self.auth.jwt_public_key_file.is_some()
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, std::net::AddrParseError> {
+        let listen = self.server.listen.replace("localhost", "127.0.0.1");
+        listen.parse()
+    }
+
+    pub fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
+        self.server
+            .trusted_proxies
+            .iter()
+            .filter_map(|c| parse_cidr(c))
+            .collect()
+    }
+
+    /// Origins accepted on a browser handshake; `*` accepts any.
+    pub fn allowed_origins(&self) -> Vec<String> {
+        if !self.server.allowed_origins.is_empty() {
+            return self.server.allowed_origins.clone();
+        }
+        match self.server.environment {
+            Environment::Production => vec![format!("https://{}", self.server.domain)],
+            _ => vec!["*".into()],
+        }
+    }
+
+    /// The effective config as TOML with every secret replaced.
+    pub fn redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        if copy.auth.jwt_secret.is_some() {
+            copy.auth.jwt_secret = Some("<redacted>".into());
+        }
+        if let Some(url) = &copy.redis.url {
+            copy.redis.url = Some(redact_url_password(url));
+        }
+        toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+fn parse_cidr(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+/// `redis://user:secret@host` becomes `redis://user:<redacted>@host`.
+pub fn redact_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let redacted = match userinfo.find(':') {
+        Some(colon) => format!("{}:<redacted>", &userinfo[..colon]),
+        None => "<redacted>".to_owned(),
+    };
+    format!("{}://{}@{}", &url[..scheme_end], redacted, &rest[at + 1..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_with(None, &move |k: &str| map.get(k).cloned())
+    }
+
+    #[test]
+    fn env_overrides_defaults() {
+        let c = load(&[
+            ("SWITCHBOARD_LISTEN", "127.0.0.1:0"),
+            ("WS_HEARTBEAT_INTERVAL", "5"),
+            ("CONTAINER_ID", "gw-1"),
+        ])
+        .unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:0");
+        assert_eq!(c.ws.heartbeat_interval_secs, 5);
+        assert_eq!(c.server.instance_id.as_deref(), Some("gw-1"));
+    }
+
+    #[test]
+    fn unknown_environment_is_an_error() {
+        assert!(load(&[("ENVIRONMENT", "staging")]).is_err());
+    }
+
+    #[test]
+    fn production_needs_a_secret() {
+        let err = load(&[("ENVIRONMENT", "production")]).unwrap_err();
+        assert!(err.to_string().contains("SWITCHBOARD_JWT_SECRET"));
+        assert!(load(&[
+            ("ENVIRONMENT", "production"),
+            ("SWITCHBOARD_JWT_SECRET", "0123456789abcdef0123456789abcdef")
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn redaction_hides_passwords() {
+        assert_eq!(
+            redact_url_password("redis://:hunter2@host:6379/0"),
+            "redis://:<redacted>@host:6379/0"
+        );
+        assert_eq!(
+            redact_url_password("redis://u:p@h"),
+            "redis://u:<redacted>@h"
+        );
+        assert_eq!(redact_url_password("redis://h:1"), "redis://h:1");
+        let c = load(&[
+            ("REDIS_URL", "redis://:hunter2@127.0.0.1:1"),
+            ("SWITCHBOARD_JWT_SECRET", "topsecret"),
+        ])
+        .unwrap();
+        let text = c.redacted_toml();
+        assert!(
+            !text.contains("hunter2") && !text.contains("topsecret"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn production_origin_default_is_the_domain() {
+        let c = load(&[
+            ("ENVIRONMENT", "production"),
+            ("DOMAIN", "app.example.com"),
+            ("SWITCHBOARD_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+        ])
+        .unwrap();
+        assert_eq!(c.allowed_origins(), vec!["https://app.example.com"]);
+    }
+}

@@ -1,0 +1,298 @@
+//! The event envelope: the checks every event passes before fan-out, and its encoding.
+//!
+//! Every event, whatever its source (publish API, Lua script, raw `PUBLISH` from a legacy
+//! worker, broadcast), is a JSON object with a string `type`; its own `project_id`, when it
+//! has one, must equal the project of the channel or URL it arrived on (routing is by
+//! channel only). The gateway fills in `project_id` and `timestamp` where missing and
+//! otherwise passes the publisher's bytes through untouched, so an event that needs no
+//! filling is never re-encoded. [`Prepared`] holds the one WebSocket frame shared by every
+//! recipient. Per-type schemas come later and plug in at [`check_envelope`].
+
+use std::borrow::Cow;
+use std::hash::{Hash, Hasher};
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::frame;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("not valid JSON")]
+    NotJson,
+    #[error("an event must be a JSON object")]
+    NotObject,
+    #[error("field `type` is required and must be a string")]
+    MissingType,
+    #[error("field `project_id` must be a string")]
+    BadProjectId,
+    #[error("event project_id {found:?} does not match project {expected:?}")]
+    ProjectMismatch { expected: String, found: String },
+    #[error("event is {size} bytes, over the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+}
+
+impl EventError {
+    /// Stable reason label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EventError::NotJson => "invalid_json",
+            EventError::NotObject => "not_object",
+            EventError::MissingType => "missing_type",
+            EventError::BadProjectId => "bad_project_id",
+            EventError::ProjectMismatch { .. } => "project_mismatch",
+            EventError::TooLarge { .. } => "too_large",
+        }
+    }
+
+    /// The offending field, for client-facing errors.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            EventError::MissingType => Some("type"),
+            EventError::BadProjectId | EventError::ProjectMismatch { .. } => Some("project_id"),
+            _ => None,
+        }
+    }
+}
+
+/// Event types whose newer instance supersedes an older queued one for the same subject,
+/// so a slow client's queue can drop the stale one (PROTOCOL §5).
+const PROGRESS_TYPES: [&str; 4] = [
+    "task.progress",
+    "node.progress.updated",
+    "agent.task.progress",
+    "character.lora.status",
+];
+
+/// An event ready for fan-out: its frame, encoded once, and what conflation needs.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub frame: Bytes,
+    /// Set for progress events: equal keys mean "the newer one replaces the older".
+    pub conflate: Option<u64>,
+    pub seq: Option<u64>,
+}
+
+/// The fields the envelope check needs, borrowed from the payload where possible.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    project_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    timestamp: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default, borrow)]
+    task_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    node_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    char_id: Option<Cow<'a, str>>,
+}
+
+fn first_non_ws(bytes: &[u8]) -> Option<u8> {
+    bytes.iter().copied().find(|b| !b.is_ascii_whitespace())
+}
+
+fn conflation_key(kind: &str, head: &Head<'_>) -> Option<u64> {
+    if !PROGRESS_TYPES.contains(&kind) {
+        return None;
+    }
+    let subject = head
+        .task_id
+        .as_deref()
+        .or(head.char_id.as_deref())
+        .or(head.node_id.as_deref())?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    kind.hash(&mut h);
+    subject.hash(&mut h);
+    Some(h.finish())
+}
+
+/// Checks a project event from any source and frames it once.
+///
+/// `payload` is the publisher's JSON. The returned frame carries the same bytes unless
+/// `project_id` or `timestamp` had to be filled in.
+pub fn prepare_project_event(project: &str, payload: &[u8]) -> Result<Prepared, EventError> {
+    if first_non_ws(payload) != Some(b'{') {
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
+            Ok(_) => Err(EventError::NotObject),
+            Err(_) => Err(EventError::NotJson),
+        };
+    }
+    let head: Head<'_> = match serde_json::from_slice(payload) {
+        Ok(head) => head,
+        // Valid JSON whose fields have unexpected JSON types: take the slow path, which
+        // names the offending field or accepts what the fast path was too strict about.
+        Err(e) if e.is_data() => return prepare_slow(project, payload),
+        Err(_) => return Err(EventError::NotJson),
+    };
+    let Some(kind) = head.kind.as_deref() else {
+        return Err(EventError::MissingType);
+    };
+    if let Some(found) = head.project_id.as_deref() {
+        if found != project {
+            return Err(EventError::ProjectMismatch {
+                expected: project.to_owned(),
+                found: found.to_owned(),
+            });
+        }
+    }
+    let conflate = conflation_key(kind, &head);
+    if head.project_id.is_some() && head.timestamp.is_some() {
+        return Ok(Prepared {
+            frame: frame::text(payload),
+            conflate,
+            seq: head.seq,
+        });
+    }
+    let mut prepared = prepare_slow(project, payload)?;
+    prepared.conflate = conflate;
+    Ok(prepared)
+}
+
+fn prepare_slow(project: &str, payload: &[u8]) -> Result<Prepared, EventError> {
+    let mut map: Map<String, Value> =
+        serde_json::from_slice(payload).map_err(|_| EventError::NotJson)?;
+    check_envelope(project, &map)?;
+    fill_envelope(&mut map, project);
+    let seq = map.get("seq").and_then(Value::as_u64);
+    let bytes = serde_json::to_vec(&map).map_err(|_| EventError::NotJson)?;
+    Ok(Prepared {
+        frame: frame::text(&bytes),
+        conflate: None,
+        seq,
+    })
+}
+
+/// Checks an already-parsed event object for publishing into `project`.
+pub fn check_envelope(project: &str, event: &Map<String, Value>) -> Result<(), EventError> {
+    match event.get("type") {
+        Some(Value::String(_)) => {}
+        _ => return Err(EventError::MissingType),
+    }
+    match event.get("project_id") {
+        None => {}
+        Some(Value::String(p)) if p == project => {}
+        Some(Value::String(p)) => {
+            return Err(EventError::ProjectMismatch {
+                expected: project.to_owned(),
+                found: p.clone(),
+            })
+        }
+        Some(_) => return Err(EventError::BadProjectId),
+    }
+    Ok(())
+}
+
+/// Sets `project_id` and `timestamp` where the publisher gave none (PROTOCOL §8: a
+/// publisher's timestamp is passed through as given).
+pub fn fill_envelope(event: &mut Map<String, Value>, project: &str) {
+    if !event.contains_key("project_id") {
+        event.insert("project_id".into(), Value::String(project.to_owned()));
+    }
+    if !event.contains_key("timestamp") {
+        event.insert("timestamp".into(), Value::String(now_rfc3339()));
+    }
+}
+
+/// Current time as RFC 3339 UTC with millisecond precision, e.g. `2026-11-23T12:53:37.123Z`.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    now.format(&fmt)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".into())
+}
+
+/// Encodes a server-originated message (replies, heartbeats) as one text frame.
+pub fn server_frame(value: &Value) -> Bytes {
+    // Serializing a `Value` cannot fail: keys are strings and numbers are finite.
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    frame::text(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload_of(p: &Prepared) -> Value {
+        let f = &p.frame;
+        let start = match f[1] & 0x7f {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        serde_json::from_slice(&f[start..]).unwrap()
+    }
+
+    #[test]
+    fn complete_event_passes_through_byte_for_byte() {
+        let raw = br#"{"type":"file.changed","project_id":"p1","timestamp":"t","x":1.5e300}"#;
+        let p = prepare_project_event("p1", raw).unwrap();
+        assert_eq!(&p.frame[2..], &raw[..]);
+    }
+
+    #[test]
+    fn missing_fields_are_filled() {
+        let p = prepare_project_event("p1", br#"{"type":"file.changed"}"#).unwrap();
+        let v = payload_of(&p);
+        assert_eq!(v["project_id"], "p1");
+        assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn bad_envelopes_are_refused() {
+        assert_eq!(
+            prepare_project_event("p", b"nope").unwrap_err(),
+            EventError::NotJson
+        );
+        assert_eq!(
+            prepare_project_event("p", b"[1]").unwrap_err(),
+            EventError::NotObject
+        );
+        assert_eq!(
+            prepare_project_event("p", br#"{"a":1}"#).unwrap_err(),
+            EventError::MissingType
+        );
+        assert_eq!(
+            prepare_project_event("p", br#"{"type":3}"#).unwrap_err(),
+            EventError::MissingType
+        );
+        assert!(matches!(
+            prepare_project_event("p", br#"{"type":"x","project_id":"q"}"#).unwrap_err(),
+            EventError::ProjectMismatch { .. }
+        ));
+        assert_eq!(
+            prepare_project_event("p", br#"{"type":"x","project_id":7}"#).unwrap_err(),
+            EventError::BadProjectId
+        );
+    }
+
+    #[test]
+    fn progress_events_conflate_per_subject() {
+        let a = prepare_project_event("p", br#"{"type":"task.progress","task_id":"t1"}"#).unwrap();
+        let b = prepare_project_event("p", br#"{"type":"task.progress","task_id":"t1"}"#).unwrap();
+        let c = prepare_project_event("p", br#"{"type":"task.progress","task_id":"t2"}"#).unwrap();
+        let d = prepare_project_event("p", br#"{"type":"task.success","task_id":"t1"}"#).unwrap();
+        assert_eq!(a.conflate, b.conflate);
+        assert_ne!(a.conflate, c.conflate);
+        assert!(a.conflate.is_some() && d.conflate.is_none());
+    }
+
+    #[test]
+    fn seq_is_read() {
+        let p = prepare_project_event("p", br#"{"type":"x","seq":42}"#).unwrap();
+        assert_eq!(p.seq, Some(42));
+    }
+
+    #[test]
+    fn timestamp_has_millisecond_precision() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), "2026-11-23T12:53:37.123Z".len(), "{t}");
+    }
+}

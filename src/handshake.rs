@@ -1,0 +1,279 @@
+//! `GET /ws/{project_id}` and `GET /ws/user`: from HTTP request to a running session.
+//!
+//! Order of checks (PROTOCOL §2): project id (400), Origin (403), not an upgrade (401/403,
+//! or 426 with valid credentials), draining or broker down (503), connection caps (503),
+//! then the upgrade. Credential failures on an upgrade complete the upgrade and close with
+//! 4001/4003, because browsers cannot read handshake statuses.
+//!
+//! The session is registered in the hub and subscribed to its projects BEFORE the 101 is
+//! returned, and its greeting is put in front of its outbox: nothing published after the
+//! handshake can be missed, and `connection.established` is always the first frame.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{header, Request, StatusCode};
+use hyper::body::Incoming;
+use serde_json::{json, Map, Value};
+use switchboard_middleware::{Authentication, Claims, ClientIp, PeerAddr};
+
+use crate::app::App;
+use crate::broker::ConnectionRecord;
+use crate::frame;
+use crate::routes::{json_error, retry_after, valid_project_id, Response};
+use crate::session::{close_code, conn, Scope, Session};
+
+fn client_ip<B>(req: &Request<B>) -> IpAddr {
+    req.extensions()
+        .get::<ClientIp>()
+        .map(|c| c.0)
+        .or_else(|| req.extensions().get::<PeerAddr>().map(|p| p.0.ip()))
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+}
+
+fn origin_allowed(app: &App, origin: &str) -> bool {
+    let origin = origin.trim_end_matches('/');
+    app.config
+        .allowed_origins()
+        .iter()
+        .any(|allowed| allowed == "*" || allowed.trim_end_matches('/').eq_ignore_ascii_case(origin))
+}
+
+/// What the credential allows on this endpoint.
+enum Grant {
+    Ok(Arc<Claims>, Vec<String>),
+    Refused(u16, &'static str, &'static str),
+}
+
+fn grant(auth: &Authentication, scope: &Scope) -> Grant {
+    match auth {
+        Authentication::Missing => Grant::Refused(
+            close_code::UNAUTHENTICATED,
+            "missing_credentials",
+            "a token or session is required",
+        ),
+        Authentication::Invalid(e) => {
+            Grant::Refused(close_code::UNAUTHENTICATED, e.code(), e.client_message())
+        }
+        Authentication::Authenticated(claims) => match scope {
+            Scope::Project(p) if claims.grants(p) => Grant::Ok(claims.clone(), vec![p.clone()]),
+            Scope::User if !claims.named_projects().is_empty() => {
+                Grant::Ok(claims.clone(), claims.named_projects())
+            }
+            _ => Grant::Refused(
+                close_code::FORBIDDEN,
+                "forbidden",
+                "your credential does not grant this project",
+            ),
+        },
+    }
+}
+
+pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
+    let target = req.uri().path().trim_start_matches("/ws/").to_owned();
+    let scope = if target == "user" {
+        Scope::User
+    } else if valid_project_id(&target) {
+        Scope::Project(target)
+    } else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_project_id",
+            "project_id must match [A-Za-z0-9_.-]{1,128}",
+        );
+    };
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let allowed = origin
+            .to_str()
+            .map(|o| origin_allowed(&app, o))
+            .unwrap_or(false);
+        if !allowed {
+            return json_error(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                "this Origin may not connect",
+            );
+        }
+    }
+    let auth = req
+        .extensions()
+        .get::<Authentication>()
+        .cloned()
+        .unwrap_or(Authentication::Missing);
+    let granted = grant(&auth, &scope);
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return match granted {
+            Grant::Ok(..) => {
+                let mut r = json_error(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "upgrade_required",
+                    "this endpoint speaks WebSocket only",
+                );
+                r.headers_mut()
+                    .insert(header::UPGRADE, http::HeaderValue::from_static("websocket"));
+                r
+            }
+            Grant::Refused(close_code::FORBIDDEN, code, message) => {
+                json_error(StatusCode::FORBIDDEN, code, message)
+            }
+            Grant::Refused(_, code, message) => json_error(StatusCode::UNAUTHORIZED, code, message),
+        };
+    }
+    if app.is_draining() {
+        return retry_after(
+            json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "this instance is shutting down; connect again",
+            ),
+            1,
+        );
+    }
+    if !app.broker.is_up() {
+        return retry_after(
+            json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker_unavailable",
+                "the event broker is unreachable; retry shortly",
+            ),
+            2,
+        );
+    }
+    let ip = client_ip(&req);
+    let guard = match app.limits.acquire(ip) {
+        Ok(g) => g,
+        Err(e) => {
+            return retry_after(
+                json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too_many_connections",
+                    &e.to_string(),
+                ),
+                5,
+            )
+        }
+    };
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, "bad_upgrade", &e.to_string()),
+    };
+    let response = response.map(|_| Default::default());
+    let (claims, projects) = match granted {
+        Grant::Ok(claims, projects) => (claims, projects),
+        Grant::Refused(code, reason, _) => {
+            let scope_fields = match &scope {
+                Scope::Project(p) => json!({"project_id": p}),
+                Scope::User => json!({"projects": []}),
+            };
+            tokio::spawn(reject_after_upgrade(upgrade, code, reason, scope_fields));
+            drop(guard);
+            return response;
+        }
+    };
+
+    let client_id = uuid::Uuid::new_v4().to_string();
+    let session = Session::new(
+        client_id,
+        claims,
+        scope.clone(),
+        projects.clone(),
+        ip,
+        app.outbox_limits(),
+    );
+    app.hub.register(&session);
+    let mut positions = Map::new();
+    for project in &projects {
+        let joined = app.hub.join(project, &session).await;
+        let position = match joined {
+            Ok(()) => app.broker.position(project).await.ok(),
+            Err(_) => None,
+        };
+        match position {
+            Some(p) => {
+                positions.insert(project.clone(), json!({"seq": p.seq, "epoch": p.epoch}));
+            }
+            None => {
+                app.hub.unregister(&session);
+                return retry_after(
+                    json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "broker_unavailable",
+                        "the event broker is unreachable; retry shortly",
+                    ),
+                    2,
+                );
+            }
+        }
+    }
+    let mut hello = json!({
+        "type": "connection.established",
+        "client_id": session.client_id,
+        "user_id": session.user_id,
+        "instance_id": app.instance_id,
+        "heartbeat_interval": app.config.ws.heartbeat_interval_secs,
+        "resumed": false,
+    });
+    match &scope {
+        Scope::Project(p) => {
+            hello["project_id"] = json!(p);
+            hello["seq"] = positions[p]["seq"].clone();
+            hello["epoch"] = positions[p]["epoch"].clone();
+        }
+        Scope::User => {
+            hello["projects"] = json!(projects);
+            hello["positions"] = Value::Object(positions);
+        }
+    }
+    session.outbox.push_front(session.message(hello));
+
+    let record = ConnectionRecord {
+        client_id: session.client_id.clone(),
+        user_id: session.user_id.clone(),
+        project_id: session.primary_project(),
+        projects,
+        instance_id: app.instance_id.clone(),
+        connected_at: session.connected_at.clone(),
+    };
+    let ttl = app.record_ttl();
+    let broker = app.broker.clone();
+    tokio::spawn(async move { broker.put_connection(&record, ttl).await });
+    tracing::info!(client_id = %session.client_id, user_id = %session.user_id, %ip, "websocket connected");
+    tokio::spawn(conn::run(app, session, upgrade, guard));
+    response
+}
+
+/// Completes an upgrade only to say why the connection cannot stay (4001/4003).
+async fn reject_after_upgrade(
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    code: u16,
+    reason: &'static str,
+    scope_fields: Value,
+) {
+    use tokio::io::AsyncWriteExt;
+    let Ok(ws) = upgrade.await else { return };
+    let mut io = ws.into_inner();
+    let mut notice = json!({
+        "type": "connection.closed",
+        "code": code,
+        "reason": reason,
+        "timestamp": crate::event::now_rfc3339(),
+    });
+    if let (Value::Object(n), Value::Object(s)) = (&mut notice, scope_fields) {
+        n.extend(s);
+    }
+    let mut bytes = crate::event::server_frame(&notice).to_vec();
+    bytes.extend_from_slice(&frame::close(code, reason));
+    let write = async {
+        io.write_all(&bytes).await?;
+        io.flush().await?;
+        // Give the client a moment to read before the socket goes away.
+        let mut sink = [0u8; 256];
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            tokio::io::AsyncReadExt::read(&mut io, &mut sink),
+        )
+        .await;
+        io.shutdown().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), write).await;
+}

@@ -1,0 +1,92 @@
+//! One shared timer for every connection: heartbeats, idle drop, credential expiry, and
+//! the TTLs of this instance's Redis records.
+//!
+//! No connection owns a timer (DESIGN "Small connections"): a sweep runs every second over
+//! the sessions, and every `WS_HEARTBEAT_INTERVAL` it also queues `system.heartbeat` plus a
+//! WebSocket ping for each (the heartbeat frame is encoded once per project per tick) and
+//! refreshes `ws:instance:{id}` and every `ws:connection:*` of this instance in pipelined
+//! round trips.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::json;
+
+use crate::app::App;
+use crate::frame;
+use crate::session::{close_code, unix_millis, Scope};
+
+const SWEEP: Duration = Duration::from_secs(1);
+
+pub async fn run(app: Arc<App>) {
+    let interval = Duration::from_secs(app.config.ws.heartbeat_interval_secs);
+    let idle_limit = Duration::from_secs(app.config.ws.idle_timeout_secs);
+    let mut ticker = tokio::time::interval(SWEEP);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_beat = Instant::now();
+    refresh_records(&app).await;
+    loop {
+        ticker.tick().await;
+        if app.is_draining() {
+            return;
+        }
+        let now_ms = unix_millis();
+        let now_secs = now_ms / 1000;
+        let beat = last_beat.elapsed() >= interval;
+        if beat {
+            last_beat = Instant::now();
+        }
+        let ping = frame::ping(b"sb");
+        let mut frames: HashMap<String, Bytes> = HashMap::new();
+        for session in app.hub.sessions() {
+            if session.outbox.is_closing() {
+                continue;
+            }
+            if session.expires_at().is_some_and(|at| at <= now_secs) {
+                session.close(close_code::EXPIRED, "credential expired", false);
+                continue;
+            }
+            if session.idle_for(now_ms) >= idle_limit {
+                tracing::info!(client_id = %session.client_id, "idle timeout: dropping connection");
+                session.close(close_code::GOING_AWAY, "idle timeout", true);
+                continue;
+            }
+            if beat {
+                let key = match &session.scope {
+                    Scope::Project(p) => p.clone(),
+                    Scope::User => format!("\0{}", session.client_id),
+                };
+                let hb = frames
+                    .entry(key)
+                    .or_insert_with(|| session.message(json!({"type": "system.heartbeat"})))
+                    .clone();
+                session.send_control(hb);
+                session.send_control(ping.clone());
+            }
+        }
+        if beat {
+            // Never let a slow Redis delay the sweep.
+            let app = app.clone();
+            tokio::spawn(async move { refresh_records(&app).await });
+        }
+    }
+}
+
+async fn refresh_records(app: &App) {
+    let ids: Vec<String> = app
+        .hub
+        .sessions()
+        .iter()
+        .map(|s| s.client_id.clone())
+        .collect();
+    let info = json!({
+        "instance_id": app.instance_id,
+        "connections": ids.len(),
+        "started_secs_ago": app.started.elapsed().as_secs(),
+    });
+    app.broker
+        .refresh_instance(&app.instance_id, &info, &ids, app.record_ttl())
+        .await;
+}

@@ -1,0 +1,381 @@
+//! The hub: which sessions of this instance listen to which project, and fan-out.
+//!
+//! Each active project has one slot holding its sessions. The first session of a project
+//! asks the broker to subscribe to `project:{id}:events`; when the last one leaves, the
+//! subscription lingers for `redis.unsubscribe_linger_ms` (a page reload must not churn
+//! SUBSCRIBE/UNSUBSCRIBE) and is then dropped. Subscription requests are sent to the broker
+//! in the same critical section that changes the slot, so the broker sees subscribe and
+//! unsubscribe for a channel in the order the hub decided them.
+//!
+//! Fan-out ([`Hub::deliver`]) takes the slot under a read lock and hands the one prebuilt
+//! frame to every session's bounded outbox. It never awaits and never touches a socket; a
+//! session whose outbox overflows is told to close with 4500.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::event::{self, Prepared};
+use crate::session::{Scope, Session};
+
+/// Redis channel carrying a project's live events.
+pub fn project_channel(project: &str) -> String {
+    format!("project:{project}:events")
+}
+
+/// The project of a `project:{id}:events` channel.
+pub fn channel_project(channel: &str) -> Option<&str> {
+    channel
+        .strip_prefix("project:")
+        .and_then(|rest| rest.strip_suffix(":events"))
+        .filter(|p| !p.is_empty())
+}
+
+/// Requests from the hub to the broker's subscription manager, in decision order.
+#[derive(Debug)]
+pub enum SubCommand {
+    /// Subscribe (idempotent); `done` is answered once the broker confirmed it.
+    Subscribe {
+        channel: String,
+        done: oneshot::Sender<bool>,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("the broker could not subscribe to the project channel")]
+    SubscribeFailed,
+}
+
+#[derive(Default)]
+struct Slot {
+    sessions: Vec<Arc<Session>>,
+    /// Bumped on every join, so a pending linger timer knows it is stale.
+    generation: u64,
+}
+
+#[derive(Default)]
+pub struct HubStats {
+    pub delivered: AtomicU64,
+    pub conflated: AtomicU64,
+    pub slow_closes: AtomicU64,
+}
+
+pub struct Hub {
+    projects: RwLock<HashMap<String, Slot>>,
+    sessions: RwLock<HashMap<String, Arc<Session>>>,
+    subs: Option<mpsc::UnboundedSender<SubCommand>>,
+    linger: Duration,
+    pub stats: HubStats,
+}
+
+impl Hub {
+    /// `subs` is the broker's subscription manager (None for the in-memory broker, which
+    /// delivers straight into the hub).
+    pub fn new(subs: Option<mpsc::UnboundedSender<SubCommand>>, linger: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            projects: RwLock::new(HashMap::new()),
+            sessions: RwLock::new(HashMap::new()),
+            subs,
+            linger,
+            stats: HubStats::default(),
+        })
+    }
+
+    /// Registers a session (for heartbeats, broadcast and shutdown).
+    pub fn register(&self, session: &Arc<Session>) {
+        self.sessions
+            .write()
+            .insert(session.client_id.clone(), session.clone());
+    }
+
+    /// Adds `session` to `project` and waits until this instance receives the project's
+    /// events. On error the session is not in the project.
+    pub async fn join(
+        self: &Arc<Self>,
+        project: &str,
+        session: &Arc<Session>,
+    ) -> Result<(), HubError> {
+        let confirmed = {
+            let mut projects = self.projects.write();
+            let slot = projects.entry(project.to_owned()).or_default();
+            if !slot.sessions.iter().any(|s| Arc::ptr_eq(s, session)) {
+                slot.sessions.push(session.clone());
+            }
+            slot.generation += 1;
+            match &self.subs {
+                None => None,
+                Some(tx) => {
+                    let (done, rx) = oneshot::channel();
+                    let _ = tx.send(SubCommand::Subscribe {
+                        channel: project_channel(project),
+                        done,
+                    });
+                    Some(rx)
+                }
+            }
+        };
+        if let Some(rx) = confirmed {
+            if !rx.await.unwrap_or(false) {
+                self.leave(project, session);
+                return Err(HubError::SubscribeFailed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `session` from `project`; the channel is dropped after the linger time if
+    /// nobody rejoined.
+    pub fn leave(self: &Arc<Self>, project: &str, session: &Arc<Session>) {
+        let generation = {
+            let mut projects = self.projects.write();
+            let Some(slot) = projects.get_mut(project) else {
+                return;
+            };
+            slot.sessions.retain(|s| !Arc::ptr_eq(s, session));
+            if !slot.sessions.is_empty() {
+                return;
+            }
+            slot.generation
+        };
+        let hub = self.clone();
+        let project = project.to_owned();
+        let linger = self.linger;
+        tokio::spawn(async move {
+            tokio::time::sleep(linger).await;
+            hub.reap(&project, generation);
+        });
+    }
+
+    fn reap(&self, project: &str, generation: u64) {
+        let mut projects = self.projects.write();
+        let idle = projects
+            .get(project)
+            .is_some_and(|s| s.sessions.is_empty() && s.generation == generation);
+        if idle {
+            projects.remove(project);
+            if let Some(tx) = &self.subs {
+                let _ = tx.send(SubCommand::Unsubscribe {
+                    channel: project_channel(project),
+                });
+            }
+        }
+    }
+
+    /// Forgets a session entirely (after it ended).
+    pub fn unregister(self: &Arc<Self>, session: &Arc<Session>) {
+        for project in session.projects() {
+            self.leave(&project, session);
+        }
+        self.sessions.write().remove(&session.client_id);
+    }
+
+    /// Projects this instance is subscribed to (for resubscription after a reconnect).
+    pub fn active_projects(&self) -> Vec<String> {
+        self.projects.read().keys().cloned().collect()
+    }
+
+    /// Projects with at least one connected client.
+    pub fn project_count(&self) -> usize {
+        self.projects
+            .read()
+            .values()
+            .filter(|s| !s.sessions.is_empty())
+            .count()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.read().len()
+    }
+
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions.read().values().cloned().collect()
+    }
+
+    /// Fans one prepared event out to every session of `project`. Never awaits.
+    pub fn deliver(&self, project: &str, prepared: &Prepared) -> usize {
+        let projects = self.projects.read();
+        let Some(slot) = projects.get(project) else {
+            return 0;
+        };
+        for session in &slot.sessions {
+            session.offer_event(prepared.frame.clone(), prepared.conflate, &self.stats);
+        }
+        let n = slot.sessions.len();
+        self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    /// Checks and fans out a raw payload from the broker's project channel.
+    pub fn deliver_raw(&self, project: &str, payload: &[u8]) -> Result<usize, event::EventError> {
+        let prepared = event::prepare_project_event(project, payload)?;
+        Ok(self.deliver(project, &prepared))
+    }
+
+    /// Sends a global event to every session, with each session's own project filled in.
+    /// The frame is encoded once per distinct scope, not once per session.
+    pub fn broadcast(&self, event: &Map<String, Value>) -> usize {
+        let sessions = self.sessions();
+        let mut frames: HashMap<String, Bytes> = HashMap::new();
+        for session in &sessions {
+            let key = session.scope_key();
+            let frame = frames
+                .entry(key)
+                .or_insert_with(|| {
+                    let mut ev = event.clone();
+                    session.fill_scope(&mut ev);
+                    if !ev.contains_key("timestamp") {
+                        ev.insert("timestamp".into(), Value::String(event::now_rfc3339()));
+                    }
+                    event::server_frame(&Value::Object(ev))
+                })
+                .clone();
+            session.offer_event(frame, None, &self.stats);
+        }
+        self.stats
+            .delivered
+            .fetch_add(sessions.len() as u64, Ordering::Relaxed);
+        sessions.len()
+    }
+
+    /// Parses a payload from `websocket:broadcast` and broadcasts it.
+    pub fn broadcast_raw(&self, payload: &[u8]) -> Result<usize, event::EventError> {
+        let value: Value =
+            serde_json::from_slice(payload).map_err(|_| event::EventError::NotJson)?;
+        let Value::Object(mut map) = value else {
+            return Err(event::EventError::NotObject);
+        };
+        if !matches!(map.get("type"), Some(Value::String(_))) {
+            return Err(event::EventError::MissingType);
+        }
+        // A global event names no project: each connection gets its own.
+        map.remove("project_id");
+        Ok(self.broadcast(&map))
+    }
+}
+
+impl Scope {
+    fn key(&self) -> String {
+        match self {
+            Scope::Project(p) => p.clone(),
+            Scope::User => String::from("\0user"),
+        }
+    }
+}
+
+impl Session {
+    fn scope_key(&self) -> String {
+        match &self.scope {
+            Scope::User => format!("\0user:{}", self.projects().join(",")),
+            s => s.key(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::outbox::Limits;
+
+    fn session(project: &str) -> Arc<Session> {
+        Session::new_for_test(
+            project,
+            Limits {
+                messages: 8,
+                bytes: 1 << 16,
+            },
+        )
+    }
+
+    #[test]
+    fn channel_names_round_trip() {
+        assert_eq!(channel_project(&project_channel("a.b-c")), Some("a.b-c"));
+        assert_eq!(channel_project("websocket:broadcast"), None);
+    }
+
+    #[tokio::test]
+    async fn events_reach_only_their_project() {
+        let hub = Hub::new(None, Duration::from_millis(10));
+        let a = session("a");
+        let b = session("b");
+        hub.register(&a);
+        hub.register(&b);
+        hub.join("a", &a).await.unwrap();
+        hub.join("b", &b).await.unwrap();
+        let n = hub.deliver_raw("a", br#"{"type":"file.changed"}"#).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(a.outbox.len().0, 1);
+        assert_eq!(b.outbox.len().0, 0);
+        assert!(hub
+            .deliver_raw("a", br#"{"type":"x","project_id":"b"}"#)
+            .is_err());
+        assert_eq!(b.outbox.len().0, 0);
+    }
+
+    #[tokio::test]
+    async fn subscription_is_reference_counted_with_linger() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let hub = Hub::new(Some(tx), Duration::from_millis(50));
+        let confirm = tokio::spawn(async move {
+            let mut log = Vec::new();
+            while let Some(cmd) = rx.recv().await {
+                match cmd {
+                    SubCommand::Subscribe { channel, done } => {
+                        log.push(format!("+{channel}"));
+                        let _ = done.send(true);
+                    }
+                    SubCommand::Unsubscribe { channel } => {
+                        log.push(format!("-{channel}"));
+                        break;
+                    }
+                }
+            }
+            log
+        });
+        let a = session("p");
+        let b = session("p");
+        hub.join("p", &a).await.unwrap();
+        hub.join("p", &b).await.unwrap();
+        hub.leave("p", &a);
+        hub.leave("p", &b);
+        assert_eq!(hub.project_count(), 0);
+        let log = tokio::time::timeout(Duration::from_secs(2), confirm)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(log.last().unwrap(), "-project:p:events");
+        assert!(hub.active_projects().is_empty());
+    }
+
+    #[tokio::test]
+    async fn overflow_closes_the_slow_session_only() {
+        let hub = Hub::new(None, Duration::from_millis(10));
+        let slow = session("p");
+        let ok = Session::new_for_test(
+            "p",
+            Limits {
+                messages: 1000,
+                bytes: 1 << 20,
+            },
+        );
+        hub.join("p", &slow).await.unwrap();
+        hub.join("p", &ok).await.unwrap();
+        for i in 0..20 {
+            let ev = format!(r#"{{"type":"file.changed","n":{i}}}"#);
+            hub.deliver_raw("p", ev.as_bytes()).unwrap();
+        }
+        assert!(slow.outbox.is_closing());
+        assert!(!ok.outbox.is_closing());
+        assert_eq!(ok.outbox.len().0, 20);
+        assert_eq!(hub.stats.slow_closes.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,169 @@
+//! Accept loop, the tower stack, and the shutdown sequence.
+//!
+//! ```text
+//! TCP accept ─► hyper http1 (with upgrades) ─► tower stack, outermost first:
+//!   SetSensitiveRequestHeaders (Authorization, Cookie never reach a log)
+//!   └► RequestId + tracing span (path only: `?token=` is never logged)
+//!      └► ClientIp (X-Forwarded-For/Forwarded only from server.trusted_proxies)
+//!         └► HandshakeRateLimit (per client IP, /ws/ only: 429 + Retry-After)
+//!            └► Auth (JWT or session → `Authentication` in request extensions)
+//!               └► routes::route (HTTP API, or handshake::handle for /ws/…)
+//! ```
+//!
+//! Shutdown (PROTOCOL §5): stop accepting and mark draining (readyz 503, upgrades 503);
+//! every session flushes its queue, then gets `container.reconnect` and close 1012;
+//! plain HTTP connections finish their request; we wait for all of them at most
+//! `shutdown_grace_secs`, then return so the process exits 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use rand::Rng;
+use switchboard_middleware::{
+    AuthLayer, ClientIpLayer, HandshakeRateLimitLayer, PeerAddr, RequestIdLayer,
+};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::ServiceBuilder;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+
+use crate::app::App;
+use crate::routes;
+
+fn is_handshake(uri: &http::Uri) -> bool {
+    uri.path().starts_with("/ws/")
+}
+
+/// Serves until `shutdown` resolves, then drains. Returns when every connection is gone
+/// or the grace period is over.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let rate_limit = HandshakeRateLimitLayer::new(
+        app.config.server.handshake_rate_per_sec,
+        app.config.server.handshake_burst,
+        is_handshake,
+    );
+    let limiter = rate_limit.limiter();
+    // governor's keyed map grows with every IP seen: trim it periodically.
+    let trim = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            limiter.retain_recent();
+        }
+    });
+    let heartbeat = tokio::spawn(crate::heartbeat::run(app.clone()));
+    let route_app = app.clone();
+    let stack = ServiceBuilder::new()
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::COOKIE,
+        ]))
+        .layer(RequestIdLayer::new())
+        .layer(ClientIpLayer::new(app.config.trusted_proxies()))
+        .layer(rate_limit)
+        .layer(AuthLayer::new(app.auth.clone()))
+        .service_fn(move |req: http::Request<Incoming>| routes::route(route_app.clone(), req));
+
+    let (close_http, http_closing) = watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = ServiceBuilder::new()
+            .map_request(move |mut req: http::Request<Incoming>| {
+                req.extensions_mut().insert(PeerAddr(peer));
+                req
+            })
+            .service(stack.clone());
+        let mut closing = http_closing.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+                .with_upgrades();
+            tokio::pin!(conn);
+            let shut_down = tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res { tracing::debug!(error = %e, %peer, "http connection error"); }
+                    false
+                }
+                _ = closing.wait_for(|c| *c) => true,
+            };
+            if shut_down {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        });
+    }
+    drop(listener);
+    drain(&app, close_http).await;
+    trim.abort();
+    heartbeat.abort();
+}
+
+async fn drain(app: &Arc<App>, close_http: watch::Sender<bool>) {
+    app.start_draining();
+    let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
+    let sessions = app.hub.sessions();
+    tracing::info!(
+        connections = sessions.len(),
+        grace_secs = grace.as_secs(),
+        "draining"
+    );
+    let _ = close_http.send(true);
+    {
+        let mut rng = rand::thread_rng();
+        for session in &sessions {
+            // Jitter spreads the reconnect storm over the other instances.
+            let after = rng.gen_range(100..2_000);
+            session.close_for_restart(after);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    while app.hub.session_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = app.hub.session_count();
+    if left > 0 {
+        tracing::warn!(left, "grace period over; dropping remaining connections");
+        for s in app.hub.sessions() {
+            s.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.broker.deregister_instance(&app.instance_id).await;
+    tracing::info!("drained");
+}
+
+/// Binds the configured address.
+pub async fn bind(app: &App) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let addr = app
+        .config
+        .listen_addr()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    app.set_listen_port(local.port());
+    Ok((listener, local))
+}

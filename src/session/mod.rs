@@ -1,0 +1,308 @@
+//! One WebSocket connection after the upgrade.
+//!
+//! A [`Session`] is the part of a connection the rest of the gateway may touch: its
+//! identity, its projects, its bounded [`outbox::Outbox`], its liveness clock and its
+//! cancellation token. The socket itself is owned by two tasks started in [`conn::run`]:
+//! the reader (client messages, see [`messages`]) and the writer (drains the outbox).
+//! Nobody else ever awaits the socket. Closing is always the same path: queue the closing
+//! frames ([`Session::close`]), let the writer send them, and cancel the tasks if the
+//! client does not finish the close within a deadline.
+
+pub mod conn;
+pub mod messages;
+pub mod outbox;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde_json::{json, Map, Value};
+use switchboard_middleware::Claims;
+use tokio_util::sync::CancellationToken;
+
+use crate::event;
+use crate::frame;
+use crate::hub::HubStats;
+use outbox::{Limits, Offer, Outbox};
+
+/// How long a closing connection may take to flush and finish the close handshake
+/// before its socket is dropped.
+pub const CLOSE_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Close codes of PROTOCOL §5.
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const UNSUPPORTED: u16 = 1003;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const RESTART: u16 = 1012;
+    pub const UNAUTHENTICATED: u16 = 4001;
+    pub const FORBIDDEN: u16 = 4003;
+    pub const EXPIRED: u16 = 4004;
+    pub const RATE_LIMITED: u16 = 4029;
+    pub const SLOW_CONSUMER: u16 = 4500;
+}
+
+/// What the connection was opened for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// `/ws/{project_id}`
+    Project(String),
+    /// `/ws/user`: every project of the credential.
+    User,
+}
+
+pub struct Session {
+    pub client_id: String,
+    pub user_id: String,
+    pub scope: Scope,
+    pub ip: IpAddr,
+    pub connected_at: String,
+    projects: Mutex<Vec<String>>,
+    /// The credential in force (replaced by `auth.refresh`); decides `subscribe`.
+    claims: Mutex<Arc<Claims>>,
+    pub outbox: Outbox,
+    /// Milliseconds since the UNIX epoch of the last frame from the client.
+    last_seen_ms: AtomicU64,
+    /// Credential expiry, UNIX seconds; 0 = none.
+    expires_at: AtomicU64,
+    pub cancel: CancellationToken,
+}
+
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Session {
+    pub fn new(
+        client_id: String,
+        claims: Arc<Claims>,
+        scope: Scope,
+        projects: Vec<String>,
+        ip: IpAddr,
+        limits: Limits,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            client_id,
+            user_id: claims.sub.clone(),
+            scope,
+            ip,
+            connected_at: event::now_rfc3339(),
+            projects: Mutex::new(projects),
+            outbox: Outbox::new(limits),
+            last_seen_ms: AtomicU64::new(unix_millis()),
+            expires_at: AtomicU64::new(claims.expires_at().unwrap_or(0)),
+            claims: Mutex::new(claims),
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    #[cfg(test)]
+    pub fn new_for_test(project: &str, limits: Limits) -> Arc<Self> {
+        let claims = Claims {
+            sub: "u".into(),
+            projects: vec![project.into()],
+            role: None,
+            exp: None,
+            kind: switchboard_middleware::CredentialKind::Jwt,
+        };
+        Self::new(
+            uuid::Uuid::new_v4().to_string(),
+            Arc::new(claims),
+            Scope::Project(project.into()),
+            vec![project.into()],
+            IpAddr::from([127, 0, 0, 1]),
+            limits,
+        )
+    }
+
+    pub fn claims(&self) -> Arc<Claims> {
+        self.claims.lock().clone()
+    }
+
+    /// Installs a refreshed credential and its expiry.
+    pub fn set_claims(&self, claims: Arc<Claims>) {
+        self.set_expires_at(claims.expires_at());
+        *self.claims.lock() = claims;
+    }
+
+    pub fn projects(&self) -> Vec<String> {
+        self.projects.lock().clone()
+    }
+
+    pub fn has_project(&self, project: &str) -> bool {
+        self.projects.lock().iter().any(|p| p == project)
+    }
+
+    /// Records `project`; false if it was already there.
+    pub fn add_project(&self, project: &str) -> bool {
+        let mut projects = self.projects.lock();
+        if projects.iter().any(|p| p == project) {
+            return false;
+        }
+        projects.push(project.to_owned());
+        true
+    }
+
+    pub fn remove_project(&self, project: &str) -> bool {
+        let mut projects = self.projects.lock();
+        let before = projects.len();
+        projects.retain(|p| p != project);
+        before != projects.len()
+    }
+
+    /// The project commands and replies refer to when a message names none.
+    pub fn primary_project(&self) -> Option<String> {
+        match &self.scope {
+            Scope::Project(p) => Some(p.clone()),
+            Scope::User => None,
+        }
+    }
+
+    /// Connection-level frames carry `project_id`, or `projects` on `/ws/user` (§8).
+    pub fn fill_scope(&self, map: &mut Map<String, Value>) {
+        match &self.scope {
+            Scope::Project(p) => {
+                map.insert("project_id".into(), Value::String(p.clone()));
+            }
+            Scope::User => {
+                map.insert("projects".into(), json!(self.projects()));
+            }
+        }
+    }
+
+    /// Encodes a server message for this connection, with scope and timestamp filled in.
+    pub fn message(&self, mut value: Value) -> Bytes {
+        if let Value::Object(map) = &mut value {
+            if !map.contains_key("project_id") && !map.contains_key("projects") {
+                self.fill_scope(map);
+            }
+            if !map.contains_key("timestamp") {
+                map.insert("timestamp".into(), Value::String(event::now_rfc3339()));
+            }
+        }
+        event::server_frame(&value)
+    }
+
+    pub fn touch(&self) {
+        self.last_seen_ms.store(unix_millis(), Ordering::Relaxed);
+    }
+
+    pub fn idle_for(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(now_ms.saturating_sub(self.last_seen_ms.load(Ordering::Relaxed)))
+    }
+
+    pub fn expires_at(&self) -> Option<u64> {
+        match self.expires_at.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    pub fn set_expires_at(&self, at: Option<u64>) {
+        self.expires_at.store(at.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Queues an event frame; closes the connection as a slow consumer on overflow.
+    pub fn offer_event(&self, frame: Bytes, conflate: Option<u64>, stats: &HubStats) {
+        match self.outbox.offer(frame, conflate) {
+            Offer::Queued | Offer::Closed => {}
+            Offer::Conflated => {
+                stats.conflated.fetch_add(1, Ordering::Relaxed);
+            }
+            Offer::Overflow => {
+                if self.close(
+                    close_code::SLOW_CONSUMER,
+                    "slow consumer: outbound queue full",
+                    true,
+                ) {
+                    stats.slow_closes.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(client_id = %self.client_id, "slow consumer closed (4500)");
+                }
+            }
+        }
+    }
+
+    /// Queues a reply to the client (same bounds as events).
+    pub fn reply(&self, value: Value) {
+        let frame = self.message(value);
+        if self.outbox.offer(frame, None) == Offer::Overflow {
+            self.close(
+                close_code::SLOW_CONSUMER,
+                "slow consumer: outbound queue full",
+                true,
+            );
+        }
+    }
+
+    /// Queues a raw control frame (pong) to the client.
+    pub fn send_control(&self, frame: Bytes) {
+        if self.outbox.offer(frame, None) == Offer::Overflow {
+            self.close(
+                close_code::SLOW_CONSUMER,
+                "slow consumer: outbound queue full",
+                true,
+            );
+        }
+    }
+
+    /// Closes with `connection.closed` then a close frame. `discard_pending` drops queued
+    /// events first (a slow consumer resumes from history). Returns false if the session
+    /// was already closing.
+    pub fn close(&self, code: u16, reason: &str, discard_pending: bool) -> bool {
+        let notice = self.message(json!({
+            "type": "connection.closed",
+            "code": code,
+            "reason": reason,
+            "client_id": self.client_id,
+        }));
+        self.finish(&[notice, frame::close(code, reason)], discard_pending)
+    }
+
+    /// Shutdown path: flush what is queued, then `container.reconnect`, then close 1012.
+    pub fn close_for_restart(&self, reconnect_after_ms: u64) -> bool {
+        let notice = self.message(json!({
+            "type": "container.reconnect",
+            "message": "this gateway instance is restarting; reconnect and resume",
+            "reconnect_after_ms": reconnect_after_ms,
+        }));
+        self.finish(
+            &[notice, frame::close(close_code::RESTART, "server restart")],
+            false,
+        )
+    }
+
+    /// Answers a client's close frame with the same payload and ends.
+    pub fn close_echo(&self, payload: &[u8]) -> bool {
+        self.finish(&[frame::close_raw(payload)], false)
+    }
+
+    fn finish(&self, frames: &[Bytes], discard_pending: bool) -> bool {
+        if !self.outbox.close(frames, discard_pending) {
+            return false;
+        }
+        // The client may never read what we queued (a slow consumer, a dead peer): drop
+        // the socket after a deadline whatever happens.
+        let cancel = self.cancel.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(CLOSE_DEADLINE) => cancel.cancel(),
+            }
+        });
+        true
+    }
+
+    /// Drops the connection at once, without a close handshake.
+    pub fn abort(&self) {
+        self.cancel.cancel();
+    }
+}
