@@ -449,6 +449,16 @@ mod tests {
     }
 
     #[test]
+    fn shipped_default_toml_matches_built_in_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let file = Config::load_with(Some(&path), &|_: &str| None).unwrap();
+        assert_eq!(
+            toml::to_string(&file).unwrap(),
+            toml::to_string(&Config::default()).unwrap()
+        );
+    }
+
+    #[test]
     fn env_overrides_defaults() {
         let c = load(&[
             ("SWITCHBOARD_LISTEN", "127.0.0.1:0"),
