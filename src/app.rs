@@ -37,17 +37,15 @@ pub struct App {
     pub limits: Arc<ConnectionLimits>,
     pub instance_id: String,
     pub started: Instant,
-    /// The HS256 secret in force (configured or generated in development), for `token`.
-    pub jwt_secret: Option<Vec<u8>>,
     draining: AtomicBool,
     /// The port actually bound (the config may say 0).
     listen_port: AtomicU16,
 }
 
 impl App {
-    /// Builds the instance. `generated_secret` is used when development runs without one.
-    /// Must run inside a tokio runtime (the Redis subscription manager is spawned).
-    pub fn build(config: Config, generated_secret: Option<Vec<u8>>) -> Result<Arc<Self>, AppError> {
+    /// Builds the instance. Must run inside a tokio runtime (the Redis subscription
+    /// manager is spawned).
+    pub fn build(config: Config) -> Result<Arc<Self>, AppError> {
         let config = Arc::new(config);
         let instance_id =
             config.server.instance_id.clone().unwrap_or_else(|| {
@@ -77,8 +75,7 @@ impl App {
             .auth
             .jwt_secret
             .as_ref()
-            .map(|s| s.as_bytes().to_vec())
-            .or(generated_secret);
+            .map(|s| s.as_bytes().to_vec());
         let public_key_pem = match &config.auth.jwt_public_key_file {
             None => None,
             Some(path) => Some(std::fs::read(path).map_err(|source| AppError::PublicKey {
@@ -113,7 +110,6 @@ impl App {
             limits,
             instance_id,
             started: Instant::now(),
-            jwt_secret,
             draining: AtomicBool::new(false),
             listen_port: AtomicU16::new(0),
         }))

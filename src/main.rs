@@ -146,8 +146,8 @@ fn serve(mut config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
-        let app = App::build(config.clone(), None)?;
+    let result = runtime.block_on(async move {
+        let app = App::build(config.clone())?;
         let (listener, addr) = server::bind(&app).await?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "switchboard listening on {addr}")?;
@@ -160,8 +160,11 @@ fn serve(mut config: Config) -> anyhow::Result<()> {
         drop(out);
         tracing::info!(%addr, instance_id = %app.instance_id, broker = app.broker.kind(), "switchboard started");
         server::serve(app, listener, shutdown_signal()).await;
-        Ok(())
-    })
+        Ok::<(), anyhow::Error>(())
+    });
+    // Background tasks (pub/sub manager, linger timers) must not hold up the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    result
 }
 
 async fn shutdown_signal() {
