@@ -151,7 +151,7 @@ async fn gateway_started_while_redis_is_down_is_not_ready_then_recovers() {
     let mut redis = RedisServer::start();
     let url = redis.url();
     redis.kill();
-    let gw = GatewayOpts::new().redis(url).start();
+    let gw = GatewayOpts::new().redis(url).no_wait_ready().start();
     assert_eq!(readyz(&gw).await, 503);
     assert_eq!(gw.get("/healthz").await.status, 200, "alive even without a broker");
     redis.restart();

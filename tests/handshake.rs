@@ -376,4 +376,10 @@ async fn redis_sessions_by_cookie_and_query() {
     let mut c = gw.ws(&format!("/ws/p1?token={t}&session=s-good"), &[]).await;
     assert_eq!(c.next_json(T).await["user_id"], "jwt-user");
     let _: () = redis::cmd("DEL").arg("nothing").query_async(&mut con).await.unwrap();
+
+    // a session's expires_at ends the connection with 4004
+    set("s-short", json!({"user_id": "sess-user", "projects": ["p1"], "expires_at": now_secs() + 2})).await;
+    let mut c = gw.ws("/ws/p1?session=s-short", &[]).await;
+    assert_eq!(c.next_json(T).await["type"], "connection.established");
+    c.expect_closed_with(4004, Duration::from_secs(6)).await;
 }

@@ -101,6 +101,16 @@ async fn gone(redis: &RedisServer, key: &str, within: Duration) -> bool {
     .await
 }
 
+/// The record is written right after the upgrade (asynchronously): allow 2 s.
+async fn present(redis: &RedisServer, key: &str) -> bool {
+    eventually(Duration::from_secs(2), || async {
+        let mut con = redis.conn().await;
+        let n: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut con).await.unwrap();
+        n == 1
+    })
+    .await
+}
+
 #[tokio::test]
 async fn connection_records_live_with_ttl_and_go_on_disconnect() {
     let redis = RedisServer::start();
@@ -110,6 +120,7 @@ async fn connection_records_live_with_ttl_and_go_on_disconnect() {
 
     let (c, est) = gw.connect("rec", &t).await;
     let key = format!("ws:connection:{}", est["client_id"].as_str().unwrap());
+    assert!(present(&redis, &key).await, "{key} missing while connected");
     let text = record_text(&mut con, &key).await.unwrap_or_else(|| panic!("{key} missing while connected"));
     for want in ["rec-user", "rec", "rec-inst"] {
         assert!(text.contains(want), "{key} lacks {want}: {text}");
@@ -127,13 +138,14 @@ async fn connection_records_live_with_ttl_and_go_on_disconnect() {
     // an abrupt TCP reset removes it too
     let (c, est) = gw.connect("rec", &t).await;
     let key = format!("ws:connection:{}", est["client_id"].as_str().unwrap());
-    assert!(record_text(&mut con, &key).await.is_some());
+    assert!(present(&redis, &key).await, "{key} missing while connected");
     c.drop_abruptly();
     assert!(gone(&redis, &key, Duration::from_secs(3)).await, "{key} left after an abrupt disconnect");
 
     // so does a server-side close (bad input)
     let (mut c, est) = gw.connect("rec", &t).await;
     let key = format!("ws:connection:{}", est["client_id"].as_str().unwrap());
+    assert!(present(&redis, &key).await, "{key} missing while connected");
     c.send_binary(b"x").await;
     c.expect_close(1003, T).await;
     assert!(gone(&redis, &key, Duration::from_secs(3)).await, "{key} left after a server close");

@@ -92,13 +92,19 @@ async fn while_draining_readyz_and_upgrades_are_503_and_grace_bounds_a_stuck_cli
 
     let mut saw_503 = false;
     let mut upgrade_refused = false;
+    let mut transport_errors = Vec::new();
     while start.elapsed() < Duration::from_millis(2000) {
         match http_request(gw.addr(), "GET", "/readyz", &[], None).await {
             Ok(r) => {
                 assert_ne!(r.status, 200, "/readyz 200 after SIGTERM");
                 saw_503 |= r.status == 503;
             }
-            Err(_) => break, // listener closed
+            // a closed listener cannot answer 503: PROTOCOL §2/§5 want the drain to answer
+            Err(e) => transport_errors.push(format!("readyz: {e}")),
+        }
+        if let Ok(r) = http_request(gw.addr(), "GET", "/health/websocket", &[], None).await {
+            assert_eq!(r.status, 200);
+            assert_eq!(r.json()["status"], "draining", "/health/websocket while draining");
         }
         match gw.ws_try(&format!("/ws/stuck?token={t}"), &[]).await {
             Ok(mut c) => {
@@ -109,14 +115,23 @@ async fn while_draining_readyz_and_upgrades_are_503_and_grace_bounds_a_stuck_cli
             Err(r) => {
                 if r.status != 0 {
                     assert_eq!(r.status, 503, "upgrade while draining: {r:?}");
+                    assert!(r.header("retry-after").is_some(), "503 without Retry-After: {r:?}");
                     upgrade_refused = true;
+                } else {
+                    transport_errors.push(format!("upgrade: {}", r.body));
                 }
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(saw_503, "/readyz never answered 503 during the drain\n{}", gw.logs());
-    assert!(upgrade_refused, "no upgrade was refused with 503 during the drain");
+    transport_errors.sort();
+    transport_errors.dedup();
+    assert!(
+        saw_503,
+        "/readyz never answered 503 during the drain; transport errors: {transport_errors:?}\n{}",
+        gw.logs()
+    );
+    assert!(upgrade_refused, "no upgrade was refused with 503 during the drain; transport errors: {transport_errors:?}");
 
     let st = gw.wait_exit(Duration::from_secs(6));
     assert_eq!(st.code(), Some(0), "{st:?}\n{}", gw.logs());

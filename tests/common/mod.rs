@@ -394,6 +394,9 @@ pub struct GatewayOpts {
     pub raw_toml: String,
     pub env: Vec<(String, String)>,
     pub subcommand: Option<String>,
+    /// Wait for `/readyz` 200 before `start` returns (the listening line may come before the
+    /// broker is connected, as a load balancer would see it). Default: on.
+    pub wait_ready: bool,
 }
 
 impl Default for GatewayOpts {
@@ -411,6 +414,7 @@ impl Default for GatewayOpts {
             raw_toml: String::new(),
             env: Vec::new(),
             subcommand: Some("serve".into()),
+            wait_ready: true,
         }
     }
 }
@@ -466,6 +470,11 @@ impl GatewayOpts {
     }
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+    /// Return as soon as the listening line is printed, without waiting for `/readyz`.
+    pub fn no_wait_ready(mut self) -> Self {
+        self.wait_ready = false;
         self
     }
     pub fn subcommand(mut self, s: Option<&str>) -> Self {
@@ -601,6 +610,20 @@ impl Gateway {
             Ok(a) => a,
             Err(e) => fail(&mut child, format!("bad listening address {addr_s:?}: {e}"), &logs),
         };
+        if opts.wait_ready {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let mut last = None;
+            loop {
+                last = readyz_sync(addr).or(last);
+                if last == Some(200) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    fail(&mut child, format!("/readyz not 200 within 15 s of listening (last: {last:?})"), &logs);
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
         Gateway {
             child: Some(child),
             addr,
@@ -787,6 +810,16 @@ impl Drop for Gateway {
 
 // ---------------------------------------------------------------------------------------
 // raw HTTP/1.1 client
+
+/// Status of `GET /readyz`, blocking, 2 s limit (used while starting a gateway).
+fn readyz_sync(addr: SocketAddr) -> Option<u16> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    parse_response(&buf).ok().map(|r| r.status)
+}
 
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
