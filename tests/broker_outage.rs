@@ -161,3 +161,22 @@ async fn gateway_started_while_redis_is_down_is_not_ready_then_recovers() {
     assert_eq!(gw.publish("late", &ev(1)).await, vec![1]);
     assert_eq!(c.next_json(T).await["seq"], 1);
 }
+
+#[tokio::test]
+async fn silently_dead_pubsub_connection_is_detected() {
+    let redis = RedisServer::start();
+    let proxy = TcpProxy::start(redis.port());
+    let gw = GatewayOpts::new().redis(proxy.url()).start();
+    let mut c = gw.client("silent").await;
+    assert!(wait_relay(&redis, &mut c, "silent", T).await);
+    // every connection the gateway holds now goes silent: no FIN, no RST, no replies
+    proxy.freeze_existing();
+    let start = Instant::now();
+    assert!(
+        wait_relay(&redis, &mut c, "silent", Duration::from_secs(30)).await,
+        "live events never resumed after the pub/sub connection went silent\n{}",
+        gw.logs()
+    );
+    eprintln!("silent pub/sub death detected and recovered after {:?}", start.elapsed());
+    c.assert_alive().await;
+}

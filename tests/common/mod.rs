@@ -1231,3 +1231,84 @@ impl WsClient {
 pub fn close_code(c: u16) -> CloseCode {
     CloseCode::from(c)
 }
+
+// ---------------------------------------------------------------------------------------
+// a TCP proxy that can silently black-hole its existing connections
+
+/// Forwards `127.0.0.1:port` to a target port (plain threads, so it keeps forwarding while
+/// a test blocks). `freeze_existing` makes every connection open at that moment silently
+/// drop all data in both directions without closing: a pub/sub connection that died
+/// without a FIN or RST. Connections opened later forward normally.
+pub struct TcpProxy {
+    pub port: u16,
+    next_gen: Arc<std::sync::atomic::AtomicU64>,
+    frozen_below: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TcpProxy {
+    pub fn start(target_port: u16) -> TcpProxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        let next_gen = Arc::new(AtomicU64::new(0));
+        let frozen_below = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, f, s) = (next_gen.clone(), frozen_below.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(inbound) = inbound else { continue };
+                let Ok(outbound) = std::net::TcpStream::connect(("127.0.0.1", target_port)) else { continue };
+                let gen = g.fetch_add(1, Ordering::SeqCst);
+                for (from, to) in [
+                    (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                    (outbound, inbound),
+                ] {
+                    let f = f.clone();
+                    std::thread::spawn(move || pump(from, to, gen, f));
+                }
+            }
+        });
+        TcpProxy { port, next_gen, frozen_below, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn freeze_existing(&self) {
+        use std::sync::atomic::Ordering;
+        self.frozen_below.store(self.next_gen.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, gen: u64, frozen_below: Arc<std::sync::atomic::AtomicU64>) {
+    let mut buf = [0u8; 16384];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                if gen >= frozen_below.load(std::sync::atomic::Ordering::SeqCst) {
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                }
+                return;
+            }
+            Ok(n) => n,
+        };
+        if gen < frozen_below.load(std::sync::atomic::Ordering::SeqCst) {
+            continue; // black hole: swallow, never answer, never close
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
