@@ -12,7 +12,11 @@ fn assert_seq_run(events: &[Value], project: &str, first_seq: u64, first_n: u64)
     for (i, e) in events.iter().enumerate() {
         let i = i as u64;
         assert_eq!(e["project_id"], project, "event {i}: {e}");
-        assert_eq!(e["seq"], first_seq + i, "event {i} out of order or with a gap: {e}");
+        assert_eq!(
+            e["seq"],
+            first_seq + i,
+            "event {i} out of order or with a gap: {e}"
+        );
         assert_eq!(e["n"], first_n + i, "event {i}: {e}");
     }
 }
@@ -20,8 +24,14 @@ fn assert_seq_run(events: &[Value], project: &str, first_seq: u64, first_n: u64)
 #[tokio::test]
 async fn two_instances_share_events_and_commands_through_redis() {
     let redis = RedisServer::start();
-    let gw1 = GatewayOpts::new().redis(redis.url()).instance("inst-one").start();
-    let gw2 = GatewayOpts::new().redis(redis.url()).instance("inst-two").start();
+    let gw1 = GatewayOpts::new()
+        .redis(redis.url())
+        .instance("inst-one")
+        .start();
+    let gw2 = GatewayOpts::new()
+        .redis(redis.url())
+        .instance("inst-two")
+        .start();
     let t = gw2.token("multi", &["px"]);
     let (mut c2, est2) = gw2.connect("px", &t).await;
     assert_eq!(est2["instance_id"], "inst-two");
@@ -51,7 +61,9 @@ async fn two_instances_share_events_and_commands_through_redis() {
 
     // a command from a client of instance 2 reaches a Redis subscriber
     let mut sub = redis.subscribe("project:px:commands").await;
-    let v = c2.call(&json!({"type": "node.execute", "node_id": "n1", "request_id": "from-two"})).await;
+    let v = c2
+        .call(&json!({"type": "node.execute", "node_id": "n1", "request_id": "from-two"}))
+        .await;
     assert_eq!(v["type"], "command.accepted", "{v}");
     assert_eq!(v["delivered_to"], 1, "{v}");
     let m = sub.next_json(T).await;
@@ -94,9 +106,18 @@ async fn project_isolation_over_hundreds_of_events() {
     // raw legacy PUBLISH keeps to its channel too
     for i in 0..50u64 {
         let project = if i % 2 == 0 { "iso-a" } else { "iso-b" };
-        redis.publish(&format!("project:{project}:events"), &json!({"type": "file.changed", "raw": i}).to_string()).await;
+        redis
+            .publish(
+                &format!("project:{project}:events"),
+                &json!({"type": "file.changed", "raw": i}).to_string(),
+            )
+            .await;
     }
-    for (client, project, parity) in [(&mut a1, "iso-a", 0), (&mut b1, "iso-b", 1), (&mut a2, "iso-a", 0)] {
+    for (client, project, parity) in [
+        (&mut a1, "iso-a", 0),
+        (&mut b1, "iso-b", 1),
+        (&mut a2, "iso-a", 0),
+    ] {
         let got = client.collect(25, Duration::from_secs(10)).await;
         for (j, e) in got.iter().enumerate() {
             assert_eq!(e["project_id"], project, "{e}");
@@ -128,7 +149,9 @@ async fn a_thousand_events_arrive_in_order() {
     let mut con = redis.conn().await;
     let mut pipe = redis::pipe();
     for i in 1..=1000u64 {
-        pipe.cmd("PUBLISH").arg("project:thousand:events").arg(json!({"type": "file.changed", "raw": i}).to_string());
+        pipe.cmd("PUBLISH")
+            .arg("project:thousand:events")
+            .arg(json!({"type": "file.changed", "raw": i}).to_string());
     }
     let _: Vec<i64> = pipe.query_async(&mut con).await.unwrap();
     let got = c.collect(1000, Duration::from_secs(30)).await;
@@ -154,15 +177,24 @@ async fn project_channel_lifecycle_in_pubsub_channels() {
     );
 
     let c1 = gw.client("life").await;
-    assert!(eventually(Duration::from_secs(1), || has(true)).await, "channel subscribed while a client is connected");
+    assert!(
+        eventually(Duration::from_secs(1), || has(true)).await,
+        "channel subscribed while a client is connected"
+    );
     let c2 = gw.client("life").await;
     c1.close().await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(has(true).await, "channel dropped while a client is still connected");
+    assert!(
+        has(true).await,
+        "channel dropped while a client is still connected"
+    );
 
     c2.close().await;
     let left = Instant::now();
-    assert!(eventually(Duration::from_millis(2500), || has(false)).await, "channel still subscribed 2.5 s after the last client left");
+    assert!(
+        eventually(Duration::from_millis(2500), || has(false)).await,
+        "channel still subscribed 2.5 s after the last client left"
+    );
     assert!(left.elapsed() <= Duration::from_millis(2500));
     // one subscription per instance, not per client
     let mut cs = Vec::new();
@@ -170,14 +202,25 @@ async fn project_channel_lifecycle_in_pubsub_channels() {
         cs.push(gw.client("life").await);
     }
     let mut con = redis.conn().await;
-    let numsub: (String, i64) = redis::cmd("PUBSUB").arg("NUMSUB").arg(ch).query_async(&mut con).await.unwrap();
-    assert_eq!(numsub.1, 1, "one Redis subscription per instance per project");
+    let numsub: (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(ch)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(
+        numsub.1, 1,
+        "one Redis subscription per instance per project"
+    );
 
     // an abrupt drop of all of them releases it too
     for c in cs {
         c.drop_abruptly();
     }
-    assert!(eventually(Duration::from_millis(2500), || has(false)).await, "channel kept after abrupt disconnects");
+    assert!(
+        eventually(Duration::from_millis(2500), || has(false)).await,
+        "channel kept after abrupt disconnects"
+    );
 
     // leaving and coming back quickly (within the linger) still receives events
     let c = gw.client("life").await;
@@ -206,15 +249,31 @@ async fn raw_publish_is_relayed_without_seq_and_bad_messages_are_dropped() {
     }
     redis.publish(ch, &json!({"type": "task.started", "task_id": "t1", "node_id": "n1", "runner_id": "r1", "extra": {"k": [1, 2]}}).to_string()).await;
     let e = c.next_json(T).await;
-    assert_eq!(e["type"], "task.started", "bad raw messages must be dropped, not relayed: {e}");
+    assert_eq!(
+        e["type"], "task.started",
+        "bad raw messages must be dropped, not relayed: {e}"
+    );
     assert_eq!(e["project_id"], "raw", "project_id filled in: {e}");
-    assert!(is_rfc3339_ms_utc(e["timestamp"].as_str().unwrap_or("")), "timestamp filled in: {e}");
+    assert!(
+        is_rfc3339_ms_utc(e["timestamp"].as_str().unwrap_or("")),
+        "timestamp filled in: {e}"
+    );
     assert!(e.get("seq").is_none(), "raw events carry no seq: {e}");
-    assert_eq!(e["extra"], json!({"k": [1, 2]}), "extra fields pass through: {e}");
+    assert_eq!(
+        e["extra"],
+        json!({"k": [1, 2]}),
+        "extra fields pass through: {e}"
+    );
 
     // a publisher's own timestamp and a matching project_id pass through unchanged
     let ts = "2020-01-02T03:04:05.678Z";
-    redis.publish(ch, &json!({"type": "file.changed", "project_id": "raw", "timestamp": ts, "n": 2}).to_string()).await;
+    redis
+        .publish(
+            ch,
+            &json!({"type": "file.changed", "project_id": "raw", "timestamp": ts, "n": 2})
+                .to_string(),
+        )
+        .await;
     let e = c.next_json(T).await;
     assert_eq!(e["timestamp"], ts, "{e}");
     assert_eq!(e["n"], 2);
@@ -223,7 +282,11 @@ async fn raw_publish_is_relayed_without_seq_and_bad_messages_are_dropped() {
     // the relay survived all of that: HTTP-published events still flow with seq
     assert_eq!(gw.publish("raw", &ev(3)).await, vec![1]);
     let e = c.next_json(T).await;
-    assert_eq!((e["n"].as_u64(), e["seq"].as_u64()), (Some(3), Some(1)), "{e}");
+    assert_eq!(
+        (e["n"].as_u64(), e["seq"].as_u64()),
+        (Some(3), Some(1)),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -235,25 +298,59 @@ async fn broadcast_reaches_every_project_with_its_own_project_id() {
     let mut b = gw1.client("bc-b").await;
     let mut c = gw2.client("bc-c").await;
 
-    let r = gw1.post_json("/v1/broadcast", Some(&gw1.service_token()), &json!({"type": "file.changed", "n": 1})).await;
-    assert!((200..=202).contains(&r.status), "broadcast: {} {}", r.status, r.text());
+    let r = gw1
+        .post_json(
+            "/v1/broadcast",
+            Some(&gw1.service_token()),
+            &json!({"type": "file.changed", "n": 1}),
+        )
+        .await;
+    assert!(
+        (200..=202).contains(&r.status),
+        "broadcast: {} {}",
+        r.status,
+        r.text()
+    );
     for (cl, p) in [(&mut a, "bc-a"), (&mut b, "bc-b"), (&mut c, "bc-c")] {
         let e = cl.next_json(T).await;
         assert_eq!(e["type"], "file.changed", "{e}");
         assert_eq!(e["n"], 1, "{e}");
-        assert_eq!(e["project_id"], p, "global events carry the receiving connection's project: {e}");
-        assert!(is_rfc3339_ms_utc(e["timestamp"].as_str().unwrap_or("")), "{e}");
+        assert_eq!(
+            e["project_id"], p,
+            "global events carry the receiving connection's project: {e}"
+        );
+        assert!(
+            is_rfc3339_ms_utc(e["timestamp"].as_str().unwrap_or("")),
+            "{e}"
+        );
     }
     // raw PUBLISH on websocket:broadcast
-    redis.publish("websocket:broadcast", &json!({"type": "file.changed", "n": 2}).to_string()).await;
+    redis
+        .publish(
+            "websocket:broadcast",
+            &json!({"type": "file.changed", "n": 2}).to_string(),
+        )
+        .await;
     for (cl, p) in [(&mut a, "bc-a"), (&mut b, "bc-b"), (&mut c, "bc-c")] {
         let e = cl.next_json(T).await;
-        assert_eq!((e["n"].as_u64(), e["project_id"].as_str()), (Some(2), Some(p)), "{e}");
+        assert_eq!(
+            (e["n"].as_u64(), e["project_id"].as_str()),
+            (Some(2), Some(p)),
+            "{e}"
+        );
     }
     // service credential required
-    let r = gw1.post_json("/v1/broadcast", None, &json!({"type": "file.changed"})).await;
+    let r = gw1
+        .post_json("/v1/broadcast", None, &json!({"type": "file.changed"}))
+        .await;
     assert_eq!(r.status, 401, "{}", r.text());
-    let r = gw1.post_json("/v1/broadcast", Some(&gw1.token("u", &["*"])), &json!({"type": "file.changed"})).await;
+    let r = gw1
+        .post_json(
+            "/v1/broadcast",
+            Some(&gw1.token("u", &["*"])),
+            &json!({"type": "file.changed"}),
+        )
+        .await;
     assert_eq!(r.status, 403, "{}", r.text());
     a.expect_silence(Duration::from_millis(200)).await;
 }
@@ -274,7 +371,9 @@ async fn never_reading_client_is_closed_4500_and_a_reader_loses_nothing() {
         .cfg("api", "max_body_bytes", "4194304")
         .start();
     let t = gw.token("slow", &["slow"]);
-    let mut slow = ws_connect(gw.addr(), &format!("/ws/slow?token={t}"), &[], Some(4096)).await.expect("slow client");
+    let mut slow = ws_connect(gw.addr(), &format!("/ws/slow?token={t}"), &[], Some(4096))
+        .await
+        .expect("slow client");
     assert_eq!(slow.next_json(T).await["type"], "connection.established");
     let (mut fast, _) = gw.connect("slow", &t).await;
     gw.wait_connections(2, T).await;
@@ -298,10 +397,21 @@ async fn never_reading_client_is_closed_4500_and_a_reader_loses_nothing() {
     gw.wait_connections(1, Duration::from_secs(10)).await;
     // whatever it got is a gap-free prefix, then (if readable) connection.closed 4500 and close 4500
     let (frames, code) = slow.read_to_end(Duration::from_secs(30)).await;
-    let events: Vec<&Value> = frames.iter().filter(|f| f["type"] == "file.changed").collect();
-    assert!((events.len() as u64) < N, "the slow client cannot have received everything");
+    let events: Vec<&Value> = frames
+        .iter()
+        .filter(|f| f["type"] == "file.changed")
+        .collect();
+    assert!(
+        (events.len() as u64) < N,
+        "the slow client cannot have received everything"
+    );
     for (i, e) in events.iter().enumerate() {
-        assert_eq!(e["seq"], i as u64 + 1, "slow client's frames must be a gap-free prefix: {}", e["seq"]);
+        assert_eq!(
+            e["seq"],
+            i as u64 + 1,
+            "slow client's frames must be a gap-free prefix: {}",
+            e["seq"]
+        );
     }
     if let Some(code) = code {
         assert_eq!(code, 4500, "slow consumer close code");
@@ -321,7 +431,9 @@ async fn progress_events_are_conflated_for_a_slow_client() {
         .cfg("api", "max_body_bytes", "4194304")
         .start();
     let t = gw.token("conf", &["conf"]);
-    let mut slow = ws_connect(gw.addr(), &format!("/ws/conf?token={t}"), &[], Some(4096)).await.expect("slow client");
+    let mut slow = ws_connect(gw.addr(), &format!("/ws/conf?token={t}"), &[], Some(4096))
+        .await
+        .expect("slow client");
     assert_eq!(slow.next_json(T).await["type"], "connection.established");
     const N: u64 = 400;
     for b in 0..N / 20 {

@@ -8,7 +8,12 @@ use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-async fn expect_refused(gw: &Gateway, path: &str, headers: &[(&str, &str)], status: u16) -> Refused {
+async fn expect_refused(
+    gw: &Gateway,
+    path: &str,
+    headers: &[(&str, &str)],
+    status: u16,
+) -> Refused {
     match gw.ws_try(path, headers).await {
         Ok(mut c) => {
             let f = c.next_frame(Duration::from_millis(500)).await;
@@ -33,13 +38,19 @@ async fn expect_upgrade_then_close(gw: &Gateway, path: &str, headers: &[(&str, &
 
 fn retry_after_ok(v: Option<&str>) {
     let v = v.expect("Retry-After header missing");
-    let n: u64 = v.trim().parse().unwrap_or_else(|_| panic!("Retry-After is not delta-seconds: {v:?}"));
+    let n: u64 = v
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("Retry-After is not delta-seconds: {v:?}"));
     assert!(n >= 1, "Retry-After {n}");
 }
 
 #[tokio::test]
 async fn established_frame_carries_the_contract_fields() {
-    let gw = GatewayOpts::new().instance("inst-hs-1").heartbeat(7).start();
+    let gw = GatewayOpts::new()
+        .instance("inst-hs-1")
+        .heartbeat(7)
+        .start();
     let t = gw.token("user-42", &["proj-a"]);
     let (_c, est) = gw.connect("proj-a", &t).await;
     let client_id = est["client_id"].as_str().expect("client_id string");
@@ -48,10 +59,16 @@ async fn established_frame_carries_the_contract_fields() {
     assert_eq!(est["user_id"], "user-42");
     assert_eq!(est["instance_id"], "inst-hs-1");
     assert_eq!(est["seq"], 0, "fresh project has seq 0: {est}");
-    assert!(est["epoch"].as_str().is_some_and(|e| !e.is_empty()), "epoch: {est}");
+    assert!(
+        est["epoch"].as_str().is_some_and(|e| !e.is_empty()),
+        "epoch: {est}"
+    );
     assert_eq!(est["heartbeat_interval"], 7);
     assert_eq!(est["resumed"], false);
-    assert!(is_rfc3339_ms_utc(est["timestamp"].as_str().unwrap_or("")), "timestamp: {est}");
+    assert!(
+        is_rfc3339_ms_utc(est["timestamp"].as_str().unwrap_or("")),
+        "timestamp: {est}"
+    );
 
     // each connection gets its own id
     let (_c2, est2) = gw.connect("proj-a", &t).await;
@@ -74,9 +91,14 @@ async fn credentials_bearer_header_and_query_token() {
     assert_eq!(est["type"], "connection.established", "{est}");
 
     // the header wins over the query: a good header with a garbage query token succeeds
-    let mut c = gw.ws("/ws/p1?token=garbage", &[("Authorization", &auth)]).await;
+    let mut c = gw
+        .ws("/ws/p1?token=garbage", &[("Authorization", &auth)])
+        .await;
     let est = c.next_json(T).await;
-    assert_eq!(est["type"], "connection.established", "Authorization header must win: {est}");
+    assert_eq!(
+        est["type"], "connection.established",
+        "Authorization header must win: {est}"
+    );
 }
 
 #[tokio::test]
@@ -87,7 +109,13 @@ async fn bad_credentials_after_upgrade_close_4001() {
     // garbage
     expect_upgrade_then_close(&gw, "/ws/p1?token=not.a.jwt", &[], 4001).await;
     // wrong secret
-    let t = token("some-other-secret-entirely-0123456789", "eve", &["p1"], 3600, false);
+    let t = token(
+        "some-other-secret-entirely-0123456789",
+        "eve",
+        &["p1"],
+        3600,
+        false,
+    );
     expect_upgrade_then_close(&gw, &format!("/ws/p1?token={t}"), &[], 4001).await;
     // expired (leeway 0)
     let t = token(SECRET, "eve", &["p1"], -5, false);
@@ -99,7 +127,10 @@ async fn bad_credentials_after_upgrade_close_4001() {
     let t = token_claims(SECRET, &json!({"sub": "eve", "projects": ["p1"]}));
     expect_upgrade_then_close(&gw, &format!("/ws/p1?token={t}"), &[], 4001).await;
     // no sub
-    let t = token_claims(SECRET, &json!({"exp": now_secs() + 3600, "projects": ["p1"]}));
+    let t = token_claims(
+        SECRET,
+        &json!({"exp": now_secs() + 3600, "projects": ["p1"]}),
+    );
     expect_upgrade_then_close(&gw, &format!("/ws/p1?token={t}"), &[], 4001).await;
     // bad bearer header
     expect_upgrade_then_close(&gw, "/ws/p1", &[("Authorization", "Bearer nope")], 4001).await;
@@ -127,7 +158,10 @@ async fn plain_get_is_401_403_or_426() {
     let r = gw.get("/ws/p1").await;
     assert_eq!(r.status, 401, "{}", r.text());
     let v = r.json();
-    assert!(v["error"].is_string() && v["message"].is_string(), "401 body: {v}");
+    assert!(
+        v["error"].is_string() && v["message"].is_string(),
+        "401 body: {v}"
+    );
 
     let r = gw.get("/ws/p1?token=garbage").await;
     assert_eq!(r.status, 401, "{}", r.text());
@@ -137,11 +171,19 @@ async fn plain_get_is_401_403_or_426() {
     let r = gw.get(&format!("/ws/p1?token={t}")).await;
     assert_eq!(r.status, 403, "{}", r.text());
     let v = r.json();
-    assert!(v["error"].is_string() && v["message"].is_string(), "403 body: {v}");
+    assert!(
+        v["error"].is_string() && v["message"].is_string(),
+        "403 body: {v}"
+    );
 
     let t = gw.token("dave", &["p1"]);
     let r = gw.get(&format!("/ws/p1?token={t}")).await;
-    assert_eq!(r.status, 426, "plain GET with valid credentials: {}", r.text());
+    assert_eq!(
+        r.status,
+        426,
+        "plain GET with valid credentials: {}",
+        r.text()
+    );
     let auth = format!("Bearer {t}");
     let r = gw.get_with("/ws/p1", &[("Authorization", &auth)]).await;
     assert_eq!(r.status, 426, "{}", r.text());
@@ -152,7 +194,14 @@ async fn bad_project_id_is_400_before_any_upgrade() {
     let gw = GatewayOpts::new().start();
     let t = gw.token("erin", &["*"]);
     let long = "a".repeat(129);
-    for bad in ["bad$id", "a%20b", "semi;colon", "quote%22", long.as_str(), "%C3%A9t%C3%A9"] {
+    for bad in [
+        "bad$id",
+        "a%20b",
+        "semi;colon",
+        "quote%22",
+        long.as_str(),
+        "%C3%A9t%C3%A9",
+    ] {
         let path = format!("/ws/{bad}?token={t}");
         let r = expect_refused(&gw, &path, &[], 400).await;
         assert!(!r.body.contains(&t), "400 body echoes the token");
@@ -169,7 +218,10 @@ async fn bad_project_id_is_400_before_any_upgrade() {
 
 #[tokio::test]
 async fn handshake_rate_limit_is_429_with_retry_after() {
-    let gw = GatewayOpts::new().cfg("server", "handshake_rate_per_sec", "1").cfg("server", "handshake_burst", "3").start();
+    let gw = GatewayOpts::new()
+        .cfg("server", "handshake_rate_per_sec", "1")
+        .cfg("server", "handshake_burst", "3")
+        .start();
     let t = gw.token("frank", &["p1"]);
     let mut ok = Vec::new();
     for _ in 0..3 {
@@ -205,14 +257,19 @@ async fn x_forwarded_for_is_honoured_only_from_trusted_proxies() {
     drop(gw);
 
     // untrusted: the header is ignored, everyone is 127.0.0.1
-    let gw = GatewayOpts::new().cfg("server", "handshake_rate_per_sec", "1").cfg("server", "handshake_burst", "1").start();
+    let gw = GatewayOpts::new()
+        .cfg("server", "handshake_rate_per_sec", "1")
+        .cfg("server", "handshake_burst", "1")
+        .start();
     let _a = gw.ws(&path, &[("X-Forwarded-For", "10.0.0.1")]).await;
     expect_refused(&gw, &path, &[("X-Forwarded-For", "10.0.0.2")], 429).await;
 }
 
 #[tokio::test]
 async fn global_connection_cap_is_503_with_retry_after() {
-    let gw = GatewayOpts::new().cfg("server", "max_connections", "2").start();
+    let gw = GatewayOpts::new()
+        .cfg("server", "max_connections", "2")
+        .start();
     let t = gw.token("hank", &["p1"]);
     let (a, _) = gw.connect("p1", &t).await;
     let (_b, _) = gw.connect("p1", &t).await;
@@ -220,7 +277,10 @@ async fn global_connection_cap_is_503_with_retry_after() {
     retry_after_ok(r.header("retry-after"));
     // a freed slot can be reused
     a.close().await;
-    let freed = eventually(Duration::from_secs(3), || async { gw.ws_try(&format!("/ws/p1?token={t}"), &[]).await.is_ok() }).await;
+    let freed = eventually(Duration::from_secs(3), || async {
+        gw.ws_try(&format!("/ws/p1?token={t}"), &[]).await.is_ok()
+    })
+    .await;
     assert!(freed, "slot not freed after a client left\n{}", gw.logs());
 }
 
@@ -242,7 +302,13 @@ async fn per_ip_connection_cap_is_503() {
 
 #[tokio::test]
 async fn origin_must_match_allowed_origins() {
-    let gw = GatewayOpts::new().cfg("server", "allowed_origins", r#"["https://app.example.com"]"#).start();
+    let gw = GatewayOpts::new()
+        .cfg(
+            "server",
+            "allowed_origins",
+            r#"["https://app.example.com"]"#,
+        )
+        .start();
     let t = gw.token("jack", &["p1"]);
     let path = format!("/ws/p1?token={t}");
     let r = expect_refused(&gw, &path, &[("Origin", "https://evil.example.com")], 403).await;
@@ -258,7 +324,12 @@ async fn origin_must_match_allowed_origins() {
 async fn development_default_allows_any_origin() {
     let gw = GatewayOpts::new().start();
     let t = gw.token("jack", &["p1"]);
-    let mut ok = gw.ws(&format!("/ws/p1?token={t}"), &[("Origin", "http://localhost:5173")]).await;
+    let mut ok = gw
+        .ws(
+            &format!("/ws/p1?token={t}"),
+            &[("Origin", "http://localhost:5173")],
+        )
+        .await;
     assert_eq!(ok.next_json(T).await["type"], "connection.established");
 }
 
@@ -267,9 +338,19 @@ async fn permessage_deflate_is_declined() {
     let gw = GatewayOpts::new().start();
     let t = gw.token("kim", &["p1"]);
     let mut c = gw
-        .ws(&format!("/ws/p1?token={t}"), &[("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")])
+        .ws(
+            &format!("/ws/p1?token={t}"),
+            &[(
+                "Sec-WebSocket-Extensions",
+                "permessage-deflate; client_max_window_bits",
+            )],
+        )
         .await;
-    assert!(c.response_header("sec-websocket-extensions").is_none(), "extension negotiated: {:?}", c.response_headers);
+    assert!(
+        c.response_header("sec-websocket-extensions").is_none(),
+        "extension negotiated: {:?}",
+        c.response_headers
+    );
     assert_eq!(c.next_json(T).await["type"], "connection.established");
     c.assert_alive().await;
 }
@@ -278,7 +359,11 @@ fn fixture(name: &str) -> String {
     format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-fn asym_token(alg: jsonwebtoken::Algorithm, key: &jsonwebtoken::EncodingKey, projects: &[&str]) -> String {
+fn asym_token(
+    alg: jsonwebtoken::Algorithm,
+    key: &jsonwebtoken::EncodingKey,
+    projects: &[&str],
+) -> String {
     let claims = json!({"sub": "asym", "exp": now_secs() + 3600, "projects": projects});
     jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, key).unwrap()
 }
@@ -287,7 +372,10 @@ fn asym_token(alg: jsonwebtoken::Algorithm, key: &jsonwebtoken::EncodingKey, pro
 async fn rs256_public_key_and_algorithm_confusion_refused() {
     let gw = GatewayOpts::new()
         .secret(None)
-        .env("SWITCHBOARD_JWT_PUBLIC_KEY_FILE", &fixture("rsa_public.pem"))
+        .env(
+            "SWITCHBOARD_JWT_PUBLIC_KEY_FILE",
+            &fixture("rsa_public.pem"),
+        )
         .start();
     let pem = std::fs::read(fixture("rsa_private.pem")).unwrap();
     let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
@@ -319,13 +407,20 @@ async fn es256_public_key_accepted() {
     assert_eq!(est["user_id"], "asym");
     // an RS256 token from another key is refused
     let rsa = std::fs::read(fixture("rsa_private.pem")).unwrap();
-    let t = asym_token(jsonwebtoken::Algorithm::RS256, &jsonwebtoken::EncodingKey::from_rsa_pem(&rsa).unwrap(), &["p1"]);
+    let t = asym_token(
+        jsonwebtoken::Algorithm::RS256,
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&rsa).unwrap(),
+        &["p1"],
+    );
     expect_upgrade_then_close(&gw, &format!("/ws/p1?token={t}"), &[], 4001).await;
 }
 
 #[tokio::test]
 async fn issuer_and_audience_checked_when_configured() {
-    let gw = GatewayOpts::new().cfg("auth", "issuer", r#""https://auth.example.com""#).cfg("auth", "audience", r#""switchboard""#).start();
+    let gw = GatewayOpts::new()
+        .cfg("auth", "issuer", r#""https://auth.example.com""#)
+        .cfg("auth", "audience", r#""switchboard""#)
+        .start();
     let base = |iss: &str, aud: &str| {
         token_claims(
             SECRET,
@@ -351,19 +446,42 @@ async fn redis_sessions_by_cookie_and_query() {
         let mut con = con.clone();
         let key = format!("session:{id}");
         async move {
-            let _: () = redis::cmd("SET").arg(key).arg(v.to_string()).query_async(&mut con).await.unwrap();
+            let _: () = redis::cmd("SET")
+                .arg(key)
+                .arg(v.to_string())
+                .query_async(&mut con)
+                .await
+                .unwrap();
         }
     };
-    set("s-good", json!({"user_id": "sess-user", "projects": ["p1"], "expires_at": now_secs() + 3600})).await;
-    set("s-noexp", json!({"user_id": "sess-user2", "projects": ["*"]})).await;
-    set("s-expired", json!({"user_id": "sess-user", "projects": ["p1"], "expires_at": now_secs() - 10})).await;
-    set("s-other", json!({"user_id": "sess-user", "projects": ["p2"]})).await;
+    set(
+        "s-good",
+        json!({"user_id": "sess-user", "projects": ["p1"], "expires_at": now_secs() + 3600}),
+    )
+    .await;
+    set(
+        "s-noexp",
+        json!({"user_id": "sess-user2", "projects": ["*"]}),
+    )
+    .await;
+    set(
+        "s-expired",
+        json!({"user_id": "sess-user", "projects": ["p1"], "expires_at": now_secs() - 10}),
+    )
+    .await;
+    set(
+        "s-other",
+        json!({"user_id": "sess-user", "projects": ["p2"]}),
+    )
+    .await;
 
     let mut c = gw.ws("/ws/p1?session=s-good", &[]).await;
     let est = c.next_json(T).await;
     assert_eq!(est["type"], "connection.established", "{est}");
     assert_eq!(est["user_id"], "sess-user");
-    let mut c = gw.ws("/ws/p1", &[("Cookie", "theme=dark; session=s-noexp")]).await;
+    let mut c = gw
+        .ws("/ws/p1", &[("Cookie", "theme=dark; session=s-noexp")])
+        .await;
     let est = c.next_json(T).await;
     assert_eq!(est["type"], "connection.established", "{est}");
     assert_eq!(est["user_id"], "sess-user2");
@@ -373,11 +491,17 @@ async fn redis_sessions_by_cookie_and_query() {
     expect_upgrade_then_close(&gw, "/ws/p1?session=s-other", &[], 4003).await;
     // a JWT comes first
     let t = gw.token("jwt-user", &["p1"]);
-    let mut c = gw.ws(&format!("/ws/p1?token={t}&session=s-good"), &[]).await;
+    let mut c = gw
+        .ws(&format!("/ws/p1?token={t}&session=s-good"), &[])
+        .await;
     assert_eq!(c.next_json(T).await["user_id"], "jwt-user");
 
     // a session's expires_at ends the connection with 4004
-    set("s-short", json!({"user_id": "sess-user", "projects": ["p1"], "expires_at": now_secs() + 2})).await;
+    set(
+        "s-short",
+        json!({"user_id": "sess-user", "projects": ["p1"], "expires_at": now_secs() + 2}),
+    )
+    .await;
     let mut c = gw.ws("/ws/p1?session=s-short", &[]).await;
     assert_eq!(c.next_json(T).await["type"], "connection.established");
     c.expect_closed_with(4004, Duration::from_secs(6)).await;

@@ -40,15 +40,25 @@ pub fn free_port() -> u16 {
 }
 
 pub fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 fn temp_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("switchboard-tests-{}-{}", std::process::id(), unique(name)))
+    std::env::temp_dir().join(format!(
+        "switchboard-tests-{}-{}",
+        std::process::id(),
+        unique(name)
+    ))
 }
 
 /// Polls `f` every 50 ms until it returns true or `timeout` passes; returns the last result.
@@ -171,14 +181,27 @@ impl RedisServer {
     pub fn start() -> RedisServer {
         let dir = temp_path("redis");
         std::fs::create_dir_all(&dir).expect("create redis temp dir");
-        let mut r = RedisServer { child: None, port: free_port(), dir };
+        let mut r = RedisServer {
+            child: None,
+            port: free_port(),
+            dir,
+        };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .args(["--dir", self.dir.to_str().unwrap()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -203,11 +226,16 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not answer PING within 10 s", self.port);
+        panic!(
+            "redis-server on port {} did not answer PING within 10 s",
+            self.port
+        );
     }
 
     fn ping(&self) -> bool {
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
         if s.write_all(b"PING\r\n").is_err() {
             return false;
@@ -259,18 +287,30 @@ impl RedisServer {
             .expect("redis pubsub connect timed out")
             .expect("redis pubsub connect");
         ps.subscribe(channel).await.expect("SUBSCRIBE");
-        Subscriber { stream: ps.into_on_message() }
+        Subscriber {
+            stream: ps.into_on_message(),
+        }
     }
 
     pub async fn pubsub_channels(&self, pattern: &str) -> Vec<String> {
         let mut c = self.conn().await;
-        redis::cmd("PUBSUB").arg("CHANNELS").arg(pattern).query_async(&mut c).await.expect("PUBSUB CHANNELS")
+        redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg(pattern)
+            .query_async(&mut c)
+            .await
+            .expect("PUBSUB CHANNELS")
     }
 
     /// Raw `PUBLISH` (what a legacy worker does); returns the receiver count.
     pub async fn publish(&self, channel: &str, payload: &str) -> i64 {
         let mut c = self.conn().await;
-        redis::cmd("PUBLISH").arg(channel).arg(payload).query_async(&mut c).await.expect("PUBLISH")
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut c)
+            .await
+            .expect("PUBLISH")
     }
 }
 
@@ -292,11 +332,14 @@ impl Subscriber {
             .expect("no message on the Redis subscription in time")
             .expect("Redis subscription ended");
         let payload: String = msg.get_payload().expect("payload");
-        serde_json::from_str(&payload).unwrap_or_else(|e| panic!("non-JSON on Redis channel: {e}: {payload}"))
+        serde_json::from_str(&payload)
+            .unwrap_or_else(|e| panic!("non-JSON on Redis channel: {e}: {payload}"))
     }
 
     pub async fn try_next_json(&mut self, timeout: Duration) -> Option<Value> {
-        let msg = tokio::time::timeout(timeout, self.stream.next()).await.ok()??;
+        let msg = tokio::time::timeout(timeout, self.stream.next())
+            .await
+            .ok()??;
         let payload: String = msg.get_payload().ok()?;
         serde_json::from_str(&payload).ok()
     }
@@ -459,7 +502,10 @@ impl GatewayOpts {
     }
     /// One config key, as a TOML literal: `.cfg("ws", "max_message_bytes", "1024")`.
     pub fn cfg(mut self, section: &str, key: &str, toml_literal: &str) -> Self {
-        self.toml.entry(section.to_string()).or_default().insert(key.to_string(), toml_literal.to_string());
+        self.toml
+            .entry(section.to_string())
+            .or_default()
+            .insert(key.to_string(), toml_literal.to_string());
         self
     }
     /// Extra TOML appended verbatim (must not repeat a section set with `cfg`).
@@ -502,14 +548,21 @@ impl GatewayOpts {
 
 type Logs = Arc<Mutex<VecDeque<String>>>;
 
-fn drain<R: Read + Send + 'static>(r: R, tag: &'static str, logs: Logs, first: Option<mpsc::Sender<Result<String, String>>>) {
+fn drain<R: Read + Send + 'static>(
+    r: R,
+    tag: &'static str,
+    logs: Logs,
+    first: Option<mpsc::Sender<Result<String, String>>>,
+) {
     std::thread::spawn(move || {
         let mut first = first;
         let mut first_line: Option<String> = None;
         let reader = BufReader::new(r);
         for line in reader.split(b'\n') {
             let Ok(line) = line else { break };
-            let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+            let line = String::from_utf8_lossy(&line)
+                .trim_end_matches('\r')
+                .to_string();
             {
                 let mut l = logs.lock().unwrap();
                 if l.len() >= 400 {
@@ -528,7 +581,9 @@ fn drain<R: Read + Send + 'static>(r: R, tag: &'static str, logs: Logs, first: O
             }
         }
         if let Some(tx) = first {
-            let _ = tx.send(Err("stdout closed before the `switchboard listening on` line".into()));
+            let _ = tx.send(Err(
+                "stdout closed before the `switchboard listening on` line".into(),
+            ));
         }
     });
 }
@@ -582,7 +637,9 @@ impl Gateway {
             cmd.env(k, v);
         }
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", switchboard_bin().display()));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", switchboard_bin().display()));
         let logs: Logs = Arc::new(Mutex::new(VecDeque::new()));
         let (tx, rx) = mpsc::channel();
         drain(child.stdout.take().unwrap(), "out", logs.clone(), Some(tx));
@@ -602,13 +659,23 @@ impl Gateway {
         let lines = match rx.recv_timeout(Duration::from_secs(20)) {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => fail(&mut child, e, &logs),
-            Err(_) => fail(&mut child, "no `switchboard listening on` line within 20 s".into(), &logs),
+            Err(_) => fail(
+                &mut child,
+                "no `switchboard listening on` line within 20 s".into(),
+                &logs,
+            ),
         };
         let (first, listen) = lines.split_once('\n').unwrap();
-        let addr_s = listen.trim_start_matches("switchboard listening on ").trim();
+        let addr_s = listen
+            .trim_start_matches("switchboard listening on ")
+            .trim();
         let addr: SocketAddr = match addr_s.parse() {
             Ok(a) => a,
-            Err(e) => fail(&mut child, format!("bad listening address {addr_s:?}: {e}"), &logs),
+            Err(e) => fail(
+                &mut child,
+                format!("bad listening address {addr_s:?}: {e}"),
+                &logs,
+            ),
         };
         if opts.wait_ready {
             let deadline = Instant::now() + Duration::from_secs(15);
@@ -619,7 +686,11 @@ impl Gateway {
                     break;
                 }
                 if Instant::now() > deadline {
-                    fail(&mut child, format!("/readyz not 200 within 15 s of listening (last: {last:?})"), &logs);
+                    fail(
+                        &mut child,
+                        format!("/readyz not 200 within 15 s of listening (last: {last:?})"),
+                        &logs,
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(25));
             }
@@ -646,11 +717,20 @@ impl Gateway {
 
     /// The last lines the process printed (stdout and stderr), for failure messages.
     pub fn logs(&self) -> String {
-        self.logs.lock().unwrap().iter().cloned().collect::<Vec<_>>().join("\n")
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn signal(&self, sig: &str) {
-        let st = Command::new("kill").args(["-s", sig, &self.pid().to_string()]).status().expect("run kill");
+        let st = Command::new("kill")
+            .args(["-s", sig, &self.pid().to_string()])
+            .status()
+            .expect("run kill");
         assert!(st.success(), "kill -s {sig} failed");
     }
 
@@ -722,7 +802,13 @@ impl Gateway {
         self.post(path, &h, body.to_string().as_bytes()).await
     }
 
-    pub async fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> HttpResponse {
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> HttpResponse {
         http_request(self.addr, method, path, headers, body)
             .await
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.logs()))
@@ -730,8 +816,21 @@ impl Gateway {
 
     /// Publishes through the HTTP API with a service token; asserts 202 and returns the seqs.
     pub async fn publish(&self, project: &str, body: &Value) -> Vec<u64> {
-        let r = self.post_json(&format!("/v1/projects/{project}/events"), Some(&self.service_token()), body).await;
-        assert_eq!(r.status, 202, "publish to {project}: {} {}\n{}", r.status, r.text(), self.logs());
+        let r = self
+            .post_json(
+                &format!("/v1/projects/{project}/events"),
+                Some(&self.service_token()),
+                body,
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            202,
+            "publish to {project}: {} {}\n{}",
+            r.status,
+            r.text(),
+            self.logs()
+        );
         let v = r.json();
         v["seq"]
             .as_array()
@@ -761,7 +860,11 @@ impl Gateway {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        assert!(ok, "active_connections never became {n}: last {last}\n{}", self.logs());
+        assert!(
+            ok,
+            "active_connections never became {n}: last {last}\n{}",
+            self.logs()
+        );
     }
 
     // ---- WebSocket
@@ -771,7 +874,11 @@ impl Gateway {
     }
 
     /// Opens a WebSocket; Err carries the HTTP refusal.
-    pub async fn ws_try(&self, path_and_query: &str, headers: &[(&str, &str)]) -> Result<WsClient, Refused> {
+    pub async fn ws_try(
+        &self,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<WsClient, Refused> {
         ws_connect(self.addr, path_and_query, headers, None).await
     }
 
@@ -788,7 +895,12 @@ impl Gateway {
     pub async fn connect(&self, project: &str, token: &str) -> (WsClient, Value) {
         let mut c = self.ws(&format!("/ws/{project}?token={token}"), &[]).await;
         let est = c.next_json(T).await;
-        assert_eq!(est["type"], "connection.established", "first frame: {est}\n{}", self.logs());
+        assert_eq!(
+            est["type"],
+            "connection.established",
+            "first frame: {est}\n{}",
+            self.logs()
+        );
         (c, est)
     }
 
@@ -815,7 +927,10 @@ impl Drop for Gateway {
 fn readyz_sync(addr: SocketAddr) -> Option<u16> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    s.write_all(
+        format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     parse_response(&buf).ok().map(|r| r.status)
@@ -830,14 +945,22 @@ pub struct HttpResponse {
 
 impl HttpResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).to_string()
     }
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("HTTP {} body is not JSON ({e}): {:?}", self.status, self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "HTTP {} body is not JSON ({e}): {:?}",
+                self.status,
+                self.text()
+            )
+        })
     }
 }
 
@@ -878,27 +1001,39 @@ pub async fn http_request(
 }
 
 fn parse_response(buf: &[u8]) -> std::io::Result<HttpResponse> {
-    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{m}: {:?}", String::from_utf8_lossy(buf)));
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no header end"))?;
+    let bad = |m: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{m}: {:?}", String::from_utf8_lossy(buf)),
+        )
+    };
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
     let head = std::str::from_utf8(&buf[..end]).map_err(|_| bad("non-UTF-8 header"))?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().ok_or_else(|| bad("empty"))?;
-    let status: u16 = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("status line"))?;
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("status line"))?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
     let mut body = buf[end + 4..].to_vec();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked"));
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked")
+    });
     if chunked {
         let mut out = Vec::new();
         let mut rest = &body[..];
-        loop {
-            let Some(p) = rest.windows(2).position(|w| w == b"\r\n") else { break };
+        while let Some(p) = rest.windows(2).position(|w| w == b"\r\n") {
             let size_s = std::str::from_utf8(&rest[..p]).unwrap_or("0");
-            let size = usize::from_str_radix(size_s.split(';').next().unwrap().trim(), 16).unwrap_or(0);
+            let size =
+                usize::from_str_radix(size_s.split(';').next().unwrap().trim(), 16).unwrap_or(0);
             if size == 0 || rest.len() < p + 2 + size {
                 break;
             }
@@ -913,7 +1048,11 @@ fn parse_response(buf: &[u8]) -> std::io::Result<HttpResponse> {
     {
         body.truncate(len);
     }
-    Ok(HttpResponse { status, headers, body })
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -929,10 +1068,14 @@ pub struct Refused {
 
 impl Refused {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("refusal body is not JSON ({e}): {:?}", self.body))
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("refusal body is not JSON ({e}): {:?}", self.body))
     }
 }
 
@@ -950,13 +1093,21 @@ pub async fn ws_connect(
             http::HeaderValue::from_str(v).unwrap(),
         );
     }
-    let transport = |e: String| Refused { status: 0, headers: vec![], body: e };
+    let transport = |e: String| Refused {
+        status: 0,
+        headers: vec![],
+        body: e,
+    };
     let sock = tokio::net::TcpSocket::new_v4().map_err(|e| transport(e.to_string()))?;
     if let Some(n) = recv_buffer {
-        sock.set_recv_buffer_size(n).map_err(|e| transport(e.to_string()))?;
+        sock.set_recv_buffer_size(n)
+            .map_err(|e| transport(e.to_string()))?;
     }
     let fut = async {
-        let stream = sock.connect(addr).await.map_err(|e| transport(e.to_string()))?;
+        let stream = sock
+            .connect(addr)
+            .await
+            .map_err(|e| transport(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let cfg = WebSocketConfig::default();
         match tokio_tungstenite::client_async_with_config(req, stream, Some(cfg)).await {
@@ -976,7 +1127,11 @@ pub async fn ws_connect(
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
                     .collect(),
-                body: resp.body().as_ref().map(|b| String::from_utf8_lossy(b).to_string()).unwrap_or_default(),
+                body: resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).to_string())
+                    .unwrap_or_default(),
             }),
             Err(e) => Err(transport(e.to_string())),
         }
@@ -1008,7 +1163,10 @@ pub struct WsClient {
 
 impl WsClient {
     pub fn response_header(&self, name: &str) -> Option<&str> {
-        self.response_headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.response_headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// Next frame of any kind; None on timeout.
@@ -1021,7 +1179,9 @@ impl WsClient {
             Some(Ok(Message::Binary(b))) => Frame::Binary(b.to_vec()),
             Some(Ok(Message::Ping(_))) => Frame::Ping,
             Some(Ok(Message::Pong(_))) => Frame::Pong,
-            Some(Ok(Message::Close(c))) => Frame::Close(c.map(|f| (u16::from(f.code), f.reason.to_string()))),
+            Some(Ok(Message::Close(c))) => {
+                Frame::Close(c.map(|f| (u16::from(f.code), f.reason.to_string())))
+            }
             Some(Ok(Message::Frame(_))) => return None,
         })
     }
@@ -1046,7 +1206,8 @@ impl WsClient {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let t = self.next_text(left).await;
-            let v: Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("server sent non-JSON text ({e}): {t:?}"));
+            let v: Value = serde_json::from_str(&t)
+                .unwrap_or_else(|e| panic!("server sent non-JSON text ({e}): {t:?}"));
             assert!(v.is_object(), "server frame is not a JSON object: {t}");
             if let Some(ty) = v["type"].as_str() {
                 if self.skip.iter().any(|s| s == ty) {
@@ -1080,15 +1241,23 @@ impl WsClient {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.next_frame(left).await {
                 Some(Frame::Text(t)) => {
-                    let v: Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("non-JSON ({e}): {t:?}"));
-                    if v["type"].as_str().is_some_and(|ty| self.skip.iter().any(|s| s == ty)) {
+                    let v: Value = serde_json::from_str(&t)
+                        .unwrap_or_else(|e| panic!("non-JSON ({e}): {t:?}"));
+                    if v["type"]
+                        .as_str()
+                        .is_some_and(|ty| self.skip.iter().any(|s| s == ty))
+                    {
                         continue;
                     }
                     out.push(v);
                 }
                 Some(Frame::Ping) | Some(Frame::Pong) => {}
                 Some(other) => panic!("after {} of {n} frames: {other:?}", out.len()),
-                None => panic!("only {} of {n} frames within {timeout:?}; last: {:?}", out.len(), out.last()),
+                None => panic!(
+                    "only {} of {n} frames within {timeout:?}; last: {:?}",
+                    out.len(),
+                    out.last()
+                ),
             }
         }
         out
@@ -1107,7 +1276,10 @@ impl WsClient {
                 Some(Frame::Ping) | Some(Frame::Pong) => {}
                 Some(Frame::Text(t)) => {
                     let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
-                    if v["type"].as_str().is_some_and(|ty| self.skip.iter().any(|s| s == ty)) {
+                    if v["type"]
+                        .as_str()
+                        .is_some_and(|ty| self.skip.iter().any(|s| s == ty))
+                    {
                         continue;
                     }
                     panic!("expected no frame, got {t}");
@@ -1143,9 +1315,15 @@ impl WsClient {
         let seen = self.expect_close(code, timeout).await;
         let last = seen.iter().rev().find(|v| v["type"] != "system.heartbeat");
         let last = last.unwrap_or_else(|| panic!("no connection.closed frame before close {code}"));
-        assert_eq!(last["type"], "connection.closed", "frame before close {code}: {last}");
+        assert_eq!(
+            last["type"], "connection.closed",
+            "frame before close {code}: {last}"
+        );
         assert_eq!(last["code"], code, "connection.closed code: {last}");
-        assert!(last.get("reason").is_some(), "connection.closed without reason: {last}");
+        assert!(
+            last.get("reason").is_some(),
+            "connection.closed without reason: {last}"
+        );
         seen
     }
 
@@ -1157,11 +1335,16 @@ impl WsClient {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.next_frame(left).await {
-                Some(Frame::Text(t)) => seen.push(serde_json::from_str(&t).unwrap_or(Value::String(t))),
+                Some(Frame::Text(t)) => {
+                    seen.push(serde_json::from_str(&t).unwrap_or(Value::String(t)))
+                }
                 Some(Frame::Ping) | Some(Frame::Pong) | Some(Frame::Binary(_)) => {}
                 Some(Frame::Close(c)) => return (seen, c.map(|c| c.0)),
                 Some(Frame::End(_)) => return (seen, None),
-                None => panic!("connection still open after {timeout:?}; {} frames read", seen.len()),
+                None => panic!(
+                    "connection still open after {timeout:?}; {} frames read",
+                    seen.len()
+                ),
             }
         }
     }
@@ -1205,7 +1388,9 @@ impl WsClient {
             }
             let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
             assert!(
-                v["type"].as_str().is_some_and(|ty| self.skip.iter().any(|s| s == ty)),
+                v["type"]
+                    .as_str()
+                    .is_some_and(|ty| self.skip.iter().any(|s| s == ty)),
                 "expected text pong, got {t}"
             );
         }
@@ -1261,7 +1446,9 @@ impl TcpProxy {
                     break;
                 }
                 let Ok(inbound) = inbound else { continue };
-                let Ok(outbound) = std::net::TcpStream::connect(("127.0.0.1", target_port)) else { continue };
+                let Ok(outbound) = std::net::TcpStream::connect(("127.0.0.1", target_port)) else {
+                    continue;
+                };
                 let gen = g.fetch_add(1, Ordering::SeqCst);
                 for (from, to) in [
                     (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
@@ -1272,7 +1459,12 @@ impl TcpProxy {
                 }
             }
         });
-        TcpProxy { port, next_gen, frozen_below, stop }
+        TcpProxy {
+            port,
+            next_gen,
+            frozen_below,
+            stop,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -1281,11 +1473,17 @@ impl TcpProxy {
 
     pub fn freeze_existing(&self) {
         use std::sync::atomic::Ordering;
-        self.frozen_below.store(self.next_gen.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.frozen_below
+            .store(self.next_gen.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 }
 
-fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, gen: u64, frozen_below: Arc<std::sync::atomic::AtomicU64>) {
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    gen: u64,
+    frozen_below: Arc<std::sync::atomic::AtomicU64>,
+) {
     let mut buf = [0u8; 16384];
     loop {
         let n = match from.read(&mut buf) {
