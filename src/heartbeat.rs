@@ -23,9 +23,10 @@ const SWEEP: Duration = Duration::from_secs(1);
 pub async fn run(app: Arc<App>) {
     let interval = Duration::from_secs(app.config.ws.heartbeat_interval_secs);
     let idle_limit = Duration::from_secs(app.config.ws.idle_timeout_secs);
-    let mut ticker = tokio::time::interval(SWEEP);
+    let mut ticker = tokio::time::interval(SWEEP.min(interval));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_beat = Instant::now();
+    // Beats are scheduled on a fixed grid, so sweep jitter never stretches the interval.
+    let mut next_beat = Instant::now() + interval;
     refresh_records(&app).await;
     loop {
         ticker.tick().await;
@@ -34,9 +35,12 @@ pub async fn run(app: Arc<App>) {
         }
         let now_ms = unix_millis();
         let now_secs = now_ms / 1000;
-        let beat = last_beat.elapsed() >= interval;
+        let beat = Instant::now() + SWEEP / 4 >= next_beat;
         if beat {
-            last_beat = Instant::now();
+            next_beat += interval;
+            if next_beat < Instant::now() {
+                next_beat = Instant::now() + interval;
+            }
         }
         let ping = frame::ping(b"sb");
         let mut frames: HashMap<String, Bytes> = HashMap::new();

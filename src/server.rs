@@ -74,10 +74,17 @@ pub async fn serve(
         .service_fn(move |req: http::Request<Incoming>| routes::route(route_app.clone(), req));
 
     let (close_http, http_closing) = watch::channel(false);
-    tokio::pin!(shutdown);
+    // The listener keeps serving while draining, so /readyz and new upgrades can answer
+    // 503 (PROTOCOL §5); it closes once the drain is over.
+    let drain_app = app.clone();
+    let drained = async move {
+        shutdown.await;
+        drain(&drain_app, close_http).await;
+    };
+    tokio::pin!(drained);
     loop {
         let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut drained => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -95,14 +102,23 @@ pub async fn serve(
                 req
             })
             .service(stack.clone());
+        let draining = app.is_draining();
         let mut closing = http_closing.clone();
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
+                // Accepted while draining: answer (503 or health) and close.
+                .keep_alive(!draining)
                 .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
                 .with_upgrades();
             tokio::pin!(conn);
+            if draining {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, %peer, "http connection error");
+                }
+                return;
+            }
             let shut_down = tokio::select! {
                 res = conn.as_mut() => {
                     if let Err(e) = res { tracing::debug!(error = %e, %peer, "http connection error"); }
@@ -117,7 +133,6 @@ pub async fn serve(
         });
     }
     drop(listener);
-    drain(&app, close_http).await;
     trim.abort();
     heartbeat.abort();
 }
