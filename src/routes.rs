@@ -42,9 +42,8 @@ pub fn json_response(status: StatusCode, value: &Value) -> Response {
     r
 }
 
-pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
-    json_response(status, &json!({"error": code, "message": message}))
-}
+/// The one error body shape, shared with the middleware layers.
+pub use switchboard_middleware::json_error;
 
 pub fn retry_after(mut r: Response, secs: u64) -> Response {
     r.headers_mut()
