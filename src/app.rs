@@ -54,6 +54,7 @@ impl App {
         let history = HistoryLimits {
             max_len: config.events.history_max_len,
             ttl: Duration::from_secs(config.events.history_ttl_secs),
+            terminal_task_ttl: Duration::from_secs(config.events.terminal_task_ttl_secs),
         };
         let linger = Duration::from_millis(config.redis.unsubscribe_linger_ms);
         let (hub, broker) = match &config.redis.url {

@@ -124,6 +124,7 @@ pub struct EventsConfig {
     pub allow_unknown_types: bool,
     pub history_max_len: usize,
     pub history_ttl_secs: u64,
+    pub terminal_task_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,6 +197,7 @@ impl Default for EventsConfig {
             allow_unknown_types: false,
             history_max_len: 10_000,
             history_ttl_secs: 86_400,
+            terminal_task_ttl_secs: 3_600,
         }
     }
 }

@@ -162,6 +162,7 @@ mod tests {
             HistoryLimits {
                 max_len: 3,
                 ttl: Duration::from_secs(60),
+                terminal_task_ttl: Duration::from_secs(60),
             },
         );
         let ev = || br#"{"type":"x","project_id":"p","timestamp":"t"}"#.to_vec();

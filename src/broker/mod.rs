@@ -72,6 +72,8 @@ pub fn instance_key(instance_id: &str) -> String {
 pub struct HistoryLimits {
     pub max_len: usize,
     pub ttl: Duration,
+    /// How long finished tasks stay in the status snapshot.
+    pub terminal_task_ttl: Duration,
 }
 
 pub fn new_epoch() -> String {

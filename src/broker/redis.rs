@@ -131,9 +131,13 @@ impl RedisBroker {
             .key(format!("project:{project}:seq"))
             .key(format!("project:{project}:history"))
             .key(project_channel(project))
+            .key(format!("project:{project}:state"))
+            .key(format!("project:{project}:state:terminal"))
             .arg(new_epoch())
             .arg(self.history.max_len)
-            .arg(self.history.ttl.as_secs());
+            .arg(self.history.ttl.as_secs())
+            .arg(crate::session::unix_millis())
+            .arg(self.history.terminal_task_ttl.as_millis() as u64);
         for ev in events {
             invocation.arg(ev);
         }
