@@ -8,11 +8,15 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use switchboard::event::prepare_project_event;
 use switchboard::hub::Hub;
+use switchboard::schema::Policy;
 use switchboard::session::outbox::Limits;
 use switchboard::session::{Scope, Session};
 use switchboard_middleware::{Claims, CredentialKind};
 
 const EVENT: &[u8] = br#"{"type":"task.progress","task_id":"t-1","node_id":"n-1","progress":{"percentage":42.5,"current_step":2,"total_steps":4,"step_description":"Generating image"},"project_id":"p","timestamp":"2026-11-23T12:00:00.000Z"}"#;
+const STRICT: Policy = Policy {
+    allow_unknown_types: false,
+};
 const EVENT_TO_FILL: &[u8] =
     br#"{"type":"node.state.updated","node_id":"n-1","state":"processing"}"#;
 
@@ -45,10 +49,13 @@ fn encode(c: &mut Criterion) {
     let mut g = c.benchmark_group("event");
     g.throughput(Throughput::Elements(1));
     g.bench_function("prepare_passthrough", |b| {
-        b.iter(|| prepare_project_event("p", EVENT).unwrap())
+        b.iter(|| prepare_project_event("p", EVENT, None).unwrap())
+    });
+    g.bench_function("prepare_validated", |b| {
+        b.iter(|| prepare_project_event("p", EVENT, Some(&STRICT)).unwrap())
     });
     g.bench_function("prepare_fill", |b| {
-        b.iter(|| prepare_project_event("p", EVENT_TO_FILL).unwrap())
+        b.iter(|| prepare_project_event("p", EVENT_TO_FILL, Some(&STRICT)).unwrap())
     });
     g.finish();
 }
@@ -58,7 +65,7 @@ fn fanout(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let hub = Hub::new(None, Duration::from_secs(1));
+    let hub = Hub::new(None, Duration::from_secs(1), STRICT);
     let all = sessions(10_000);
     rt.block_on(async {
         for s in &all {
@@ -66,7 +73,7 @@ fn fanout(c: &mut Criterion) {
             hub.join("p", s).await.unwrap();
         }
     });
-    let prepared = prepare_project_event("p", EVENT).unwrap();
+    let prepared = prepare_project_event("p", EVENT, None).unwrap();
     let mut g = c.benchmark_group("hub");
     g.throughput(Throughput::Elements(all.len() as u64));
     g.bench_function("deliver_one_event_to_10k_queues", |b| {

@@ -37,6 +37,8 @@ pub struct App {
     pub limits: Arc<ConnectionLimits>,
     pub instance_id: String,
     pub started: Instant,
+    /// Shared history reads for resuming clients.
+    pub resumer: crate::resume::Resumer,
     draining: AtomicBool,
     /// The port actually bound (the config may say 0).
     listen_port: AtomicU16,
@@ -57,15 +59,16 @@ impl App {
             terminal_task_ttl: Duration::from_secs(config.events.terminal_task_ttl_secs),
         };
         let linger = Duration::from_millis(config.redis.unsubscribe_linger_ms);
+        let policy = config.event_policy();
         let (hub, broker) = match &config.redis.url {
             None => {
-                let hub = Hub::new(None, linger);
+                let hub = Hub::new(None, linger, policy);
                 let broker = Broker::Memory(MemoryBroker::new(hub.clone(), history));
                 (hub, broker)
             }
             Some(url) => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                let hub = Hub::new(Some(tx), linger);
+                let hub = Hub::new(Some(tx), linger, policy);
                 let redis = RedisBroker::new(url, &config.redis, hub.clone(), history)
                     .map_err(|e| AppError::Broker(e.to_string()))?;
                 tokio::spawn(redis.clone().run_pubsub(rx));
@@ -111,6 +114,7 @@ impl App {
             limits,
             instance_id,
             started: Instant::now(),
+            resumer: Default::default(),
             draining: AtomicBool::new(false),
             listen_port: AtomicU16::new(0),
         }))

@@ -371,6 +371,12 @@ impl Config {
         Ok(())
     }
 
+    pub fn event_policy(&self) -> crate::schema::Policy {
+        crate::schema::Policy {
+            allow_unknown_types: self.events.allow_unknown_types,
+        }
+    }
+
     pub fn has_credential_key(&self) -> bool {
         self.auth.jwt_secret.is_some() || self.auth.jwt_public_key_file.is_some()
     }

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::frame;
+use crate::schema::{Policy, SchemaError};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
@@ -31,6 +32,8 @@ pub enum EventError {
     ProjectMismatch { expected: String, found: String },
     #[error("event is {size} bytes, over the limit of {limit}")]
     TooLarge { size: usize, limit: usize },
+    #[error("{0}")]
+    Schema(#[from] SchemaError),
 }
 
 impl EventError {
@@ -43,14 +46,16 @@ impl EventError {
             EventError::BadProjectId => "bad_project_id",
             EventError::ProjectMismatch { .. } => "project_mismatch",
             EventError::TooLarge { .. } => "too_large",
+            EventError::Schema(e) => e.reason(),
         }
     }
 
     /// The offending field, for client-facing errors.
-    pub fn field(&self) -> Option<&'static str> {
+    pub fn field(&self) -> Option<&str> {
         match self {
             EventError::MissingType => Some("type"),
             EventError::BadProjectId | EventError::ProjectMismatch { .. } => Some("project_id"),
+            EventError::Schema(e) => e.field(),
             _ => None,
         }
     }
@@ -114,9 +119,14 @@ fn conflation_key(kind: &str, head: &Head<'_>) -> Option<u64> {
 
 /// Checks a project event from any source and frames it once.
 ///
-/// `payload` is the publisher's JSON. The returned frame carries the same bytes unless
-/// `project_id` or `timestamp` had to be filled in.
-pub fn prepare_project_event(project: &str, payload: &[u8]) -> Result<Prepared, EventError> {
+/// `payload` is the publisher's JSON. `policy` is the typed schema check (None for events
+/// the gateway itself already validated, e.g. on the publish API). The returned frame
+/// carries the same bytes unless `project_id` or `timestamp` had to be filled in.
+pub fn prepare_project_event(
+    project: &str,
+    payload: &[u8],
+    policy: Option<&Policy>,
+) -> Result<Prepared, EventError> {
     if first_non_ws(payload) != Some(b'{') {
         return match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
             Ok(_) => Err(EventError::NotObject),
@@ -127,7 +137,7 @@ pub fn prepare_project_event(project: &str, payload: &[u8]) -> Result<Prepared, 
         Ok(head) => head,
         // Valid JSON whose fields have unexpected JSON types: take the slow path, which
         // names the offending field or accepts what the fast path was too strict about.
-        Err(e) if e.is_data() => return prepare_slow(project, payload),
+        Err(e) if e.is_data() => return prepare_slow(project, payload, policy),
         Err(_) => return Err(EventError::NotJson),
     };
     let Some(kind) = head.kind.as_deref() else {
@@ -141,6 +151,9 @@ pub fn prepare_project_event(project: &str, payload: &[u8]) -> Result<Prepared, 
             });
         }
     }
+    if let Some(policy) = policy {
+        policy.check_project_bytes(kind, payload)?;
+    }
     let conflate = conflation_key(kind, &head);
     if head.project_id.is_some() && head.timestamp.is_some() {
         return Ok(Prepared {
@@ -149,15 +162,29 @@ pub fn prepare_project_event(project: &str, payload: &[u8]) -> Result<Prepared, 
             seq: head.seq,
         });
     }
-    let mut prepared = prepare_slow(project, payload)?;
+    // Already schema-checked above: the slow path only fills in.
+    let mut prepared = prepare_slow(project, payload, None)?;
     prepared.conflate = conflate;
     Ok(prepared)
 }
 
-fn prepare_slow(project: &str, payload: &[u8]) -> Result<Prepared, EventError> {
+fn prepare_slow(
+    project: &str,
+    payload: &[u8],
+    policy: Option<&Policy>,
+) -> Result<Prepared, EventError> {
     let mut map: Map<String, Value> =
         serde_json::from_slice(payload).map_err(|_| EventError::NotJson)?;
     check_envelope(project, &map)?;
+    if let (Some(policy), Some(Value::String(kind))) = (policy, map.get("type")) {
+        let kind = kind.clone();
+        let value = Value::Object(map);
+        policy.check_project_value(&kind, &value)?;
+        let Value::Object(back) = value else {
+            return Err(EventError::NotObject);
+        };
+        map = back;
+    }
     fill_envelope(&mut map, project);
     let seq = map.get("seq").and_then(Value::as_u64);
     let bytes = serde_json::to_vec(&map).map_err(|_| EventError::NotJson)?;
@@ -233,13 +260,13 @@ mod tests {
     #[test]
     fn complete_event_passes_through_byte_for_byte() {
         let raw = br#"{"type":"file.changed","project_id":"p1","timestamp":"t","x":1.5e300}"#;
-        let p = prepare_project_event("p1", raw).unwrap();
+        let p = prepare_project_event("p1", raw, None).unwrap();
         assert_eq!(&p.frame[2..], &raw[..]);
     }
 
     #[test]
     fn missing_fields_are_filled() {
-        let p = prepare_project_event("p1", br#"{"type":"file.changed"}"#).unwrap();
+        let p = prepare_project_event("p1", br#"{"type":"file.changed"}"#, None).unwrap();
         let v = payload_of(&p);
         assert_eq!(v["project_id"], "p1");
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
@@ -248,37 +275,41 @@ mod tests {
     #[test]
     fn bad_envelopes_are_refused() {
         assert_eq!(
-            prepare_project_event("p", b"nope").unwrap_err(),
+            prepare_project_event("p", b"nope", None).unwrap_err(),
             EventError::NotJson
         );
         assert_eq!(
-            prepare_project_event("p", b"[1]").unwrap_err(),
+            prepare_project_event("p", b"[1]", None).unwrap_err(),
             EventError::NotObject
         );
         assert_eq!(
-            prepare_project_event("p", br#"{"a":1}"#).unwrap_err(),
+            prepare_project_event("p", br#"{"a":1}"#, None).unwrap_err(),
             EventError::MissingType
         );
         assert_eq!(
-            prepare_project_event("p", br#"{"type":3}"#).unwrap_err(),
+            prepare_project_event("p", br#"{"type":3}"#, None).unwrap_err(),
             EventError::MissingType
         );
         assert!(matches!(
-            prepare_project_event("p", br#"{"type":"x","project_id":"q"}"#).unwrap_err(),
+            prepare_project_event("p", br#"{"type":"x","project_id":"q"}"#, None).unwrap_err(),
             EventError::ProjectMismatch { .. }
         ));
         assert_eq!(
-            prepare_project_event("p", br#"{"type":"x","project_id":7}"#).unwrap_err(),
+            prepare_project_event("p", br#"{"type":"x","project_id":7}"#, None).unwrap_err(),
             EventError::BadProjectId
         );
     }
 
     #[test]
     fn progress_events_conflate_per_subject() {
-        let a = prepare_project_event("p", br#"{"type":"task.progress","task_id":"t1"}"#).unwrap();
-        let b = prepare_project_event("p", br#"{"type":"task.progress","task_id":"t1"}"#).unwrap();
-        let c = prepare_project_event("p", br#"{"type":"task.progress","task_id":"t2"}"#).unwrap();
-        let d = prepare_project_event("p", br#"{"type":"task.success","task_id":"t1"}"#).unwrap();
+        let a = prepare_project_event("p", br#"{"type":"task.progress","task_id":"t1"}"#, None)
+            .unwrap();
+        let b = prepare_project_event("p", br#"{"type":"task.progress","task_id":"t1"}"#, None)
+            .unwrap();
+        let c = prepare_project_event("p", br#"{"type":"task.progress","task_id":"t2"}"#, None)
+            .unwrap();
+        let d =
+            prepare_project_event("p", br#"{"type":"task.success","task_id":"t1"}"#, None).unwrap();
         assert_eq!(a.conflate, b.conflate);
         assert_ne!(a.conflate, c.conflate);
         assert!(a.conflate.is_some() && d.conflate.is_none());
@@ -286,7 +317,7 @@ mod tests {
 
     #[test]
     fn seq_is_read() {
-        let p = prepare_project_event("p", br#"{"type":"x","seq":42}"#).unwrap();
+        let p = prepare_project_event("p", br#"{"type":"x","seq":42}"#, None).unwrap();
         assert_eq!(p.seq, Some(42));
     }
 

@@ -14,12 +14,13 @@ use std::sync::Arc;
 
 use http::{header, Request, StatusCode};
 use hyper::body::Incoming;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use switchboard_middleware::{Authentication, Claims, ClientIp, PeerAddr};
 
 use crate::app::App;
 use crate::broker::ConnectionRecord;
 use crate::frame;
+use crate::resume::ResumeRequest;
 use crate::routes::{json_error, retry_after, valid_project_id, Response};
 use crate::session::{close_code, conn, Scope, Session};
 
@@ -37,6 +38,35 @@ fn origin_allowed(app: &App, origin: &str) -> bool {
         .allowed_origins()
         .iter()
         .any(|allowed| allowed == "*" || allowed.trim_end_matches('/').eq_ignore_ascii_case(origin))
+}
+
+/// `?last_seq=N[&epoch=E]` (single-project connections only).
+fn resume_request(uri: &http::Uri) -> Result<Option<ResumeRequest>, &'static str> {
+    let mut last_seq = None;
+    let mut epoch = None;
+    for pair in uri.query().unwrap_or("").split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "last_seq" => {
+                last_seq = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| "last_seq must be a non-negative integer")?,
+                )
+            }
+            "epoch" if !v.is_empty() => {
+                if v.len() > 64
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err("epoch is not a valid epoch");
+                }
+                epoch = Some(v.to_owned());
+            }
+            _ => {}
+        }
+    }
+    Ok(last_seq.map(|last_seq| ResumeRequest { last_seq, epoch }))
 }
 
 /// What the credential allows on this endpoint.
@@ -95,6 +125,10 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
             );
         }
     }
+    let resume = match resume_request(req.uri()) {
+        Ok(r) => r,
+        Err(message) => return json_error(StatusCode::BAD_REQUEST, "invalid_resume", message),
+    };
     let auth = req
         .extensions()
         .get::<Authentication>()
@@ -180,51 +214,22 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         ip,
         app.outbox_limits(),
     );
+    // Live events wait until the greeting (snapshot or replay) is queued.
+    session.close_gate();
     app.hub.register(&session);
-    let mut positions = Map::new();
     for project in &projects {
-        let joined = app.hub.join(project, &session).await;
-        let position = match joined {
-            Ok(()) => app.broker.position(project).await.ok(),
-            Err(_) => None,
-        };
-        match position {
-            Some(p) => {
-                positions.insert(project.clone(), json!({"seq": p.seq, "epoch": p.epoch}));
-            }
-            None => {
-                app.hub.unregister(&session);
-                return retry_after(
-                    json_error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "broker_unavailable",
-                        "the event broker is unreachable; retry shortly",
-                    ),
-                    2,
-                );
-            }
+        if app.hub.join(project, &session).await.is_err() {
+            app.hub.unregister(&session);
+            return retry_after(
+                json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "broker_unavailable",
+                    "the event broker is unreachable; retry shortly",
+                ),
+                2,
+            );
         }
     }
-    let mut hello = json!({
-        "type": "connection.established",
-        "client_id": session.client_id,
-        "user_id": session.user_id,
-        "instance_id": app.instance_id,
-        "heartbeat_interval": app.config.ws.heartbeat_interval_secs,
-        "resumed": false,
-    });
-    match &scope {
-        Scope::Project(p) => {
-            hello["project_id"] = json!(p);
-            hello["seq"] = positions[p]["seq"].clone();
-            hello["epoch"] = positions[p]["epoch"].clone();
-        }
-        Scope::User => {
-            hello["projects"] = json!(projects);
-            hello["positions"] = Value::Object(positions);
-        }
-    }
-    session.outbox.push_front(session.message(hello));
 
     let record = ConnectionRecord {
         client_id: session.client_id.clone(),
@@ -238,7 +243,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     let broker = app.broker.clone();
     tokio::spawn(async move { broker.put_connection(&record, ttl).await });
     tracing::info!(client_id = %session.client_id, user_id = %session.user_id, %ip, "websocket connected");
-    tokio::spawn(conn::run(app, session, upgrade, guard));
+    tokio::spawn(conn::run(app, session, upgrade, guard, resume));
     response
 }
 

@@ -45,7 +45,7 @@ pub async fn run(app: Arc<App>) {
         let ping = frame::ping(b"sb");
         let mut frames: HashMap<String, Bytes> = HashMap::new();
         for session in app.hub.sessions() {
-            if session.outbox.is_closing() {
+            if session.outbox.is_closing() || session.is_gated() {
                 continue;
             }
             if session.expires_at().is_some_and(|at| at <= now_secs) {

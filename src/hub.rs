@@ -22,6 +22,8 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::event::{self, Prepared};
+use crate::resume::Tail;
+use crate::schema::Policy;
 use crate::session::{Scope, Session};
 
 /// Redis channel carrying a project's live events.
@@ -61,6 +63,15 @@ struct Slot {
     sessions: Vec<Arc<Session>>,
     /// Bumped on every join, so a pending linger timer knows it is stale.
     generation: u64,
+    /// Highest seq delivered here: where to catch up from after a broker outage.
+    last_seq: AtomicU64,
+    /// After a catch-up, live duplicates up to this seq are dropped (0 = none); cleared by
+    /// the first newer event so a restarted seq (new epoch) is never suppressed.
+    dedupe_upto: AtomicU64,
+    /// Recent events kept for resuming clients (see `resume.rs`).
+    tail: Arc<parking_lot::Mutex<Tail>>,
+    /// The history epoch this instance last saw for the project.
+    epoch: parking_lot::Mutex<Option<String>>,
 }
 
 #[derive(Default)]
@@ -75,18 +86,25 @@ pub struct Hub {
     sessions: RwLock<HashMap<String, Arc<Session>>>,
     subs: Option<mpsc::UnboundedSender<SubCommand>>,
     linger: Duration,
+    /// Typed checks for events arriving from the broker.
+    policy: Policy,
     pub stats: HubStats,
 }
 
 impl Hub {
     /// `subs` is the broker's subscription manager (None for the in-memory broker, which
     /// delivers straight into the hub).
-    pub fn new(subs: Option<mpsc::UnboundedSender<SubCommand>>, linger: Duration) -> Arc<Self> {
+    pub fn new(
+        subs: Option<mpsc::UnboundedSender<SubCommand>>,
+        linger: Duration,
+        policy: Policy,
+    ) -> Arc<Self> {
         Arc::new(Self {
             projects: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
             subs,
             linger,
+            policy,
             stats: HubStats::default(),
         })
     }
@@ -179,6 +197,74 @@ impl Hub {
         self.sessions.write().remove(&session.client_id);
     }
 
+    /// The resume tail of a project this instance listens to.
+    pub fn tail(&self, project: &str) -> Option<Arc<parking_lot::Mutex<Tail>>> {
+        self.projects.read().get(project).map(|s| s.tail.clone())
+    }
+
+    /// Highest seq delivered for `project` (0 if none).
+    pub fn last_seq(&self, project: &str) -> u64 {
+        self.projects
+            .read()
+            .get(project)
+            .map(|s| s.last_seq.load(Ordering::Acquire))
+            .unwrap_or(0)
+    }
+
+    /// After a catch-up delivered everything up to `upto`, drop live copies of those.
+    pub fn dedupe_until(&self, project: &str, upto: u64) {
+        if let Some(slot) = self.projects.read().get(project) {
+            slot.dedupe_upto.store(upto, Ordering::Release);
+            slot.last_seq.fetch_max(upto, Ordering::AcqRel);
+        }
+    }
+
+    /// Resets a project's position after its history started again (new epoch).
+    pub fn reset_position(&self, project: &str, seq: u64, epoch: &str) {
+        if let Some(slot) = self.projects.read().get(project) {
+            slot.last_seq.store(seq, Ordering::Release);
+            slot.dedupe_upto.store(0, Ordering::Release);
+            *slot.epoch.lock() = Some(epoch.to_owned());
+        }
+    }
+
+    /// Records the project's epoch as seen by a greeting (first one wins).
+    pub fn note_epoch(&self, project: &str, epoch: &str) {
+        if let Some(slot) = self.projects.read().get(project) {
+            let mut known = slot.epoch.lock();
+            if known.is_none() {
+                *known = Some(epoch.to_owned());
+            }
+        }
+    }
+
+    pub fn epoch(&self, project: &str) -> Option<String> {
+        self.projects
+            .read()
+            .get(project)
+            .and_then(|s| s.epoch.lock().clone())
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Sessions currently in `project`.
+    pub fn project_sessions(&self, project: &str) -> Vec<Arc<Session>> {
+        self.projects
+            .read()
+            .get(project)
+            .map(|s| s.sessions.clone())
+            .unwrap_or_default()
+    }
+
+    /// Forgets every tail (the live stream may have had a gap, e.g. a broker outage).
+    pub fn invalidate_tails(&self) {
+        for slot in self.projects.read().values() {
+            slot.tail.lock().reset();
+        }
+    }
+
     /// Projects this instance is subscribed to (for resubscription after a reconnect).
     pub fn active_projects(&self) -> Vec<String> {
         self.projects.read().keys().cloned().collect()
@@ -207,8 +293,24 @@ impl Hub {
         let Some(slot) = projects.get(project) else {
             return 0;
         };
+        if let Some(seq) = prepared.seq {
+            let upto = slot.dedupe_upto.load(Ordering::Acquire);
+            if upto > 0 {
+                if seq <= upto {
+                    return 0;
+                }
+                slot.dedupe_upto.store(0, Ordering::Release);
+            }
+            slot.last_seq.fetch_max(seq, Ordering::AcqRel);
+            slot.tail.lock().record(prepared);
+        }
         for session in &slot.sessions {
-            session.offer_event(prepared.frame.clone(), prepared.conflate, &self.stats);
+            session.offer_event(
+                prepared.frame.clone(),
+                prepared.conflate,
+                prepared.seq,
+                &self.stats,
+            );
         }
         let n = slot.sessions.len();
         self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
@@ -217,7 +319,7 @@ impl Hub {
 
     /// Checks and fans out a raw payload from the broker's project channel.
     pub fn deliver_raw(&self, project: &str, payload: &[u8]) -> Result<usize, event::EventError> {
-        let prepared = event::prepare_project_event(project, payload)?;
+        let prepared = event::prepare_project_event(project, payload, Some(&self.policy))?;
         Ok(self.deliver(project, &prepared))
     }
 
@@ -239,7 +341,7 @@ impl Hub {
                     event::server_frame(&Value::Object(ev))
                 })
                 .clone();
-            session.offer_event(frame, None, &self.stats);
+            session.offer_event(frame, None, None, &self.stats);
         }
         self.stats
             .delivered
@@ -254,11 +356,17 @@ impl Hub {
         let Value::Object(mut map) = value else {
             return Err(event::EventError::NotObject);
         };
-        if !matches!(map.get("type"), Some(Value::String(_))) {
+        let Some(Value::String(kind)) = map.get("type") else {
             return Err(event::EventError::MissingType);
-        }
+        };
+        let kind = kind.clone();
         // A global event names no project: each connection gets its own.
         map.remove("project_id");
+        let value = Value::Object(map);
+        self.policy.check_global_value(&kind, &value)?;
+        let Value::Object(map) = value else {
+            return Err(event::EventError::NotObject);
+        };
         Ok(self.broadcast(&map))
     }
 }
@@ -286,6 +394,10 @@ mod tests {
     use super::*;
     use crate::session::outbox::Limits;
 
+    const STRICT: Policy = Policy {
+        allow_unknown_types: false,
+    };
+
     fn session(project: &str) -> Arc<Session> {
         Session::new_for_test(
             project,
@@ -304,7 +416,7 @@ mod tests {
 
     #[tokio::test]
     async fn events_reach_only_their_project() {
-        let hub = Hub::new(None, Duration::from_millis(10));
+        let hub = Hub::new(None, Duration::from_millis(10), STRICT);
         let a = session("a");
         let b = session("b");
         hub.register(&a);
@@ -312,6 +424,9 @@ mod tests {
         hub.join("a", &a).await.unwrap();
         hub.join("b", &b).await.unwrap();
         let n = hub.deliver_raw("a", br#"{"type":"file.changed"}"#).unwrap();
+        assert!(hub
+            .deliver_raw("a", br#"{"type":"node.state.updated","node_id":"n"}"#)
+            .is_err());
         assert_eq!(n, 1);
         assert_eq!(a.outbox.len().0, 1);
         assert_eq!(b.outbox.len().0, 0);
@@ -324,7 +439,7 @@ mod tests {
     #[tokio::test]
     async fn subscription_is_reference_counted_with_linger() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let hub = Hub::new(Some(tx), Duration::from_millis(50));
+        let hub = Hub::new(Some(tx), Duration::from_millis(50), STRICT);
         let confirm = tokio::spawn(async move {
             let mut log = Vec::new();
             while let Some(cmd) = rx.recv().await {
@@ -358,7 +473,7 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_closes_the_slow_session_only() {
-        let hub = Hub::new(None, Duration::from_millis(10));
+        let hub = Hub::new(None, Duration::from_millis(10), STRICT);
         let slow = session("p");
         let ok = Session::new_for_test(
             "p",

@@ -12,6 +12,8 @@
 //! event.rs      envelope checks, fill-in, encode-once framing
 //! frame.rs      server WebSocket frames as shared bytes
 //! heartbeat.rs  one shared timer: heartbeats, idle drop, expiry, record TTLs
+//! resume.rs     greeting: snapshot or replay from history (shared reads), then live
+//! schema/       typed events: registry, validation, TypeScript/JSON Schema generation
 //! routes.rs     HTTP API: health, readiness, publish, broadcast, ws-url
 //! limits.rs     connection caps (global, per IP)
 //! config.rs     the one config struct; app.rs the per-instance state; cli.rs the commands
@@ -30,6 +32,8 @@ pub mod handshake;
 pub mod heartbeat;
 pub mod hub;
 pub mod limits;
+pub mod resume;
 pub mod routes;
+pub mod schema;
 pub mod server;
 pub mod session;

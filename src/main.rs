@@ -37,6 +37,11 @@ enum Command {
         #[arg(long)]
         service: bool,
     },
+    /// Print the message schemas generated from the gateway's types.
+    Schema {
+        #[arg(long, value_enum, default_value_t = SchemaFormat::Typescript)]
+        format: SchemaFormat,
+    },
     /// Publish events through a gateway's HTTP API (one JSON object per stdin line).
     Publish {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -47,6 +52,12 @@ enum Command {
         #[arg(long)]
         event: Option<String>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SchemaFormat {
+    Typescript,
+    JsonSchema,
 }
 
 fn main() -> ExitCode {
@@ -66,6 +77,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Schema { format } => {
+            let text = match format {
+                SchemaFormat::Typescript => switchboard::schema::generate::typescript(),
+                SchemaFormat::JsonSchema => switchboard::schema::generate::json_schema(),
+            };
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig => {
             print!("{}", config.redacted_toml());
             ExitCode::SUCCESS

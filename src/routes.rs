@@ -275,6 +275,7 @@ async fn publish(app: &App, project: &str, req: Request<Incoming>) -> Response {
         other => vec![other],
     };
     let limit = app.config.events.max_event_bytes;
+    let policy = app.config.event_policy();
     let mut encoded = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
         let Value::Object(mut ev) = item else {
@@ -284,6 +285,18 @@ async fn publish(app: &App, project: &str, req: Request<Incoming>) -> Response {
             return invalid_event(index, &e);
         }
         ev.remove("seq"); // seq is the gateway's to assign
+        let kind = ev
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let value = Value::Object(ev);
+        if let Err(e) = policy.check_project_value(&kind, &value) {
+            return invalid_event(index, &e.into());
+        }
+        let Value::Object(mut ev) = value else {
+            return invalid_event(index, &event::EventError::NotObject);
+        };
         event::fill_envelope(&mut ev, project);
         let bytes = serde_json::to_vec(&ev).unwrap_or_default();
         if bytes.len() > limit {
@@ -315,10 +328,18 @@ async fn broadcast(app: &App, req: Request<Incoming>) -> Response {
     let Value::Object(mut ev): Value = body else {
         return invalid_event(0, &event::EventError::NotObject);
     };
-    if !matches!(ev.get("type"), Some(Value::String(_))) {
+    let Some(Value::String(kind)) = ev.get("type") else {
         return invalid_event(0, &event::EventError::MissingType);
-    }
+    };
+    let kind = kind.clone();
     ev.remove("project_id");
+    let value = Value::Object(ev);
+    if let Err(e) = app.config.event_policy().check_global_value(&kind, &value) {
+        return invalid_event(0, &e.into());
+    }
+    let Value::Object(mut ev) = value else {
+        return invalid_event(0, &event::EventError::NotObject);
+    };
     ev.remove("seq");
     if !ev.contains_key("timestamp") {
         ev.insert("timestamp".into(), Value::String(event::now_rfc3339()));

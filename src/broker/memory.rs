@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::{new_epoch, BrokerError, HistoryLimits, Position};
+use super::state::{ProjectState, Snapshot};
+use super::{new_epoch, BrokerError, HistoryLimits, HistoryRead, Position};
 use crate::event;
 use crate::hub::Hub;
 
@@ -23,6 +24,7 @@ struct ProjectLog {
     /// (seq, event JSON with seq) — oldest first, at most `history.max_len`.
     history: VecDeque<(u64, Bytes)>,
     last_publish: Instant,
+    state: ProjectState,
 }
 
 pub struct MemoryBroker {
@@ -48,6 +50,7 @@ impl MemoryBroker {
                 epoch: new_epoch(),
                 history: VecDeque::new(),
                 last_publish: Instant::now(),
+                state: ProjectState::default(),
             })
     }
 
@@ -71,8 +74,12 @@ impl MemoryBroker {
         for ev in events {
             log.seq += 1;
             let body = with_seq(&ev, log.seq)?;
-            let prepared = event::prepare_project_event(project, &body)
+            // The publish API validated these events already.
+            let prepared = event::prepare_project_event(project, &body, None)
                 .map_err(|e| BrokerError::Protocol(e.to_string()))?;
+            if let Ok(map) = serde_json::from_slice(&ev) {
+                log.state.apply(&map);
+            }
             log.history.push_back((log.seq, Bytes::from(body)));
             while log.history.len() > self.history.max_len {
                 log.history.pop_front();
@@ -80,6 +87,7 @@ impl MemoryBroker {
             self.hub.deliver(project, &prepared);
             seqs.push(log.seq);
         }
+        log.state.age_out(self.history.terminal_task_ttl);
         Ok(seqs)
     }
 
@@ -105,19 +113,29 @@ impl MemoryBroker {
         }
     }
 
-    /// Events with seq > `after`, oldest first (the resume path reads this).
-    pub fn history_after(&self, project: &str, after: u64) -> Vec<(u64, Bytes)> {
-        let projects = self.projects.lock();
-        projects
-            .get(project)
-            .map(|log| {
-                log.history
-                    .iter()
-                    .filter(|(s, _)| *s > after)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// The position and events with seq > `after`, oldest first, read atomically.
+    pub fn history_after(&self, project: &str, after: u64) -> HistoryRead {
+        let mut projects = self.projects.lock();
+        let log = Self::log(&mut projects, project);
+        HistoryRead {
+            position: Position {
+                seq: log.seq,
+                epoch: log.epoch.clone(),
+            },
+            earliest: log.history.front().map(|(s, _)| *s),
+            events: log
+                .history
+                .iter()
+                .filter(|(s, _)| *s > after)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    pub fn snapshot(&self, project: &str) -> Snapshot {
+        let mut projects = self.projects.lock();
+        let log = Self::log(&mut projects, project);
+        log.state.snapshot(log.seq, &log.epoch)
     }
 }
 
@@ -156,7 +174,13 @@ mod tests {
 
     #[tokio::test]
     async fn seqs_are_per_project_and_history_is_bounded() {
-        let hub = Hub::new(None, Duration::from_millis(10));
+        let hub = Hub::new(
+            None,
+            Duration::from_millis(10),
+            crate::schema::Policy {
+                allow_unknown_types: true,
+            },
+        );
         let b = MemoryBroker::new(
             hub,
             HistoryLimits {
@@ -174,7 +198,11 @@ mod tests {
         );
         b.publish_events("p", vec![ev(), ev(), ev()]).unwrap();
         let h = b.history_after("p", 0);
-        assert_eq!(h.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            h.events.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        assert_eq!(h.earliest, Some(3));
         assert_eq!(b.position("p").seq, 5);
         assert_ne!(b.position("p").epoch, b.position("q").epoch);
     }

@@ -13,6 +13,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod state;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +46,15 @@ pub enum BrokerError {
 pub struct Position {
     pub seq: u64,
     pub epoch: String,
+}
+
+/// One read of a project's history: where the project is, the oldest seq the history
+/// still holds, and the events after the requested seq (oldest first, JSON with seq).
+#[derive(Debug, Clone)]
+pub struct HistoryRead {
+    pub position: Position,
+    pub earliest: Option<u64>,
+    pub events: Vec<(u64, bytes::Bytes)>,
 }
 
 /// `ws:connection:{client_id}` (PROTOCOL §7).
@@ -140,6 +150,26 @@ impl Broker {
         match self {
             Broker::Memory(m) => Ok(m.position(project)),
             Broker::Redis(r) => r.position(project).await,
+        }
+    }
+
+    /// The project's status snapshot (creating the epoch if it has none).
+    pub async fn snapshot(&self, project: &str) -> Result<state::Snapshot, BrokerError> {
+        match self {
+            Broker::Memory(m) => Ok(m.snapshot(project)),
+            Broker::Redis(r) => r.snapshot(project).await,
+        }
+    }
+
+    /// Reads the history after `after` together with the project's position.
+    pub async fn history_after(
+        &self,
+        project: &str,
+        after: u64,
+    ) -> Result<HistoryRead, BrokerError> {
+        match self {
+            Broker::Memory(m) => Ok(m.history_after(project, after)),
+            Broker::Redis(r) => r.history_after(project, after).await,
         }
     }
 

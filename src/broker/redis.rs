@@ -26,9 +26,10 @@ use parking_lot::Mutex;
 use switchboard_middleware::{AuthError, SessionRecord, SessionStore};
 use tokio::sync::mpsc;
 
+use super::state::Snapshot;
 use super::{
     commands_channel, connection_key, instance_key, new_epoch, BrokerError, ConnectionRecord,
-    HistoryLimits, Position, BROADCAST_CHANNEL, PUBLISH_SCRIPT,
+    HistoryLimits, HistoryRead, Position, BROADCAST_CHANNEL, PUBLISH_SCRIPT,
 };
 use crate::config::RedisConfig;
 use crate::hub::{channel_project, project_channel, Hub, SubCommand};
@@ -163,6 +164,95 @@ impl RedisBroker {
         Ok(Position { seq, epoch })
     }
 
+    pub async fn snapshot(&self, project: &str) -> Result<Snapshot, BrokerError> {
+        for _ in 0..2 {
+            let seq_key = format!("project:{project}:seq");
+            let state_key = format!("project:{project}:state");
+            let (seq, epoch, fields): (Option<u64>, Option<String>, Vec<(String, String)>) = self
+                .with_conn(|mut conn| async move {
+                    redis::pipe()
+                        .atomic()
+                        .hget(&seq_key, "seq")
+                        .hget(&seq_key, "epoch")
+                        .hgetall(&state_key)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            match epoch {
+                Some(epoch) => return Ok(Snapshot::from_fields(seq.unwrap_or(0), epoch, fields)),
+                // A project nobody published to yet: give it an epoch, then read again.
+                None => {
+                    self.position(project).await?;
+                }
+            }
+        }
+        Err(BrokerError::Protocol(
+            "project epoch vanished while reading".into(),
+        ))
+    }
+
+    pub async fn history_after(
+        &self,
+        project: &str,
+        after: u64,
+    ) -> Result<HistoryRead, BrokerError> {
+        for _ in 0..2 {
+            let seq_key = format!("project:{project}:seq");
+            let history_key = format!("project:{project}:history");
+            let start = format!("{}-0", after.saturating_add(1));
+            type Entries = Vec<(String, Vec<Vec<u8>>)>;
+            let (seq, epoch, first, entries): (Option<u64>, Option<String>, Entries, Entries) =
+                self.with_conn(|mut conn| async move {
+                    redis::pipe()
+                        .atomic()
+                        .hget(&seq_key, "seq")
+                        .hget(&seq_key, "epoch")
+                        .cmd("XRANGE")
+                        .arg(&history_key)
+                        .arg("-")
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(1)
+                        .cmd("XRANGE")
+                        .arg(&history_key)
+                        .arg(&start)
+                        .arg("+")
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            let Some(epoch) = epoch else {
+                self.position(project).await?;
+                continue;
+            };
+            let parse = |(id, fields): (String, Vec<Vec<u8>>)| -> Option<(u64, bytes::Bytes)> {
+                let seq = id.split('-').next()?.parse().ok()?;
+                let mut it = fields.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    if k == b"event" {
+                        return Some((seq, bytes::Bytes::from(v)));
+                    }
+                }
+                None
+            };
+            return Ok(HistoryRead {
+                position: Position {
+                    seq: seq.unwrap_or(0),
+                    epoch,
+                },
+                earliest: first
+                    .into_iter()
+                    .next()
+                    .and_then(|e| parse(e).map(|(s, _)| s)),
+                events: entries.into_iter().filter_map(parse).collect(),
+            });
+        }
+        Err(BrokerError::Protocol(
+            "project epoch vanished while reading".into(),
+        ))
+    }
+
     pub async fn publish_broadcast(&self, payload: Vec<u8>) -> Result<(), BrokerError> {
         self.with_conn(|mut conn| async move {
             conn.publish::<_, _, i64>(BROADCAST_CHANNEL, payload).await
@@ -279,6 +369,60 @@ impl RedisBroker {
         }
     }
 
+    /// After an outage: replay from history what each active project missed (the live
+    /// messages arriving meanwhile wait in the pub/sub stream and are deduplicated by seq),
+    /// or tell its clients to resync when the history no longer covers the gap or started
+    /// over (a new epoch: Redis came back empty).
+    async fn catch_up(&self) {
+        self.hub.invalidate_tails();
+        for project in self.hub.active_projects() {
+            let last = self.hub.last_seq(&project);
+            let known = self.hub.epoch(&project);
+            // Pooled connections may have died with the pub/sub one: a few tries.
+            let mut read = Err(BrokerError::Unavailable("not tried".into()));
+            for _ in 0..3 {
+                read = self.history_after(&project, last).await;
+                if read.is_ok() {
+                    break;
+                }
+            }
+            let read = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(%project, error = %e, "catch-up read failed: clients of this project may have missed events");
+                    continue;
+                }
+            };
+            let covered =
+                read.position.seq == last || read.events.first().map(|(s, _)| *s) == Some(last + 1);
+            let same_epoch = known.as_deref().is_none_or(|e| e == read.position.epoch);
+            if same_epoch && covered && last <= read.position.seq {
+                let policy = *self.hub.policy();
+                let mut replayed = 0;
+                for (_, bytes) in &read.events {
+                    if let Ok(p) =
+                        crate::event::prepare_project_event(&project, bytes, Some(&policy))
+                    {
+                        self.hub.deliver(&project, &p);
+                        replayed += 1;
+                    }
+                }
+                self.hub.dedupe_until(&project, read.position.seq);
+                if replayed > 0 {
+                    tracing::info!(%project, replayed, "replayed events missed during the outage");
+                }
+            } else {
+                match self.snapshot(&project).await {
+                    Ok(snap) => {
+                        tracing::warn!(%project, from_seq = last, epoch = %snap.epoch, "history does not cover the outage: clients must resync");
+                        crate::resume::resync_sessions(&self.hub, &project, last, &snap);
+                    }
+                    Err(e) => tracing::warn!(%project, error = %e, "resync snapshot failed"),
+                }
+            }
+        }
+    }
+
     /// The subscription manager: owns the pub/sub connection for the life of the process.
     pub async fn run_pubsub(self: Arc<Self>, mut commands: mpsc::UnboundedReceiver<SubCommand>) {
         let mut wanted: HashSet<String> = HashSet::from([BROADCAST_CHANNEL.to_owned()]);
@@ -341,8 +485,9 @@ impl RedisBroker {
             Ok(Err(e)) => return Serve::Lost(e.to_string()),
             Err(_) => return Serve::Lost("connect timed out".into()),
         };
-        self.up.store(true, Ordering::Relaxed);
         if let Some(since) = down_since.take() {
+            // Before reading any live message: give every connected client what it missed.
+            self.catch_up().await;
             self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 outage_ms = since.elapsed().as_millis() as u64,
@@ -352,6 +497,7 @@ impl RedisBroker {
         } else {
             tracing::info!(channels = wanted.len(), "broker pub/sub connected");
         }
+        self.up.store(true, Ordering::Relaxed);
         let mut ping = tokio::time::interval(self.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;

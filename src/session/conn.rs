@@ -26,7 +26,10 @@ pub async fn run(
     session: Arc<Session>,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
     guard: ConnectionGuard,
+    resume: Option<crate::resume::ResumeRequest>,
 ) {
+    // Runs while the 101 is on its way; live events wait behind the session's gate.
+    crate::resume::greet(&app, &session, resume).await;
     match upgrade.await {
         Ok(ws) => {
             let io = ws.into_inner();

@@ -141,7 +141,7 @@ async fn dispatch(app: &App, session: &Arc<Session>, text: &str) -> Result<(), R
             session.send_control(frame::text(b"pong"));
             return Ok(());
         }
-        "status" => return Err(status_unavailable()),
+        "status" => return status(app, session, None).await,
         _ => {}
     }
     let value: Value = serde_json::from_str(text).map_err(|_| Refusal {
@@ -172,7 +172,7 @@ async fn dispatch(app: &App, session: &Arc<Session>, text: &str) -> Result<(), R
         "subscribe" => subscribe(app, session, &msg).await,
         "unsubscribe" => unsubscribe(app, session, &msg),
         "auth.refresh" => refresh(app, session, &msg),
-        "status" => Err(status_unavailable()),
+        "status" => status(app, session, Some(&msg)).await,
         other => Err(Refusal {
             code: "unknown_type",
             message: format!("unknown message type {:?}", truncate(other, 64)),
@@ -181,13 +181,42 @@ async fn dispatch(app: &App, session: &Arc<Session>, text: &str) -> Result<(), R
     }
 }
 
-/// The status snapshot arrives with the typed-state work; say so rather than fake one.
-fn status_unavailable() -> Refusal {
-    Refusal {
-        code: "unsupported",
-        message: "status snapshots are not available on this gateway version".into(),
-        field: None,
+/// Replies with the status snapshot of the connection's project(s), or of the one named.
+async fn status(
+    app: &App,
+    session: &Arc<Session>,
+    msg: Option<&Map<String, Value>>,
+) -> Result<(), Refusal> {
+    let named = match msg {
+        Some(m) => optional_string(m, "project_id")?,
+        None => None,
+    };
+    let projects = match named {
+        Some(p) if session.has_project(p) => vec![p.to_owned()],
+        Some(_) => {
+            return Err(Refusal {
+                code: "forbidden",
+                message: "this connection is not subscribed to that project".into(),
+                field: Some("project_id"),
+            })
+        }
+        None => session.projects(),
+    };
+    for project in projects {
+        match app.broker.snapshot(&project).await {
+            Ok(snap) => session.reply(snap.message(&project)),
+            Err(e) => {
+                tracing::warn!(error = %e, project, "status snapshot failed");
+                session.reply(error_frame(
+                    "broker_unavailable",
+                    "the status snapshot is not available right now; retry later",
+                    None,
+                    None,
+                ));
+            }
+        }
     }
+    Ok(())
 }
 
 fn truncate(s: &str, max: usize) -> &str {

@@ -13,7 +13,7 @@ pub mod messages;
 pub mod outbox;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -72,6 +72,17 @@ pub struct Session {
     /// Credential expiry, UNIX seconds; 0 = none.
     expires_at: AtomicU64,
     pub cancel: CancellationToken,
+    /// While the greeting (snapshot or replay) is being prepared, live events wait here so
+    /// they can follow it in order and without duplicates. None once open.
+    gate: Mutex<Option<Vec<Gated>>>,
+    gated: AtomicBool,
+}
+
+/// A live event held back while the session's greeting is prepared.
+struct Gated {
+    frame: Bytes,
+    conflate: Option<u64>,
+    seq: Option<u64>,
 }
 
 pub fn unix_millis() -> u64 {
@@ -102,7 +113,38 @@ impl Session {
             expires_at: AtomicU64::new(claims.expires_at().unwrap_or(0)),
             claims: Mutex::new(claims),
             cancel: CancellationToken::new(),
+            gate: Mutex::new(None),
+            gated: AtomicBool::new(false),
         })
+    }
+
+    /// Holds live events back until [`Session::open_gate`]. Call before joining projects.
+    pub fn close_gate(&self) {
+        *self.gate.lock() = Some(Vec::new());
+        self.gated.store(true, Ordering::Release);
+    }
+
+    pub fn is_gated(&self) -> bool {
+        self.gated.load(Ordering::Acquire)
+    }
+
+    /// Queues the greeting `front` frames, then the held-back live events except those with
+    /// a seq the greeting already covered (`covered_up_to`), and lets events flow directly.
+    pub fn open_gate(&self, front: Vec<Bytes>, covered_up_to: u64, stats: &HubStats) {
+        let mut gate = self.gate.lock();
+        let held = gate.take().unwrap_or_default();
+        // Straight into the outbox: the gate lock is held, so new live events wait and
+        // land after these.
+        for frame in front {
+            self.offer_direct(frame, None, stats);
+        }
+        for g in held {
+            if g.seq.is_some_and(|s| s <= covered_up_to) {
+                continue;
+            }
+            self.offer_direct(g.frame, g.conflate, stats);
+        }
+        self.gated.store(false, Ordering::Release);
     }
 
     #[cfg(test)]
@@ -212,7 +254,42 @@ impl Session {
     }
 
     /// Queues an event frame; closes the connection as a slow consumer on overflow.
-    pub fn offer_event(&self, frame: Bytes, conflate: Option<u64>, stats: &HubStats) {
+    pub fn offer_event(
+        &self,
+        frame: Bytes,
+        conflate: Option<u64>,
+        seq: Option<u64>,
+        stats: &HubStats,
+    ) {
+        if self.gated.load(Ordering::Acquire) {
+            let mut gate = self.gate.lock();
+            if let Some(held) = gate.as_mut() {
+                if held.len() < self.outbox.limits().messages {
+                    held.push(Gated {
+                        frame,
+                        conflate,
+                        seq,
+                    });
+                } else {
+                    // Too much arrived before the greeting was ready: behave like a full queue.
+                    *gate = None;
+                    self.gated.store(false, Ordering::Release);
+                    drop(gate);
+                    if self.close(
+                        close_code::SLOW_CONSUMER,
+                        "slow consumer: outbound queue full",
+                        true,
+                    ) {
+                        stats.slow_closes.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                return;
+            }
+        }
+        self.offer_direct(frame, conflate, stats);
+    }
+
+    fn offer_direct(&self, frame: Bytes, conflate: Option<u64>, stats: &HubStats) {
         match self.outbox.offer(frame, conflate) {
             Offer::Queued | Offer::Closed => {}
             Offer::Conflated => {

@@ -148,6 +148,10 @@ impl Outbox {
         true
     }
 
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     pub fn is_closing(&self) -> bool {
         self.inner.lock().state != State::Open
     }

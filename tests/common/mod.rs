@@ -891,7 +891,8 @@ impl Gateway {
     }
 
     /// Connects to `/ws/{project}?token=...` and returns the client and its
-    /// `connection.established` frame.
+    /// `connection.established` frame; the `status` snapshot that must follow it on a fresh
+    /// connection (PROTOCOL §2) is read and checked too.
     pub async fn connect(&self, project: &str, token: &str) -> (WsClient, Value) {
         let mut c = self.ws(&format!("/ws/{project}?token={token}"), &[]).await;
         let est = c.next_json(T).await;
@@ -900,6 +901,12 @@ impl Gateway {
             "connection.established",
             "first frame: {est}\n{}",
             self.logs()
+        );
+        let status: Value = serde_json::from_str(&c.next_text(T).await).expect("JSON status");
+        assert_eq!(status["type"], "status", "second frame: {status}");
+        assert_eq!(
+            status["seq"], est["seq"],
+            "snapshot and greeting agree: {status}"
         );
         (c, est)
     }
