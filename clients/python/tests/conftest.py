@@ -18,8 +18,9 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -120,7 +121,7 @@ class Gateway:
         )
         return res.stdout.decode().strip()
 
-    def connect(self, project: str) -> "Client":
+    def connect(self, project: str) -> Client:
         stack = contextlib.ExitStack()
         # entered as a context manager: the one form every websockets>=12 accepts silently
         ws = stack.enter_context(
@@ -152,7 +153,7 @@ class Client:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError("no frame within %.1fs" % timeout)
+                raise TimeoutError(f"no frame within {timeout:.1f}s")
             frame = json.loads(self.ws.recv(timeout=left))
             if frame.get("type") not in ("status", "system.heartbeat"):
                 return frame
@@ -176,9 +177,7 @@ def gateway(redis_url: str) -> Iterator[Gateway]:
         "SWITCHBOARD_JWT_SECRET": JWT_SECRET,
         "ENVIRONMENT": "development",
     }
-    proc = subprocess.Popen(
-        [bin_path], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    proc = subprocess.Popen([bin_path], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     err = Drain(proc.stderr)
     err.start()
     try:
@@ -190,8 +189,10 @@ def gateway(redis_url: str) -> Iterator[Gateway]:
         line = first[0].decode().strip() if first else ""
         prefix = "switchboard listening on 127.0.0.1:"
         if not line.startswith(prefix):
-            pytest.fail(f"gateway did not announce its port (got {line!r}):\n" + "\n".join(err.lines))
-        port = int(line[len(prefix):])
+            pytest.fail(
+                f"gateway did not announce its port (got {line!r}):\n" + "\n".join(err.lines)
+            )
+        port = int(line[len(prefix) :])
         out = Drain(proc.stdout)
         out.start()
         gw = Gateway(bin_path, port, proc, out, err)

@@ -35,67 +35,211 @@ CHARACTER = {"assetId": "a1", "name": "Ada", "description": "lead", "triggerWord
 
 # (method, args after project_id, kwargs, expected type, fields the frame must carry)
 EVERY_METHOD = [
-    ("project_created", [], {"project": {"name": "P"}}, "project.created", {"project": {"name": "P"}}),
-    ("project_updated", [], {"changes": {"name": "Q"}}, "project.updated", {"changes": {"name": "Q"}}),
+    (
+        "project_created",
+        [],
+        {"project": {"name": "P"}},
+        "project.created",
+        {"project": {"name": "P"}},
+    ),
+    (
+        "project_updated",
+        [],
+        {"changes": {"name": "Q"}},
+        "project.updated",
+        {"changes": {"name": "Q"}},
+    ),
     ("project_deleted", [], {}, "project.deleted", {}),
-    ("node_state_update", ["n1", "processing"], {"metadata": {"k": 1}}, "node.state.updated",
-     {"node_id": "n1", "state": "processing", "metadata": {"k": 1}}),
-    ("node_progress_update", ["n1", 50.0, "Loading", 1, 4], {}, "node.progress.updated",
-     {"node_id": "n1", "progress": 50.0, "step": "Loading",
-      "step_info": {"current": 1, "total": 4, "description": "Loading"}}),
-    ("node_output_ready", ["n1", {"image": "/o.png"}, 1.5], {}, "node.output.ready",
-     {"node_id": "n1", "outputs": {"image": "/o.png"}, "execution_time": 1.5}),
-    ("node_error", ["n1", "boom"], {"traceback": "tb"}, "node.error.occurred",
-     {"node_id": "n1", "error": "boom", "traceback": "tb"}),
-    ("task_queued", ["t1", "n1"], {"priority": 2}, "task.queued",
-     {"task_id": "t1", "node_id": "n1", "priority": 2}),
-    ("task_started", ["t1", "n1", "runner-py"], {}, "task.started",
-     {"task_id": "t1", "node_id": "n1", "runner_id": "runner-py"}),
-    ("task_progress", ["t1", "n1", 25.0, "Generating", 2, 4], {}, "task.progress",
-     {"task_id": "t1", "node_id": "n1", "progress": {
-         "percentage": 25.0, "current_step": 2, "total_steps": 4, "step_description": "Generating"}}),
-    ("task_success", ["t1", "n1", {"image_path": "/o.png"}, 4.5], {}, "task.success",
-     {"task_id": "t1", "node_id": "n1", "result": {"image_path": "/o.png"}, "execution_time": 4.5}),
-    ("task_failed", ["t2", "n1", "oom"], {}, "task.failed",
-     {"task_id": "t2", "node_id": "n1", "error": "oom"}),
+    (
+        "node_state_update",
+        ["n1", "processing"],
+        {"metadata": {"k": 1}},
+        "node.state.updated",
+        {"node_id": "n1", "state": "processing", "metadata": {"k": 1}},
+    ),
+    (
+        "node_progress_update",
+        ["n1", 50.0, "Loading", 1, 4],
+        {},
+        "node.progress.updated",
+        {
+            "node_id": "n1",
+            "progress": 50.0,
+            "step": "Loading",
+            "step_info": {"current": 1, "total": 4, "description": "Loading"},
+        },
+    ),
+    (
+        "node_output_ready",
+        ["n1", {"image": "/o.png"}, 1.5],
+        {},
+        "node.output.ready",
+        {"node_id": "n1", "outputs": {"image": "/o.png"}, "execution_time": 1.5},
+    ),
+    (
+        "node_error",
+        ["n1", "boom"],
+        {"traceback": "tb"},
+        "node.error.occurred",
+        {"node_id": "n1", "error": "boom", "traceback": "tb"},
+    ),
+    (
+        "task_queued",
+        ["t1", "n1"],
+        {"priority": 2},
+        "task.queued",
+        {"task_id": "t1", "node_id": "n1", "priority": 2},
+    ),
+    (
+        "task_started",
+        ["t1", "n1", "runner-py"],
+        {},
+        "task.started",
+        {"task_id": "t1", "node_id": "n1", "runner_id": "runner-py"},
+    ),
+    (
+        "task_progress",
+        ["t1", "n1", 25.0, "Generating", 2, 4],
+        {},
+        "task.progress",
+        {
+            "task_id": "t1",
+            "node_id": "n1",
+            "progress": {
+                "percentage": 25.0,
+                "current_step": 2,
+                "total_steps": 4,
+                "step_description": "Generating",
+            },
+        },
+    ),
+    (
+        "task_success",
+        ["t1", "n1", {"image_path": "/o.png"}, 4.5],
+        {},
+        "task.success",
+        {
+            "task_id": "t1",
+            "node_id": "n1",
+            "result": {"image_path": "/o.png"},
+            "execution_time": 4.5,
+        },
+    ),
+    (
+        "task_failed",
+        ["t2", "n1", "oom"],
+        {},
+        "task.failed",
+        {"task_id": "t2", "node_id": "n1", "error": "oom"},
+    ),
     ("task_cancelled", ["t3", "n1"], {}, "task.cancelled", {"task_id": "t3", "node_id": "n1"}),
-    ("agent_task_assigned", ["Art Director", "a1", "Moodboard"], {}, "agent.task.assigned",
-     {"agent_type": "Art Director", "task_id": "a1", "task_description": "Moodboard"}),
-    ("agent_task_progress", ["Art Director", "a1", 40.0, "halfway"], {}, "agent.task.progress",
-     {"agent_type": "Art Director", "task_id": "a1", "progress": 40.0, "message": "halfway"}),
-    ("agent_task_completed", ["Art Director", "a1", {"asset_ids": ["x"]}], {}, "agent.task.completed",
-     {"agent_type": "Art Director", "task_id": "a1", "output": {"asset_ids": ["x"]}}),
+    (
+        "agent_task_assigned",
+        ["Art Director", "a1", "Moodboard"],
+        {},
+        "agent.task.assigned",
+        {"agent_type": "Art Director", "task_id": "a1", "task_description": "Moodboard"},
+    ),
+    (
+        "agent_task_progress",
+        ["Art Director", "a1", 40.0, "halfway"],
+        {},
+        "agent.task.progress",
+        {"agent_type": "Art Director", "task_id": "a1", "progress": 40.0, "message": "halfway"},
+    ),
+    (
+        "agent_task_completed",
+        ["Art Director", "a1", {"asset_ids": ["x"]}],
+        {},
+        "agent.task.completed",
+        {"agent_type": "Art Director", "task_id": "a1", "output": {"asset_ids": ["x"]}},
+    ),
     ("take_created", ["n1", TAKE], {}, "take.created", {"node_id": "n1", "take_info": TAKE}),
     ("take_selected", ["n1", "t1"], {}, "take.selected", {"node_id": "n1", "take_id": "t1"}),
     ("file_uploaded", [FILE], {}, "file.uploaded", {"file": FILE}),
     ("file_deleted", ["/p/a.png"], {}, "file.deleted", {"file_path": "/p/a.png"}),
-    ("file_changed", ["/p/b.png", "modified"], {}, "file.changed",
-     {"file_path": "/p/b.png", "change_type": "modified"}),
-    ("workspace_changed", ["w1", {"added": ["a"]}], {}, "workspace.changed",
-     {"workspace_id": "w1", "changes": {"added": ["a"]}}),
-    ("runner_assigned", ["t1", "runner-py", {"capabilities": ["gpu"], "resources": {"gpu": 1}}], {},
-     "runner.assigned",
-     {"task_id": "t1", "runner_id": "runner-py",
-      "runner_info": {"capabilities": ["gpu"], "resources": {"gpu": 1}}}),
-    ("runner_heartbeat", ["runner-py", {"active_tasks": 1, "available_memory": 1024, "cpu_usage": 0.5}],
-     {}, "runner.heartbeat",
-     {"runner_id": "runner-py",
-      "status": {"active_tasks": 1, "available_memory": 1024, "cpu_usage": 0.5}}),
-    ("runner_completed", ["t1", "runner-py", {"execution_time": 4.5, "memory_used": 512}], {},
-     "runner.completed",
-     {"task_id": "t1", "runner_id": "runner-py",
-      "metrics": {"execution_time": 4.5, "memory_used": 512}}),
+    (
+        "file_changed",
+        ["/p/b.png", "modified"],
+        {},
+        "file.changed",
+        {"file_path": "/p/b.png", "change_type": "modified"},
+    ),
+    (
+        "workspace_changed",
+        ["w1", {"added": ["a"]}],
+        {},
+        "workspace.changed",
+        {"workspace_id": "w1", "changes": {"added": ["a"]}},
+    ),
+    (
+        "runner_assigned",
+        ["t1", "runner-py", {"capabilities": ["gpu"], "resources": {"gpu": 1}}],
+        {},
+        "runner.assigned",
+        {
+            "task_id": "t1",
+            "runner_id": "runner-py",
+            "runner_info": {"capabilities": ["gpu"], "resources": {"gpu": 1}},
+        },
+    ),
+    (
+        "runner_heartbeat",
+        ["runner-py", {"active_tasks": 1, "available_memory": 1024, "cpu_usage": 0.5}],
+        {},
+        "runner.heartbeat",
+        {
+            "runner_id": "runner-py",
+            "status": {"active_tasks": 1, "available_memory": 1024, "cpu_usage": 0.5},
+        },
+    ),
+    (
+        "runner_completed",
+        ["t1", "runner-py", {"execution_time": 4.5, "memory_used": 512}],
+        {},
+        "runner.completed",
+        {
+            "task_id": "t1",
+            "runner_id": "runner-py",
+            "metrics": {"execution_time": 4.5, "memory_used": 512},
+        },
+    ),
     ("character_created", [CHARACTER], {}, "character.created", {"character": CHARACTER}),
-    ("character_updated", ["c1", {"name": "Bea"}], {}, "character.updated",
-     {"char_id": "c1", "updates": {"name": "Bea"}}),
-    ("character_base_face_uploaded", ["c1", "/f.png"], {}, "character.baseFace.uploaded",
-     {"char_id": "c1", "image_path": "/f.png"}),
-    ("character_variation_generated", ["c1", "smile", "/v.png"], {}, "character.variation.generated",
-     {"char_id": "c1", "variation_type": "smile", "image_path": "/v.png"}),
-    ("character_lora_status", ["c1", "training"], {"progress": 30.0}, "character.lora.status",
-     {"char_id": "c1", "status": "training", "progress": 30.0}),
-    ("character_usage_updated", ["c1", ["scene-1", "scene-2"]], {}, "character.usage.updated",
-     {"char_id": "c1", "usage": ["scene-1", "scene-2"]}),
+    (
+        "character_updated",
+        ["c1", {"name": "Bea"}],
+        {},
+        "character.updated",
+        {"char_id": "c1", "updates": {"name": "Bea"}},
+    ),
+    (
+        "character_base_face_uploaded",
+        ["c1", "/f.png"],
+        {},
+        "character.baseFace.uploaded",
+        {"char_id": "c1", "image_path": "/f.png"},
+    ),
+    (
+        "character_variation_generated",
+        ["c1", "smile", "/v.png"],
+        {},
+        "character.variation.generated",
+        {"char_id": "c1", "variation_type": "smile", "image_path": "/v.png"},
+    ),
+    (
+        "character_lora_status",
+        ["c1", "training"],
+        {"progress": 30.0},
+        "character.lora.status",
+        {"char_id": "c1", "status": "training", "progress": 30.0},
+    ),
+    (
+        "character_usage_updated",
+        ["c1", ["scene-1", "scene-2"]],
+        {},
+        "character.usage.updated",
+        {"char_id": "c1", "usage": ["scene-1", "scene-2"]},
+    ),
 ]
 
 
@@ -139,7 +283,8 @@ def test_publish_events_is_one_atomic_batch(gateway, publisher, r, project):
     try:
         publisher.node_state_update(project, "n0", "idle")
         events = [
-            {"type": "node.state.updated", "node_id": f"n{i}", "state": "queued"} for i in range(1, 4)
+            {"type": "node.state.updated", "node_id": f"n{i}", "state": "queued"}
+            for i in range(1, 4)
         ]
         seqs = publisher.publish_events(project, events)
         assert seqs == [2, 3, 4]
@@ -192,7 +337,6 @@ def test_state_reflects_node_state_and_task_progress(publisher, r, project):
     }
 
 
-
 def test_status_snapshot_shows_published_state(gateway, publisher, project):
     """Cross-check with the gateway: the state the script keeps is what `status` serves."""
     publisher.node_state_update(project, "n1", "processing")
@@ -224,12 +368,22 @@ def test_status_snapshot_shows_published_state(gateway, publisher, project):
         lambda p, pid: p.file_changed(pid, "/f", "renamed"),
         lambda p, pid: p.task_progress(pid, "t1", "n1", "50%", "s", 1, 2),
         lambda p, pid: p.take_created(pid, "n1", {"take_id": "t1"}),
-        lambda p, pid: p.publish_event(pid, {"type": "task.queued", "task_id": "t", "node_id": "n",
-                                             "priority": float("nan")}),
-        lambda p, pid: p.publish_event(pid, {"type": "task.queued", "project_id": "other",
-                                             "task_id": "t", "node_id": "n", "priority": 0}),
-        lambda p, pid: p.publish_event(pid, {"type": "node.state.updated", "node_id": "n",
-                                             "state": "idle", "seq": 9}),
+        lambda p, pid: p.publish_event(
+            pid, {"type": "task.queued", "task_id": "t", "node_id": "n", "priority": float("nan")}
+        ),
+        lambda p, pid: p.publish_event(
+            pid,
+            {
+                "type": "task.queued",
+                "project_id": "other",
+                "task_id": "t",
+                "node_id": "n",
+                "priority": 0,
+            },
+        ),
+        lambda p, pid: p.publish_event(
+            pid, {"type": "node.state.updated", "node_id": "n", "state": "idle", "seq": 9}
+        ),
         lambda p, pid: p.publish_event(pid, {"node_id": "n"}),
     ],
 )
@@ -249,8 +403,10 @@ def test_caller_timestamp_is_kept(gateway, publisher, project):
     client = gateway.connect(project)
     try:
         given = "2020-01-02T03:04:05.678+01:00"
-        publisher.publish_event(project, {"type": "node.state.updated", "node_id": "n1",
-                                          "state": "idle", "timestamp": given})
+        publisher.publish_event(
+            project,
+            {"type": "node.state.updated", "node_id": "n1", "state": "idle", "timestamp": given},
+        )
         event = {"type": "take.selected", "node_id": "n1", "take_id": "t9"}
         publisher.publish_event(project, event)
         assert event == {"type": "take.selected", "node_id": "n1", "take_id": "t9"}  # not mutated
@@ -310,5 +466,7 @@ def test_connection_errors_are_publish_errors(project):
 
 def test_packaged_script_is_the_gateways_script():
     shipped = Path(__file__).resolve().parents[1] / "src" / "switchboard_publisher" / "publish.lua"
-    assert shipped.is_symlink(), "publish.lua must be a symlink to src/broker/publish.lua, not a copy"
+    assert shipped.is_symlink(), (
+        "publish.lua must be a symlink to src/broker/publish.lua, not a copy"
+    )
     assert load_script() == (REPO / "src" / "broker" / "publish.lua").read_bytes()

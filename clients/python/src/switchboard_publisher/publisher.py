@@ -15,9 +15,10 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any
 
 import redis
 from redis.exceptions import NoScriptError, RedisError
@@ -68,7 +69,7 @@ class FunctionRunnerEventPublisher:
         runner_id: str,
         redis_url: str = "redis://localhost:6379",
         *,
-        redis_client: Optional[redis.Redis] = None,
+        redis_client: redis.Redis | None = None,
         history_max_len: int = 10000,
         history_ttl_secs: int = 86400,
         terminal_task_ttl_secs: int = 3600,
@@ -86,7 +87,7 @@ class FunctionRunnerEventPublisher:
         self.history_ttl_secs = int(history_ttl_secs)
         self.terminal_task_ttl_ms = int(terminal_task_ttl_secs) * 1000
         self._script = load_script()
-        self._sha: Optional[str] = None
+        self._sha: str | None = None
 
     # ------------------------------------------------------------------ core publishing
 
@@ -126,7 +127,8 @@ class FunctionRunnerEventPublisher:
         if event.get("project_id", project_id) != project_id:
             # The gateway routes by channel and drops events naming another project.
             raise InvalidEvent(
-                f"{where}project_id: event says {event['project_id']!r}, published to {project_id!r}"
+                f"{where}project_id: the event says {event['project_id']!r}"
+                f" but is published to {project_id!r}"
             )
         optional = schema.optional_fields(kind)
         # type first, envelope next, then the payload: readable in redis-cli and logs.
@@ -182,7 +184,7 @@ class FunctionRunnerEventPublisher:
 
     # ------------------------------------------------------------------ commands
 
-    def commands(self, project_id: str, timeout: Optional[float] = None) -> Iterator[dict]:
+    def commands(self, project_id: str, timeout: float | None = None) -> Iterator[dict]:
         """Commands the gateway relays from browsers for this project, as dicts
         (``{"type": "execute_node" | "cancel_task", ...}``, PROTOCOL §4).
 
@@ -213,7 +215,7 @@ class FunctionRunnerEventPublisher:
         return self._command_stream(pubsub, channel, timeout)
 
     @staticmethod
-    def _command_stream(pubsub: Any, channel: str, timeout: Optional[float]) -> Iterator[dict]:
+    def _command_stream(pubsub: Any, channel: str, timeout: float | None) -> Iterator[dict]:
         try:
             idle_since = time.monotonic()
             while True:
@@ -244,11 +246,11 @@ class FunctionRunnerEventPublisher:
 
     # ------------------------------------------------------------------ project events
 
-    def project_created(self, project_id: str, project: Optional[dict] = None) -> int:
+    def project_created(self, project_id: str, project: dict | None = None) -> int:
         """A project was created; ``project`` carries its data (the seed defines no fields)."""
         return self.publish_event(project_id, {"type": "project.created", "project": project})
 
-    def project_updated(self, project_id: str, changes: Optional[dict] = None) -> int:
+    def project_updated(self, project_id: str, changes: dict | None = None) -> int:
         """A project's settings changed; ``changes`` carries what changed."""
         return self.publish_event(project_id, {"type": "project.updated", "changes": changes})
 
@@ -259,12 +261,17 @@ class FunctionRunnerEventPublisher:
     # ------------------------------------------------------------------ node events
 
     def node_state_update(
-        self, project_id: str, node_id: str, state: str, metadata: Optional[dict] = None
+        self, project_id: str, node_id: str, state: str, metadata: dict | None = None
     ) -> int:
         """A node changed state (idle, queued, processing, completed, failed)."""
         return self.publish_event(
             project_id,
-            {"type": "node.state.updated", "node_id": node_id, "state": state, "metadata": metadata},
+            {
+                "type": "node.state.updated",
+                "node_id": node_id,
+                "state": state,
+                "metadata": metadata,
+            },
         )
 
     def node_progress_update(
@@ -275,7 +282,7 @@ class FunctionRunnerEventPublisher:
         step: str,
         current_step: int,
         total_steps: int,
-        metadata: Optional[dict] = None,
+        metadata: dict | None = None,
     ) -> int:
         """A node's execution progressed; ``step`` also becomes ``step_info.description``."""
         return self.publish_event(
@@ -305,12 +312,17 @@ class FunctionRunnerEventPublisher:
         )
 
     def node_error(
-        self, project_id: str, node_id: str, error: str, traceback: Optional[str] = None
+        self, project_id: str, node_id: str, error: str, traceback: str | None = None
     ) -> int:
         """A node failed (``node.error.occurred``)."""
         return self.publish_event(
             project_id,
-            {"type": "node.error.occurred", "node_id": node_id, "error": error, "traceback": traceback},
+            {
+                "type": "node.error.occurred",
+                "node_id": node_id,
+                "error": error,
+                "traceback": traceback,
+            },
         )
 
     # ------------------------------------------------------------------ task events
@@ -326,7 +338,12 @@ class FunctionRunnerEventPublisher:
         """A runner (usually ``self.runner_id``) started a task."""
         return self.publish_event(
             project_id,
-            {"type": "task.started", "task_id": task_id, "node_id": node_id, "runner_id": runner_id},
+            {
+                "type": "task.started",
+                "task_id": task_id,
+                "node_id": node_id,
+                "runner_id": runner_id,
+            },
         )
 
     def task_progress(
@@ -338,7 +355,7 @@ class FunctionRunnerEventPublisher:
         step: str,
         current_step: int,
         total_steps: int,
-        metadata: Optional[dict] = None,
+        metadata: dict | None = None,
     ) -> int:
         """Granular task progress: ``progress`` is the percentage, ``step`` the description."""
         return self.publish_event(
@@ -378,7 +395,7 @@ class FunctionRunnerEventPublisher:
         task_id: str,
         node_id: str,
         error: str,
-        traceback: Optional[str] = None,
+        traceback: str | None = None,
     ) -> int:
         """A task failed; ``traceback`` is omitted from the event when None."""
         return self.publish_event(
@@ -403,7 +420,10 @@ class FunctionRunnerEventPublisher:
     def runner_assigned(
         self, project_id: str, task_id: str, runner_id: str, runner_info: dict
     ) -> int:
-        """A runner was assigned a task; ``runner_info`` = ``{capabilities: [str], resources: {}}``."""
+        """A runner was assigned a task.
+
+        ``runner_info`` = ``{"capabilities": [str, ...], "resources": {...}}``.
+        """
         return self.publish_event(
             project_id,
             {
@@ -426,7 +446,12 @@ class FunctionRunnerEventPublisher:
         """A runner finished a task; ``metrics`` needs ``execution_time`` and ``memory_used``."""
         return self.publish_event(
             project_id,
-            {"type": "runner.completed", "task_id": task_id, "runner_id": runner_id, "metrics": metrics},
+            {
+                "type": "runner.completed",
+                "task_id": task_id,
+                "runner_id": runner_id,
+                "metrics": metrics,
+            },
         )
 
     # ------------------------------------------------------------------ file events
@@ -436,7 +461,7 @@ class FunctionRunnerEventPublisher:
         return self.publish_event(project_id, {"type": "file.uploaded", "file": file_info})
 
     def file_deleted(
-        self, project_id: str, file_path: Optional[str] = None, *, file_info: Optional[dict] = None
+        self, project_id: str, file_path: str | None = None, *, file_info: dict | None = None
     ) -> int:
         """A file was deleted, named by ``file_path``, ``file_info`` or both."""
         if file_path is None and file_info is None:
@@ -498,7 +523,12 @@ class FunctionRunnerEventPublisher:
         ``document_path``."""
         return self.publish_event(
             project_id,
-            {"type": "agent.task.completed", "agent_type": agent_type, "task_id": task_id, "output": output},
+            {
+                "type": "agent.task.completed",
+                "agent_type": agent_type,
+                "task_id": task_id,
+                "output": output,
+            },
         )
 
     # ------------------------------------------------------------------ take events
@@ -553,12 +583,17 @@ class FunctionRunnerEventPublisher:
         )
 
     def character_lora_status(
-        self, project_id: str, char_id: str, status: str, progress: Optional[float] = None
+        self, project_id: str, char_id: str, status: str, progress: float | None = None
     ) -> int:
         """LoRA training status (untrained, training, completed, failed), with progress."""
         return self.publish_event(
             project_id,
-            {"type": "character.lora.status", "char_id": char_id, "status": status, "progress": progress},
+            {
+                "type": "character.lora.status",
+                "char_id": char_id,
+                "status": status,
+                "progress": progress,
+            },
         )
 
     def character_usage_updated(self, project_id: str, char_id: str, usage: list[str]) -> int:

@@ -13,7 +13,8 @@ Extra fields are allowed everywhere, as in the protocol.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 from .errors import InvalidEvent
 
@@ -85,7 +86,12 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     "workspace.changed": {"workspace_id": "str", "changes": "obj"},
     # creative agents
     "agent.task.assigned": {"agent_type": AGENT_TYPES, "task_id": "str", "task_description": "str"},
-    "agent.task.progress": {"agent_type": "str", "task_id": "str", "progress": "num", "message": "str"},
+    "agent.task.progress": {
+        "agent_type": "str",
+        "task_id": "str",
+        "progress": "num",
+        "message": "str",
+    },
     "agent.task.completed": {
         "agent_type": "str",
         "task_id": "str",
@@ -111,7 +117,11 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     },
     "character.updated": {"char_id": "str", "updates": "obj"},
     "character.baseFace.uploaded": {"char_id": "str", "image_path": "str"},
-    "character.variation.generated": {"char_id": "str", "variation_type": "str", "image_path": "str"},
+    "character.variation.generated": {
+        "char_id": "str",
+        "variation_type": "str",
+        "image_path": "str",
+    },
     "character.lora.status": {"char_id": "str", "status": LORA_STATUSES, "progress?": "num"},
     "character.usage.updated": {"char_id": "str", "usage": "list[str]"},
 }
