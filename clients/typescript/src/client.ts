@@ -674,10 +674,17 @@ export class SwitchboardClient {
         break;
       }
       case "status": {
+        // After a resync (or on a connection without a position) the snapshot's seq is the
+        // point the following live events continue from.
         if (project !== undefined && typeof msg.seq === "number") {
-          const pos = this.positions.get(project);
-          if (!pos) this.positions.set(project, { seq: msg.seq });
-          else if (pos.seq === undefined) pos.seq = msg.seq;
+          const epoch = loose["epoch"];
+          let pos = this.positions.get(project);
+          if (!pos) {
+            pos = {};
+            this.positions.set(project, pos);
+          }
+          if (pos.seq === undefined) pos.seq = msg.seq;
+          if (pos.epoch === undefined && typeof epoch === "string") pos.epoch = epoch;
         }
         break;
       }
@@ -723,14 +730,14 @@ export class SwitchboardClient {
     this.armLiveness();
 
     const project = typeof msg.project_id === "string" ? msg.project_id : this.urlProject;
-    if (project !== undefined && typeof msg.epoch === "string") {
-      const pos = this.positions.get(project);
-      if (msg.resumed === true && pos?.seq !== undefined) {
-        pos.epoch = msg.epoch; // the replay after last_seq follows
-      } else {
-        const fresh: Position = { epoch: msg.epoch };
-        if (typeof msg.seq === "number") fresh.seq = msg.seq;
-        this.positions.set(project, fresh);
+    if (project !== undefined) {
+      this.adoptPosition(project, msg.seq, msg.epoch, msg.resumed === true);
+    }
+    // `/ws/user` (PROTOCOL §8): `positions: {project: {seq, epoch}}` instead of seq/epoch.
+    const positions = (msg as unknown as Record<string, unknown>)["positions"];
+    if (isRecord(positions)) {
+      for (const [p, v] of Object.entries(positions)) {
+        if (isRecord(v)) this.adoptPosition(p, v["seq"], v["epoch"], msg.resumed === true);
       }
     }
 
@@ -742,6 +749,20 @@ export class SwitchboardClient {
         },
       );
     }
+  }
+
+  /** Position announced by `connection.established`: kept when the server resumes (the
+   * replay after last_seq follows), otherwise the project's current position. */
+  private adoptPosition(project: string, seq: unknown, epoch: unknown, resumed: boolean): void {
+    if (typeof epoch !== "string") return;
+    const pos = this.positions.get(project);
+    if (resumed && pos?.seq !== undefined) {
+      pos.epoch = epoch;
+      return;
+    }
+    const fresh: Position = { epoch };
+    if (typeof seq === "number") fresh.seq = seq;
+    this.positions.set(project, fresh);
   }
 
   // ---- internals: requests ---------------------------------------------------------
