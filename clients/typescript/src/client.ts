@@ -505,7 +505,16 @@ export class SwitchboardClient {
       this.handleData(ev?.data);
     };
     ws.onerror = () => {
-      /* a close event follows */
+      // Browsers follow an error with a close (1006), but some implementations (Node 20's
+      // undici on a refused connection) never do: treat the error as that close.
+      if (this.ws !== ws) return;
+      this.detach();
+      try {
+        ws.close();
+      } catch {
+        /* ignore */
+      }
+      this.onClosed(CloseCode.ABNORMAL, "socket error", false);
     };
     ws.onclose = (ev: { code?: unknown; reason?: unknown; wasClean?: unknown } | undefined) => {
       if (this.ws !== ws) return;

@@ -248,6 +248,28 @@ describe("close codes", () => {
     });
   }
 
+  it("an error event alone (no close follows) counts as an abnormal close", () => {
+    const t = setup();
+    t.client.connect();
+    const ws = t.last();
+    ws.fail(); // e.g. connection refused
+    assert.equal(t.of("close")[0]!.code, 1006);
+    assert.equal(t.of("reconnecting").length, 1);
+    ws.serverClose(1006); // a late close from the same socket is ignored
+    assert.equal(t.of("close").length, 1);
+    t.clock.advance(1000);
+    assert.equal(t.sockets.length, 2);
+  });
+
+  it("an error after a connection.closed frame uses the frame's code", () => {
+    const t = setup();
+    t.client.connect();
+    t.establish();
+    t.last().receive({ type: "connection.closed", code: 4003, reason: "forbidden", timestamp: "t" });
+    t.last().fail();
+    assert.deepEqual(t.of("stopped"), [{ reason: "forbidden", code: 4003 }]);
+  });
+
   it("a connection.closed frame supplies the code when the transport lost it", () => {
     const t = setup();
     t.client.connect();

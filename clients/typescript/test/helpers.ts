@@ -42,6 +42,11 @@ export class FakeWebSocket {
     this.isOpen = false;
     this.onclose?.({ code, reason, wasClean: code !== 1006 });
   }
+  /** Transport failure (refused connection, reset). */
+  fail(): void {
+    this.isOpen = false;
+    this.onerror?.({ type: "error" });
+  }
   /** Parsed JSON messages the client sent. */
   sentJson(): Record<string, unknown>[] {
     return this.sent.map((s) => JSON.parse(s) as Record<string, unknown>);
