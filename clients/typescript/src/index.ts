@@ -1,0 +1,21 @@
+export {
+  SwitchboardClient,
+  SwitchboardError,
+  CloseCode,
+  closeAction,
+} from "./client.js";
+export type {
+  SwitchboardClientOptions,
+  BackoffOptions,
+  WebSocketLike,
+  WebSocketConstructor,
+  Timers,
+  MessageOf,
+  LifecycleEvents,
+  LifecycleEvent,
+  ClientState,
+  StopReason,
+  CloseAction,
+  ClientErrorCode,
+} from "./client.js";
+export type * from "./events.js";
