@@ -1,26 +1,34 @@
-//! The two tasks that own an upgraded socket: reader and writer.
+//! The one task that owns an upgraded connection.
 //!
-//! The reader parses client frames with fastwebsockets (auto-pong and auto-close off: we
-//! answer through the outbox, so every byte to the client goes through one ordered queue)
-//! and hands text messages to [`super::messages`]. The writer drains the outbox and writes
-//! each batch with one vectored write of the prebuilt frames. `read_frame` is not
-//! cancel-safe, so it is only ever cancelled when the whole connection is being torn down.
-//! Whatever ends the connection, the cleanup at the end of [`run`] runs exactly once.
+//! After fastwebsockets completes the upgrade we take the raw `TcpStream` back from hyper
+//! (so we can write to it without a task and read without a buffer) and run one loop:
+//! - readable: read what is there into a stack buffer, parse client frames ([`super::wire`]),
+//!   handle them ([`super::messages`]); only an incomplete frame's bytes are kept;
+//! - writable (only while the outbox has a backlog): drain it with vectored writes;
+//! - woken by the outbox: a backlog appeared, closing began, or the session was aborted.
+//!
+//! Nothing here is spawned per frame and no timer exists per connection except while a
+//! close is in progress. Big futures (message handling, the greeting) are boxed so the
+//! idle task stays small. Whatever ends the connection, the cleanup runs exactly once.
 
-use std::io::IoSlice;
+use std::io::ErrorKind;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use fastwebsockets::{OpCode, Role, WebSocketError};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use super::messages::{self, ClientState};
-use super::{close_code, Session};
+use super::outbox::Drained;
+use super::wire::{self, Opcode, WireError};
+use super::{close_code, Session, CLOSE_DEADLINE};
 use crate::app::App;
 use crate::frame;
 use crate::limits::ConnectionGuard;
 
-/// Runs a session from the completed upgrade to its end.
+/// Bytes read per readiness event (on the stack, copied out only if a frame is incomplete).
+const READ_CHUNK: usize = 4096;
+
+/// Runs a session from the upgrade to its end.
 pub async fn run(
     app: Arc<App>,
     session: Arc<Session>,
@@ -29,31 +37,22 @@ pub async fn run(
     resume: Option<crate::resume::ResumeRequest>,
 ) {
     // Runs while the 101 is on its way; live events wait behind the session's gate.
-    crate::resume::greet(&app, &session, resume).await;
-    match upgrade.await {
-        Ok(ws) => {
-            let io = ws.into_inner();
-            let (rd, wr) = tokio::io::split(io);
-            let (mut reader, _) =
-                fastwebsockets::after_handshake_split(rd, tokio::io::sink(), Role::Server);
-            reader.set_auto_close(false);
-            reader.set_auto_pong(false);
-            // fastwebsockets refuses frames of `>= max`; ours is inclusive.
-            reader.set_max_message_size(app.config.ws.max_message_bytes + 1);
-            let writer = tokio::spawn(write_loop(session.clone(), wr));
-            tokio::select! {
-                _ = read_loop(&app, &session, &mut reader) => {}
-                _ = session.cancel.cancelled() => {}
-            }
-            if !session.outbox.is_closing() {
-                // The client went away without a close handshake.
-                session.abort();
-            }
-            let _ = writer.await;
+    Box::pin(crate::resume::greet(&app, &session, resume)).await;
+    match upgrade.await.map(|ws| {
+        ws.into_inner()
+            .into_inner()
+            .downcast::<TokioIo<TcpStream>>()
+    }) {
+        Ok(Ok(parts)) => {
+            let socket = Arc::new(parts.io.into_inner());
+            session.outbox.attach(socket.clone());
+            serve(&app, &session, &socket, parts.read_buf.to_vec()).await;
         }
+        Ok(Err(_)) => tracing::error!("upgraded connection is not a TCP stream"),
         Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
     }
     session.abort();
+    session.outbox.detach();
     app.hub.unregister(&session);
     app.broker
         .delete_connection(&session.client_id, &session.projects())
@@ -62,136 +61,202 @@ pub async fn run(
     tracing::debug!(client_id = %session.client_id, "session ended");
 }
 
-async fn read_loop<S>(
-    app: &App,
-    session: &Arc<Session>,
-    reader: &mut fastwebsockets::WebSocketRead<S>,
-) where
-    S: tokio::io::AsyncRead + Unpin,
-{
-    let mut state = ClientState::new(&app.config.ws);
-    let max = app.config.ws.max_message_bytes;
-    // A message split over continuation frames is reassembled here, bounded by `max`.
-    let mut partial: Option<Vec<u8>> = None;
-    let mut no_send = |_frame| std::future::ready(Ok::<(), std::io::Error>(()));
-    loop {
-        let frame = match reader.read_frame(&mut no_send).await {
-            Ok(frame) => frame,
-            Err(WebSocketError::FrameTooLarge) => {
-                session.close(close_code::TOO_BIG, "message too big", false);
-                return;
-            }
-            Err(WebSocketError::ConnectionClosed | WebSocketError::UnexpectedEOF) => return,
-            Err(WebSocketError::IoError(_)) => return,
-            Err(e) => {
-                tracing::debug!(error = %e, "protocol error from client");
-                session.close(1002, "protocol error", false);
-                return;
-            }
-        };
-        session.touch();
-        if session.outbox.is_closing() {
-            // We are closing: only the client's close reply matters now.
-            if frame.opcode == OpCode::Close {
-                return;
-            }
-            continue;
-        }
-        match frame.opcode {
-            OpCode::Text | OpCode::Continuation => {
-                let complete = match (frame.opcode, partial.take()) {
-                    (OpCode::Text, None) if frame.fin => frame.payload.to_vec(),
-                    (OpCode::Text, None) => {
-                        partial = Some(frame.payload.to_vec());
-                        continue;
-                    }
-                    (OpCode::Continuation, Some(mut buf)) => {
-                        if buf.len() + frame.payload.len() > max {
-                            session.close(close_code::TOO_BIG, "message too big", false);
-                            return;
-                        }
-                        buf.extend_from_slice(&frame.payload);
-                        if !frame.fin {
-                            partial = Some(buf);
-                            continue;
-                        }
-                        buf
-                    }
-                    _ => {
-                        session.close(1002, "unexpected continuation frame", false);
-                        return;
-                    }
-                };
-                match std::str::from_utf8(&complete) {
-                    Ok(text) => messages::handle_text(app, session, &mut state, text).await,
-                    Err(_) => {
-                        session.close(1007, "text frame is not UTF-8", false);
-                        return;
-                    }
-                }
-            }
-            OpCode::Binary => {
-                session.close(
-                    close_code::UNSUPPORTED,
-                    "binary frames are not supported",
-                    false,
-                );
-            }
-            OpCode::Close => {
-                session.close_echo(&frame.payload);
-                return;
-            }
-            OpCode::Ping => session.send_control(frame::pong(&frame.payload)),
-            OpCode::Pong => {}
-        }
-    }
+/// What the read side decided.
+enum Read {
+    /// Keep going.
+    More,
+    /// The client closed or the socket failed: end now.
+    End,
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(session: Arc<Session>, mut wr: W) {
-    loop {
-        let batch = session.outbox.drain();
-        if !batch.frames.is_empty() {
-            let written = tokio::select! {
-                r = write_all_vectored(&mut wr, &batch.frames) => r,
-                _ = session.cancel.cancelled() => return,
-            };
-            if written.is_err() {
-                session.abort();
-                return;
-            }
-        }
-        if batch.last {
-            tokio::select! {
-                _ = wr.shutdown() => {}
-                _ = session.cancel.cancelled() => {}
-            }
+async fn serve(app: &App, session: &Arc<Session>, socket: &TcpStream, mut pending: Vec<u8>) {
+    let mut reader = Reader::new(app);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    if !pending.is_empty() {
+        if let Read::End = Box::pin(reader.process(app, session, &mut pending)).await {
             return;
         }
-        if batch.frames.is_empty() {
-            tokio::select! {
-                _ = session.outbox.ready() => {}
-                _ = session.cancel.cancelled() => return,
+    }
+    loop {
+        if session.is_ended() {
+            return;
+        }
+        match session.outbox.drain() {
+            Drained::Finished => {
+                // Our close frame is out; give the client a moment to answer it.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.readable())
+                    .await;
+                return;
             }
+            Drained::Broken => return,
+            Drained::Empty | Drained::Blocked => {}
+        }
+        if deadline.is_none() && session.outbox.is_closing() {
+            deadline = Some(tokio::time::Instant::now() + CLOSE_DEADLINE);
+        }
+        let backlog = session.outbox.has_pending();
+        tokio::select! {
+            ready = socket.readable() => {
+                if ready.is_err() {
+                    return;
+                }
+                match read_some(socket, &mut pending) {
+                    Ok(0) => return,
+                    Ok(_) => {
+                        session.touch();
+                        if let Read::End = Box::pin(reader.process(app, session, &mut pending)).await {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+            ready = socket.writable(), if backlog => {
+                if ready.is_err() {
+                    return;
+                }
+            }
+            _ = session.outbox.ready() => {}
+            _ = sleep_until(deadline), if deadline.is_some() => return,
         }
     }
 }
 
-/// Writes every frame, using vectored writes so a batch costs as few syscalls as possible.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    frames: &[Bytes],
-) -> std::io::Result<()> {
-    if let [single] = frames {
-        return w.write_all(single).await;
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
-    let mut slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
-    let mut bufs = &mut slices[..];
-    while !bufs.is_empty() {
-        let n = w.write_vectored(bufs).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+}
+
+/// Reads what the socket has into `pending`, through a stack buffer, so an idle connection
+/// holds no read buffer at all.
+fn read_some(socket: &TcpStream, pending: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut buf = [0u8; READ_CHUNK];
+    let n = socket.try_read(&mut buf)?;
+    pending.extend_from_slice(&buf[..n]);
+    Ok(n)
+}
+
+/// Reassembly of client messages across frames and reads.
+struct Reader {
+    /// A text message split over continuation frames, bounded by `max`.
+    partial: Option<Vec<u8>>,
+    max: usize,
+    /// Created on the first message: idle connections never pay for it.
+    state: Option<Box<ClientState>>,
+    /// A frame was malformed or too big: the rest of the stream cannot be parsed and is
+    /// discarded while the close drains.
+    dead: bool,
+}
+
+impl Reader {
+    fn new(app: &App) -> Self {
+        Self {
+            partial: None,
+            max: app.config.ws.max_message_bytes,
+            state: None,
+            dead: false,
         }
-        IoSlice::advance_slices(&mut bufs, n);
     }
-    Ok(())
+
+    async fn process(&mut self, app: &App, session: &Arc<Session>, pending: &mut Vec<u8>) -> Read {
+        if self.dead {
+            *pending = Vec::new();
+            return Read::More;
+        }
+        let mut used = 0;
+        let outcome = loop {
+            let buf = &pending[used..];
+            if let Some(len) = wire::declared_len(buf) {
+                if len > self.max as u64 {
+                    break self.fail(session, WireError::TooBig);
+                }
+            }
+            let (frame, n) = match wire::parse(buf, self.max) {
+                Ok(Some(pair)) => pair,
+                Ok(None) => break Read::More,
+                Err(e) => break self.fail(session, e),
+            };
+            used += n;
+            if session.outbox.is_closing() {
+                // We are closing: only the client's close reply matters now.
+                if frame.opcode == Opcode::Close {
+                    break Read::End;
+                }
+                continue;
+            }
+            match frame.opcode {
+                Opcode::Text | Opcode::Continuation => {
+                    let complete = match (frame.opcode, self.partial.take()) {
+                        (Opcode::Text, None) if frame.fin => frame.payload,
+                        (Opcode::Text, None) => {
+                            self.partial = Some(frame.payload);
+                            continue;
+                        }
+                        (Opcode::Continuation, Some(mut buf)) => {
+                            if buf.len() + frame.payload.len() > self.max {
+                                break self.fail(session, WireError::TooBig);
+                            }
+                            buf.extend_from_slice(&frame.payload);
+                            if !frame.fin {
+                                self.partial = Some(buf);
+                                continue;
+                            }
+                            buf
+                        }
+                        _ => {
+                            break self
+                                .fail(session, WireError::Protocol("unexpected continuation"))
+                        }
+                    };
+                    match String::from_utf8(complete) {
+                        Ok(text) => {
+                            let state = self
+                                .state
+                                .get_or_insert_with(|| Box::new(ClientState::new(&app.config.ws)));
+                            messages::handle_text(app, session, state, &text).await;
+                        }
+                        Err(_) => {
+                            session.close(1007, "text frame is not UTF-8", false);
+                        }
+                    }
+                }
+                Opcode::Binary => {
+                    session.close(
+                        close_code::UNSUPPORTED,
+                        "binary frames are not supported",
+                        false,
+                    );
+                }
+                Opcode::Close => {
+                    session.close_echo(&frame.payload);
+                    break Read::More;
+                }
+                Opcode::Ping => session.send_control(frame::pong(&frame.payload)),
+                Opcode::Pong => {}
+            }
+        };
+        if self.dead {
+            *pending = Vec::new();
+            return outcome;
+        }
+        pending.drain(..used.min(pending.len()));
+        if pending.is_empty() && pending.capacity() > READ_CHUNK {
+            // A big message passed: give the memory back.
+            *pending = Vec::new();
+        }
+        outcome
+    }
+
+    fn fail(&mut self, session: &Session, e: WireError) -> Read {
+        match e {
+            WireError::TooBig => session.close(close_code::TOO_BIG, "message too big", false),
+            WireError::Protocol(_) => session.close(1002, "protocol error", false),
+        };
+        // Nothing after a broken frame can be parsed: discard the rest, let the close drain.
+        self.dead = true;
+        Read::More
+    }
 }

@@ -1,16 +1,17 @@
 //! One WebSocket connection after the upgrade.
 //!
 //! A [`Session`] is the part of a connection the rest of the gateway may touch: its
-//! identity, its projects, its bounded [`outbox::Outbox`], its liveness clock and its
-//! cancellation token. The socket itself is owned by two tasks started in [`conn::run`]:
-//! the reader (client messages, see [`messages`]) and the writer (drains the outbox).
-//! Nobody else ever awaits the socket. Closing is always the same path: queue the closing
-//! frames ([`Session::close`]), let the writer send them, and cancel the tasks if the
-//! client does not finish the close within a deadline.
+//! identity, its projects, its [`outbox::Outbox`] (inline writes, then a bounded queue),
+//! its liveness clock and its end flag. One task per connection ([`conn::run`]) reads client
+//! frames ([`wire`], [`messages`]) and drains the outbox when the socket was full; nobody
+//! ever awaits the socket on the fan-out path. Closing is always the same path: queue the
+//! closing frames ([`Session::close`]), let them drain, and drop the socket if the client
+//! does not finish the close within [`CLOSE_DEADLINE`].
 
 pub mod conn;
 pub mod messages;
 pub mod outbox;
+pub mod wire;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,7 +22,6 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
 use switchboard_middleware::Claims;
-use tokio_util::sync::CancellationToken;
 
 use crate::event;
 use crate::frame;
@@ -71,7 +71,8 @@ pub struct Session {
     last_seen_ms: AtomicU64,
     /// Credential expiry, UNIX seconds; 0 = none.
     expires_at: AtomicU64,
-    pub cancel: CancellationToken,
+    /// Set when the connection must end at once (abort) or has ended.
+    ended: AtomicBool,
     /// While the greeting (snapshot or replay) is being prepared, live events wait here so
     /// they can follow it in order and without duplicates. None once open.
     gate: Mutex<Option<Vec<Gated>>>,
@@ -112,7 +113,7 @@ impl Session {
             last_seen_ms: AtomicU64::new(unix_millis()),
             expires_at: AtomicU64::new(claims.expires_at().unwrap_or(0)),
             claims: Mutex::new(claims),
-            cancel: CancellationToken::new(),
+            ended: AtomicBool::new(false),
             gate: Mutex::new(None),
             gated: AtomicBool::new(false),
         })
@@ -291,7 +292,7 @@ impl Session {
 
     fn offer_direct(&self, frame: Bytes, conflate: Option<u64>, stats: &HubStats) {
         match self.outbox.offer(frame, conflate) {
-            Offer::Queued | Offer::Closed => {}
+            Offer::Written | Offer::Queued | Offer::Closed => {}
             Offer::Conflated => {
                 stats.conflated.fetch_add(1, Ordering::Relaxed);
             }
@@ -363,23 +364,17 @@ impl Session {
     }
 
     fn finish(&self, frames: &[Bytes], discard_pending: bool) -> bool {
-        if !self.outbox.close(frames, discard_pending) {
-            return false;
-        }
-        // The client may never read what we queued (a slow consumer, a dead peer): drop
-        // the socket after a deadline whatever happens.
-        let cancel = self.cancel.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = tokio::time::sleep(CLOSE_DEADLINE) => cancel.cancel(),
-            }
-        });
-        true
+        // The connection task sees the outbox closing and bounds the rest by CLOSE_DEADLINE.
+        self.outbox.close(frames, discard_pending)
     }
 
     /// Drops the connection at once, without a close handshake.
     pub fn abort(&self) {
-        self.cancel.cancel();
+        self.ended.store(true, Ordering::Release);
+        self.outbox.wake();
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
 }

@@ -1,20 +1,26 @@
-//! One connection's bounded outbound queue.
+//! One connection's outbound path: inline non-blocking writes, then a bounded queue.
 //!
-//! Fan-out and the connection's own reader push prebuilt frames here with [`Outbox::offer`],
-//! which never blocks and never awaits: it either queues, conflates, or reports overflow.
-//! The connection's writer task drains everything queued in one go ([`Outbox::drain`]) and
-//! writes it with one vectored write. Invariants:
-//! - the queue never exceeds its message and byte bounds (control frames the gateway must
-//!   send on the way out — close, `container.reconnect` — may exceed them by those frames);
-//! - when full, queued progress events with the same subject as a newer one are dropped
-//!   first (they are superseded); only then is the connection declared a slow consumer;
-//! - once closing, nothing but the closing frames is accepted, and they are the last bytes
-//!   the writer sends.
+//! Fan-out and the connection's own replies call [`Outbox::offer`], which never blocks and
+//! never awaits. When nothing is queued it writes the frame to the socket right away with
+//! one non-blocking `send` (no task wake-up, no copy); only what the kernel does not take
+//! (a partial write or EAGAIN) is queued, and the connection task drains the queue with
+//! vectored writes when the socket is writable again. Invariants:
+//! - bytes leave in offer order: an inline write happens only when the queue is empty, and
+//!   both inline writes and drains happen under the outbox lock;
+//! - the queue never exceeds its message and byte bounds (the closing frames the gateway
+//!   must send on the way out may exceed them by those frames);
+//! - when full, queued progress events superseded by a newer one for the same subject are
+//!   dropped first; only then is the connection declared a slow consumer;
+//! - a frame that was partly written is never dropped or conflated (that would corrupt the
+//!   stream); once closing, nothing but the closing frames is accepted.
 
 use std::collections::{HashSet, VecDeque};
+use std::io::{ErrorKind, IoSlice};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 /// Bounds of one outbox.
@@ -26,6 +32,8 @@ pub struct Limits {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
+    /// Written to the socket at once.
+    Written,
     Queued,
     /// Queued after dropping superseded progress events.
     Conflated,
@@ -38,19 +46,25 @@ pub enum Offer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Open,
-    /// Closing frames are queued; the writer sends the rest and then stops.
+    /// Closing frames are queued; the task sends the rest and then ends the connection.
     Closing,
 }
 
 struct Entry {
     frame: Bytes,
     conflate: Option<u64>,
+    /// Part of this frame is already on the wire.
+    started: bool,
 }
 
 struct Inner {
     queue: VecDeque<Entry>,
     bytes: usize,
     state: State,
+    /// The socket once the upgrade completed (None before, and after the end).
+    socket: Option<Arc<TcpStream>>,
+    /// A write failed: the connection is dead, stop writing.
+    broken: bool,
 }
 
 pub struct Outbox {
@@ -59,12 +73,21 @@ pub struct Outbox {
     limits: Limits,
 }
 
-/// What the writer should do after writing a drained batch.
-pub struct Batch {
-    pub frames: Vec<Bytes>,
-    /// The batch ends with the closing frames: write them, then stop.
-    pub last: bool,
+/// What [`Outbox::drain`] achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Everything queued is written.
+    Empty,
+    /// The socket is full; wait until it is writable.
+    Blocked,
+    /// The closing frames are written: end the connection.
+    Finished,
+    /// The socket failed.
+    Broken,
 }
+
+/// Maximum frames per vectored write (well under IOV_MAX).
+const MAX_IOV: usize = 64;
 
 impl Outbox {
     pub fn new(limits: Limits) -> Self {
@@ -73,18 +96,66 @@ impl Outbox {
                 queue: VecDeque::new(),
                 bytes: 0,
                 state: State::Open,
+                socket: None,
+                broken: false,
             }),
             notify: Notify::new(),
             limits,
         }
     }
 
-    /// Queues one frame without waiting. `conflate` marks a progress event that a newer
-    /// one with the same key supersedes.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Attaches the upgraded socket; what was queued before is drained by the task.
+    pub fn attach(&self, socket: Arc<TcpStream>) {
+        self.inner.lock().socket = Some(socket);
+        self.notify.notify_one();
+    }
+
+    /// Detaches the socket (the connection ended), so its file descriptor can close.
+    pub fn detach(&self) {
+        let mut inner = self.inner.lock();
+        inner.socket = None;
+        inner.broken = true;
+        inner.queue.clear();
+        inner.bytes = 0;
+    }
+
+    /// Writes or queues one frame without waiting. `conflate` marks a progress event that a
+    /// newer one with the same key supersedes.
     pub fn offer(&self, frame: Bytes, conflate: Option<u64>) -> Offer {
         let mut inner = self.inner.lock();
         if inner.state != State::Open {
             return Offer::Closed;
+        }
+        if inner.queue.is_empty() && !inner.broken {
+            if let Some(socket) = &inner.socket {
+                match socket.try_write(&frame) {
+                    Ok(n) if n == frame.len() => return Offer::Written,
+                    Ok(n) => {
+                        // The kernel took part of it: the rest waits for writability.
+                        let rest = frame.slice(n..);
+                        inner.bytes += rest.len();
+                        inner.queue.push_back(Entry {
+                            frame: rest,
+                            conflate: None,
+                            started: n > 0,
+                        });
+                        drop(inner);
+                        self.notify.notify_one();
+                        return Offer::Queued;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        inner.broken = true;
+                        drop(inner);
+                        self.notify.notify_one();
+                        return Offer::Closed;
+                    }
+                }
+            }
         }
         let len = frame.len();
         let fits =
@@ -99,7 +170,11 @@ impl Outbox {
         }
         let was_empty = inner.queue.is_empty();
         inner.bytes += len;
-        inner.queue.push_back(Entry { frame, conflate });
+        inner.queue.push_back(Entry {
+            frame,
+            conflate,
+            started: false,
+        });
         drop(inner);
         if was_empty {
             self.notify.notify_one();
@@ -107,39 +182,25 @@ impl Outbox {
         outcome
     }
 
-    /// Queues a frame in front of everything else (the greeting a session must send
-    /// before any event queued while its handshake was completing).
-    pub fn push_front(&self, frame: Bytes) {
-        let mut inner = self.inner.lock();
-        if inner.state != State::Open {
-            return;
-        }
-        inner.bytes += frame.len();
-        inner.queue.push_front(Entry {
-            frame,
-            conflate: None,
-        });
-        drop(inner);
-        self.notify.notify_one();
-    }
-
-    /// Ends the queue: `discard_pending` drops what is queued (a slow consumer will
-    /// resume from history anyway), otherwise it is flushed first; then `frames` are sent
-    /// and the writer stops. Returns false if the outbox was already closing.
+    /// Ends the queue: `discard_pending` drops what is queued (a slow consumer will resume
+    /// from history anyway; a frame already started is kept whole), otherwise it is
+    /// flushed first; then `frames` are sent and the connection ends. Returns false if the
+    /// outbox was already closing.
     pub fn close(&self, frames: &[Bytes], discard_pending: bool) -> bool {
         let mut inner = self.inner.lock();
         if inner.state != State::Open {
             return false;
         }
         if discard_pending {
-            inner.queue.clear();
-            inner.bytes = 0;
+            inner.queue.retain(|e| e.started);
+            inner.bytes = inner.queue.iter().map(|e| e.frame.len()).sum();
         }
         for f in frames {
             inner.bytes += f.len();
             inner.queue.push_back(Entry {
                 frame: f.clone(),
                 conflate: None,
+                started: false,
             });
         }
         inner.state = State::Closing;
@@ -148,39 +209,104 @@ impl Outbox {
         true
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     pub fn is_closing(&self) -> bool {
         self.inner.lock().state != State::Open
     }
 
-    /// Queued messages and bytes, for tests and health reporting.
+    /// Something is waiting to be written (the task should wait for writability).
+    pub fn has_pending(&self) -> bool {
+        let inner = self.inner.lock();
+        !inner.queue.is_empty() && inner.socket.is_some() && !inner.broken
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.inner.lock().broken
+    }
+
+    /// Queued messages and bytes.
     pub fn len(&self) -> (usize, usize) {
         let inner = self.inner.lock();
         (inner.queue.len(), inner.bytes)
     }
 
-    /// Takes everything queued. An empty batch with `last == false` means "wait".
-    pub fn drain(&self) -> Batch {
+    /// Writes as much of the queue as the socket takes, with vectored writes.
+    pub fn drain(&self) -> Drained {
         let mut inner = self.inner.lock();
-        let frames: Vec<Bytes> = inner.queue.drain(..).map(|e| e.frame).collect();
-        inner.bytes = 0;
-        Batch {
-            frames,
-            last: inner.state == State::Closing,
+        if inner.broken {
+            return Drained::Broken;
+        }
+        let Some(socket) = inner.socket.clone() else {
+            return Drained::Blocked;
+        };
+        loop {
+            if inner.queue.is_empty() {
+                return if inner.state == State::Closing {
+                    Drained::Finished
+                } else {
+                    Drained::Empty
+                };
+            }
+            let written = {
+                let slices: Vec<IoSlice<'_>> = inner
+                    .queue
+                    .iter()
+                    .take(MAX_IOV)
+                    .map(|e| IoSlice::new(&e.frame))
+                    .collect();
+                socket.try_write_vectored(&slices)
+            };
+            let mut n = match written {
+                Ok(0) => {
+                    inner.broken = true;
+                    return Drained::Broken;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Drained::Blocked,
+                Err(_) => {
+                    inner.broken = true;
+                    return Drained::Broken;
+                }
+            };
+            inner.bytes = inner.bytes.saturating_sub(n);
+            while n > 0 {
+                let Some(front) = inner.queue.front_mut() else {
+                    break;
+                };
+                if n >= front.frame.len() {
+                    n -= front.frame.len();
+                    inner.queue.pop_front();
+                } else {
+                    front.frame = front.frame.slice(n..);
+                    front.started = true;
+                    front.conflate = None;
+                    n = 0;
+                }
+            }
         }
     }
 
-    /// Waits until something is queued (or closing begins).
+    /// Waits until something is queued, the socket is attached, or closing begins.
     pub async fn ready(&self) {
         self.notify.notified().await
+    }
+
+    /// Wakes the connection task (e.g. to notice an abort).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Takes everything queued (tests; the live path uses [`Outbox::drain`]).
+    #[cfg(test)]
+    pub fn take_all(&self) -> (Vec<Bytes>, bool) {
+        let mut inner = self.inner.lock();
+        let frames = inner.queue.drain(..).map(|e| e.frame).collect();
+        inner.bytes = 0;
+        (frames, inner.state == State::Closing)
     }
 }
 
 /// Drops every queued progress event superseded by a newer one with the same key
-/// (including the incoming one, `incoming`). Order of the survivors is kept.
+/// (including the incoming one). Order of the survivors is kept; started frames stay.
 fn compact(inner: &mut Inner, incoming: Option<u64>) {
     let mut seen: HashSet<u64> = HashSet::new();
     if let Some(k) = incoming {
@@ -189,7 +315,7 @@ fn compact(inner: &mut Inner, incoming: Option<u64>) {
     let mut kept: VecDeque<Entry> = VecDeque::with_capacity(inner.queue.len());
     let mut bytes = 0;
     while let Some(entry) = inner.queue.pop_back() {
-        if let Some(k) = entry.conflate {
+        if let (Some(k), false) = (entry.conflate, entry.started) {
             if !seen.insert(k) {
                 continue;
             }
@@ -236,8 +362,7 @@ mod tests {
             o.offer(Bytes::from_static(b"p1-new"), Some(1)),
             Offer::Conflated
         );
-        let b = o.drain();
-        assert_eq!(b.frames, vec!["other", "p2", "p1-new"]);
+        assert_eq!(o.take_all().0, vec!["other", "p2", "p1-new"]);
     }
 
     #[test]
@@ -246,21 +371,66 @@ mod tests {
         o.offer(Bytes::from_static(b"e1"), None);
         assert!(o.close(&[Bytes::from_static(b"bye")], false));
         assert_eq!(o.offer(Bytes::from_static(b"late"), None), Offer::Closed);
-        let b = o.drain();
-        assert!(b.last);
-        assert_eq!(b.frames, vec!["e1", "bye"]);
+        let (frames, closing) = o.take_all();
+        assert!(closing);
+        assert_eq!(frames, vec!["e1", "bye"]);
 
         let o = outbox(10);
         o.offer(Bytes::from_static(b"e1"), None);
         o.close(&[Bytes::from_static(b"bye")], true);
-        assert_eq!(o.drain().frames, vec!["bye"]);
+        assert_eq!(o.take_all().0, vec!["bye"]);
     }
 
-    #[test]
-    fn greeting_goes_first() {
-        let o = outbox(10);
-        o.offer(Bytes::from_static(b"event"), None);
-        o.push_front(Bytes::from_static(b"hello"));
-        assert_eq!(o.drain().frames, vec!["hello", "event"]);
+    #[tokio::test]
+    async fn writes_inline_when_the_socket_takes_it_and_queues_when_full() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client =
+            tokio::spawn(async move { tokio::net::TcpStream::connect(addr).await.unwrap() });
+        let (server, _) = listener.accept().await.unwrap();
+        let mut client = client.await.unwrap();
+        let o = Outbox::new(Limits {
+            messages: 100_000,
+            bytes: 1 << 30,
+        });
+        o.attach(Arc::new(server));
+        assert_eq!(o.offer(Bytes::from_static(b"hello"), None), Offer::Written);
+        let mut buf = [0u8; 5];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+        // Fill the socket: the client does not read, so frames end up queued.
+        let big = Bytes::from(vec![7u8; 64 * 1024]);
+        let mut queued = false;
+        for _ in 0..1000 {
+            if o.offer(big.clone(), None) == Offer::Queued {
+                queued = true;
+                break;
+            }
+        }
+        assert!(queued, "a full socket must make frames queue");
+        assert!(o.has_pending());
+        // Reading on the client side lets drain() make progress in order.
+        let reader = tokio::spawn(async move {
+            let mut total = 0usize;
+            let mut chunk = vec![0u8; 1 << 16];
+            while let Ok(n) = client.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            total
+        });
+        loop {
+            match o.drain() {
+                Drained::Empty => break,
+                Drained::Blocked => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+                other => panic!("{other:?}"),
+            }
+        }
+        o.detach();
+        drop(o);
+        assert!(reader.await.unwrap() > 64 * 1024);
     }
 }
