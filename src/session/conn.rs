@@ -44,9 +44,14 @@ pub async fn run(
             .downcast::<TokioIo<TcpStream>>()
     }) {
         Ok(Ok(parts)) => {
+            // `read_buf` may be a slice of hyper's whole read buffer: copy what the client
+            // already sent and let that buffer go now, not when the connection ends.
+            let early = parts.read_buf.to_vec();
+            drop(parts.read_buf);
             let socket = Arc::new(parts.io.into_inner());
             session.outbox.attach(socket.clone());
-            serve(&app, &session, &socket, parts.read_buf.to_vec()).await;
+            serve(&app, &session, &socket, early).await;
+            drop(socket);
         }
         Ok(Err(_)) => tracing::error!("upgraded connection is not a TCP stream"),
         Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
@@ -54,9 +59,13 @@ pub async fn run(
     session.abort();
     session.outbox.detach();
     app.hub.unregister(&session);
-    app.broker
-        .delete_connection(&session.client_id, &session.projects())
-        .await;
+    // Boxed: a Redis call's future is large and would otherwise be part of every idle
+    // connection's task.
+    Box::pin(
+        app.broker
+            .delete_connection(&session.client_id, &session.projects()),
+    )
+    .await;
     drop(guard);
     tracing::debug!(client_id = %session.client_id, "session ended");
 }
@@ -258,5 +267,26 @@ impl Reader {
         // Nothing after a broken frame can be parsed: discard the rest, let the close drain.
         self.dead = true;
         Read::More
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every idle connection pays for its task's future: keep it small (big parts boxed).
+    #[tokio::test]
+    async fn connection_future_stays_small() {
+        let app = App::build(crate::config::Config::default()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let session = Session::new_for_test("p", app.outbox_limits());
+        let fut = serve(&app, &session, &socket, Vec::new());
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("serve future: {size} bytes");
+        assert!(size <= 1024, "serve() future is {size} bytes");
+        drop(fut);
     }
 }
