@@ -20,6 +20,7 @@ use switchboard_middleware::{Authentication, Claims, ClientIp, PeerAddr};
 use crate::app::App;
 use crate::broker::ConnectionRecord;
 use crate::frame;
+use crate::metrics::Handshake;
 use crate::resume::ResumeRequest;
 use crate::routes::{json_error, retry_after, valid_project_id, Response};
 use crate::session::{close_code, conn, Scope, Session};
@@ -106,6 +107,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     } else if valid_project_id(&target) {
         Scope::Project(target)
     } else {
+        app.hub.metrics.handshake(Handshake::BadRequest);
         return json_error(
             StatusCode::BAD_REQUEST,
             "invalid_project_id",
@@ -118,6 +120,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
             .map(|o| origin_allowed(&app, o))
             .unwrap_or(false);
         if !allowed {
+            app.hub.metrics.handshake(Handshake::OriginRefused);
             return json_error(
                 StatusCode::FORBIDDEN,
                 "origin_not_allowed",
@@ -127,7 +130,10 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     }
     let resume = match resume_request(req.uri()) {
         Ok(r) => r,
-        Err(message) => return json_error(StatusCode::BAD_REQUEST, "invalid_resume", message),
+        Err(message) => {
+            app.hub.metrics.handshake(Handshake::BadRequest);
+            return json_error(StatusCode::BAD_REQUEST, "invalid_resume", message);
+        }
     };
     let auth = req
         .extensions()
@@ -154,6 +160,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         };
     }
     if app.is_draining() {
+        app.hub.metrics.handshake(Handshake::Draining);
         return retry_after(
             json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -164,6 +171,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         );
     }
     if !app.broker.is_up() {
+        app.hub.metrics.handshake(Handshake::BrokerUnavailable);
         return retry_after(
             json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -177,6 +185,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     let guard = match app.limits.acquire(ip) {
         Ok(g) => g,
         Err(e) => {
+            app.hub.metrics.handshake(Handshake::TooManyConnections);
             return retry_after(
                 json_error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -184,7 +193,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
                     &e.to_string(),
                 ),
                 5,
-            )
+            );
         }
     };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
@@ -195,6 +204,11 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     let (claims, projects) = match granted {
         Grant::Ok(claims, projects) => (claims, projects),
         Grant::Refused(code, reason, _) => {
+            app.hub.metrics.handshake(if code == close_code::FORBIDDEN {
+                Handshake::Forbidden
+            } else {
+                Handshake::Unauthenticated
+            });
             let scope_fields = match &scope {
                 Scope::Project(p) => json!({"project_id": p}),
                 Scope::User => json!({"projects": []}),
@@ -242,6 +256,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     let ttl = app.record_ttl();
     let broker = app.broker.clone();
     tokio::spawn(async move { broker.put_connection(&record, ttl).await });
+    app.hub.metrics.handshake(Handshake::Accepted);
     tracing::info!(client_id = %session.client_id, user_id = %session.user_id, %ip, "websocket connected");
     tokio::spawn(conn::run(app, session, upgrade, guard, resume));
     response

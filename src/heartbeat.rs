@@ -79,11 +79,11 @@ pub async fn run(app: Arc<App>) {
 }
 
 async fn refresh_records(app: &App) {
-    let ids: Vec<String> = app
+    let ids: Vec<(String, Vec<String>)> = app
         .hub
         .sessions()
         .iter()
-        .map(|s| s.client_id.clone())
+        .map(|s| (s.client_id.clone(), s.projects()))
         .collect();
     let info = json!({
         "instance_id": app.instance_id,

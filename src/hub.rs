@@ -89,6 +89,7 @@ pub struct Hub {
     /// Typed checks for events arriving from the broker.
     policy: Policy,
     pub stats: HubStats,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Hub {
@@ -106,6 +107,7 @@ impl Hub {
             linger,
             policy,
             stats: HubStats::default(),
+            metrics: Default::default(),
         })
     }
 

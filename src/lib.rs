@@ -32,6 +32,7 @@ pub mod handshake;
 pub mod heartbeat;
 pub mod hub;
 pub mod limits;
+pub mod metrics;
 pub mod resume;
 pub mod routes;
 pub mod schema;

@@ -59,11 +59,23 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response, In
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, "/readyz") => readyz(&app),
         (&Method::GET, "/health/websocket") => health(&app),
+        (&Method::GET, "/metrics") => {
+            let mut r = http::Response::new(Full::new(Bytes::from(crate::metrics::render(&app))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
         (&Method::GET, p) if p.starts_with("/ws/") => crate::handshake::handle(app, req).await,
         (&Method::GET, p) if p.starts_with("/v1/ws-url/") => {
             ws_url(&app, &p["/v1/ws-url/".len()..])
         }
         (&Method::POST, "/v1/broadcast") => broadcast(&app, req).await,
+        (&Method::GET, p) if p.starts_with("/v1/projects/") && p.ends_with("/presence") => {
+            let project = p["/v1/projects/".len()..p.len() - "/presence".len()].to_owned();
+            presence(&app, &project, &req).await
+        }
         (&Method::POST, p) if p.starts_with("/v1/projects/") && p.ends_with("/events") => {
             let project = p["/v1/projects/".len()..p.len() - "/events".len()].to_owned();
             publish(&app, &project, req).await
@@ -232,6 +244,7 @@ fn broker_failure(e: BrokerError) -> Response {
 }
 
 fn invalid_event(index: usize, e: &event::EventError) -> Response {
+    // Counted where refused; see the callers.
     let mut body =
         json!({"error": "invalid_event", "message": format!("event {index}: {e}"), "index": index});
     if let Some(field) = e.field() {
@@ -278,11 +291,15 @@ async fn publish(app: &App, project: &str, req: Request<Incoming>) -> Response {
     let policy = app.config.event_policy();
     let mut encoded = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
+        let refuse = |e: event::EventError| {
+            app.hub.metrics.rejected(e.reason());
+            invalid_event(index, &e)
+        };
         let Value::Object(mut ev) = item else {
-            return invalid_event(index, &event::EventError::NotObject);
+            return refuse(event::EventError::NotObject);
         };
         if let Err(e) = event::check_envelope(project, &ev) {
-            return invalid_event(index, &e);
+            return refuse(e);
         }
         ev.remove("seq"); // seq is the gateway's to assign
         let kind = ev
@@ -292,7 +309,7 @@ async fn publish(app: &App, project: &str, req: Request<Incoming>) -> Response {
             .to_owned();
         let value = Value::Object(ev);
         if let Err(e) = policy.check_project_value(&kind, &value) {
-            return invalid_event(index, &e.into());
+            return refuse(e.into());
         }
         let Value::Object(mut ev) = value else {
             return invalid_event(index, &event::EventError::NotObject);
@@ -311,10 +328,71 @@ async fn publish(app: &App, project: &str, req: Request<Incoming>) -> Response {
     if !app.broker.is_up() {
         return broker_failure(BrokerError::Unavailable("pub/sub down".into()));
     }
+    let n = encoded.len() as u64;
     match app.broker.publish_events(project, encoded).await {
-        Ok(seqs) => json_response(StatusCode::ACCEPTED, &json!({"seq": seqs})),
+        Ok(seqs) => {
+            app.hub
+                .metrics
+                .events_from_api
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            json_response(StatusCode::ACCEPTED, &json!({"seq": seqs}))
+        }
         Err(e) => broker_failure(e),
     }
+}
+
+/// Connected clients of a project across all instances (PROTOCOL §6).
+async fn presence(app: &App, project: &str, req: &Request<Incoming>) -> Response {
+    if !valid_project_id(project) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_project_id",
+            "project_id must match [A-Za-z0-9_.-]{1,128}",
+        );
+    }
+    let claims = match service_claims(req) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if !claims.grants(project) {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "your credential does not grant this project",
+        );
+    }
+    let entry = |client_id: &Value, user_id: &Value, instance_id: &Value, connected_at: &Value| json!({"client_id": client_id, "user_id": user_id, "instance_id": instance_id, "connected_at": connected_at});
+    let clients: Vec<Value> = match app.broker.presence(project).await {
+        Ok(Some(records)) => records
+            .iter()
+            .map(|r| {
+                entry(
+                    &r["client_id"],
+                    &r["user_id"],
+                    &r["instance_id"],
+                    &r["connected_at"],
+                )
+            })
+            .collect(),
+        Ok(None) => app
+            .hub
+            .project_sessions(project)
+            .iter()
+            .map(|s| {
+                entry(
+                    &json!(s.client_id),
+                    &json!(s.user_id),
+                    &json!(app.instance_id),
+                    &json!(s.connected_at),
+                )
+            })
+            .collect(),
+        Err(e) => return broker_failure(e),
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({"project_id": project, "clients": clients}),
+    )
 }
 
 async fn broadcast(app: &App, req: Request<Incoming>) -> Response {

@@ -73,6 +73,12 @@ pub fn connection_key(client_id: &str) -> String {
     format!("ws:connection:{client_id}")
 }
 
+/// `project:{id}:presence`: a sorted set of client ids scored by when their record expires,
+/// so a dead instance's clients drop out by themselves, like their records.
+pub fn presence_key(project: &str) -> String {
+    format!("project:{project}:presence")
+}
+
 pub fn instance_key(instance_id: &str) -> String {
     format!("ws:instance:{instance_id}")
 }
@@ -179,22 +185,43 @@ impl Broker {
         }
     }
 
-    pub async fn delete_connection(&self, client_id: &str) {
+    pub async fn delete_connection(&self, client_id: &str, projects: &[String]) {
         if let Broker::Redis(r) = self {
-            r.delete_connection(client_id).await
+            r.delete_connection(client_id, projects).await
         }
     }
 
-    /// Refreshes the TTL of this instance's connection records and its registry entry.
+    /// Adds or removes a connection from a project's presence index (subscribe/unsubscribe).
+    pub async fn presence_update(&self, project: &str, client_id: &str, ttl: Option<Duration>) {
+        if let Broker::Redis(r) = self {
+            r.presence_update(project, client_id, ttl).await
+        }
+    }
+
+    /// Refreshes the TTL of this instance's connection records (with their projects'
+    /// presence entries) and its registry entry.
     pub async fn refresh_instance(
         &self,
         instance_id: &str,
         info: &serde_json::Value,
-        client_ids: &[String],
+        connections: &[(String, Vec<String>)],
         ttl: Duration,
     ) {
         if let Broker::Redis(r) = self {
-            r.refresh_instance(instance_id, info, client_ids, ttl).await
+            r.refresh_instance(instance_id, info, connections, ttl)
+                .await
+        }
+    }
+
+    /// Connection records of every client of `project`, on every instance (Redis only;
+    /// None for the embedded broker, whose hub knows its own clients).
+    pub async fn presence(
+        &self,
+        project: &str,
+    ) -> Result<Option<Vec<serde_json::Value>>, BrokerError> {
+        match self {
+            Broker::Memory(_) => Ok(None),
+            Broker::Redis(r) => r.presence(project).await.map(Some),
         }
     }
 

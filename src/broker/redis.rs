@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 
 use super::state::Snapshot;
 use super::{
-    commands_channel, connection_key, instance_key, new_epoch, BrokerError, ConnectionRecord,
-    HistoryLimits, HistoryRead, Position, BROADCAST_CHANNEL, PUBLISH_SCRIPT,
+    commands_channel, connection_key, instance_key, new_epoch, presence_key, BrokerError,
+    ConnectionRecord, HistoryLimits, HistoryRead, Position, BROADCAST_CHANNEL, PUBLISH_SCRIPT,
 };
 use crate::config::RedisConfig;
 use crate::hub::{channel_project, project_channel, Hub, SubCommand};
@@ -277,21 +277,52 @@ impl RedisBroker {
         let key = connection_key(&record.client_id);
         let value = serde_json::to_string(record).unwrap_or_default();
         let secs = ttl.as_secs().max(1);
+        let until = crate::session::unix_millis() + secs * 1000;
+        let mut pipe = redis::pipe();
+        pipe.set_ex(&key, value, secs).ignore();
+        for project in &record.projects {
+            pipe.zadd(presence_key(project), &record.client_id, until)
+                .ignore();
+            pipe.expire(presence_key(project), secs as i64 * 2).ignore();
+        }
         if let Err(e) = self
-            .with_conn(|mut conn| async move { conn.set_ex::<_, _, ()>(key, value, secs).await })
+            .with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
             .await
         {
             tracing::warn!(error = %e, client_id = %record.client_id, "could not write connection record");
         }
     }
 
-    pub async fn delete_connection(&self, client_id: &str) {
-        let key = connection_key(client_id);
+    pub async fn delete_connection(&self, client_id: &str, projects: &[String]) {
+        let mut pipe = redis::pipe();
+        pipe.del(connection_key(client_id)).ignore();
+        for project in projects {
+            pipe.zrem(presence_key(project), client_id).ignore();
+        }
         if let Err(e) = self
-            .with_conn(|mut conn| async move { conn.del::<_, ()>(key).await })
+            .with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
             .await
         {
             tracing::warn!(error = %e, client_id, "could not delete connection record");
+        }
+    }
+
+    pub async fn presence_update(&self, project: &str, client_id: &str, ttl: Option<Duration>) {
+        let key = presence_key(project);
+        let client_id = client_id.to_owned();
+        let result = self
+            .with_conn(|mut conn| async move {
+                match ttl {
+                    Some(ttl) => {
+                        let until = crate::session::unix_millis() + ttl.as_millis() as u64;
+                        conn.zadd::<_, _, _, ()>(key, client_id, until).await
+                    }
+                    None => conn.zrem::<_, _, ()>(key, client_id).await,
+                }
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, project, "could not update presence");
         }
     }
 
@@ -299,14 +330,15 @@ impl RedisBroker {
         &self,
         instance_id: &str,
         info: &serde_json::Value,
-        client_ids: &[String],
+        connections: &[(String, Vec<String>)],
         ttl: Duration,
     ) {
         let secs = ttl.as_secs().max(1);
+        let until = crate::session::unix_millis() + secs * 1000;
         let info = info.to_string();
         let key = instance_key(instance_id);
         // One round trip per chunk of records, whatever the number of connections.
-        let mut chunks: Vec<&[String]> = client_ids.chunks(1000).collect();
+        let mut chunks: Vec<&[(String, Vec<String>)]> = connections.chunks(500).collect();
         if chunks.is_empty() {
             chunks.push(&[]);
         }
@@ -315,8 +347,12 @@ impl RedisBroker {
             if i == 0 {
                 pipe.set_ex(&key, &info, secs).ignore();
             }
-            for id in chunk {
+            for (id, projects) in chunk {
                 pipe.expire(connection_key(id), secs as i64).ignore();
+                for project in projects {
+                    pipe.zadd(presence_key(project), id, until).ignore();
+                    pipe.expire(presence_key(project), secs as i64 * 2).ignore();
+                }
             }
             if let Err(e) = self
                 .with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
@@ -326,6 +362,43 @@ impl RedisBroker {
                 return;
             }
         }
+    }
+
+    /// Live connection records of `project` across all instances.
+    pub async fn presence(&self, project: &str) -> Result<Vec<serde_json::Value>, BrokerError> {
+        let key = presence_key(project);
+        let now = crate::session::unix_millis();
+        let (_, ids): ((), Vec<String>) = self
+            .with_conn(|mut conn| async move {
+                redis::pipe()
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(&key)
+                    .arg("-inf")
+                    .arg(now)
+                    .ignore()
+                    .cmd("ZRANGEBYSCORE")
+                    .arg(&key)
+                    .arg(now)
+                    .arg("+inf")
+                    .query_async(&mut conn)
+                    .await
+                    .map(|(ids,): (Vec<String>,)| ((), ids))
+            })
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| connection_key(id)).collect();
+        let raw: Vec<Option<String>> = self
+            .with_conn(|mut conn| async move {
+                redis::cmd("MGET").arg(keys).query_async(&mut conn).await
+            })
+            .await?;
+        Ok(raw
+            .into_iter()
+            .flatten()
+            .filter_map(|r| serde_json::from_str(&r).ok())
+            .collect())
     }
 
     pub async fn deregister_instance(&self, instance_id: &str) {
@@ -338,6 +411,7 @@ impl RedisBroker {
     /// Logs a dropped event at most once per reason per minute; always counts it.
     fn note_dropped(&self, channel: &str, reason: &'static str, detail: &str) {
         self.stats.dropped_events.fetch_add(1, Ordering::Relaxed);
+        self.hub.metrics.rejected(reason);
         let mut log = self.drop_log.lock();
         let now = Instant::now();
         match log.iter_mut().find(|(r, _)| *r == reason) {
@@ -357,6 +431,10 @@ impl RedisBroker {
     fn on_message(&self, msg: &redis::Msg) {
         let channel = msg.get_channel_name();
         let payload = msg.get_payload_bytes();
+        self.hub
+            .metrics
+            .events_from_redis
+            .fetch_add(1, Ordering::Relaxed);
         let result = if channel == BROADCAST_CHANNEL {
             self.hub.broadcast_raw(payload)
         } else if let Some(project) = channel_project(channel) {

@@ -55,7 +55,9 @@ pub async fn run(
     }
     session.abort();
     app.hub.unregister(&session);
-    app.broker.delete_connection(&session.client_id).await;
+    app.broker
+        .delete_connection(&session.client_id, &session.projects())
+        .await;
     drop(guard);
     tracing::debug!(client_id = %session.client_id, "session ended");
 }

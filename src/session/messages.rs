@@ -170,7 +170,7 @@ async fn dispatch(app: &App, session: &Arc<Session>, text: &str) -> Result<(), R
         "node.execute" => command(app, session, &msg, Command::Execute).await,
         "task.cancel" => command(app, session, &msg, Command::Cancel).await,
         "subscribe" => subscribe(app, session, &msg).await,
-        "unsubscribe" => unsubscribe(app, session, &msg),
+        "unsubscribe" => unsubscribe(app, session, &msg).await,
         "auth.refresh" => refresh(app, session, &msg),
         "status" => status(app, session, Some(&msg)).await,
         other => Err(Refusal {
@@ -335,6 +335,11 @@ async fn command(
     let bytes = serde_json::to_vec(&payload).unwrap_or_default();
     match app.broker.publish_command(&project, bytes).await {
         Ok(delivered_to) => {
+            let counter = match kind {
+                Command::Execute => &app.hub.metrics.commands_execute,
+                Command::Cancel => &app.hub.metrics.commands_cancel,
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             session.reply(json!({
                 "type": "command.accepted",
                 "command": name,
@@ -377,6 +382,9 @@ async fn subscribe(
         ));
         return Ok(());
     }
+    app.broker
+        .presence_update(project, &session.client_id, Some(app.record_ttl()))
+        .await;
     let position = app.broker.position(project).await.ok();
     let mut reply = json!({"type": "subscribed", "project_id": project});
     if let Some(p) = position {
@@ -387,10 +395,17 @@ async fn subscribe(
     Ok(())
 }
 
-fn unsubscribe(app: &App, session: &Arc<Session>, msg: &Map<String, Value>) -> Result<(), Refusal> {
+async fn unsubscribe(
+    app: &App,
+    session: &Arc<Session>,
+    msg: &Map<String, Value>,
+) -> Result<(), Refusal> {
     let project = required_string(msg, "project_id")?;
     if session.remove_project(project) {
         app.hub.leave(project, session);
+        app.broker
+            .presence_update(project, &session.client_id, None)
+            .await;
     }
     session.reply(json!({"type": "unsubscribed", "project_id": project}));
     Ok(())
