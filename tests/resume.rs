@@ -43,11 +43,14 @@ async fn resume(
     last_seq: u64,
     epoch: Option<&str>,
 ) -> (WsClient, Value) {
-    let mut c = gw.ws(&resume_path(project, token, last_seq, epoch), &[]).await;
+    let mut c = gw
+        .ws(&resume_path(project, token, last_seq, epoch), &[])
+        .await;
     only_heartbeats_skipped(&mut c);
     let est = c.next_json(T).await;
     assert_eq!(
-        est["type"], "connection.established",
+        est["type"],
+        "connection.established",
         "first frame of a resume: {est}\n{}",
         gw.logs()
     );
@@ -59,7 +62,10 @@ async fn resume(
 async fn fresh(gw: &Gateway, project: &str, token: &str) -> (WsClient, Value) {
     let (mut c, est) = gw.connect(project, token).await;
     assert_eq!(est["resumed"], false, "{est}");
-    assert!(est["epoch"].as_str().is_some_and(|e| !e.is_empty()), "{est}");
+    assert!(
+        est["epoch"].as_str().is_some_and(|e| !e.is_empty()),
+        "{est}"
+    );
     only_heartbeats_skipped(&mut c);
     (c, est)
 }
@@ -97,7 +103,10 @@ async fn publish_range(gw: &Gateway, project: &str, a: u64, b: u64) {
 async fn expect_events(c: &mut WsClient, want: &[u64], timeout: Duration) {
     let got = c.collect(want.len(), timeout).await;
     for e in &got {
-        assert_eq!(e["type"], "file.changed", "expected only replayed/live events: {e}");
+        assert_eq!(
+            e["type"], "file.changed",
+            "expected only replayed/live events: {e}"
+        );
     }
     assert_eq!(seqs(&got), want, "seq list");
     let ns: Vec<u64> = got.iter().map(|e| e["n"].as_u64().unwrap_or(0)).collect();
@@ -117,7 +126,9 @@ async fn metric(gw: &Gateway, name: &str) -> Option<f64> {
         };
         let base = key.split('{').next().unwrap();
         if base == name {
-            let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad metric line {line}"));
+            let v: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad metric line {line}"));
             *sum.get_or_insert(0.0) += v;
         }
     }
@@ -143,7 +154,10 @@ async fn five_missed_then_live(gw: &Gateway, project: &str) -> (String, u64) {
     publish_range(gw, project, 4, 8).await;
     let (mut c, est) = resume(gw, project, &t, 3, Some(&epoch)).await;
     assert_eq!(est["resumed"], true, "{est}");
-    assert_eq!(est["seq"], 8, "established carries the project's current seq: {est}");
+    assert_eq!(
+        est["seq"], 8,
+        "established carries the project's current seq: {est}"
+    );
     assert_eq!(est["epoch"], epoch.as_str(), "{est}");
     // exactly the 5 missed ones, in order, no status in between
     expect_events(&mut c, &range(4, 8), T).await;
@@ -194,10 +208,18 @@ async fn resume_across_a_gateway_restart() {
         frames.iter().any(|f| f["type"] == "container.reconnect"),
         "container.reconnect before the restart close: {frames:?}"
     );
-    assert_eq!(code, Some(1012), "close code on shutdown; frames {frames:?}");
+    assert_eq!(
+        code,
+        Some(1012),
+        "close code on shutdown; frames {frames:?}"
+    );
     drop(c);
     let st = gw1.wait_exit(Duration::from_secs(15));
-    assert!(st.success(), "first gateway exit status {st:?}\n{}", gw1.logs());
+    assert!(
+        st.success(),
+        "first gateway exit status {st:?}\n{}",
+        gw1.logs()
+    );
 
     // a new process on the same Redis; events go on while the client is away
     let gw2 = GatewayOpts::new().redis(redis.url()).start();
@@ -205,7 +227,11 @@ async fn resume_across_a_gateway_restart() {
     let (mut c, est) = resume(&gw2, "rst", &t, 2, Some(&epoch)).await;
     assert_eq!(est["resumed"], true, "{est}\n{}", gw2.logs());
     assert_eq!(est["seq"], 6, "{est}");
-    assert_eq!(est["epoch"], epoch.as_str(), "same Redis, same epoch: {est}");
+    assert_eq!(
+        est["epoch"],
+        epoch.as_str(),
+        "same Redis, same epoch: {est}"
+    );
     expect_events(&mut c, &range(3, 6), T).await;
     publish_range(&gw2, "rst", 7, 7).await;
     expect_events(&mut c, &[7], T).await;
@@ -215,8 +241,14 @@ async fn resume_across_a_gateway_restart() {
 #[tokio::test]
 async fn resume_on_another_instance() {
     let redis = RedisServer::start();
-    let gw1 = GatewayOpts::new().redis(redis.url()).instance("res-one").start();
-    let gw2 = GatewayOpts::new().redis(redis.url()).instance("res-two").start();
+    let gw1 = GatewayOpts::new()
+        .redis(redis.url())
+        .instance("res-one")
+        .start();
+    let gw2 = GatewayOpts::new()
+        .redis(redis.url())
+        .instance("res-two")
+        .start();
     let t = gw1.token("mv", &["mv"]);
     let (mut c, est) = fresh(&gw1, "mv", &t).await;
     let epoch = epoch_of(&est);
@@ -250,7 +282,10 @@ async fn expect_resync(
     assert_eq!(r["earliest_seq"], earliest_seq, "earliest_seq: {r}");
     assert_eq!(r["epoch"], epoch, "epoch in resync_required: {r}");
     let s = c.next_json(T).await;
-    assert_eq!(s["type"], "status", "status right after resync_required: {s}");
+    assert_eq!(
+        s["type"], "status",
+        "status right after resync_required: {s}"
+    );
     assert_eq!(s["seq"], seq, "status seq: {s}");
     assert!(s["nodes"].is_object() && s["tasks"].is_object(), "{s}");
     s
@@ -281,7 +316,11 @@ async fn resync_when_history_was_trimmed() {
                 .unwrap();
             5
         } else {
-            let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut rc).await.unwrap();
+            let _: i64 = redis::cmd("DEL")
+                .arg(&key)
+                .query_async(&mut rc)
+                .await
+                .unwrap();
             // nothing held: the first seq the client can get is the next one
             7
         };
@@ -353,7 +392,10 @@ async fn resync_after_flushall_gives_a_new_epoch() {
         let s = gw.publish(project, &ev(1)).await;
         assert_eq!(s, vec![1], "{project}: seq starts again after FLUSHALL");
         let (mut c, est) = resume(&gw, project, &t, 3, Some(old)).await;
-        assert_eq!(est["resumed"], false, "{project}: old epoch must not resume: {est}");
+        assert_eq!(
+            est["resumed"], false,
+            "{project}: old epoch must not resume: {est}"
+        );
         let new = epoch_of(&est);
         assert_ne!(&new, old, "{project}: FLUSHALL gives a new epoch: {est}");
         assert_eq!(est["seq"], 1, "{project}: {est}");
@@ -414,7 +456,11 @@ async fn resume_while_events_keep_coming_is_gap_and_duplicate_free() {
         .expect("publisher finished")
         .unwrap();
     assert_eq!(resumes, cut_at.len(), "every planned reconnect happened");
-    assert_eq!(seen, range(1, K), "union of all connections: gap-free, duplicate-free");
+    assert_eq!(
+        seen,
+        range(1, K),
+        "union of all connections: gap-free, duplicate-free"
+    );
     c.expect_silence(Duration::from_millis(300)).await;
 }
 
@@ -477,9 +523,14 @@ async fn a_thousand_clients_resume_one_project_with_one_history_read() {
     for c in all.iter_mut() {
         expect_events(c, &[31], Duration::from_secs(10)).await;
     }
-    let after = metric(&gw, "switchboard_history_reads_total").await.unwrap();
+    let after = metric(&gw, "switchboard_history_reads_total")
+        .await
+        .unwrap();
     eprintln!("history reads for 1000 resumes: {}", after - before);
-    assert!(after - before >= 1.0, "the resumes read history at least once");
+    assert!(
+        after - before >= 1.0,
+        "the resumes read history at least once"
+    );
     assert!(
         after - before <= 3.0,
         "1,000 concurrent resumes of one project must share the history read: {} reads",
@@ -503,9 +554,14 @@ async fn client_closed_4500_resumes_with_its_last_seq_and_loses_nothing() {
         .cfg("api", "max_body_bytes", "4194304")
         .start();
     let t = gw.token("slow", &["slow4500"]);
-    let mut slow = ws_connect(gw.addr(), &format!("/ws/slow4500?token={t}"), &[], Some(4096))
-        .await
-        .expect("slow client");
+    let mut slow = ws_connect(
+        gw.addr(),
+        &format!("/ws/slow4500?token={t}"),
+        &[],
+        Some(4096),
+    )
+    .await
+    .expect("slow client");
     let est = slow.next_json(T).await;
     assert_eq!(est["type"], "connection.established");
     let epoch = epoch_of(&est);
@@ -515,7 +571,9 @@ async fn client_closed_4500_resumes_with_its_last_seq_and_loses_nothing() {
     let mut total = 0u64;
     let mut closed = false;
     for _ in 0..100 {
-        let batch: Vec<Value> = (total + 1..=total + 20).map(|n| big(n, 16 * 1024)).collect();
+        let batch: Vec<Value> = (total + 1..=total + 20)
+            .map(|n| big(n, 16 * 1024))
+            .collect();
         let s = gw.publish("slow4500", &Value::Array(batch)).await;
         assert_eq!(s, range(total + 1, total + 20));
         total += 20;
@@ -524,7 +582,10 @@ async fn client_closed_4500_resumes_with_its_last_seq_and_loses_nothing() {
             break;
         }
     }
-    assert!(closed, "a never-reading client was not closed after {total} events");
+    assert!(
+        closed,
+        "a never-reading client was not closed after {total} events"
+    );
     eprintln!("slow client closed after {total} events");
     gw.wait_connections(0, Duration::from_secs(15)).await;
     // and a few more while it is away
@@ -538,7 +599,11 @@ async fn client_closed_4500_resumes_with_its_last_seq_and_loses_nothing() {
         .map(|f| f["seq"].as_u64().unwrap())
         .collect();
     let last = got.len() as u64;
-    assert_eq!(got, range(1, last), "the slow client's frames are a gap-free prefix");
+    assert_eq!(
+        got,
+        range(1, last),
+        "the slow client's frames are a gap-free prefix"
+    );
     assert!(last < total, "it cannot have received everything");
     if let Some(code) = code {
         assert_eq!(code, 4500, "slow consumer close code");
@@ -549,7 +614,18 @@ async fn client_closed_4500_resumes_with_its_last_seq_and_loses_nothing() {
     drop(slow);
 
     // resume from the last seq it saw: everything after it, then live
-    let (mut c, est) = resume(&gw, "slow4500", &t, last, Some(&epoch)).await;
+    let mut c = gw
+        .ws(&resume_path("slow4500", &t, last, Some(&epoch)), &[])
+        .await;
+    only_heartbeats_skipped(&mut c);
+    let est = c.next_json(T).await;
+    assert_eq!(
+        est["type"],
+        "connection.established",
+        "resuming after a 4500 close with last_seq={last} ({} events missed, outbound queue \
+         16 messages): the replay must not overflow the queue; first frame: {est}",
+        total - last
+    );
     assert_eq!(est["resumed"], true, "{est}");
     assert_eq!(est["seq"], total, "{est}");
     let want = range(last + 1, total);
@@ -564,7 +640,8 @@ async fn client_closed_4500_resumes_with_its_last_seq_and_loses_nothing() {
                     continue;
                 }
                 assert_eq!(
-                    v["type"], "file.changed",
+                    v["type"],
+                    "file.changed",
                     "resumed client after {} of {} replayed events got {v}",
                     rest.len(),
                     want.len()
@@ -616,7 +693,12 @@ async fn broker_outage_missed_events_are_replayed_to_connected_clients() {
         "only the missed events, no resync: {got:?}\n{}",
         gw1.logs()
     );
-    assert_eq!(seqs(&got), range(3, 7), "missed events in seq order\n{}", gw1.logs());
+    assert_eq!(
+        seqs(&got),
+        range(3, 7),
+        "missed events in seq order\n{}",
+        gw1.logs()
+    );
     // live again (the replay came after the resubscription), and nothing replayed twice
     publish_range(&gw2, "outage", 8, 8).await;
     expect_events(&mut c, &[8], T).await;
@@ -646,9 +728,17 @@ async fn redis_restarted_empty_under_a_connected_client_sends_resync_then_status
     expect_events(&mut c, &range(2, 3), T).await;
 
     redis.kill();
-    assert!(wait_readyz(&gw, 503, Duration::from_secs(10)).await, "{}", gw.logs());
+    assert!(
+        wait_readyz(&gw, 503, Duration::from_secs(10)).await,
+        "{}",
+        gw.logs()
+    );
     redis.restart();
-    assert!(wait_readyz(&gw, 200, Duration::from_secs(20)).await, "{}", gw.logs());
+    assert!(
+        wait_readyz(&gw, 200, Duration::from_secs(20)).await,
+        "{}",
+        gw.logs()
+    );
     // once the broker is back, the open connection learns its history is gone
     let deadline = Instant::now() + Duration::from_secs(10);
     let r = loop {

@@ -26,36 +26,102 @@ fn scenario() -> (Vec<Value>, Value, Value) {
     let step_info = json!({"current": 2, "total": 5, "description": "render"});
     let events = vec![
         // nodes
-        with_ts(json!({"type": "node.state.updated", "node_id": "n1", "state": "queued"}), 1),
-        with_ts(json!({"type": "node.state.updated", "node_id": "n1", "state": "processing"}), 2),
-        with_ts(json!({"type": "node.progress.updated", "node_id": "n1", "progress": 40, "step": "render", "step_info": step_info}), 3),
-        with_ts(json!({"type": "node.state.updated", "node_id": "n2", "state": "completed"}), 4),
-        with_ts(json!({"type": "node.state.updated", "node_id": "n3", "state": "processing"}), 5),
-        with_ts(json!({"type": "node.progress.updated", "node_id": "n3", "progress": 10, "step": "load", "step_info": {"current": 1, "total": 10, "description": "load"}}), 6),
-        with_ts(json!({"type": "node.state.updated", "node_id": "n4", "state": "idle"}), 7),
-        with_ts(json!({"type": "node.state.updated", "node_id": "n4", "state": "failed"}), 8),
+        with_ts(
+            json!({"type": "node.state.updated", "node_id": "n1", "state": "queued"}),
+            1,
+        ),
+        with_ts(
+            json!({"type": "node.state.updated", "node_id": "n1", "state": "processing"}),
+            2,
+        ),
+        with_ts(
+            json!({"type": "node.progress.updated", "node_id": "n1", "progress": 40, "step": "render", "step_info": step_info}),
+            3,
+        ),
+        with_ts(
+            json!({"type": "node.state.updated", "node_id": "n2", "state": "completed"}),
+            4,
+        ),
+        with_ts(
+            json!({"type": "node.state.updated", "node_id": "n3", "state": "processing"}),
+            5,
+        ),
+        with_ts(
+            json!({"type": "node.progress.updated", "node_id": "n3", "progress": 10, "step": "load", "step_info": {"current": 1, "total": 10, "description": "load"}}),
+            6,
+        ),
+        with_ts(
+            json!({"type": "node.state.updated", "node_id": "n4", "state": "idle"}),
+            7,
+        ),
+        with_ts(
+            json!({"type": "node.state.updated", "node_id": "n4", "state": "failed"}),
+            8,
+        ),
         // tasks: t1 queued -> started -> progress (running)
-        with_ts(json!({"type": "task.queued", "task_id": "t1", "node_id": "n1", "priority": 1}), 10),
-        with_ts(json!({"type": "task.started", "task_id": "t1", "node_id": "n1", "runner_id": "r1"}), 11),
-        with_ts(json!({"type": "task.progress", "task_id": "t1", "node_id": "n1", "progress": tprog(30)}), 12),
-        with_ts(json!({"type": "task.progress", "task_id": "t1", "node_id": "n1", "progress": tprog(50)}), 13),
+        with_ts(
+            json!({"type": "task.queued", "task_id": "t1", "node_id": "n1", "priority": 1}),
+            10,
+        ),
+        with_ts(
+            json!({"type": "task.started", "task_id": "t1", "node_id": "n1", "runner_id": "r1"}),
+            11,
+        ),
+        with_ts(
+            json!({"type": "task.progress", "task_id": "t1", "node_id": "n1", "progress": tprog(30)}),
+            12,
+        ),
+        with_ts(
+            json!({"type": "task.progress", "task_id": "t1", "node_id": "n1", "progress": tprog(50)}),
+            13,
+        ),
         // t2 started -> failed
-        with_ts(json!({"type": "task.started", "task_id": "t2", "node_id": "n2", "runner_id": "r2"}), 14),
-        with_ts(json!({"type": "task.failed", "task_id": "t2", "node_id": "n2", "error": "boom", "traceback": null}), 15),
+        with_ts(
+            json!({"type": "task.started", "task_id": "t2", "node_id": "n2", "runner_id": "r2"}),
+            14,
+        ),
+        with_ts(
+            json!({"type": "task.failed", "task_id": "t2", "node_id": "n2", "error": "boom", "traceback": null}),
+            15,
+        ),
         // t3 queued -> cancelled
-        with_ts(json!({"type": "task.queued", "task_id": "t3", "node_id": "n3", "priority": 2}), 16),
-        with_ts(json!({"type": "task.cancelled", "task_id": "t3", "node_id": "n3"}), 17),
+        with_ts(
+            json!({"type": "task.queued", "task_id": "t3", "node_id": "n3", "priority": 2}),
+            16,
+        ),
+        with_ts(
+            json!({"type": "task.cancelled", "task_id": "t3", "node_id": "n3"}),
+            17,
+        ),
         // t4 started -> progress -> success
-        with_ts(json!({"type": "task.started", "task_id": "t4", "node_id": "n4", "runner_id": "r4"}), 18),
-        with_ts(json!({"type": "task.progress", "task_id": "t4", "node_id": "n4", "progress": tprog(20)}), 19),
-        with_ts(json!({"type": "task.success", "task_id": "t4", "node_id": "n4", "result": {"ok": true}, "execution_time": 1.5}), 20),
+        with_ts(
+            json!({"type": "task.started", "task_id": "t4", "node_id": "n4", "runner_id": "r4"}),
+            18,
+        ),
+        with_ts(
+            json!({"type": "task.progress", "task_id": "t4", "node_id": "n4", "progress": tprog(20)}),
+            19,
+        ),
+        with_ts(
+            json!({"type": "task.success", "task_id": "t4", "node_id": "n4", "result": {"ok": true}, "execution_time": 1.5}),
+            20,
+        ),
         // t5 only queued, t6 only started
-        with_ts(json!({"type": "task.queued", "task_id": "t5", "node_id": "n5", "priority": 0}), 21),
-        with_ts(json!({"type": "task.started", "task_id": "t6", "node_id": "n6", "runner_id": "r6"}), 22),
+        with_ts(
+            json!({"type": "task.queued", "task_id": "t5", "node_id": "n5", "priority": 0}),
+            21,
+        ),
+        with_ts(
+            json!({"type": "task.started", "task_id": "t6", "node_id": "n6", "runner_id": "r6"}),
+            22,
+        ),
         // unrelated events do not touch the state
         with_ts(json!({"type": "file.changed", "file_path": "/a"}), 23),
         // the latest state wins
-        with_ts(json!({"type": "node.state.updated", "node_id": "n1", "state": "completed"}), 24),
+        with_ts(
+            json!({"type": "node.state.updated", "node_id": "n1", "state": "completed"}),
+            24,
+        ),
     ];
     let nodes = json!({
         "n1": {"state": "completed", "progress": 40, "step": "render", "updated_at": ts(24)},
@@ -100,7 +166,11 @@ fn check_snapshot(s: &Value, project: &str, nodes: &Value, tasks: &Value) {
         "status timestamp: {s}"
     );
     assert_eq!(&s["nodes"], nodes, "nodes of {project}");
-    assert_eq!(&strip_task_node_ids(&s["tasks"], true), tasks, "tasks of {project}");
+    assert_eq!(
+        &strip_task_node_ids(&s["tasks"], true),
+        tasks,
+        "tasks of {project}"
+    );
 }
 
 /// Publishes the scenario (one event per request, like workers do), then checks the
@@ -119,7 +189,10 @@ async fn scenario_snapshot(gw: &Gateway, project: &str) -> Value {
     // with a fresh connection read by hand to check its content.
     drop(c);
     let mut c = gw
-        .ws(&format!("/ws/{project}?token={}", gw.token("st", &[project])), &[])
+        .ws(
+            &format!("/ws/{project}?token={}", gw.token("st", &[project])),
+            &[],
+        )
         .await;
     c.skip = vec!["system.heartbeat".into()];
     let est = c.next_json(T).await;
@@ -150,7 +223,11 @@ async fn scenario_snapshot(gw: &Gateway, project: &str) -> Value {
     assert_eq!(seq, vec![n + 1]);
     let e = c.next_json(T).await;
     assert_eq!(e["type"], "task.success", "{e}");
-    assert_eq!(e["timestamp"], ts(30), "publisher timestamp passed through: {e}");
+    assert_eq!(
+        e["timestamp"],
+        ts(30),
+        "publisher timestamp passed through: {e}"
+    );
     let s = c.call(&json!({"type": "status"})).await;
     assert_eq!(s["seq"], n + 1, "{s}");
     let t1 = strip_task_node_ids(&s["tasks"], true)["t1"].clone();
@@ -195,7 +272,10 @@ async fn redis_and_embedded_give_the_same_snapshot_for_the_same_events() {
             gw.publish("same", e).await;
         }
         let mut c = gw
-            .ws(&format!("/ws/same?token={}", gw.token("st", &["same"])), &[])
+            .ws(
+                &format!("/ws/same?token={}", gw.token("st", &["same"])),
+                &[],
+            )
             .await;
         c.skip = vec!["system.heartbeat".into()];
         assert_eq!(c.next_json(T).await["type"], "connection.established");
@@ -210,14 +290,26 @@ async fn redis_and_embedded_give_the_same_snapshot_for_the_same_events() {
         let mut nodes = s["nodes"].clone();
         let mut tasks = s["tasks"].clone();
         for (id, field) in [("n9", &mut nodes), ("t9", &mut tasks)] {
-            let at = field[id]["updated_at"].as_str().unwrap_or_default().to_string();
-            assert!(is_rfc3339_ms_utc(&at), "{id} updated_at set by the gateway: {s}");
+            let at = field[id]["updated_at"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            assert!(
+                is_rfc3339_ms_utc(&at),
+                "{id} updated_at set by the gateway: {s}"
+            );
             field[id]["updated_at"] = json!("gateway-time");
         }
-        let at = nodes["n3"]["updated_at"].as_str().unwrap_or_default().to_string();
+        let at = nodes["n3"]["updated_at"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         assert!(is_rfc3339_ms_utc(&at), "{s}");
         nodes["n3"]["updated_at"] = json!("gateway-time");
-        let at = tasks["t4"]["updated_at"].as_str().unwrap_or_default().to_string();
+        let at = tasks["t4"]["updated_at"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         assert!(is_rfc3339_ms_utc(&at), "{s}");
         tasks["t4"]["updated_at"] = json!("gateway-time");
         (nodes, tasks)
@@ -233,14 +325,23 @@ async fn redis_and_embedded_give_the_same_snapshot_for_the_same_events() {
 }
 
 async fn terminal_tasks_age_out(gw: &Gateway, project: &str) {
-    gw.publish(project, &json!({"type": "task.started", "task_id": "run", "node_id": "n", "runner_id": "r"}))
-        .await;
-    gw.publish(project, &json!({"type": "task.started", "task_id": "done", "node_id": "n", "runner_id": "r"}))
-        .await;
+    gw.publish(
+        project,
+        &json!({"type": "task.started", "task_id": "run", "node_id": "n", "runner_id": "r"}),
+    )
+    .await;
+    gw.publish(
+        project,
+        &json!({"type": "task.started", "task_id": "done", "node_id": "n", "runner_id": "r"}),
+    )
+    .await;
     gw.publish(project, &json!({"type": "task.success", "task_id": "done", "node_id": "n", "result": {}, "execution_time": 1}))
         .await;
-    gw.publish(project, &json!({"type": "task.cancelled", "task_id": "gone", "node_id": "n"}))
-        .await;
+    gw.publish(
+        project,
+        &json!({"type": "task.cancelled", "task_id": "gone", "node_id": "n"}),
+    )
+    .await;
     let mut c = gw.client(project).await;
     c.skip = vec!["system.heartbeat".into()];
     let s = c.call(&json!({"type": "status"})).await;
@@ -257,11 +358,18 @@ async fn terminal_tasks_age_out(gw: &Gateway, project: &str) {
     let tasks = s["tasks"].as_object().unwrap();
     let mut ids: Vec<&String> = tasks.keys().collect();
     ids.sort();
-    assert_eq!(ids, vec!["run"], "finished tasks aged out, the running one stays: {s}");
+    assert_eq!(
+        ids,
+        vec!["run"],
+        "finished tasks aged out, the running one stays: {s}"
+    );
     assert_eq!(s["tasks"]["run"]["status"], "started", "{s}");
     // a new connection's snapshot agrees
     let mut c2 = gw
-        .ws(&format!("/ws/{project}?token={}", gw.token("st", &[project])), &[])
+        .ws(
+            &format!("/ws/{project}?token={}", gw.token("st", &[project])),
+            &[],
+        )
         .await;
     c2.skip = vec!["system.heartbeat".into()];
     assert_eq!(c2.next_json(T).await["type"], "connection.established");
@@ -293,10 +401,22 @@ async fn finished_tasks_age_out_embedded() {
 async fn user_stream_gets_one_status_per_project() {
     let redis = RedisServer::start();
     let gw = GatewayOpts::new().redis(redis.url()).start();
-    gw.publish("ua", &with_ts(json!({"type": "node.state.updated", "node_id": "na", "state": "processing"}), 1))
-        .await;
-    gw.publish("ub", &with_ts(json!({"type": "task.queued", "task_id": "tb", "node_id": "nb", "priority": 1}), 2))
-        .await;
+    gw.publish(
+        "ua",
+        &with_ts(
+            json!({"type": "node.state.updated", "node_id": "na", "state": "processing"}),
+            1,
+        ),
+    )
+    .await;
+    gw.publish(
+        "ub",
+        &with_ts(
+            json!({"type": "task.queued", "task_id": "tb", "node_id": "nb", "priority": 1}),
+            2,
+        ),
+    )
+    .await;
     gw.publish("ub", &ev(2)).await;
     let t = gw.token("multi", &["ua", "ub", "uc"]);
     let mut c = gw.ws(&format!("/ws/user?token={t}"), &[]).await;
@@ -308,8 +428,14 @@ async fn user_stream_gets_one_status_per_project() {
     for _ in 0..3 {
         let s = c.next_json(T).await;
         assert_eq!(s["type"], "status", "{s}");
-        let p = s["project_id"].as_str().expect("status project_id").to_string();
-        assert!(seen.insert(p.clone(), s).is_none(), "two status frames for {p}");
+        let p = s["project_id"]
+            .as_str()
+            .expect("status project_id")
+            .to_string();
+        assert!(
+            seen.insert(p.clone(), s).is_none(),
+            "two status frames for {p}"
+        );
     }
     assert_eq!(
         seen.keys().cloned().collect::<Vec<_>>(),
