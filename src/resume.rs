@@ -45,7 +45,8 @@ pub struct Tail {
 }
 
 impl Tail {
-    /// Called by the hub for every delivered event with a seq.
+    /// Called by the hub for every delivered event with a seq (the hub already dropped the
+    /// duplicates of an outage catch-up).
     pub fn record(&mut self, p: &Prepared) {
         if !self.recording {
             return;
@@ -53,6 +54,8 @@ impl Tail {
         let Some(seq) = p.seq else { return };
         if self.epoch.is_some() {
             if seq <= self.upto {
+                // The seq went backwards: the history started over (a new epoch).
+                self.reset();
                 return;
             }
             if seq != self.upto + 1 {
@@ -390,6 +393,15 @@ mod tests {
         t.merge(&pos(3), (1..=3).map(|s| (s, Some(prepared(s)))).collect());
         t.record(&prepared(5));
         assert!(t.serve(0, None).is_none());
+    }
+
+    #[test]
+    fn a_seq_going_backwards_forgets_the_tail() {
+        let mut t = Tail::default();
+        t.start_recording(100);
+        t.merge(&pos(3), (1..=3).map(|s| (s, Some(prepared(s)))).collect());
+        t.record(&prepared(1));
+        assert!(t.serve(2, Some("e1")).is_none());
     }
 
     #[test]

@@ -137,7 +137,7 @@ impl Session {
         // Straight into the outbox: the gate lock is held, so new live events wait and
         // land after these.
         for frame in front {
-            self.offer_direct(frame, None, stats);
+            self.outbox.offer_exempt(frame);
         }
         for g in held {
             if g.seq.is_some_and(|s| s <= covered_up_to) {

@@ -55,11 +55,17 @@ struct Entry {
     conflate: Option<u64>,
     /// Part of this frame is already on the wire.
     started: bool,
+    /// A greeting or replay frame: bounded by the history, not by the live queue limits
+    /// (a client resuming after a 4500 has by definition missed more than a queue's worth).
+    exempt: bool,
 }
 
 struct Inner {
     queue: VecDeque<Entry>,
     bytes: usize,
+    /// How many of `queue` / `bytes` are exempt entries (always at the front).
+    exempt_len: usize,
+    exempt_bytes: usize,
     state: State,
     /// The socket once the upgrade completed (None before, and after the end).
     socket: Option<Arc<TcpStream>>,
@@ -95,6 +101,8 @@ impl Outbox {
             inner: Mutex::new(Inner {
                 queue: VecDeque::new(),
                 bytes: 0,
+                exempt_len: 0,
+                exempt_bytes: 0,
                 state: State::Open,
                 socket: None,
                 broken: false,
@@ -142,6 +150,7 @@ impl Outbox {
                             frame: rest,
                             conflate: None,
                             started: n > 0,
+                            exempt: false,
                         });
                         drop(inner);
                         self.notify.notify_one();
@@ -158,8 +167,11 @@ impl Outbox {
             }
         }
         let len = frame.len();
-        let fits =
-            |i: &Inner| i.queue.len() < self.limits.messages && i.bytes + len <= self.limits.bytes;
+        // Greeting/replay entries at the front do not count against the live limits.
+        let fits = |i: &Inner| {
+            i.queue.len() - i.exempt_len < self.limits.messages
+                && i.bytes - i.exempt_bytes + len <= self.limits.bytes
+        };
         let mut outcome = Offer::Queued;
         if !fits(&inner) {
             compact(&mut inner, conflate);
@@ -174,12 +186,34 @@ impl Outbox {
             frame,
             conflate,
             started: false,
+            exempt: false,
         });
         drop(inner);
         if was_empty {
             self.notify.notify_one();
         }
         outcome
+    }
+
+    /// Queues a greeting or replay frame outside the live limits. Only valid before any
+    /// live frame is queued (the session's gate guarantees it).
+    pub fn offer_exempt(&self, frame: Bytes) {
+        let mut inner = self.inner.lock();
+        if inner.state != State::Open {
+            return;
+        }
+        debug_assert_eq!(inner.queue.len(), inner.exempt_len);
+        inner.bytes += frame.len();
+        inner.exempt_bytes += frame.len();
+        inner.exempt_len += 1;
+        inner.queue.push_back(Entry {
+            frame,
+            conflate: None,
+            started: false,
+            exempt: true,
+        });
+        drop(inner);
+        self.notify.notify_one();
     }
 
     /// Ends the queue: `discard_pending` drops what is queued (a slow consumer will resume
@@ -194,6 +228,13 @@ impl Outbox {
         if discard_pending {
             inner.queue.retain(|e| e.started);
             inner.bytes = inner.queue.iter().map(|e| e.frame.len()).sum();
+            inner.exempt_len = inner.queue.iter().filter(|e| e.exempt).count();
+            inner.exempt_bytes = inner
+                .queue
+                .iter()
+                .filter(|e| e.exempt)
+                .map(|e| e.frame.len())
+                .sum();
         }
         for f in frames {
             inner.bytes += f.len();
@@ -201,6 +242,7 @@ impl Outbox {
                 frame: f.clone(),
                 conflate: None,
                 started: false,
+                exempt: false,
             });
         }
         inner.state = State::Closing;
@@ -272,14 +314,22 @@ impl Outbox {
                 let Some(front) = inner.queue.front_mut() else {
                     break;
                 };
+                let exempt = front.exempt;
+                let taken = n.min(front.frame.len());
                 if n >= front.frame.len() {
                     n -= front.frame.len();
                     inner.queue.pop_front();
+                    if exempt {
+                        inner.exempt_len -= 1;
+                    }
                 } else {
                     front.frame = front.frame.slice(n..);
                     front.started = true;
                     front.conflate = None;
                     n = 0;
+                }
+                if exempt {
+                    inner.exempt_bytes -= taken;
                 }
             }
         }
@@ -301,6 +351,8 @@ impl Outbox {
         let mut inner = self.inner.lock();
         let frames = inner.queue.drain(..).map(|e| e.frame).collect();
         inner.bytes = 0;
+        inner.exempt_len = 0;
+        inner.exempt_bytes = 0;
         (frames, inner.state == State::Closing)
     }
 }
@@ -315,7 +367,7 @@ fn compact(inner: &mut Inner, incoming: Option<u64>) {
     let mut kept: VecDeque<Entry> = VecDeque::with_capacity(inner.queue.len());
     let mut bytes = 0;
     while let Some(entry) = inner.queue.pop_back() {
-        if let (Some(k), false) = (entry.conflate, entry.started) {
+        if let (Some(k), false, false) = (entry.conflate, entry.started, entry.exempt) {
             if !seen.insert(k) {
                 continue;
             }
@@ -363,6 +415,18 @@ mod tests {
             Offer::Conflated
         );
         assert_eq!(o.take_all().0, vec!["other", "p2", "p1-new"]);
+    }
+
+    #[test]
+    fn replay_frames_do_not_count_against_live_limits() {
+        let o = outbox(2);
+        for i in 0..10u8 {
+            o.offer_exempt(Bytes::from(vec![i]));
+        }
+        assert_eq!(o.offer(Bytes::from_static(b"live1"), None), Offer::Queued);
+        assert_eq!(o.offer(Bytes::from_static(b"live2"), None), Offer::Queued);
+        assert_eq!(o.offer(Bytes::from_static(b"live3"), None), Offer::Overflow);
+        assert_eq!(o.take_all().0.len(), 12);
     }
 
     #[test]
