@@ -140,7 +140,9 @@ enum Cmd {
         rate: f64,
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
-        #[arg(long, default_value_t = 256)]
+        /// Padding per event: large events fill the gateway's socket buffer (up to 4 MiB
+        /// with Linux autotuning) and then its queue within the run.
+        #[arg(long, default_value_t = 1024)]
         pad: usize,
         /// The gateway's ws.outbound_queue_bytes (the bound checked).
         #[arg(long, default_value_t = 1_048_576)]

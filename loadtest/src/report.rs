@@ -164,6 +164,7 @@ pub fn write(dir: &Path) -> anyhow::Result<()> {
 fn plot(dir: &Path, runs: &[(String, Value)]) -> anyhow::Result<()> {
     let series: Vec<(String, Vec<(f64, f64)>)> = runs
         .iter()
+        .filter(|(_, v)| matches!(v["scenario"].as_str(), Some("fanout" | "spread")))
         .filter_map(|(stem, v)| {
             let cdf = v.get("latency")?.get("cdf")?.as_array()?;
             let pts: Vec<(f64, f64)> = cdf
@@ -185,24 +186,29 @@ fn plot(dir: &Path, runs: &[(String, Value)]) -> anyhow::Result<()> {
         .flat_map(|(_, p)| p.iter().map(|x| x.1))
         .fold(10.0f64, f64::max)
         * 1.5;
+    let ymin = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.1))
+        .fold(f64::MAX, f64::min)
+        .clamp(1.0, 1e9)
+        / 2.0;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Switchboard delivery latency by percentile (publish -> client read)", ("sans-serif", 18))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0f64..4f64, (1f64..ymax).log_scale())?;
+        .caption("Switchboard delivery latency by percentile (publish -> client read)", ("sans-serif", 24))
+        .margin(24)
+        .x_label_area_size(60)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0f64..4f64, (ymin.max(1.0)..ymax).log_scale())?;
     chart
         .configure_mesh()
+        .label_style(("sans-serif", 16))
+        .axis_desc_style(("sans-serif", 18))
         .x_desc("percentile")
         .y_desc("latency (µs)")
         .x_labels(5)
         .x_label_formatter(&|x| {
             let q = 100.0 * (1.0 - 10f64.powf(-x));
-            if q < 99.0 {
-                format!("{q:.0}%")
-            } else {
-                format!("{q:.2}%")
-            }
+            let decimals = (x.round() - 2.0).max(0.0) as usize;
+            format!("{q:.decimals$}%")
         })
         .y_label_formatter(&|y| {
             if *y >= 1000.0 {
@@ -225,6 +231,7 @@ fn plot(dir: &Path, runs: &[(String, Value)]) -> anyhow::Result<()> {
             .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
+            .label_font(("sans-serif", 16))
             .draw()?;
     }
     root.present()?;

@@ -505,10 +505,27 @@ pub async fn resume_storm(ctx: &Ctx, r: &Resume) -> anyhow::Result<Value> {
     let ready = gateway::wait_ready(ctx.addr, Duration::from_secs(30)).await;
     let t_ready = Instant::now();
 
+    // Everything published (acknowledged by Redis) up to the moment the new gateway was
+    // ready is what the clients missed or may have missed: time until every client has
+    // resumed and holds all of it (while publishing goes on).
+    let seq_at_ready = progress.published.load(Ordering::Relaxed);
+    let holds = |upto: u64| {
+        sh.clients
+            .iter()
+            .filter(|c| {
+                let c = c.borrow();
+                c.connected && c.connects >= 2 && c.last_seq >= upto
+            })
+            .count()
+    };
+    let mut t_resumed: Option<Instant> = None;
     let pub_deadline = Instant::now() + r.duration + Duration::from_secs(40);
     while !handle.is_finished() && Instant::now() < pub_deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
         pb.set_position(progress.published.load(Ordering::Relaxed));
+        if t_resumed.is_none() && holds(seq_at_ready) >= r.clients {
+            t_resumed = Some(Instant::now());
+        }
     }
     progress.stop.store(true, Ordering::Relaxed);
     pb.finish_and_clear();
@@ -516,23 +533,19 @@ pub async fn resume_storm(ctx: &Ctx, r: &Resume) -> anyhow::Result<Value> {
         .join()
         .map_err(|_| anyhow::anyhow!("publisher thread panicked"))??;
     let final_seq = report.last_seq[0];
-    let caught_up = || {
-        sh.clients
-            .iter()
-            .filter(|c| {
-                let c = c.borrow();
-                c.connected && c.last_seq >= final_seq
-            })
-            .count()
-    };
+    let t_pub_end = Instant::now();
     let pb = bar(r.clients as u64, "catch-up");
     let all_caught = wait_until(Duration::from_secs(60), Duration::from_millis(5), || {
-        let n = caught_up();
+        if t_resumed.is_none() && holds(seq_at_ready) >= r.clients {
+            t_resumed = Some(Instant::now());
+        }
+        let n = holds(final_seq);
         pb.set_position(n as u64);
         n >= r.clients
     })
     .await;
     pb.finish_and_clear();
+    let caught_up = || holds(final_seq);
     let t_done = Instant::now();
     let n_caught = caught_up();
     let (mut gaps, mut missing, mut dups, mut ooo, mut resyncs, mut resumed, mut connects) = (0, 0, 0, 0, 0, 0, 0);
@@ -550,19 +563,24 @@ pub async fn resume_storm(ctx: &Ctx, r: &Resume) -> anyhow::Result<Value> {
         loss += expected.saturating_sub(c.received);
     }
     let lat = latency_json(&sh.latency.borrow());
+    sh.deadline.set(Some(Instant::now()));
     // Stop the gateway this process started (run.sh starts a fresh one per scenario).
     gateway::stop_child(child).await;
-    let catch_s = (t_done - t_restart).as_secs_f64();
+    let resumed_s = t_resumed.map(|t| (t - t_restart).as_secs_f64());
+    let resumed_after_ready_s = t_resumed.map(|t| (t - t_ready).as_secs_f64());
     println!(
-        "resume-storm: {} clients, {:.0} ev/s, restart after {:.1}s: old gateway gone in {:.2}s, new one ready after {:.2}s; all {} caught up {:.2}s after the restart ({:.2}s after ready); {} resumed, {} resyncs, gaps {} (missing {}), dup {}, ooo {}, loss {}",
+        "resume-storm: {} clients, {:.0} ev/s, restart after {:.1}s: old gateway gone in {:.2}s, new one ready after {:.2}s; every client resumed and caught up (seq {}) {} after the restart ({} after ready); at the end {}/{} hold every event (seq {}); {} resumed, {} resyncs, gaps {} (missing {}), dup {}, ooo {}, loss {}",
         r.clients,
         r.rate,
         r.restart_after.as_secs_f64(),
         (t_exited - t_restart).as_secs_f64(),
         (t_ready - t_restart).as_secs_f64(),
-        if all_caught { "clients".to_string() } else { format!("(only {n_caught}) clients") },
-        catch_s,
-        (t_done - t_ready).as_secs_f64(),
+        seq_at_ready,
+        resumed_s.map_or("never".into(), |s| format!("{s:.2}s")),
+        resumed_after_ready_s.map_or("-".into(), |s| format!("{s:.2}s")),
+        n_caught,
+        r.clients,
+        final_seq,
         resumed,
         resyncs,
         gaps,
@@ -587,8 +605,10 @@ pub async fn resume_storm(ctx: &Ctx, r: &Resume) -> anyhow::Result<Value> {
         "ready_after_restart_s": (t_ready - t_restart).as_secs_f64(),
         "all_caught_up": all_caught,
         "caught_up_clients": n_caught,
-        "caught_up_after_restart_s": catch_s,
-        "caught_up_after_ready_s": (t_done - t_ready).as_secs_f64(),
+        "seq_at_ready": seq_at_ready,
+        "caught_up_after_restart_s": resumed_s,
+        "caught_up_after_ready_s": resumed_after_ready_s,
+        "all_final_after_publish_end_s": (t_done - t_pub_end).as_secs_f64(),
         "connects": connects,
         "resumed": resumed,
         "resyncs": resyncs,
@@ -599,7 +619,7 @@ pub async fn resume_storm(ctx: &Ctx, r: &Resume) -> anyhow::Result<Value> {
         "loss": loss,
         "latency": lat,
         "target": { "all_caught_up": true, "gaps": 0, "duplicates": 0 },
-        "met": Some(all_caught && gaps == 0 && dups == 0 && loss == 0 && resyncs == 0),
+        "met": Some(all_caught && t_resumed.is_some() && gaps == 0 && dups == 0 && loss == 0 && resyncs == 0),
         "client": errors_json(&sh),
     }))
 }

@@ -431,6 +431,16 @@ fn cold_frame(st: &mut ClientState, payload: &[u8]) -> bool {
         }
         "connection.resync_required" => {
             st.resyncs += 1;
+            // A few samples on stderr: a resync is a finding worth seeing verbatim.
+            static SHOWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            if SHOWN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 3 {
+                eprintln!(
+                    "loadgen: client at seq {} epoch {} got {}",
+                    st.last_seq,
+                    st.epoch,
+                    String::from_utf8_lossy(payload)
+                );
+            }
             false
         }
         "connection.closed" => {
