@@ -1,0 +1,165 @@
+//! The publisher: EVALSHA of the gateway's publish script (src/broker/publish.lua, the one
+//! place where an event gets its seq) in a Redis pipeline, paced to a target rate on its
+//! own thread (so the client tasks' load does not delay publishing). Each event carries
+//! `"sent_ns"`, the unix time in ns just before its pipeline was sent.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::util::{rfc3339_ms, unix_ns};
+
+pub const PUBLISH_SCRIPT: &str = include_str!("../../src/broker/publish.lua");
+
+#[derive(Clone, Debug)]
+pub struct PubSpec {
+    pub redis_url: String,
+    pub projects: Vec<String>,
+    /// Events per second in total, spread round-robin over the projects.
+    pub rate: f64,
+    pub duration: Duration,
+    /// Extra bytes of padding per event (a `"pad"` string field).
+    pub pad: usize,
+    pub history_max_len: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PubReport {
+    pub published: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    /// Highest seq per project returned by the script (0 = nothing published there).
+    pub last_seq: Vec<u64>,
+    /// Largest delay of a pipeline behind its schedule.
+    pub max_behind: Duration,
+    pub first_error: Option<String>,
+}
+
+/// Live progress shared with the scenario.
+#[derive(Default)]
+pub struct PubProgress {
+    pub published: AtomicU64,
+    pub stop: AtomicBool,
+    pub started_ns: AtomicU64,
+}
+
+pub fn spawn(spec: PubSpec, progress: Arc<PubProgress>) -> std::thread::JoinHandle<anyhow::Result<PubReport>> {
+    std::thread::Builder::new()
+        .name("publisher".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(run(spec, progress))
+        })
+        .expect("spawn publisher thread")
+}
+
+async fn run(spec: PubSpec, progress: Arc<PubProgress>) -> anyhow::Result<PubReport> {
+    let client = redis::Client::open(spec.redis_url.as_str())?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(PUBLISH_SCRIPT)
+        .query_async(&mut con)
+        .await?;
+    let np = spec.projects.len().max(1);
+    let keys: Vec<[String; 5]> = spec
+        .projects
+        .iter()
+        .map(|p| {
+            [
+                format!("project:{p}:seq"),
+                format!("project:{p}:history"),
+                format!("project:{p}:events"),
+                format!("project:{p}:state"),
+                format!("project:{p}:state:terminal"),
+            ]
+        })
+        .collect();
+    let pad = if spec.pad > 0 {
+        format!(",\"pad\":\"{}\"", "x".repeat(spec.pad))
+    } else {
+        String::new()
+    };
+    let epoch = format!("lt-{}", crate::util::run_tag());
+    let mut report = PubReport {
+        last_seq: vec![0; np],
+        ..Default::default()
+    };
+    let total = (spec.rate * spec.duration.as_secs_f64()).round() as u64;
+    let max_batch = ((spec.rate / 100.0).ceil() as u64).clamp(1, 5000);
+    let start = Instant::now();
+    progress.started_ns.store(unix_ns(), Ordering::Relaxed);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut next_project = 0usize;
+    let mut per_project: Vec<Vec<String>> = vec![Vec::new(); np];
+    let hard_end = start + spec.duration + Duration::from_secs(30);
+    while report.published < total && !progress.stop.load(Ordering::Relaxed) && Instant::now() < hard_end {
+        tick.tick().await;
+        let elapsed = start.elapsed();
+        let due = ((spec.rate * elapsed.as_secs_f64()) as u64).min(total);
+        if due <= report.published {
+            continue;
+        }
+        let n = (due - report.published).min(max_batch);
+        let sched = Duration::from_secs_f64((report.published + n) as f64 / spec.rate);
+        report.max_behind = report.max_behind.max(elapsed.saturating_sub(sched));
+        let now = unix_ns();
+        let ts = rfc3339_ms(now);
+        for b in per_project.iter_mut() {
+            b.clear();
+        }
+        for k in 0..n {
+            let p = next_project;
+            next_project = (next_project + 1) % np;
+            per_project[p].push(format!(
+                "{{\"type\":\"file.changed\",\"project_id\":\"{}\",\"timestamp\":\"{ts}\",\"file_path\":\"/lt/{}\",\"sent_ns\":{now}{pad}}}",
+                spec.projects[p],
+                report.published + k
+            ));
+        }
+        let mut pipe = redis::pipe();
+        let mut order = Vec::new();
+        for (p, evs) in per_project.iter().enumerate() {
+            if evs.is_empty() {
+                continue;
+            }
+            order.push(p);
+            let c = pipe.cmd("EVALSHA").arg(&sha).arg(5);
+            for k in &keys[p] {
+                c.arg(k);
+            }
+            c.arg(&epoch)
+                .arg(spec.history_max_len)
+                .arg(3600)
+                .arg(now / 1_000_000)
+                .arg(3_600_000);
+            for e in evs {
+                c.arg(e.as_bytes());
+            }
+        }
+        let res: redis::RedisResult<Vec<(String, Vec<u64>, u64)>> = pipe.query_async(&mut con).await;
+        match res {
+            Ok(replies) => {
+                for (p, (_, seqs, last)) in order.iter().zip(replies) {
+                    report.last_seq[*p] = report.last_seq[*p].max(last);
+                    report.published += seqs.len() as u64;
+                }
+            }
+            Err(e) => {
+                report.errors += 1;
+                if report.first_error.is_none() {
+                    report.first_error = Some(e.to_string());
+                }
+                if report.errors > 100 {
+                    anyhow::bail!("publisher: too many Redis errors: {e}");
+                }
+                // Count them as published attempts so the loop stays bounded.
+                report.published += n;
+            }
+        }
+        progress.published.store(report.published, Ordering::Relaxed);
+    }
+    report.elapsed = start.elapsed();
+    Ok(report)
+}
