@@ -257,7 +257,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     let broker = app.broker.clone();
     tokio::spawn(async move { broker.put_connection(&record, ttl).await });
     app.hub.metrics.handshake(Handshake::Accepted);
-    tracing::info!(client_id = %session.client_id, user_id = %session.user_id, %ip, "websocket connected");
+    tracing::debug!(client_id = %session.client_id, user_id = %session.user_id, %ip, "websocket connected");
     tokio::spawn(conn::run(app, session, upgrade, guard, resume));
     response
 }

@@ -189,6 +189,19 @@ pub fn render(app: &App) -> String {
     );
     counter(
         &mut out,
+        "switchboard_runtime_tasks",
+        "Tokio tasks alive (about one per connection).",
+        "gauge",
+    );
+    let _ = writeln!(
+        out,
+        "switchboard_runtime_tasks {}",
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    );
+    counter(
+        &mut out,
         "switchboard_history_reads_total",
         "History reads made for resuming clients.",
         "counter",

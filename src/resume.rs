@@ -129,7 +129,19 @@ impl Tail {
             return;
         }
         if self.epoch.is_some() {
-            // Already covering (another read merged first): nothing to add.
+            // Already covering newer events: extend backwards with what this read adds, so
+            // clients further behind are served too (the read must reach the tail's front).
+            let front = self
+                .events
+                .front()
+                .map(|(s, _)| *s)
+                .unwrap_or(self.upto + 1);
+            if read.last().is_some_and(|(s, _)| *s + 1 >= front) {
+                let older: Vec<_> = read.into_iter().filter(|(s, _)| *s < front).collect();
+                for entry in older.into_iter().rev() {
+                    self.events.push_front(entry);
+                }
+            }
             return;
         }
         self.epoch = Some(position.epoch.clone());
@@ -384,6 +396,21 @@ mod tests {
         assert!(t.serve(3, Some("other")).is_none(), "another epoch");
         assert!(t.serve(9, None).is_none(), "ahead of what we know");
         assert_eq!(t.serve(5, None).unwrap().0.len(), 0);
+    }
+
+    #[test]
+    fn a_later_read_extends_the_tail_backwards() {
+        let mut t = Tail::default();
+        t.start_recording(100);
+        t.merge(&pos(5), (4..=5).map(|s| (s, Some(prepared(s)))).collect());
+        assert!(t.serve(1, None).is_none());
+        t.merge(&pos(5), (2..=5).map(|s| (s, Some(prepared(s)))).collect());
+        let (events, upto, _) = t.serve(1, None).unwrap();
+        assert_eq!(
+            events.iter().map(|p| p.seq.unwrap()).collect::<Vec<_>>(),
+            vec![2, 3, 4, 5]
+        );
+        assert_eq!(upto, 5);
     }
 
     #[test]

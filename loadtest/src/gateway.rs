@@ -43,7 +43,12 @@ pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => s
             .rfind(')')
-            .and_then(|i| s[i + 1..].split_whitespace().next().map(|st| st != "Z" && st != "X"))
+            .and_then(|i| {
+                s[i + 1..]
+                    .split_whitespace()
+                    .next()
+                    .map(|st| st != "Z" && st != "X")
+            })
             .unwrap_or(false),
         Err(_) => false,
     }
@@ -53,8 +58,10 @@ pub fn alive(pid: u32) -> bool {
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let work = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-            .await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await?;
         let text = String::from_utf8_lossy(&out).into_owned();

@@ -174,14 +174,23 @@ enum Cmd {
 }
 
 fn loopback_only(c: &Common) -> anyhow::Result<()> {
-    anyhow::ensure!(c.addr.ip().is_loopback(), "the gateway address must be on 127.0.0.0/8");
+    anyhow::ensure!(
+        c.addr.ip().is_loopback(),
+        "the gateway address must be on 127.0.0.0/8"
+    );
     let rest = c.redis_url.split("://").nth(1).unwrap_or("");
     let hostport = rest.split('/').next().unwrap_or("");
     let hostport = hostport.rsplit('@').next().unwrap_or("");
     let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
-    let ok = host == "localhost" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback());
+    let ok = host == "localhost"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback());
     anyhow::ensure!(ok, "REDIS_URL must point to 127.0.0.0/8 or localhost");
-    anyhow::ensure!(c.sources >= 1 && c.sources <= 250, "--sources must be 1..250");
+    anyhow::ensure!(
+        c.sources >= 1 && c.sources <= 250,
+        "--sources must be 1..250"
+    );
     Ok(())
 }
 
@@ -226,10 +235,22 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cmd: Cmd) -> anyhow::Result<()> {
     let (out, value) = match cmd {
-        Cmd::Idle { c, clients, projects, hold } => {
-            (c.out.clone(), scenarios::idle(&ctx(&c)?, clients, projects, secs(hold)).await?)
-        }
-        Cmd::Fanout { c, clients, rate, duration, pad } => {
+        Cmd::Idle {
+            c,
+            clients,
+            projects,
+            hold,
+        } => (
+            c.out.clone(),
+            scenarios::idle(&ctx(&c)?, clients, projects, secs(hold)).await?,
+        ),
+        Cmd::Fanout {
+            c,
+            clients,
+            rate,
+            duration,
+            pad,
+        } => {
             let t = scenarios::Traffic {
                 name: "fanout".into(),
                 clients,
@@ -244,7 +265,13 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             };
             (c.out.clone(), scenarios::traffic(&ctx(&c)?, &t).await?)
         }
-        Cmd::Spread { c, clients, projects, rate, duration } => {
+        Cmd::Spread {
+            c,
+            clients,
+            projects,
+            rate,
+            duration,
+        } => {
             let t = scenarios::Traffic {
                 name: "spread".into(),
                 clients,
@@ -259,7 +286,16 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             };
             (c.out.clone(), scenarios::traffic(&ctx(&c)?, &t).await?)
         }
-        Cmd::Slow { c, clients, slow, rate, duration, pad, queue_bytes, queue_messages } => {
+        Cmd::Slow {
+            c,
+            clients,
+            slow,
+            rate,
+            duration,
+            pad,
+            queue_bytes,
+            queue_messages,
+        } => {
             let t = scenarios::Traffic {
                 name: "slow".into(),
                 clients,
@@ -274,9 +310,14 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             };
             (c.out.clone(), scenarios::traffic(&ctx(&c)?, &t).await?)
         }
-        Cmd::ConnectStorm { c, clients, projects } => {
-            (c.out.clone(), scenarios::connect_storm(&ctx(&c)?, clients, projects).await?)
-        }
+        Cmd::ConnectStorm {
+            c,
+            clients,
+            projects,
+        } => (
+            c.out.clone(),
+            scenarios::connect_storm(&ctx(&c)?, clients, projects).await?,
+        ),
         Cmd::ResumeStorm {
             c,
             clients,
@@ -306,7 +347,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             (c.out.clone(), scenarios::resume_storm(&ctx(&c)?, &r).await?)
         }
         Cmd::Report { dir } => {
-            report::write(&dir).with_context(|| format!("writing the report in {}", dir.display()))?;
+            report::write(&dir)
+                .with_context(|| format!("writing the report in {}", dir.display()))?;
             println!("{}", dir.join("report.md").display());
             return Ok(());
         }
@@ -317,7 +359,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::WaitReady { addr, timeout } => {
             anyhow::ensure!(addr.ip().is_loopback(), "loopback only");
-            anyhow::ensure!(gateway::wait_ready(addr, secs(timeout)).await, "gateway at {addr} not ready after {timeout}s");
+            anyhow::ensure!(
+                gateway::wait_ready(addr, secs(timeout)).await,
+                "gateway at {addr} not ready after {timeout}s"
+            );
             return Ok(());
         }
         Cmd::WaitRedis { redis_url, timeout } => {
@@ -331,7 +376,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), ok).await {
                     return Ok(());
                 }
-                anyhow::ensure!(std::time::Instant::now() < end, "redis at {redis_url} not answering after {timeout}s");
+                anyhow::ensure!(
+                    std::time::Instant::now() < end,
+                    "redis at {redis_url} not answering after {timeout}s"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -43,11 +43,16 @@ pub struct PubProgress {
     pub started_ns: AtomicU64,
 }
 
-pub fn spawn(spec: PubSpec, progress: Arc<PubProgress>) -> std::thread::JoinHandle<anyhow::Result<PubReport>> {
+pub fn spawn(
+    spec: PubSpec,
+    progress: Arc<PubProgress>,
+) -> std::thread::JoinHandle<anyhow::Result<PubReport>> {
     std::thread::Builder::new()
         .name("publisher".into())
         .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(run(spec, progress))
         })
         .expect("spawn publisher thread")
@@ -94,7 +99,10 @@ async fn run(spec: PubSpec, progress: Arc<PubProgress>) -> anyhow::Result<PubRep
     let mut next_project = 0usize;
     let mut per_project: Vec<Vec<String>> = vec![Vec::new(); np];
     let hard_end = start + spec.duration + Duration::from_secs(30);
-    while report.published < total && !progress.stop.load(Ordering::Relaxed) && Instant::now() < hard_end {
+    while report.published < total
+        && !progress.stop.load(Ordering::Relaxed)
+        && Instant::now() < hard_end
+    {
         tick.tick().await;
         let elapsed = start.elapsed();
         let due = ((spec.rate * elapsed.as_secs_f64()) as u64).min(total);
@@ -138,7 +146,8 @@ async fn run(spec: PubSpec, progress: Arc<PubProgress>) -> anyhow::Result<PubRep
                 c.arg(e.as_bytes());
             }
         }
-        let res: redis::RedisResult<Vec<(String, Vec<u64>, u64)>> = pipe.query_async(&mut con).await;
+        let res: redis::RedisResult<Vec<(String, Vec<u64>, u64)>> =
+            pipe.query_async(&mut con).await;
         match res {
             Ok(replies) => {
                 for (p, (_, seqs, last)) in order.iter().zip(replies) {
@@ -158,7 +167,9 @@ async fn run(spec: PubSpec, progress: Arc<PubProgress>) -> anyhow::Result<PubRep
                 report.published += n;
             }
         }
-        progress.published.store(report.published, Ordering::Relaxed);
+        progress
+            .published
+            .store(report.published, Ordering::Relaxed);
     }
     report.elapsed = start.elapsed();
     Ok(report)

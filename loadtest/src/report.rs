@@ -14,7 +14,11 @@ fn f(v: &Value, key: &str) -> Option<f64> {
 }
 
 fn lat(v: &Value, key: &str) -> String {
-    match v.get("latency").and_then(|l| l.get(key)).and_then(|x| x.as_f64()) {
+    match v
+        .get("latency")
+        .and_then(|l| l.get(key))
+        .and_then(|x| x.as_f64())
+    {
         Some(us) if us >= 1000.0 => format!("{:.2} ms", us / 1000.0),
         Some(us) => format!("{us:.0} µs"),
         None => "?".into(),
@@ -79,7 +83,11 @@ fn row(v: &Value) -> (String, String, String, String, String) {
             params = format!(
                 "{} clients{}, {} projects, {} ev/s, {} s",
                 p["clients"],
-                if p["slow"].as_u64().unwrap_or(0) > 0 { format!(" ({} never read)", p["slow"]) } else { String::new() },
+                if p["slow"].as_u64().unwrap_or(0) > 0 {
+                    format!(" ({} never read)", p["slow"])
+                } else {
+                    String::new()
+                },
                 p["projects"],
                 p["rate"],
                 p["duration_s"]
@@ -103,8 +111,14 @@ fn row(v: &Value) -> (String, String, String, String, String) {
                 let _ = write!(
                     m,
                     "; RSS peak +{} KiB per slow client, {} 4500-closes",
-                    opt(f(v, "rss_growth_per_slow_client_bytes").map(|x| x / 1024.0), 0),
-                    opt(v["gateway_metrics_delta"]["slow_consumer_closes"].as_f64(), 0)
+                    opt(
+                        f(v, "rss_growth_per_slow_client_bytes").map(|x| x / 1024.0),
+                        0
+                    ),
+                    opt(
+                        v["gateway_metrics_delta"]["slow_consumer_closes"].as_f64(),
+                        0
+                    )
                 );
             }
             measured = m;
@@ -129,14 +143,27 @@ pub fn write(dir: &Path) -> anyhow::Result<()> {
         let path = e?.path();
         if path.extension().is_some_and(|x| x == "json") {
             let v: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
             runs.push((stem, v));
         }
     }
-    let order = ["idle", "connect-storm", "fanout", "spread", "resume-storm", "slow"];
+    let order = [
+        "idle",
+        "connect-storm",
+        "fanout",
+        "spread",
+        "resume-storm",
+        "slow",
+    ];
     runs.sort_by_key(|(stem, v)| {
         let name = v["scenario"].as_str().unwrap_or("");
-        (order.iter().position(|o| *o == name).unwrap_or(99), stem.clone())
+        (
+            order.iter().position(|o| *o == name).unwrap_or(99),
+            stem.clone(),
+        )
     });
     let mut md = String::new();
     let _ = writeln!(md, "# Switchboard load test\n");
@@ -151,10 +178,17 @@ pub fn write(dir: &Path) -> anyhow::Result<()> {
     let _ = writeln!(md, "| --- | --- | --- | --- | --- |");
     for (stem, v) in &runs {
         let (name, params, measured, target, met) = row(v);
-        let label = if stem == &name { name } else { format!("{name} (`{stem}`)") };
+        let label = if stem == &name {
+            name
+        } else {
+            format!("{name} (`{stem}`)")
+        };
         let _ = writeln!(md, "| {label} | {params} | {measured} | {target} | {met} |");
     }
-    let _ = writeln!(md, "\nLatency by percentile: `latency.svg`. Raw figures: one JSON per scenario.");
+    let _ = writeln!(
+        md,
+        "\nLatency by percentile: `latency.svg`. Raw figures: one JSON per scenario."
+    );
     std::fs::write(dir.join("report.md"), md)?;
     plot(dir, &runs)?;
     Ok(())
@@ -193,7 +227,10 @@ fn plot(dir: &Path, runs: &[(String, Value)]) -> anyhow::Result<()> {
         .clamp(1.0, 1e9)
         / 2.0;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Switchboard delivery latency by percentile (publish -> client read)", ("sans-serif", 24))
+        .caption(
+            "Switchboard delivery latency by percentile (publish -> client read)",
+            ("sans-serif", 24),
+        )
         .margin(24)
         .x_label_area_size(60)
         .y_label_area_size(90)
@@ -223,7 +260,9 @@ fn plot(dir: &Path, runs: &[(String, Value)]) -> anyhow::Result<()> {
         chart
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?
             .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     if !series.is_empty() {
         chart

@@ -30,7 +30,9 @@ pub struct Ctx {
 
 impl Ctx {
     fn projects(&self, scenario: &str, n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("lt-{}-{scenario}-{i}", self.tag)).collect()
+        (0..n)
+            .map(|i| format!("lt-{}-{scenario}-{i}", self.tag))
+            .collect()
     }
 
     /// `/ws/{p}?token=...` per project; each token grants only its project.
@@ -53,14 +55,25 @@ impl Ctx {
     }
 }
 
-fn spawn_clients(sh: &Rc<Shared>, sem: &Arc<Semaphore>, range: std::ops::Range<usize>, mode: Mode, rcvbuf: Option<u32>) {
+fn spawn_clients(
+    sh: &Rc<Shared>,
+    sem: &Arc<Semaphore>,
+    range: std::ops::Range<usize>,
+    mode: Mode,
+    rcvbuf: Option<u32>,
+) {
     for i in range {
         tokio::task::spawn_local(client_task(sh.clone(), i, mode, Some(sem.clone()), rcvbuf));
     }
 }
 
 /// Waits (bounded) until `n` clients are established; the time it took.
-async fn connect_phase(sh: &Rc<Shared>, n: usize, timeout: Duration, label: &str) -> (bool, Duration) {
+async fn connect_phase(
+    sh: &Rc<Shared>,
+    n: usize,
+    timeout: Duration,
+    label: &str,
+) -> (bool, Duration) {
     let t0 = Instant::now();
     let pb = bar(n as u64, label);
     let ok = wait_until(timeout, Duration::from_millis(20), || {
@@ -126,10 +139,21 @@ fn ms(us: f64) -> String {
 
 // ---------------------------------------------------------------- idle
 
-pub async fn idle(ctx: &Ctx, clients: usize, projects: usize, hold: Duration) -> anyhow::Result<Value> {
+pub async fn idle(
+    ctx: &Ctx,
+    clients: usize,
+    projects: usize,
+    hold: Duration,
+) -> anyhow::Result<Value> {
     let projects = projects.clamp(1, clients.max(1));
     let names = ctx.projects("idle", projects);
-    let sh = Shared::new(ctx.addr, ctx.sources, ctx.paths(&names)?, |i| (i % projects) as u32, clients);
+    let sh = Shared::new(
+        ctx.addr,
+        ctx.sources,
+        ctx.paths(&names)?,
+        |i| (i % projects) as u32,
+        clients,
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = ctx.rss();
     let sem = Arc::new(Semaphore::new(ctx.concurrency));
@@ -171,7 +195,13 @@ pub async fn idle(ctx: &Ctx, clients: usize, projects: usize, hold: Duration) ->
 pub async fn connect_storm(ctx: &Ctx, clients: usize, projects: usize) -> anyhow::Result<Value> {
     let projects = projects.clamp(1, clients.max(1));
     let names = ctx.projects("storm", projects);
-    let sh = Shared::new(ctx.addr, ctx.sources, ctx.paths(&names)?, |i| (i % projects) as u32, clients);
+    let sh = Shared::new(
+        ctx.addr,
+        ctx.sources,
+        ctx.paths(&names)?,
+        |i| (i % projects) as u32,
+        clients,
+    );
     let cpu0 = ctx.cpu();
     let sem = Arc::new(Semaphore::new(ctx.concurrency));
     let start = sh.start;
@@ -186,7 +216,11 @@ pub async fn connect_storm(ctx: &Ctx, clients: usize, projects: usize) -> anyhow
         .unwrap_or(0);
     let secs = last as f64 / 1e9;
     let established = sh.established.get();
-    let rate = if secs > 0.0 { established as f64 / secs } else { 0.0 };
+    let rate = if secs > 0.0 {
+        established as f64 / secs
+    } else {
+        0.0
+    };
     let cpu_us = match (cpu0, cpu1) {
         (Some(a), Some(b)) => Some((b - a) as f64 / established.max(1) as f64),
         _ => None,
@@ -231,7 +265,13 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
     let projects = t.projects.clamp(1, t.clients.max(1));
     let names = ctx.projects(&t.name, projects);
     let readers = t.clients.saturating_sub(t.slow);
-    let sh = Shared::new(ctx.addr, ctx.sources, ctx.paths(&names)?, |i| (i % projects) as u32, t.clients);
+    let sh = Shared::new(
+        ctx.addr,
+        ctx.sources,
+        ctx.paths(&names)?,
+        |i| (i % projects) as u32,
+        t.clients,
+    );
     let sem = Arc::new(Semaphore::new(ctx.concurrency));
     // Readers first, then the never-reading clients (small receive buffer, so the gateway
     // queue fills rather than the kernel's).
@@ -328,7 +368,8 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
     let window = drained - t0;
     let delivered = sh.events.get() - events0;
     let reader_received = received();
-    let (mut gaps, mut missing, mut dups, mut ooo, mut lossy_clients) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut gaps, mut missing, mut dups, mut ooo, mut lossy_clients) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     for i in 0..readers {
         let st = sh.clients[i].borrow();
         gaps += st.gaps;
@@ -342,7 +383,11 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
     let loss = expected.saturating_sub(reader_received);
     let started = progress.started_ns.load(Ordering::Relaxed);
     let active_s = (sh.last_event_ns.get().saturating_sub(started)) as f64 / 1e9;
-    let delivered_per_s = if active_s > 0.0 { delivered as f64 / active_s } else { 0.0 };
+    let delivered_per_s = if active_s > 0.0 {
+        delivered as f64 / active_s
+    } else {
+        0.0
+    };
     let cpu_us = match (cpu0, cpu1) {
         (Some(a), Some(b)) if delivered > 0 => Some((b - a) as f64 / delivered as f64),
         _ => None,
@@ -398,7 +443,9 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
         ("fanout", 100) => json!({ "cpu_us_per_delivery_max": 4.6 }),
         ("fanout", 1000) => json!({ "cpu_us_per_delivery_max": 1.2, "loss": 0 }),
         ("spread", _) => json!({ "p99_us_max": 300 }),
-        ("slow", _) => json!({ "reader_loss": 0, "rss_growth_per_slow_client_max_bytes": t.queue_bytes }),
+        ("slow", _) => {
+            json!({ "reader_loss": 0, "rss_growth_per_slow_client_max_bytes": t.queue_bytes })
+        }
         _ => json!({}),
     };
     let met = match t.name.as_str() {
@@ -465,17 +512,23 @@ pub struct Resume {
 }
 
 pub async fn resume_storm(ctx: &Ctx, r: &Resume) -> anyhow::Result<Value> {
-    let old_pid = ctx
-        .gateway_pid
-        .ok_or_else(|| anyhow::anyhow!("resume-storm needs --gateway-pid (the gateway to restart)"))?;
+    let old_pid = ctx.gateway_pid.ok_or_else(|| {
+        anyhow::anyhow!("resume-storm needs --gateway-pid (the gateway to restart)")
+    })?;
     let names = ctx.projects("resume", 1);
     let sh = Shared::new(ctx.addr, ctx.sources, ctx.paths(&names)?, |_| 0, r.clients);
-    sh.deadline.set(Some(Instant::now() + r.duration + Duration::from_secs(120)));
+    sh.deadline
+        .set(Some(Instant::now() + r.duration + Duration::from_secs(120)));
     let sem = Arc::new(Semaphore::new(ctx.concurrency));
     spawn_clients(&sh, &sem, 0..r.clients, Mode::Resuming, None);
     let (all, took) = connect_phase(&sh, r.clients, connect_timeout(r.clients), "connect").await;
     if !all {
-        eprintln!("resume-storm: only {}/{} established after {:.1}s", sh.established.get(), r.clients, took.as_secs_f64());
+        eprintln!(
+            "resume-storm: only {}/{} established after {:.1}s",
+            sh.established.get(),
+            r.clients,
+            took.as_secs_f64()
+        );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     sh.latency.borrow_mut().reset();
@@ -548,7 +601,8 @@ pub async fn resume_storm(ctx: &Ctx, r: &Resume) -> anyhow::Result<Value> {
     let caught_up = || holds(final_seq);
     let t_done = Instant::now();
     let n_caught = caught_up();
-    let (mut gaps, mut missing, mut dups, mut ooo, mut resyncs, mut resumed, mut connects) = (0, 0, 0, 0, 0, 0, 0);
+    let (mut gaps, mut missing, mut dups, mut ooo, mut resyncs, mut resumed, mut connects) =
+        (0, 0, 0, 0, 0, 0, 0);
     let mut loss = 0u64;
     for c in &sh.clients {
         let c = c.borrow();
@@ -623,4 +677,3 @@ pub async fn resume_storm(ctx: &Ctx, r: &Resume) -> anyhow::Result<Value> {
         "client": errors_json(&sh),
     }))
 }
-

@@ -37,7 +37,12 @@ pub fn rfc3339_ms(ns: u64) -> String {
 }
 
 /// An HS256 JWT with `sub`, `exp` and `projects`.
-pub fn mint_token(secret: &str, sub: &str, projects: &[String], ttl_secs: u64) -> anyhow::Result<String> {
+pub fn mint_token(
+    secret: &str,
+    sub: &str,
+    projects: &[String],
+    ttl_secs: u64,
+) -> anyhow::Result<String> {
     #[derive(serde::Serialize)]
     struct Claims<'a> {
         sub: &'a str,
@@ -61,7 +66,11 @@ pub fn run_tag() -> String {
 }
 
 /// Polls `cond` every `every` until it holds or `timeout` passes; true when it held.
-pub async fn wait_until(timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub async fn wait_until(
+    timeout: Duration,
+    every: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> bool {
     let end = Instant::now() + timeout;
     loop {
         if cond() {
@@ -78,8 +87,10 @@ pub async fn wait_until(timeout: Duration, every: Duration, mut cond: impl FnMut
 pub fn bar(len: u64, msg: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>14} [{elapsed_precise}] {wide_bar} {pos}/{len}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{msg:>14} [{elapsed_precise}] {wide_bar} {pos}/{len}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     pb.set_message(msg.to_string());
     pb

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use memchr::memmem;
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::util::unix_ns;
@@ -84,7 +84,13 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(addr: SocketAddr, sources: u8, paths: Vec<String>, projects_of: impl Fn(usize) -> u32, n: usize) -> Rc<Self> {
+    pub fn new(
+        addr: SocketAddr,
+        sources: u8,
+        paths: Vec<String>,
+        projects_of: impl Fn(usize) -> u32,
+        n: usize,
+    ) -> Rc<Self> {
         Rc::new(Shared {
             addr,
             sources: sources.max(1),
@@ -98,7 +104,9 @@ impl Shared {
                 })
                 .collect(),
             // 1 ns .. 120 s, 3 significant figures.
-            latency: RefCell::new(Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("histogram bounds")),
+            latency: RefCell::new(
+                Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("histogram bounds"),
+            ),
             record_latency: Cell::new(true),
             established: Cell::new(0),
             connected: Cell::new(0),
@@ -163,7 +171,10 @@ pub async fn open(
         }
         let r = s.read(&mut buf[n..]).await?;
         if r == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "eof during handshake"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "eof during handshake",
+            ));
         }
         n += r;
         if let Some(end) = memmem::find(&buf[..n], b"\r\n\r\n") {
@@ -208,7 +219,8 @@ pub async fn client_task(
         };
         let path = sh.path(idx, mode == Mode::Resuming);
         let src = sh.source(idx);
-        let opened = tokio::time::timeout(sh.handshake_timeout, open(sh.addr, src, &path, rcvbuf)).await;
+        let opened =
+            tokio::time::timeout(sh.handshake_timeout, open(sh.addr, src, &path, rcvbuf)).await;
         let (stream, leftover) = match opened {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
@@ -265,9 +277,7 @@ pub async fn client_task(
 
 fn retry_allowed(sh: &Shared, mode: Mode, attempts: u32) -> bool {
     match mode {
-        Mode::Resuming => {
-            attempts < 400 && sh.deadline.get().is_none_or(|d| Instant::now() < d)
-        }
+        Mode::Resuming => attempts < 400 && sh.deadline.get().is_none_or(|d| Instant::now() < d),
         _ => attempts < 3,
     }
 }
@@ -332,7 +342,8 @@ async fn read_loop(
                         }
                     }
                     0x8 => {
-                        let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                        let code = (payload.len() >= 2)
+                            .then(|| u16::from_be_bytes([payload[0], payload[1]]));
                         ended = Some(End::Close(code.or(st.close_code)));
                     }
                     0x9 => {
@@ -417,7 +428,11 @@ fn cold_frame(st: &mut ClientState, payload: &[u8]) -> bool {
     match v.get("type").and_then(|t| t.as_str()).unwrap_or("") {
         "connection.established" => {
             let seq = v.get("seq").and_then(|s| s.as_u64()).unwrap_or(0);
-            let epoch = v.get("epoch").and_then(|s| s.as_str()).unwrap_or("").to_string();
+            let epoch = v
+                .get("epoch")
+                .and_then(|s| s.as_str())
+                .unwrap_or("")
+                .to_string();
             let resumed = v.get("resumed").and_then(|s| s.as_bool()).unwrap_or(false);
             if resumed {
                 st.resumed += 1;
@@ -517,10 +532,23 @@ mod tests {
 
     #[test]
     fn sequence_accounting() {
-        let mut st = ClientState { baseline: Some(10), last_seq: 10, ..Default::default() };
+        let mut st = ClientState {
+            baseline: Some(10),
+            last_seq: 10,
+            ..Default::default()
+        };
         for s in [11, 12, 14, 14, 13, 15] {
             on_event(&mut st, s);
         }
-        assert_eq!((st.received, st.gaps, st.missing, st.duplicates, st.out_of_order), (4, 1, 1, 1, 1));
+        assert_eq!(
+            (
+                st.received,
+                st.gaps,
+                st.missing,
+                st.duplicates,
+                st.out_of_order
+            ),
+            (4, 1, 1, 1, 1)
+        );
     }
 }

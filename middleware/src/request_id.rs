@@ -107,11 +107,14 @@ where
                         if let Some(echo) = echo {
                             response.headers_mut().insert(X_REQUEST_ID, echo);
                         }
-                        tracing::info!(
-                            status = response.status().as_u16(),
-                            latency_ms,
-                            "request completed"
-                        );
+                        let status = response.status().as_u16();
+                        // WebSocket upgrades are logged by the gateway's session (at debug:
+                        // a connect storm must not become a log storm).
+                        if status == 101 {
+                            tracing::debug!(status, latency_ms, "request completed");
+                        } else {
+                            tracing::info!(status, latency_ms, "request completed");
+                        }
                         Ok(response)
                     }
                     Err(err) => {
