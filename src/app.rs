@@ -69,9 +69,12 @@ impl App {
             Some(url) => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 let hub = Hub::new(Some(tx), linger, policy);
-                let redis = RedisBroker::new(url, &config.redis, hub.clone(), history)
+                // Bounded: a connect storm waits here rather than growing a queue.
+                let (records_tx, records_rx) = tokio::sync::mpsc::channel(10_000);
+                let redis = RedisBroker::new(url, &config.redis, hub.clone(), history, records_tx)
                     .map_err(|e| AppError::Broker(e.to_string()))?;
                 tokio::spawn(redis.clone().run_pubsub(rx));
+                tokio::spawn(redis.clone().run_records(records_rx));
                 (hub, Broker::Redis(redis))
             }
         };

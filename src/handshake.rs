@@ -254,8 +254,8 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         connected_at: session.connected_at.clone(),
     };
     let ttl = app.record_ttl();
-    let broker = app.broker.clone();
-    tokio::spawn(async move { broker.put_connection(&record, ttl).await });
+    // Queued for the batched record writer, ahead of this session's own deletion.
+    app.broker.put_connection(&record, ttl).await;
     app.hub.metrics.handshake(Handshake::Accepted);
     tracing::debug!(client_id = %session.client_id, user_id = %session.user_id, %ip, "websocket connected");
     tokio::spawn(conn::run(app, session, upgrade, guard, resume));

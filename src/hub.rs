@@ -21,6 +21,7 @@ use parking_lot::RwLock;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::broker::state::Snapshot;
 use crate::event::{self, Prepared};
 use crate::resume::Tail;
 use crate::schema::Policy;
@@ -72,6 +73,8 @@ struct Slot {
     tail: Arc<parking_lot::Mutex<Tail>>,
     /// The history epoch this instance last saw for the project.
     epoch: parking_lot::Mutex<Option<String>>,
+    /// The last status snapshot read, with when; valid while no newer event arrived.
+    snapshot: parking_lot::Mutex<Option<(std::time::Instant, Arc<Snapshot>)>>,
 }
 
 #[derive(Default)]
@@ -247,6 +250,24 @@ impl Hub {
             .and_then(|s| s.epoch.lock().clone())
     }
 
+    /// A recent snapshot of `project` still current here: no event with a newer seq was
+    /// delivered since it was read (state only changes through seq'd events). Saves one
+    /// broker read per connect in a connect storm.
+    pub fn cached_snapshot(&self, project: &str, max_age: Duration) -> Option<Arc<Snapshot>> {
+        let projects = self.projects.read();
+        let slot = projects.get(project)?;
+        let cached = slot.snapshot.lock();
+        let (at, snap) = cached.as_ref()?;
+        let current = slot.last_seq.load(Ordering::Acquire) <= snap.seq;
+        (current && at.elapsed() < max_age).then(|| snap.clone())
+    }
+
+    pub fn cache_snapshot(&self, project: &str, snap: Arc<Snapshot>) {
+        if let Some(slot) = self.projects.read().get(project) {
+            *slot.snapshot.lock() = Some((std::time::Instant::now(), snap));
+        }
+    }
+
     pub fn policy(&self) -> &Policy {
         &self.policy
     }
@@ -291,30 +312,65 @@ impl Hub {
 
     /// Fans one prepared event out to every session of `project`. Never awaits.
     pub fn deliver(&self, project: &str, prepared: &Prepared) -> usize {
+        self.deliver_batch(project, std::slice::from_ref(prepared))
+    }
+
+    /// Fans out events of one project that arrived together (one broker read), in order.
+    /// Their frames are joined into one buffer, so each session gets one write (one
+    /// syscall) for the whole batch rather than one per event. Sessions still preparing
+    /// their greeting get the events one by one (their gate deduplicates by seq).
+    pub fn deliver_batch(&self, project: &str, batch: &[Prepared]) -> usize {
         let projects = self.projects.read();
         let Some(slot) = projects.get(project) else {
             return 0;
         };
-        if let Some(seq) = prepared.seq {
-            let upto = slot.dedupe_upto.load(Ordering::Acquire);
-            if upto > 0 {
-                if seq <= upto {
-                    return 0;
+        let mut events: Vec<&Prepared> = Vec::with_capacity(batch.len());
+        {
+            let mut tail = slot.tail.lock();
+            for prepared in batch {
+                if let Some(seq) = prepared.seq {
+                    let upto = slot.dedupe_upto.load(Ordering::Acquire);
+                    if upto > 0 {
+                        if seq <= upto {
+                            continue;
+                        }
+                        slot.dedupe_upto.store(0, Ordering::Release);
+                    }
+                    slot.last_seq.fetch_max(seq, Ordering::AcqRel);
+                    tail.record(prepared);
                 }
-                slot.dedupe_upto.store(0, Ordering::Release);
+                events.push(prepared);
             }
-            slot.last_seq.fetch_max(seq, Ordering::AcqRel);
-            slot.tail.lock().record(prepared);
         }
+        let joined = match events.as_slice() {
+            [] => return 0,
+            [_] => None,
+            many => {
+                let mut buf =
+                    bytes::BytesMut::with_capacity(many.iter().map(|p| p.frame.len()).sum());
+                for p in many {
+                    buf.extend_from_slice(&p.frame);
+                }
+                Some(buf.freeze())
+            }
+        };
         for session in &slot.sessions {
-            session.offer_event(
-                prepared.frame.clone(),
-                prepared.conflate,
-                prepared.seq,
-                &self.stats,
-            );
+            // Joined frames only go to a session with nothing queued (they will most likely
+            // be written at once); one with a backlog gets them one by one so its progress
+            // events stay conflatable.
+            let direct = !session.is_gated() && session.outbox.is_empty();
+            match (&joined, direct) {
+                (Some(frames), true) => {
+                    session.offer_event(frames.clone(), None, None, &self.stats)
+                }
+                _ => {
+                    for p in &events {
+                        session.offer_event(p.frame.clone(), p.conflate, p.seq, &self.stats);
+                    }
+                }
+            }
         }
-        let n = slot.sessions.len();
+        let n = slot.sessions.len() * events.len();
         self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
         n
     }

@@ -249,8 +249,19 @@ pub async fn greet(app: &App, session: &Arc<Session>, resume: Option<ResumeReque
     }
 }
 
+/// How long a cached snapshot may serve new connections (it is only used while no newer
+/// event arrived; the age bound covers a broker that lost its data without a reconnect).
+const SNAPSHOT_CACHE: std::time::Duration = std::time::Duration::from_millis(500);
+
 async fn greet_fresh(app: &App, session: &Arc<Session>, project: &str) -> Result<(), BrokerError> {
-    let snap = app.broker.snapshot(project).await?;
+    let snap = match app.hub.cached_snapshot(project, SNAPSHOT_CACHE) {
+        Some(snap) => snap,
+        None => {
+            let snap = Arc::new(app.broker.snapshot(project).await?);
+            app.hub.cache_snapshot(project, snap.clone());
+            snap
+        }
+    };
     app.hub.note_epoch(project, &snap.epoch);
     let frames = vec![
         session.message(established(app, session, snap.seq, &snap.epoch, false)),

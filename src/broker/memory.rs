@@ -71,6 +71,7 @@ impl MemoryBroker {
         }
         log.last_publish = Instant::now();
         let mut seqs = Vec::with_capacity(events.len());
+        let mut batch = Vec::with_capacity(events.len());
         for ev in events {
             log.seq += 1;
             let body = with_seq(&ev, log.seq)?;
@@ -84,9 +85,11 @@ impl MemoryBroker {
             while log.history.len() > self.history.max_len {
                 log.history.pop_front();
             }
-            self.hub.deliver(project, &prepared);
+            batch.push(prepared);
             seqs.push(log.seq);
         }
+        // Still under the project lock: delivery order is seq order.
+        self.hub.deliver_batch(project, &batch);
         log.state.age_out(self.history.terminal_task_ttl);
         Ok(seqs)
     }

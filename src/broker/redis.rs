@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::{self, AsyncCommands};
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
+
+/// Most pub/sub messages handled as one batch.
+const MAX_READ_BATCH: usize = 512;
 use parking_lot::Mutex;
 use switchboard_middleware::{AuthError, SessionRecord, SessionStore};
 use tokio::sync::mpsc;
@@ -41,7 +44,15 @@ pub struct RedisStats {
     pub dropped_events: AtomicU64,
 }
 
+/// A queued change to the connection records.
+#[derive(Debug)]
+pub enum RecordOp {
+    Put(ConnectionRecord, Duration),
+    Delete(String, Vec<String>),
+}
+
 pub struct RedisBroker {
+    records: mpsc::Sender<RecordOp>,
     client: redis::Client,
     pool: Pool,
     script: redis::Script,
@@ -68,6 +79,7 @@ impl RedisBroker {
         config: &RedisConfig,
         hub: Arc<Hub>,
         history: HistoryLimits,
+        records: mpsc::Sender<RecordOp>,
     ) -> Result<Arc<Self>, BrokerError> {
         let client = redis::Client::open(url).map_err(|e| BrokerError::Protocol(e.to_string()))?;
         let timeout = Duration::from_millis(config.command_timeout_ms.max(100));
@@ -83,6 +95,7 @@ impl RedisBroker {
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|e| BrokerError::Protocol(e.to_string()))?;
         Ok(Arc::new(Self {
+            records,
             client,
             pool,
             script: redis::Script::new(PUBLISH_SCRIPT),
@@ -273,37 +286,68 @@ impl RedisBroker {
         Ok(n.max(0) as u64)
     }
 
+    /// Queues a connection record write; records are written in batches, in order with
+    /// their deletions, by [`RedisBroker::run_records`] (one pipeline per batch instead of
+    /// a round trip per connection: connect storms).
     pub async fn put_connection(&self, record: &ConnectionRecord, ttl: Duration) {
-        let key = connection_key(&record.client_id);
-        let value = serde_json::to_string(record).unwrap_or_default();
-        let secs = ttl.as_secs().max(1);
-        let until = crate::session::unix_millis() + secs * 1000;
-        let mut pipe = redis::pipe();
-        pipe.set_ex(&key, value, secs).ignore();
-        for project in &record.projects {
-            pipe.zadd(presence_key(project), &record.client_id, until)
-                .ignore();
-            pipe.expire(presence_key(project), secs as i64 * 2).ignore();
-        }
-        if let Err(e) = self
-            .with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
-            .await
-        {
-            tracing::warn!(error = %e, client_id = %record.client_id, "could not write connection record");
-        }
+        self.record_op(RecordOp::Put(record.clone(), ttl)).await;
     }
 
     pub async fn delete_connection(&self, client_id: &str, projects: &[String]) {
+        self.record_op(RecordOp::Delete(client_id.to_owned(), projects.to_vec()))
+            .await;
+    }
+
+    async fn record_op(&self, op: RecordOp) {
+        if let Err(e) = self.records.send(op).await {
+            // The writer is gone (shutting down): write this one directly.
+            self.write_records(vec![e.0]).await;
+        }
+    }
+
+    /// The record writer: drains queued puts/deletes and writes each batch as one pipeline.
+    pub async fn run_records(self: Arc<Self>, mut ops: mpsc::Receiver<RecordOp>) {
+        while let Some(op) = ops.recv().await {
+            let mut batch = vec![op];
+            while batch.len() < 1000 {
+                match ops.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.write_records(batch).await;
+        }
+    }
+
+    async fn write_records(&self, batch: Vec<RecordOp>) {
         let mut pipe = redis::pipe();
-        pipe.del(connection_key(client_id)).ignore();
-        for project in projects {
-            pipe.zrem(presence_key(project), client_id).ignore();
+        let now = crate::session::unix_millis();
+        for op in &batch {
+            match op {
+                RecordOp::Put(record, ttl) => {
+                    let secs = ttl.as_secs().max(1);
+                    let value = serde_json::to_string(record).unwrap_or_default();
+                    pipe.set_ex(connection_key(&record.client_id), value, secs)
+                        .ignore();
+                    for project in &record.projects {
+                        pipe.zadd(presence_key(project), &record.client_id, now + secs * 1000)
+                            .ignore();
+                        pipe.expire(presence_key(project), secs as i64 * 2).ignore();
+                    }
+                }
+                RecordOp::Delete(client_id, projects) => {
+                    pipe.del(connection_key(client_id)).ignore();
+                    for project in projects {
+                        pipe.zrem(presence_key(project), client_id).ignore();
+                    }
+                }
+            }
         }
         if let Err(e) = self
             .with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
             .await
         {
-            tracing::warn!(error = %e, client_id, "could not delete connection record");
+            tracing::warn!(error = %e, ops = batch.len(), "could not write connection records");
         }
     }
 
@@ -428,22 +472,44 @@ impl RedisBroker {
         );
     }
 
-    fn on_message(&self, msg: &redis::Msg) {
-        let channel = msg.get_channel_name();
-        let payload = msg.get_payload_bytes();
+    /// Handles the messages of one read from the pub/sub connection. Consecutive events of
+    /// a project are checked one by one and fanned out together (one write per session).
+    fn on_messages(&self, msgs: &[redis::Msg]) {
         self.hub
             .metrics
             .events_from_redis
-            .fetch_add(1, Ordering::Relaxed);
-        let result = if channel == BROADCAST_CHANNEL {
-            self.hub.broadcast_raw(payload)
-        } else if let Some(project) = channel_project(channel) {
-            self.hub.deliver_raw(project, payload)
-        } else {
-            return;
-        };
-        if let Err(e) = result {
-            self.note_dropped(channel, e.reason(), &e.to_string());
+            .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        let mut run: Vec<crate::event::Prepared> = Vec::new();
+        let mut run_project: Option<&str> = None;
+        let policy = *self.hub.policy();
+        for msg in msgs {
+            let channel = msg.get_channel_name();
+            let payload = msg.get_payload_bytes();
+            let project = channel_project(channel);
+            if run_project.is_some() && project != run_project {
+                if let Some(p) = run_project {
+                    self.hub.deliver_batch(p, &run);
+                }
+                run.clear();
+                run_project = None;
+            }
+            if channel == BROADCAST_CHANNEL {
+                if let Err(e) = self.hub.broadcast_raw(payload) {
+                    self.note_dropped(channel, e.reason(), &e.to_string());
+                }
+                continue;
+            }
+            let Some(project) = project else { continue };
+            match crate::event::prepare_project_event(project, payload, Some(&policy)) {
+                Ok(p) => {
+                    run_project = Some(project);
+                    run.push(p);
+                }
+                Err(e) => self.note_dropped(channel, e.reason(), &e.to_string()),
+            }
+        }
+        if let Some(p) = run_project {
+            self.hub.deliver_batch(p, &run);
         }
     }
 
@@ -583,7 +649,22 @@ impl RedisBroker {
             tokio::select! {
                 biased;
                 msg = stream.next() => match msg {
-                    Some(msg) => self.on_message(&msg),
+                    Some(msg) => {
+                        // Take everything already received: under load, batches grow and
+                        // each session gets fewer, larger writes.
+                        let mut batch = vec![msg];
+                        while batch.len() < MAX_READ_BATCH {
+                            match stream.next().now_or_never() {
+                                Some(Some(m)) => batch.push(m),
+                                Some(None) => {
+                                    self.on_messages(&batch);
+                                    return Serve::Lost("pub/sub connection closed".into());
+                                }
+                                None => break,
+                            }
+                        }
+                        self.on_messages(&batch);
+                    }
                     None => return Serve::Lost("pub/sub connection closed".into()),
                 },
                 cmd = commands.recv() => match cmd {

@@ -261,6 +261,11 @@ impl Outbox {
         !inner.queue.is_empty() && inner.socket.is_some() && !inner.broken
     }
 
+    /// Nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.inner.lock().queue.is_empty()
+    }
+
     pub fn is_broken(&self) -> bool {
         self.inner.lock().broken
     }
