@@ -80,7 +80,8 @@ enum Read {
 
 async fn serve(app: &App, session: &Arc<Session>, socket: &TcpStream, mut pending: Vec<u8>) {
     let mut reader = Reader::new(app);
-    let mut deadline: Option<tokio::time::Instant> = None;
+    // Boxed and only while closing: a timer inline would cost every idle connection.
+    let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     if !pending.is_empty() {
         if let Read::End = Box::pin(reader.process(app, session, &mut pending)).await {
             return;
@@ -93,15 +94,18 @@ async fn serve(app: &App, session: &Arc<Session>, socket: &TcpStream, mut pendin
         match session.outbox.drain() {
             Drained::Finished => {
                 // Our close frame is out; give the client a moment to answer it.
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.readable())
-                    .await;
+                let _ = Box::pin(tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    socket.readable(),
+                ))
+                .await;
                 return;
             }
             Drained::Broken => return,
             Drained::Empty | Drained::Blocked => {}
         }
         if deadline.is_none() && session.outbox.is_closing() {
-            deadline = Some(tokio::time::Instant::now() + CLOSE_DEADLINE);
+            deadline = Some(Box::pin(tokio::time::sleep(CLOSE_DEADLINE)));
         }
         let backlog = session.outbox.has_pending();
         tokio::select! {
@@ -127,15 +131,8 @@ async fn serve(app: &App, session: &Arc<Session>, socket: &TcpStream, mut pendin
                 }
             }
             _ = session.outbox.ready() => {}
-            _ = sleep_until(deadline), if deadline.is_some() => return,
+            _ = async { deadline.as_mut().expect("guarded").await }, if deadline.is_some() => return,
         }
-    }
-}
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

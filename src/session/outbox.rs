@@ -287,6 +287,10 @@ impl Outbox {
         };
         loop {
             if inner.queue.is_empty() {
+                if inner.queue.capacity() > 8 {
+                    // A backlog passed: an idle connection keeps no queue memory.
+                    inner.queue = VecDeque::new();
+                }
                 return if inner.state == State::Closing {
                     Drained::Finished
                 } else {
