@@ -38,23 +38,33 @@ pub async fn run(
 ) {
     // Runs while the 101 is on its way; live events wait behind the session's gate.
     Box::pin(crate::resume::greet(&app, &session, resume)).await;
-    match upgrade.await.map(|ws| {
-        ws.into_inner()
+    // Only the socket and the bytes the client already sent survive past this block: the
+    // upgrade's own buffers are dropped before the long-lived loop below.
+    let attached = match upgrade.await {
+        Ok(ws) => match ws
+            .into_inner()
             .into_inner()
             .downcast::<TokioIo<TcpStream>>()
-    }) {
-        Ok(Ok(parts)) => {
-            // `read_buf` may be a slice of hyper's whole read buffer: copy what the client
-            // already sent and let that buffer go now, not when the connection ends.
-            let early = parts.read_buf.to_vec();
-            drop(parts.read_buf);
-            let socket = Arc::new(parts.io.into_inner());
-            session.outbox.attach(socket.clone());
-            serve(&app, &session, &socket, early).await;
-            drop(socket);
+        {
+            Ok(parts) => {
+                // `read_buf` may be a slice of hyper's whole read buffer: copy what the client
+                // already sent and let that buffer go now.
+                let early = parts.read_buf.to_vec();
+                Some((Arc::new(parts.io.into_inner()), early))
+            }
+            Err(_) => {
+                tracing::error!("upgraded connection is not a TCP stream");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            None
         }
-        Ok(Err(_)) => tracing::error!("upgraded connection is not a TCP stream"),
-        Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+    };
+    if let Some((socket, early)) = attached {
+        session.outbox.attach(socket.clone());
+        serve(&app, &session, &socket, early).await;
     }
     session.abort();
     session.outbox.detach();
@@ -270,6 +280,24 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The whole connection task: what every idle connection pays for.
+    #[tokio::test]
+    async fn connection_task_stays_small() {
+        let app = App::build(crate::config::Config::default()).unwrap();
+        let session = Session::new_for_test("p", app.outbox_limits());
+        let mut req = http::Request::builder()
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+            .body(())
+            .unwrap();
+        let (_, upgrade) = fastwebsockets::upgrade::upgrade(&mut req).unwrap();
+        let guard = app.limits.acquire([127, 0, 0, 1].into()).unwrap();
+        let fut = run(app.clone(), session, upgrade, guard, None);
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("connection task future: {size} bytes");
+        assert!(size <= 1024, "run() future is {size} bytes");
+    }
 
     /// Every idle connection pays for its task's future: keep it small (big parts boxed).
     #[tokio::test]
