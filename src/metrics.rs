@@ -70,169 +70,146 @@ impl Metrics {
     }
 }
 
-fn counter(out: &mut String, name: &str, help: &str, kind: &str) {
+/// One metric family: HELP/TYPE header, then `(labels, value)` samples.
+fn family(out: &mut String, name: &str, help: &str, kind: &str, samples: &[(&str, u64)]) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+fn labelled(key: &str, labels: &[&str], values: &[AtomicU64]) -> Vec<(String, u64)> {
+    labels
+        .iter()
+        .zip(values)
+        .map(|(l, v)| (format!("{key}=\"{l}\""), v.load(Ordering::Relaxed)))
+        .collect()
+}
+
+fn as_samples(v: &[(String, u64)]) -> Vec<(&str, u64)> {
+    v.iter().map(|(l, n)| (l.as_str(), *n)).collect()
 }
 
 /// Renders every metric of this instance.
 pub fn render(app: &App) -> String {
     let m = &app.hub.metrics;
     let hub = &app.hub.stats;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let mut out = String::new();
-    counter(
-        &mut out,
+    let o = &mut out;
+    family(
+        o,
         "switchboard_connections",
         "Open WebSocket connections.",
         "gauge",
+        &[("", app.hub.session_count() as u64)],
     );
-    let _ = writeln!(out, "switchboard_connections {}", app.hub.session_count());
-    counter(
-        &mut out,
+    family(
+        o,
         "switchboard_projects",
         "Projects with at least one client here.",
         "gauge",
+        &[("", app.hub.project_count() as u64)],
     );
-    let _ = writeln!(out, "switchboard_projects {}", app.hub.project_count());
-    counter(
-        &mut out,
+    let handshakes = labelled("result", &HANDSHAKE_LABELS, &m.handshakes);
+    family(
+        o,
         "switchboard_handshakes_total",
         "WebSocket handshakes by result.",
         "counter",
+        &as_samples(&handshakes),
     );
-    for (i, label) in HANDSHAKE_LABELS.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "switchboard_handshakes_total{{result=\"{label}\"}} {}",
-            m.handshakes[i].load(Ordering::Relaxed)
-        );
-    }
-    counter(
-        &mut out,
+    family(
+        o,
         "switchboard_broker_up",
         "1 when the broker is reachable.",
         "gauge",
+        &[("", u64::from(app.broker.is_up()))],
     );
-    let _ = writeln!(
-        out,
-        "switchboard_broker_up {}",
-        u8::from(app.broker.is_up())
-    );
-    counter(
-        &mut out,
+    family(
+        o,
         "switchboard_messages_delivered_total",
-        "Frames queued to clients by fan-out.",
+        "Frames queued or written to clients by fan-out.",
         "counter",
+        &[("", get(&hub.delivered))],
     );
-    let _ = writeln!(
-        out,
-        "switchboard_messages_delivered_total {}",
-        hub.delivered.load(Ordering::Relaxed)
-    );
-    counter(
-        &mut out,
+    family(
+        o,
         "switchboard_messages_dropped_total",
         "Queued frames dropped, by reason.",
         "counter",
+        &[("reason=\"conflated\"", get(&hub.conflated))],
     );
-    let _ = writeln!(
-        out,
-        "switchboard_messages_dropped_total{{reason=\"conflated\"}} {}",
-        hub.conflated.load(Ordering::Relaxed)
-    );
-    counter(
-        &mut out,
+    family(
+        o,
         "switchboard_events_received_total",
         "Events received, by source.",
         "counter",
+        &[
+            ("source=\"api\"", get(&m.events_from_api)),
+            ("source=\"redis\"", get(&m.events_from_redis)),
+        ],
     );
-    let _ = writeln!(
-        out,
-        "switchboard_events_received_total{{source=\"api\"}} {}\nswitchboard_events_received_total{{source=\"redis\"}} {}",
-        m.events_from_api.load(Ordering::Relaxed),
-        m.events_from_redis.load(Ordering::Relaxed)
-    );
-    counter(
-        &mut out,
+    let rejected = labelled("reason", &REJECT_LABELS, &m.rejected);
+    family(
+        o,
         "switchboard_events_rejected_total",
         "Events refused or dropped, by reason.",
         "counter",
+        &as_samples(&rejected),
     );
-    for (i, label) in REJECT_LABELS.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "switchboard_events_rejected_total{{reason=\"{label}\"}} {}",
-            m.rejected[i].load(Ordering::Relaxed)
-        );
-    }
-    counter(
-        &mut out,
+    family(
+        o,
         "switchboard_commands_total",
         "Client commands relayed to workers.",
         "counter",
+        &[
+            ("type=\"node.execute\"", get(&m.commands_execute)),
+            ("type=\"task.cancel\"", get(&m.commands_cancel)),
+        ],
     );
-    let _ = writeln!(
-        out,
-        "switchboard_commands_total{{type=\"node.execute\"}} {}\nswitchboard_commands_total{{type=\"task.cancel\"}} {}",
-        m.commands_execute.load(Ordering::Relaxed),
-        m.commands_cancel.load(Ordering::Relaxed)
-    );
-    counter(
-        &mut out,
+    family(
+        o,
         "switchboard_slow_consumer_closes_total",
         "Connections closed with 4500.",
         "counter",
+        &[("", get(&hub.slow_closes))],
     );
-    let _ = writeln!(
-        out,
-        "switchboard_slow_consumer_closes_total {}",
-        hub.slow_closes.load(Ordering::Relaxed)
-    );
-    counter(
-        &mut out,
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks() as u64;
+    family(
+        o,
         "switchboard_runtime_tasks",
         "Tokio tasks alive (about one per connection).",
         "gauge",
+        &[("", tasks)],
     );
-    let _ = writeln!(
-        out,
-        "switchboard_runtime_tasks {}",
-        tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks()
-    );
-    counter(
-        &mut out,
+    family(
+        o,
         "switchboard_history_reads_total",
         "History reads made for resuming clients.",
         "counter",
-    );
-    let _ = writeln!(
-        out,
-        "switchboard_history_reads_total {}",
-        app.resumer.history_reads.load(Ordering::Relaxed)
+        &[("", get(&app.resumer.history_reads))],
     );
     if let crate::broker::Broker::Redis(r) = &app.broker {
-        counter(
-            &mut out,
+        family(
+            o,
             "switchboard_broker_reconnects_total",
             "Pub/sub reconnections after an outage.",
             "counter",
+            &[("", get(&r.stats.reconnects))],
         );
-        let _ = writeln!(
-            out,
-            "switchboard_broker_reconnects_total {}",
-            r.stats.reconnects.load(Ordering::Relaxed)
-        );
-        counter(
-            &mut out,
+        family(
+            o,
             "switchboard_pubsub_dead_detected_total",
             "Silently dead pub/sub connections detected by PING.",
             "counter",
-        );
-        let _ = writeln!(
-            out,
-            "switchboard_pubsub_dead_detected_total {}",
-            r.stats.dead_pubsub_detected.load(Ordering::Relaxed)
+            &[("", get(&r.stats.dead_pubsub_detected))],
         );
     }
     out
