@@ -106,7 +106,7 @@ async fn serve(app: &App, session: &Arc<Session>, socket: &TcpStream, mut pendin
                 // Our close frame is out; give the client a moment to answer it.
                 let _ = Box::pin(tokio::time::timeout(
                     std::time::Duration::from_secs(1),
-                    socket.readable(),
+                    readable(socket),
                 ))
                 .await;
                 return;
@@ -119,7 +119,7 @@ async fn serve(app: &App, session: &Arc<Session>, socket: &TcpStream, mut pendin
         }
         let backlog = session.outbox.has_pending();
         tokio::select! {
-            ready = socket.readable() => {
+            ready = readable(socket) => {
                 if ready.is_err() {
                     return;
                 }
@@ -135,7 +135,7 @@ async fn serve(app: &App, session: &Arc<Session>, socket: &TcpStream, mut pendin
                     Err(_) => return,
                 }
             }
-            ready = socket.writable(), if backlog => {
+            ready = writable(socket), if backlog => {
                 if ready.is_err() {
                     return;
                 }
@@ -144,6 +144,19 @@ async fn serve(app: &App, session: &Arc<Session>, socket: &TcpStream, mut pendin
             _ = async { deadline.as_mut().expect("guarded").await }, if deadline.is_some() => return,
         }
     }
+}
+
+/// Read readiness through the socket's single reader slot (`poll_read_ready`) rather than
+/// `readable()`: the slot still holds the waker of hyper's connection task, which polled
+/// this socket before the upgrade, and that waker keeps the finished task's memory (~1 KB)
+/// alive until the slot is overwritten. Only this task polls the socket afterwards.
+fn readable(socket: &TcpStream) -> impl std::future::Future<Output = std::io::Result<()>> + '_ {
+    std::future::poll_fn(move |cx| socket.poll_read_ready(cx))
+}
+
+/// Write readiness through the writer slot, for the same reason as [`readable`].
+fn writable(socket: &TcpStream) -> impl std::future::Future<Output = std::io::Result<()>> + '_ {
+    std::future::poll_fn(move |cx| socket.poll_write_ready(cx))
 }
 
 /// Reads what the socket has into `pending`, through a stack buffer, so an idle connection
