@@ -71,6 +71,13 @@ impl Tail {
         }
     }
 
+    /// Drops what the tail holds if it belongs to another epoch than the broker's.
+    fn forget_unless_epoch(&mut self, epoch: &str) {
+        if self.epoch.as_deref().is_some_and(|e| e != epoch) {
+            self.reset();
+        }
+    }
+
     pub fn reset(&mut self) {
         self.recording = false;
         self.epoch = None;
@@ -306,6 +313,13 @@ async fn greet_resume(
     req: ResumeRequest,
 ) -> Result<(), BrokerError> {
     let mut outcome = None;
+    // The tail is only as good as its epoch: a broker that lost its data without dropping
+    // our pub/sub connection (FLUSHALL) changes the epoch with no event to tell us. One
+    // cheap position read per resume catches it.
+    let current = app.broker.position(project).await?;
+    if let Some(tail) = app.hub.tail(project) {
+        tail.lock().forget_unless_epoch(&current.epoch);
+    }
     for _ in 0..3 {
         if let Some(tail) = app.hub.tail(project) {
             let served = tail.lock().serve(req.last_seq, req.epoch.as_deref());

@@ -408,6 +408,30 @@ async fn resync_after_flushall_gives_a_new_epoch() {
     drop(keep);
 }
 
+#[tokio::test]
+async fn resync_after_flushall_with_no_event_since() {
+    // The gateway served a resume from memory before; Redis then loses its data and nobody
+    // publishes: the old epoch must still be refused.
+    let redis = RedisServer::start();
+    let gw = GatewayOpts::new().redis(redis.url()).start();
+    let t = gw.token("fz", &["fz"]);
+    let (mut c, est) = fresh(&gw, "fz", &t).await;
+    let old = epoch_of(&est);
+    publish_range(&gw, "fz", 1, 3).await;
+    expect_events(&mut c, &range(1, 3), T).await;
+    drop(c);
+    let (c, est) = resume(&gw, "fz", &t, 3, Some(&old)).await;
+    assert_eq!(est["resumed"], true, "{est}");
+    let mut rc = redis.conn().await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut rc).await.unwrap();
+    let (mut c2, est) = resume(&gw, "fz", &t, 3, Some(&old)).await;
+    assert_eq!(est["resumed"], false, "old epoch must not resume: {est}");
+    let new = epoch_of(&est);
+    assert_ne!(new, old);
+    expect_resync(&mut c2, 3, 1, &new, 0).await;
+    drop(c);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_while_events_keep_coming_is_gap_and_duplicate_free() {
     let redis = RedisServer::start();
