@@ -196,8 +196,12 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
             );
         }
     };
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok(pair) => pair,
+    // Take hyper's upgrade handle ourselves: fastwebsockets still checks the request and
+    // builds the 101, but its own upgrade future would wrap the socket in a reader with an
+    // 8 KiB buffer that we would drop at once (see session/conn.rs).
+    let upgrade = hyper::upgrade::on(&mut req);
+    let response = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok((response, _unused)) => response,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, "bad_upgrade", &e.to_string()),
     };
     let response = response.map(|_| Default::default());
@@ -264,14 +268,14 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
 
 /// Completes an upgrade only to say why the connection cannot stay (4001/4003).
 async fn reject_after_upgrade(
-    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    upgrade: hyper::upgrade::OnUpgrade,
     code: u16,
     reason: &'static str,
     scope_fields: Value,
 ) {
     use tokio::io::AsyncWriteExt;
-    let Ok(ws) = upgrade.await else { return };
-    let mut io = ws.into_inner();
+    let Ok(upgraded) = upgrade.await else { return };
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
     let mut notice = json!({
         "type": "connection.closed",
         "code": code,

@@ -1,7 +1,8 @@
 //! The one task that owns an upgraded connection.
 //!
-//! After fastwebsockets completes the upgrade we take the raw `TcpStream` back from hyper
-//! (so we can write to it without a task and read without a buffer) and run one loop:
+//! After the upgrade (fastwebsockets checks the request and builds the 101) we take the raw
+//! `TcpStream` back from hyper, so we can write to it without a task and read it without a
+//! buffer, and run one loop:
 //! - readable: read what is there into a stack buffer, parse client frames ([`super::wire`]),
 //!   handle them ([`super::messages`]); only an incomplete frame's bytes are kept;
 //! - writable (only while the outbox has a backlog): drain it with vectored writes;
@@ -32,7 +33,7 @@ const READ_CHUNK: usize = 4096;
 pub async fn run(
     app: Arc<App>,
     session: Arc<Session>,
-    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    upgrade: hyper::upgrade::OnUpgrade,
     guard: ConnectionGuard,
     resume: Option<crate::resume::ResumeRequest>,
 ) {
@@ -41,11 +42,7 @@ pub async fn run(
     // Only the socket and the bytes the client already sent survive past this block: the
     // upgrade's own buffers are dropped before the long-lived loop below.
     let attached = match upgrade.await {
-        Ok(ws) => match ws
-            .into_inner()
-            .into_inner()
-            .downcast::<TokioIo<TcpStream>>()
-        {
+        Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 // `read_buf` may be a slice of hyper's whole read buffer: copy what the client
                 // already sent and let that buffer go now.
@@ -299,12 +296,8 @@ mod tests {
     async fn connection_task_stays_small() {
         let app = App::build(crate::config::Config::default()).unwrap();
         let session = Session::new_for_test("p", app.outbox_limits());
-        let mut req = http::Request::builder()
-            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .header("sec-websocket-version", "13")
-            .body(())
-            .unwrap();
-        let (_, upgrade) = fastwebsockets::upgrade::upgrade(&mut req).unwrap();
+        let mut req = http::Request::builder().body(()).unwrap();
+        let upgrade = hyper::upgrade::on(&mut req);
         let guard = app.limits.acquire([127, 0, 0, 1].into()).unwrap();
         let fut = run(app.clone(), session, upgrade, guard, None);
         let size = std::mem::size_of_val(&fut);
