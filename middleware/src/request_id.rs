@@ -83,12 +83,14 @@ where
             request_id = %id,
             method = %req.method(),
             path = %req.uri().path(),
-            // The resolved client is known only below us (client-ip layer records it into
-            // this span); start with the TCP peer so the field is useful without it.
+            // The TCP peer here; the resolved client (behind trusted proxies) is known only
+            // below us: the client-ip layer records it into this span. Two fields, because a
+            // field recorded twice shows up twice in the text log.
+            peer = tracing::field::Empty,
             client_ip = tracing::field::Empty,
         );
         if let Some(PeerAddr(peer)) = req.extensions().get::<PeerAddr>() {
-            span.record("client_ip", tracing::field::display(peer.ip()));
+            span.record("peer", tracing::field::display(peer.ip()));
         }
         // Valid ids and UUIDs are plain ASCII, so this only fails on a bug; skip the echo then.
         let echo = HeaderValue::from_str(&id).ok();
