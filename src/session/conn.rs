@@ -138,7 +138,12 @@ async fn serve(app: &App, session: &Arc<Session>, socket: &TcpStream, mut pendin
                 }
             }
             _ = session.outbox.ready() => {}
-            _ = async { deadline.as_mut().expect("guarded").await }, if deadline.is_some() => return,
+            _ = async {
+                match deadline.as_mut() {
+                    Some(d) => d.await,
+                    None => std::future::pending().await,
+                }
+            }, if deadline.is_some() => return,
         }
     }
 }
