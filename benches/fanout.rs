@@ -36,11 +36,11 @@ fn sessions(n: usize) -> Vec<Arc<Session>> {
                 Scope::Project("p".into()),
                 vec!["p".into()],
                 IpAddr::from([127, 0, 0, 1]),
+                None,
                 Limits {
                     messages: 1 << 20,
                     bytes: 1 << 30,
                 },
-                tracing::Span::none(),
             )
         })
         .collect()

@@ -276,7 +276,17 @@ pub fn fill_envelope(event: &mut Map<String, Value>, project: &str) {
 
 /// Current time as RFC 3339 UTC with millisecond precision, e.g. `2026-11-23T12:53:37.123Z`.
 pub fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc();
+    format_rfc3339(time::OffsetDateTime::now_utc())
+}
+
+/// `unix_ms` (milliseconds since the UNIX epoch) as RFC 3339, UTC, milliseconds.
+pub fn rfc3339_from_millis(unix_ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format_rfc3339(t)
+}
+
+fn format_rfc3339(now: time::OffsetDateTime) -> String {
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );

@@ -225,15 +225,14 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
 
     let client_id = uuid::Uuid::new_v4().to_string();
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
-    let span = crate::session::connection_span(&client_id, &scope, &projects, peer, ip);
     let session = Session::new(
         client_id,
         claims,
         scope.clone(),
         projects.clone(),
         ip,
+        peer,
         app.outbox_limits(),
-        span,
     );
     // Live events wait until the greeting (snapshot or replay) is queued.
     session.close_gate();
@@ -254,11 +253,11 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
 
     let record = ConnectionRecord {
         client_id: session.client_id.clone(),
-        user_id: session.user_id.clone(),
+        user_id: session.user_id(),
         project_id: session.primary_project(),
         projects,
         instance_id: app.instance_id.clone(),
-        connected_at: session.connected_at.clone(),
+        connected_at: session.connected_at(),
     };
     let ttl = app.record_ttl();
     // Queued for the batched record writer, ahead of this session's own deletion.
@@ -267,8 +266,8 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     // In the connection's span (entered, not named as parent: a JSON line's span list is
     // the entered scope), with the request id linking it to the handshake's request line.
     let request_id = req.extensions().get::<RequestId>().map(|r| r.0.as_str());
-    session.span.in_scope(|| {
-        tracing::debug!(request_id, user_id = %session.user_id, "websocket connected");
+    session.span().in_scope(|| {
+        tracing::debug!(request_id, user_id = %session.user_id(), "websocket connected");
     });
     tokio::spawn(conn::task(app, session, upgrade, guard, resume));
     response

@@ -55,7 +55,7 @@ pub async fn run(app: Arc<App>) {
             if session.idle_for(now_ms) >= idle_limit {
                 // From the sweep's task, in the connection's span; client_id is repeated for
                 // filters that leave the span out.
-                session.span.in_scope(|| {
+                session.span().in_scope(|| {
                     tracing::info!(client_id = %session.client_id, "idle timeout: dropping connection");
                 });
                 session.close(close_code::GOING_AWAY, "idle timeout", true);

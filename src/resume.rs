@@ -235,7 +235,7 @@ fn established(app: &App, session: &Session, seq: u64, epoch: &str, resumed: boo
     json!({
         "type": "connection.established",
         "client_id": session.client_id,
-        "user_id": session.user_id,
+        "user_id": session.user_id(),
         "instance_id": app.instance_id,
         "heartbeat_interval": app.config.ws.heartbeat_interval_secs,
         "resumed": resumed,
@@ -252,7 +252,9 @@ pub async fn greet(app: &App, session: &Arc<Session>, resume: Option<ResumeReque
         (Scope::User, _) => greet_user(app, session).await,
     };
     if let Err(e) = result {
-        tracing::warn!(client_id = %session.client_id, error = %e, "could not greet; closing");
+        session.span().in_scope(|| {
+            tracing::warn!(client_id = %session.client_id, error = %e, "could not greet; closing");
+        });
         session.open_gate(Vec::new(), 0, &app.hub.stats);
         session.close(close_code::INTERNAL, "broker unavailable; reconnect", true);
     }
@@ -295,7 +297,7 @@ async fn greet_user(app: &App, session: &Arc<Session>) -> Result<(), BrokerError
     let hello = json!({
         "type": "connection.established",
         "client_id": session.client_id,
-        "user_id": session.user_id,
+        "user_id": session.user_id(),
         "instance_id": app.instance_id,
         "heartbeat_interval": app.config.ws.heartbeat_interval_secs,
         "resumed": false,

@@ -393,9 +393,9 @@ async fn presence(app: &App, project: &str, req: &Request<Incoming>) -> Response
             .map(|s| {
                 entry(
                     &json!(s.client_id),
-                    &json!(s.user_id),
+                    &json!(s.user_id()),
                     &json!(app.instance_id),
-                    &json!(s.connected_at),
+                    &json!(s.connected_at()),
                 )
             })
             .collect(),

@@ -206,7 +206,9 @@ async fn status(
         match app.broker.snapshot(&project).await {
             Ok(snap) => session.reply(snap.message(&project)),
             Err(e) => {
-                tracing::warn!(error = %e, project, "status snapshot failed");
+                session
+                    .span()
+                    .in_scope(|| tracing::warn!(error = %e, project, "status snapshot failed"));
                 session.reply(error_frame(
                     "broker_unavailable",
                     "the status snapshot is not available right now; retry later",
@@ -316,7 +318,7 @@ async fn command(
         }
     };
     payload["client_id"] = json!(session.client_id);
-    payload["user_id"] = json!(session.user_id);
+    payload["user_id"] = json!(session.user_id());
     payload["project_id"] = json!(project);
     payload["request_id"] = json!(request_id);
     payload["timestamp"] = json!(event::now_rfc3339());
@@ -349,7 +351,9 @@ async fn command(
             }));
         }
         Err(e) => {
-            tracing::warn!(error = %e, project, "command relay failed");
+            session
+                .span()
+                .in_scope(|| tracing::warn!(error = %e, project, "command relay failed"));
             unavailable();
         }
     }
@@ -424,7 +428,7 @@ fn refresh(app: &App, session: &Arc<Session>, msg: &Map<String, Value>) -> Resul
             return Ok(());
         }
     };
-    if claims.sub != session.user_id {
+    if claims.sub != session.user_id() {
         session.close(
             close_code::UNAUTHENTICATED,
             "token is for another user",

@@ -13,7 +13,7 @@ pub mod messages;
 pub mod outbox;
 pub mod wire;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -97,13 +97,14 @@ pub enum Scope {
 
 pub struct Session {
     pub client_id: String,
-    pub user_id: String,
     pub scope: Scope,
+    /// The client's address (behind trusted proxies, the one they report).
     pub ip: IpAddr,
-    pub connected_at: String,
-    /// The connection's span (client_id, project, peer): its task runs inside it, and other
-    /// tasks enter it to log about this connection ([`connection_span`]).
-    pub span: tracing::Span,
+    /// The TCP peer, for the connection's log span.
+    peer: Option<SocketAddr>,
+    /// Milliseconds since the UNIX epoch ([`Session::connected_at`] formats it: kept as a
+    /// number because every idle connection carries it).
+    connected_at_ms: u64,
     projects: Mutex<Vec<String>>,
     /// The credential in force (replaced by `auth.refresh`); decides `subscribe`.
     claims: Mutex<Arc<Claims>>,
@@ -118,6 +119,31 @@ pub struct Session {
     /// they can follow it in order and without duplicates. None once open.
     gate: Mutex<Option<Vec<Gated>>>,
     gated: AtomicBool,
+}
+
+impl Session {
+    /// The connection's log span (client_id, project, peer), built when something is
+    /// logged about it: a span kept for the connection's life costs ~0.5 KB of subscriber
+    /// state per idle connection (measured), and connections log rarely.
+    pub fn span(&self) -> tracing::Span {
+        connection_span(
+            &self.client_id,
+            &self.scope,
+            &self.projects(),
+            self.peer,
+            self.ip,
+        )
+    }
+
+    /// The user the credential names (`auth.refresh` cannot change it).
+    pub fn user_id(&self) -> String {
+        self.claims.lock().sub.clone()
+    }
+
+    /// When the connection was established, RFC 3339 (UTC, ms).
+    pub fn connected_at(&self) -> String {
+        event::rfc3339_from_millis(self.connected_at_ms)
+    }
 }
 
 /// A live event held back while the session's greeting is prepared.
@@ -141,16 +167,15 @@ impl Session {
         scope: Scope,
         projects: Vec<String>,
         ip: IpAddr,
+        peer: Option<SocketAddr>,
         limits: Limits,
-        span: tracing::Span,
     ) -> Arc<Self> {
         Arc::new(Self {
             client_id,
-            user_id: claims.sub.clone(),
             scope,
             ip,
-            connected_at: event::now_rfc3339(),
-            span,
+            peer,
+            connected_at_ms: unix_millis(),
             projects: Mutex::new(projects),
             outbox: Outbox::new(limits),
             last_seen_ms: AtomicU64::new(unix_millis()),
@@ -206,8 +231,8 @@ impl Session {
             Scope::Project(project.into()),
             vec![project.into()],
             IpAddr::from([127, 0, 0, 1]),
+            None,
             limits,
-            tracing::Span::none(),
         )
     }
 
@@ -350,7 +375,7 @@ impl Session {
                     // Logged from the fan-out's task, in the connection's span; client_id is
                     // repeated for filters above the span's level (warn), where the span is
                     // disabled.
-                    self.span.in_scope(|| {
+                    self.span().in_scope(|| {
                         tracing::warn!(client_id = %self.client_id, "slow consumer closed (4500)");
                     });
                 }

@@ -287,8 +287,9 @@ impl Outbox {
         };
         loop {
             if inner.queue.is_empty() {
-                if inner.queue.capacity() > 8 {
-                    // A backlog passed: an idle connection keeps no queue memory.
+                if inner.queue.capacity() > 0 {
+                    // A backlog (or the greeting) passed: an idle connection keeps no queue
+                    // memory. Even the greeting's 4 slots were 224 B of every connection.
                     inner.queue = VecDeque::new();
                 }
                 return if inner.state == State::Closing {

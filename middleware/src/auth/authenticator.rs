@@ -83,7 +83,7 @@ impl Authenticator {
         }
         Ok(Claims {
             sub: record.user_id,
-            projects: record.projects,
+            projects: super::jwt::shrunk(record.projects),
             role: None,
             exp: record.expires_at,
             kind: CredentialKind::Session,

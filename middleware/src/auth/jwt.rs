@@ -132,12 +132,20 @@ impl JwtVerifier {
             .ok_or_else(|| AuthError::InvalidClaims("sub is missing or empty".to_owned()))?;
         Ok(Claims {
             sub,
-            projects: raw.projects.unwrap_or_default(),
+            // Exact capacity: the claims live as long as the connection (serde grows the Vec
+            // to 4 slots for one project).
+            projects: raw.projects.map(shrunk).unwrap_or_default(),
             role: raw.role,
             exp: raw.exp,
             kind: CredentialKind::Jwt,
         })
     }
+}
+
+/// `v` without spare capacity (claims are kept for a connection's life).
+pub(crate) fn shrunk(mut v: Vec<String>) -> Vec<String> {
+    v.shrink_to_fit();
+    v
 }
 
 #[derive(Deserialize)]
