@@ -115,12 +115,14 @@ pub struct WsConfig {
     pub client_messages_burst: u32,
     pub rate_limit_close_after: u32,
     pub max_invalid_in_row: u32,
+    pub max_json_depth: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventsConfig {
     pub max_event_bytes: usize,
+    pub max_json_depth: usize,
     pub allow_unknown_types: bool,
     pub history_max_len: usize,
     pub history_ttl_secs: u64,
@@ -186,6 +188,7 @@ impl Default for WsConfig {
             client_messages_burst: 100,
             rate_limit_close_after: 50,
             max_invalid_in_row: 10,
+            max_json_depth: 32,
         }
     }
 }
@@ -194,6 +197,7 @@ impl Default for EventsConfig {
     fn default() -> Self {
         Self {
             max_event_bytes: 256 * 1024,
+            max_json_depth: 64,
             allow_unknown_types: false,
             history_max_len: 10_000,
             history_ttl_secs: 86_400,
@@ -341,6 +345,15 @@ impl Config {
                     .into(),
             );
         }
+        let depth = 1..=crate::json_depth::PARSER_LIMIT;
+        if !depth.contains(&self.ws.max_json_depth) || !depth.contains(&self.events.max_json_depth)
+        {
+            return bad(format!(
+                "ws.max_json_depth and events.max_json_depth must be between 1 and {} \
+                 (the JSON parser's own limit)",
+                crate::json_depth::PARSER_LIMIT
+            ));
+        }
         if self.ws.max_message_bytes < 128 {
             return bad("ws.max_message_bytes must be at least 128".into());
         }
@@ -374,6 +387,7 @@ impl Config {
     pub fn event_policy(&self) -> crate::schema::Policy {
         crate::schema::Policy {
             allow_unknown_types: self.events.allow_unknown_types,
+            max_json_depth: self.events.max_json_depth,
         }
     }
 

@@ -16,6 +16,7 @@
 //! schema/       typed events: registry, validation, TypeScript/JSON Schema generation
 //! routes.rs     HTTP API: health, readiness, publish, broadcast, ws-url
 //! limits.rs     connection caps (global, per IP)
+//! json_depth.rs nesting depth of JSON text, measured flat before any parse
 //! config.rs     the one config struct; app.rs the per-instance state; cli.rs the commands
 //! ```
 //!
@@ -31,6 +32,7 @@ pub mod frame;
 pub mod handshake;
 pub mod heartbeat;
 pub mod hub;
+pub mod json_depth;
 pub mod limits;
 pub mod metrics;
 pub mod resume;

@@ -33,13 +33,14 @@ const HANDSHAKE_LABELS: [&str; 8] = [
 ];
 
 /// Reasons an incoming event is rejected (label `reason`).
-const REJECT_LABELS: [&str; 10] = [
+const REJECT_LABELS: [&str; 11] = [
     "invalid_json",
     "not_object",
     "missing_type",
     "bad_project_id",
     "project_mismatch",
     "too_large",
+    "too_deep",
     "unknown_type",
     "not_publishable",
     "invalid_field",
@@ -49,7 +50,7 @@ const REJECT_LABELS: [&str; 10] = [
 #[derive(Default)]
 pub struct Metrics {
     handshakes: [AtomicU64; 8],
-    rejected: [AtomicU64; 10],
+    rejected: [AtomicU64; 11],
     pub events_from_api: AtomicU64,
     pub events_from_redis: AtomicU64,
     pub commands_execute: AtomicU64,

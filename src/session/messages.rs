@@ -4,7 +4,8 @@
 //! the offender's own connection may be closed (1008 after too many invalid messages in a
 //! row, 4029 for persistent rate abuse). Commands are relayed to `project:{id}:commands`
 //! and acknowledged with `command.accepted` carrying how many workers received them; a
-//! command is never reported accepted when the broker did not take it.
+//! command is never reported accepted when the broker did not take it. What one message
+//! can cost is bounded before it is parsed (`ws.max_json_depth`).
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -143,6 +144,16 @@ async fn dispatch(app: &App, session: &Arc<Session>, text: &str) -> Result<(), R
         }
         "status" => return status(app, session, None).await,
         _ => {}
+    }
+    // Before parsing: a deeply nested message costs the parser one recursion and one
+    // allocation per level, and past its own limit it would only say "not JSON".
+    let max_depth = app.config.ws.max_json_depth;
+    if crate::json_depth::exceeds(text.as_bytes(), max_depth) {
+        return Err(Refusal {
+            code: "invalid_message",
+            message: format!("message nests JSON deeper than {max_depth} levels"),
+            field: None,
+        });
     }
     let value: Value = serde_json::from_str(text).map_err(|_| Refusal {
         code: "invalid_json",
