@@ -116,6 +116,7 @@ pub struct WsConfig {
     pub rate_limit_close_after: u32,
     pub max_invalid_in_row: u32,
     pub max_json_depth: usize,
+    pub max_subscriptions_per_connection: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,6 +190,7 @@ impl Default for WsConfig {
             rate_limit_close_after: 50,
             max_invalid_in_row: 10,
             max_json_depth: 32,
+            max_subscriptions_per_connection: 100,
         }
     }
 }
@@ -353,6 +355,9 @@ impl Config {
                  (the JSON parser's own limit)",
                 crate::json_depth::PARSER_LIMIT
             ));
+        }
+        if self.ws.max_subscriptions_per_connection == 0 {
+            return bad("ws.max_subscriptions_per_connection must be at least 1".into());
         }
         if self.ws.max_message_bytes < 128 {
             return bad("ws.max_message_bytes must be at least 128".into());

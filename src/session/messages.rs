@@ -5,7 +5,8 @@
 //! row, 4029 for persistent rate abuse). Commands are relayed to `project:{id}:commands`
 //! and acknowledged with `command.accepted` carrying how many workers received them; a
 //! command is never reported accepted when the broker did not take it. What one message
-//! can cost is bounded before it is parsed (`ws.max_json_depth`).
+//! can cost is bounded before it is parsed (`ws.max_json_depth`) and what one connection
+//! can subscribe to is capped (`ws.max_subscriptions_per_connection`).
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -383,7 +384,17 @@ async fn subscribe(
             field: Some("project_id"),
         });
     }
-    if session.add_project(project) && app.hub.join(project, session).await.is_err() {
+    let max = app.config.ws.max_subscriptions_per_connection;
+    let Ok(added) = session.add_project(project, max) else {
+        return Err(Refusal {
+            code: "too_many_subscriptions",
+            message: format!(
+                "a connection may follow at most {max} projects; unsubscribe from one first"
+            ),
+            field: Some("project_id"),
+        });
+    };
+    if added && app.hub.join(project, session).await.is_err() {
         session.remove_project(project);
         session.reply(error_frame(
             "broker_unavailable",

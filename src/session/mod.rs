@@ -79,6 +79,11 @@ pub struct Session {
     gated: AtomicBool,
 }
 
+/// A `subscribe` beyond `ws.max_subscriptions_per_connection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("this connection follows as many projects as it may")]
+pub struct ProjectsFull;
+
 /// A live event held back while the session's greeting is prepared.
 struct Gated {
     frame: Bytes,
@@ -185,14 +190,20 @@ impl Session {
         self.projects.lock().iter().any(|p| p == project)
     }
 
-    /// Records `project`; false if it was already there.
-    pub fn add_project(&self, project: &str) -> bool {
+    /// Records `project` unless the connection already follows `max` projects: Ok(false)
+    /// if it was already there, [`ProjectsFull`] when full. The cap bounds what one
+    /// connection can make this instance subscribe to (hub slots, broker channels,
+    /// presence entries).
+    pub fn add_project(&self, project: &str, max: usize) -> Result<bool, ProjectsFull> {
         let mut projects = self.projects.lock();
         if projects.iter().any(|p| p == project) {
-            return false;
+            return Ok(false);
+        }
+        if projects.len() >= max {
+            return Err(ProjectsFull);
         }
         projects.push(project.to_owned());
-        true
+        Ok(true)
     }
 
     pub fn remove_project(&self, project: &str) -> bool {
