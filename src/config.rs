@@ -93,7 +93,7 @@ pub struct RedisConfig {
     pub connection_ttl_secs: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     pub jwt_secret: Option<String>,
@@ -101,6 +101,7 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway_secs: u64,
+    pub session_recheck_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,6 +174,19 @@ impl Default for RedisConfig {
             reconnect_max_backoff_ms: 5_000,
             unsubscribe_linger_ms: 1_000,
             connection_ttl_secs: 0,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            issuer: None,
+            audience: None,
+            leeway_secs: 0,
+            session_recheck_secs: 30,
         }
     }
 }

@@ -15,7 +15,7 @@ pub mod wire;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -66,6 +66,9 @@ pub struct Session {
     projects: Mutex<Vec<String>>,
     /// The credential in force (replaced by `auth.refresh`); decides `subscribe`.
     claims: Mutex<Arc<Claims>>,
+    /// The server-side session (`session:{id}`) the connection authenticated with, if any.
+    /// The shared sweep rechecks it while that session is the credential in force.
+    session_id: OnceLock<Box<str>>,
     pub outbox: Outbox,
     /// Milliseconds since the UNIX epoch of the last frame from the client.
     last_seen_ms: AtomicU64,
@@ -118,6 +121,7 @@ impl Session {
             last_seen_ms: AtomicU64::new(unix_millis()),
             expires_at: AtomicU64::new(claims.expires_at().unwrap_or(0)),
             claims: Mutex::new(claims),
+            session_id: OnceLock::new(),
             ended: AtomicBool::new(false),
             gate: Mutex::new(None),
             gated: AtomicBool::new(false),
@@ -174,6 +178,18 @@ impl Session {
 
     pub fn claims(&self) -> Arc<Claims> {
         self.claims.lock().clone()
+    }
+
+    /// Records the session id the handshake authenticated with (once; later calls ignored).
+    pub fn set_session_id(&self, id: &str) {
+        let _ = self.session_id.set(id.into());
+    }
+
+    /// The session to recheck: the handshake's session id, while the credential in force
+    /// is still that session (an `auth.refresh` to a JWT ends the recheck).
+    pub fn recheck_session_id(&self) -> Option<&str> {
+        let id = self.session_id.get()?;
+        (self.claims.lock().kind == switchboard_middleware::CredentialKind::Session).then_some(id)
     }
 
     /// Installs a refreshed credential and its expiry.
