@@ -79,6 +79,8 @@ pub struct ServerConfig {
     pub handshake_rate_per_sec: u32,
     pub handshake_burst: u32,
     pub shutdown_grace_secs: u64,
+    pub header_read_timeout_secs: u64,
+    pub max_pending_connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,6 +162,8 @@ impl Default for ServerConfig {
             handshake_rate_per_sec: 20,
             handshake_burst: 40,
             shutdown_grace_secs: 10,
+            header_read_timeout_secs: 10,
+            max_pending_connections: 2_000,
         }
     }
 }
@@ -360,6 +364,9 @@ impl Config {
                 "ws.outbound_queue_messages must be >= 2 and ws.outbound_queue_bytes >= 1024"
                     .into(),
             );
+        }
+        if self.server.header_read_timeout_secs == 0 {
+            return bad("server.header_read_timeout_secs must be at least 1".into());
         }
         let depth = 1..=crate::json_depth::PARSER_LIMIT;
         if !depth.contains(&self.ws.max_json_depth) || !depth.contains(&self.events.max_json_depth)
