@@ -41,6 +41,7 @@ fn sessions(n: usize) -> Vec<Arc<Session>> {
                     messages: 1 << 20,
                     bytes: 1 << 30,
                 },
+                tracing::Span::none(),
             )
         })
         .collect()

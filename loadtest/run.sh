@@ -132,7 +132,7 @@ run() { # name, loadgen args...
 for s in "${SCENARIOS[@]}"; do
   case "$s" in
     idle)
-      run idle idle --clients "$(q 2000 10000)" --projects "$(q 20 100)" --hold "$(q 1 3)" ;;
+      run idle idle --clients "$(q 2000 10000)" --projects "$(q 20 100)" --hold "${IDLE_HOLD:-$(q 1 3)}" ;;
     connect-storm)
       run connect-storm connect-storm --clients "$(q 2000 10000)" ;;
     fanout)

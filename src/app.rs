@@ -39,6 +39,8 @@ pub struct App {
     pub started: Instant,
     /// Shared history reads for resuming clients.
     pub resumer: crate::resume::Resumer,
+    /// What `GET /metrics` renders.
+    pub exporter: crate::metrics::Exporter,
     draining: AtomicBool,
     /// The port actually bound (the config may say 0).
     listen_port: AtomicU16,
@@ -78,6 +80,7 @@ impl App {
                 (hub, Broker::Redis(redis))
             }
         };
+        let exporter = crate::metrics::Exporter::new(hub.clone(), broker.clone());
         let jwt_secret = config
             .auth
             .jwt_secret
@@ -118,6 +121,7 @@ impl App {
             instance_id,
             started: Instant::now(),
             resumer: Default::default(),
+            exporter,
             draining: AtomicBool::new(false),
             listen_port: AtomicU16::new(0),
         }))

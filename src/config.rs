@@ -67,6 +67,8 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     pub listen: String,
+    /// Accept queue length (`listen(2)` backlog; the kernel caps it at somaxconn).
+    pub listen_backlog: u32,
     pub environment: Environment,
     pub domain: String,
     pub backend_host: String,
@@ -150,6 +152,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
+            listen_backlog: 4096,
             environment: Environment::Development,
             domain: "localhost".into(),
             backend_host: "localhost".into(),

@@ -10,6 +10,7 @@
 
 use std::borrow::Cow;
 use std::hash::{Hash, Hasher};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -89,8 +90,9 @@ struct Head<'a> {
     kind: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     project_id: Option<Cow<'a, str>>,
-    #[serde(default)]
-    timestamp: Option<serde::de::IgnoredAny>,
+    /// Kept raw: only the pub/sub lag metric reads it ([`prepare_received`]).
+    #[serde(default, borrow)]
+    timestamp: Option<&'a serde_json::value::RawValue>,
     #[serde(default)]
     seq: Option<u64>,
     #[serde(default, borrow)]
@@ -141,6 +143,43 @@ pub fn prepare_project_event(
     payload: &[u8],
     policy: Option<&Policy>,
 ) -> Result<Prepared, EventError> {
+    prepare(project, payload, policy, false).map(|(prepared, _)| prepared)
+}
+
+/// [`prepare_project_event`] for an event received from the broker, also returning the
+/// publisher's own `timestamp` when it is RFC 3339 (None when the event had none and the
+/// gateway stamped it here, or it is not RFC 3339). Feeds the pub/sub lag metric.
+pub fn prepare_received(
+    project: &str,
+    payload: &[u8],
+    policy: Option<&Policy>,
+) -> Result<(Prepared, Option<SystemTime>), EventError> {
+    prepare(project, payload, policy, true)
+}
+
+/// Parses an RFC 3339 timestamp.
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(SystemTime::from)
+}
+
+/// A raw JSON value holding an RFC 3339 string. A valid timestamp has nothing to escape,
+/// so the quoted text is the string itself.
+fn raw_timestamp(raw: &serde_json::value::RawValue) -> Option<SystemTime> {
+    let inner = raw.get().strip_prefix('"')?.strip_suffix('"')?;
+    if inner.contains('\\') {
+        return None;
+    }
+    parse_rfc3339(inner)
+}
+
+fn prepare(
+    project: &str,
+    payload: &[u8],
+    policy: Option<&Policy>,
+    want_time: bool,
+) -> Result<(Prepared, Option<SystemTime>), EventError> {
     if let Some(policy) = policy {
         check_depth(payload, policy)?;
     }
@@ -154,7 +193,7 @@ pub fn prepare_project_event(
         Ok(head) => head,
         // Valid JSON whose fields have unexpected JSON types: take the slow path, which
         // names the offending field or accepts what the fast path was too strict about.
-        Err(e) if e.is_data() => return prepare_slow(project, payload, policy),
+        Err(e) if e.is_data() => return prepare_slow(project, payload, policy, want_time),
         Err(_) => return Err(EventError::NotJson),
     };
     let Some(kind) = head.kind.as_deref() else {
@@ -172,24 +211,27 @@ pub fn prepare_project_event(
         policy.check_project_bytes(kind, payload)?;
     }
     let conflate = conflation_key(kind, &head);
-    if head.project_id.is_some() && head.timestamp.is_some() {
-        return Ok(Prepared {
+    if let (Some(_), Some(raw)) = (&head.project_id, head.timestamp) {
+        let published = if want_time { raw_timestamp(raw) } else { None };
+        let prepared = Prepared {
             frame: frame::text(payload),
             conflate,
             seq: head.seq,
-        });
+        };
+        return Ok((prepared, published));
     }
     // Already schema-checked above: the slow path only fills in.
-    let mut prepared = prepare_slow(project, payload, None)?;
+    let (mut prepared, published) = prepare_slow(project, payload, None, want_time)?;
     prepared.conflate = conflate;
-    Ok(prepared)
+    Ok((prepared, published))
 }
 
 fn prepare_slow(
     project: &str,
     payload: &[u8],
     policy: Option<&Policy>,
-) -> Result<Prepared, EventError> {
+    want_time: bool,
+) -> Result<(Prepared, Option<SystemTime>), EventError> {
     let mut map: Map<String, Value> =
         serde_json::from_slice(payload).map_err(|_| EventError::NotJson)?;
     check_envelope(project, &map)?;
@@ -202,14 +244,20 @@ fn prepare_slow(
         };
         map = back;
     }
+    // Before filling in: a timestamp the gateway sets now says nothing about the publisher.
+    let published = match map.get("timestamp") {
+        Some(Value::String(t)) if want_time => parse_rfc3339(t),
+        _ => None,
+    };
     fill_envelope(&mut map, project);
     let seq = map.get("seq").and_then(Value::as_u64);
     let bytes = serde_json::to_vec(&map).map_err(|_| EventError::NotJson)?;
-    Ok(Prepared {
+    let prepared = Prepared {
         frame: frame::text(&bytes),
         conflate: None,
         seq,
-    })
+    };
+    Ok((prepared, published))
 }
 
 /// Checks an already-parsed event object for publishing into `project`.
@@ -357,6 +405,34 @@ mod tests {
     fn seq_is_read() {
         let p = prepare_project_event("p", br#"{"type":"x","seq":42}"#, None).unwrap();
         assert_eq!(p.seq, Some(42));
+    }
+
+    #[test]
+    fn received_events_report_the_publishers_timestamp_only() {
+        let at = |raw: &[u8]| prepare_received("p", raw, None).unwrap().1;
+        let want = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_795_435_200_123);
+        let fast = br#"{"type":"x","project_id":"p","timestamp":"2026-11-23T12:00:00.123Z"}"#;
+        assert_eq!(at(fast), Some(want));
+        let offset =
+            br#"{"type":"x","project_id":"p","timestamp":"2026-11-23T13:00:00.123+01:00"}"#;
+        assert_eq!(at(offset), Some(want));
+        // The slow path (no project_id) reads it before filling in.
+        assert_eq!(
+            at(br#"{"type":"x","timestamp":"2026-11-23T12:00:00.123Z"}"#),
+            Some(want)
+        );
+        assert_eq!(
+            at(br#"{"type":"x","project_id":"p"}"#),
+            None,
+            "stamped here"
+        );
+        assert_eq!(
+            at(br#"{"type":"x","project_id":"p","timestamp":"t"}"#),
+            None
+        );
+        assert_eq!(at(br#"{"type":"x","project_id":"p","timestamp":17}"#), None);
+        let p = prepare_project_event("p", fast, None).unwrap();
+        assert_eq!(&p.frame[2..], &fast[..], "still passed through untouched");
     }
 
     #[test]

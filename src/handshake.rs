@@ -15,7 +15,7 @@ use std::sync::Arc;
 use http::{header, Request, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use switchboard_middleware::{Authentication, Claims, ClientIp, PeerAddr, SessionId};
+use switchboard_middleware::{Authentication, Claims, ClientIp, PeerAddr, RequestId, SessionId};
 
 use crate::app::App;
 use crate::broker::ConnectionRecord;
@@ -224,6 +224,8 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     };
 
     let client_id = uuid::Uuid::new_v4().to_string();
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+    let span = crate::session::connection_span(&client_id, &scope, &projects, peer, ip);
     let session = Session::new(
         client_id,
         claims,
@@ -231,6 +233,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         projects.clone(),
         ip,
         app.outbox_limits(),
+        span,
     );
     if let Some(SessionId(id)) = req.extensions().get::<SessionId>() {
         session.set_session_id(id);
@@ -264,8 +267,13 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     // Queued for the batched record writer, ahead of this session's own deletion.
     app.broker.put_connection(&record, ttl).await;
     app.hub.metrics.handshake(Handshake::Accepted);
-    tracing::debug!(client_id = %session.client_id, user_id = %session.user_id, %ip, "websocket connected");
-    tokio::spawn(conn::run(app, session, upgrade, guard, resume));
+    // In the connection's span (entered, not named as parent: a JSON line's span list is
+    // the entered scope), with the request id linking it to the handshake's request line.
+    let request_id = req.extensions().get::<RequestId>().map(|r| r.0.as_str());
+    session.span.in_scope(|| {
+        tracing::debug!(request_id, user_id = %session.user_id, "websocket connected");
+    });
+    tokio::spawn(conn::task(app, session, upgrade, guard, resume));
     response
 }
 

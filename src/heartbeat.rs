@@ -56,7 +56,11 @@ pub async fn run(app: Arc<App>) {
                 continue;
             }
             if session.idle_for(now_ms) >= idle_limit {
-                tracing::info!(client_id = %session.client_id, "idle timeout: dropping connection");
+                // From the sweep's task, in the connection's span; client_id is repeated for
+                // filters that leave the span out.
+                session.span.in_scope(|| {
+                    tracing::info!(client_id = %session.client_id, "idle timeout: dropping connection");
+                });
                 session.close(close_code::GOING_AWAY, "idle timeout", true);
                 continue;
             }

@@ -12,6 +12,12 @@ use switchboard::{app::App, cli, config::Config, server};
 /// session objects interleaved with short-lived handshake buffers). Measured with
 /// `loadgen idle --clients 10000`: glibc ~16 KB, mimalloc ~4.2-4.8 KB, jemalloc ~2.7 KB of
 /// RSS per idle connection, for ~2 KB of live heap (docs/performance.md).
+///
+/// Its options are compiled in from `.cargo/config.toml` (`JEMALLOC_SYS_WITH_MALLOC_CONF`,
+/// `_RJEM_MALLOC_CONF` overrides them at run time): a background thread and a 1 s decay, so
+/// the pages a connect storm frees in one burst go back to the system within about a
+/// second. With the default 10 s decay and no background thread they stay resident until
+/// later allocation activity purges them, which an idle gateway never has.
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -13,7 +13,7 @@
 //! may have had a gap (broker outage, a seq that skips).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -169,11 +169,10 @@ struct ReadOutcome {
 
 type Flight = Arc<OnceCell<Result<ReadOutcome, String>>>;
 
-/// Single-flight history reads per project, and their count.
+/// Single-flight history reads per project (counted in `Metrics::history_reads`).
 #[derive(Default)]
 pub struct Resumer {
     flights: Mutex<HashMap<String, Flight>>,
-    pub history_reads: AtomicU64,
 }
 
 impl Resumer {
@@ -187,7 +186,10 @@ impl Resumer {
         let outcome = flight
             .get_or_init(|| async {
                 let result = read_into_tail(app, project, after).await;
-                self.history_reads.fetch_add(1, Ordering::Relaxed);
+                app.hub
+                    .metrics
+                    .history_reads
+                    .fetch_add(1, Ordering::Relaxed);
                 result.map_err(|e| e.to_string())
             })
             .await
@@ -329,6 +331,10 @@ async fn greet_resume(
                 frames.push(session.message(established(app, session, upto, &epoch, true)));
                 frames.extend(events.into_iter().map(|p| p.frame));
                 session.open_gate(frames, upto, &app.hub.stats);
+                app.hub
+                    .metrics
+                    .history_replays
+                    .fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
         }
@@ -359,6 +365,7 @@ async fn greet_resume(
         session.message(snap.message(project)),
     ];
     session.open_gate(frames, snap.seq, &app.hub.stats);
+    app.hub.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 
@@ -370,7 +377,8 @@ pub fn resync_sessions(
     from_seq: u64,
     snap: &crate::broker::state::Snapshot,
 ) {
-    for session in hub.project_sessions(project) {
+    let sessions = hub.project_sessions(project);
+    for session in &sessions {
         session.reply(json!({
             "type": "connection.resync_required",
             "project_id": project,
@@ -380,6 +388,9 @@ pub fn resync_sessions(
         }));
         session.reply(snap.message(project));
     }
+    hub.metrics
+        .resyncs
+        .fetch_add(sessions.len() as u64, Ordering::Relaxed);
     hub.reset_position(project, snap.seq, &snap.epoch);
 }
 

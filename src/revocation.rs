@@ -153,11 +153,16 @@ fn apply(session: &Session, value: Option<&str>) {
     }
     match verdict(session, value) {
         Verdict::Revoked => {
-            tracing::info!(client_id = %session.client_id, "session revoked: closing (4001)");
+            // In the connection's span, like everything logged about a connection.
+            session.span.in_scope(|| {
+                tracing::info!(client_id = %session.client_id, "session revoked: closing (4001)");
+            });
             session.close(close_code::UNAUTHENTICATED, "session revoked", false);
         }
         Verdict::Narrowed => {
-            tracing::info!(client_id = %session.client_id, "session narrowed: closing (4003)");
+            session.span.in_scope(|| {
+                tracing::info!(client_id = %session.client_id, "session narrowed: closing (4003)");
+            });
             session.close(
                 close_code::FORBIDDEN,
                 "session no longer grants this project",
@@ -201,6 +206,7 @@ mod tests {
                 messages: 8,
                 bytes: 4096,
             },
+            tracing::Span::none(),
         );
         s.set_session_id("sid");
         s

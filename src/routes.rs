@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode};
@@ -16,7 +17,7 @@ use serde_json::{json, Value};
 use switchboard_middleware::{Authentication, Claims};
 
 use crate::app::App;
-use crate::broker::BrokerError;
+use crate::broker::{Broker, BrokerError};
 use crate::config::Environment;
 use crate::event;
 
@@ -60,10 +61,10 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response, In
         (&Method::GET, "/readyz") => readyz(&app),
         (&Method::GET, "/health/websocket") => health(&app),
         (&Method::GET, "/metrics") => {
-            let mut r = http::Response::new(Full::new(Bytes::from(crate::metrics::render(&app))));
+            let mut r = http::Response::new(Full::new(Bytes::from(app.exporter.render())));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
             );
             r
         }
@@ -254,6 +255,15 @@ fn broker_failure(e: BrokerError) -> Response {
     }
 }
 
+/// The embedded broker fans events out inside `publish_*` (under the project's lock), so
+/// its return is the end of fan-out. With Redis, events are fanned out, and timed, when they
+/// come back on the pub/sub connection; observing here too would count them twice.
+fn observe_inline_fanout(app: &App, arrived: Instant, events: u64) {
+    if let Broker::Memory(_) = app.broker {
+        app.hub.metrics.fanout.observe_n(arrived.elapsed(), events);
+    }
+}
+
 fn invalid_event(index: usize, e: &event::EventError) -> Response {
     // Counted where refused; see the callers.
     let mut body =
@@ -287,6 +297,7 @@ async fn publish(app: &App, project: &str, req: Request<Incoming>) -> Response {
         Ok(v) => v,
         Err(r) => return r,
     };
+    let arrived = Instant::now();
     let items = match body {
         Value::Array(items) if items.is_empty() => {
             return json_error(
@@ -346,6 +357,7 @@ async fn publish(app: &App, project: &str, req: Request<Incoming>) -> Response {
                 .metrics
                 .events_from_api
                 .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            observe_inline_fanout(app, arrived, n);
             json_response(StatusCode::ACCEPTED, &json!({"seq": seqs}))
         }
         Err(e) => broker_failure(e),
@@ -414,6 +426,7 @@ async fn broadcast(app: &App, req: Request<Incoming>) -> Response {
         Ok(v) => v,
         Err(r) => return r,
     };
+    let arrived = Instant::now();
     let Value::Object(mut ev): Value = body else {
         return invalid_event(0, &event::EventError::NotObject);
     };
@@ -445,7 +458,10 @@ async fn broadcast(app: &App, req: Request<Incoming>) -> Response {
         return broker_failure(BrokerError::Unavailable("pub/sub down".into()));
     }
     match app.broker.publish_broadcast(bytes).await {
-        Ok(()) => json_response(StatusCode::ACCEPTED, &json!({"status": "accepted"})),
+        Ok(()) => {
+            observe_inline_fanout(app, arrived, 1);
+            json_response(StatusCode::ACCEPTED, &json!({"status": "accepted"}))
+        }
         Err(e) => broker_failure(e),
     }
 }

@@ -246,7 +246,16 @@ pub async fn bind(app: &App) -> std::io::Result<(TcpListener, SocketAddr)> {
         .config
         .listen_addr()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let listener = TcpListener::bind(addr).await?;
+    // Not `TcpListener::bind`: its backlog (128 here) overflowed in a 512-way connect
+    // storm and the dropped SYNs came back a second later.
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(app.config.server.listen_backlog.max(1))?;
     let local = listener.local_addr()?;
     app.set_listen_port(local.port());
     Ok((listener, local))

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use deadpool_redis::redis::{self, AsyncCommands};
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
@@ -36,12 +36,25 @@ use super::{
 };
 use crate::config::RedisConfig;
 use crate::hub::{channel_project, project_channel, Hub, SubCommand};
+use crate::metrics::histogram::{self, DurationHistogram};
 
-#[derive(Default)]
 pub struct RedisStats {
     pub reconnects: AtomicU64,
     pub dead_pubsub_detected: AtomicU64,
     pub dropped_events: AtomicU64,
+    /// From an event's own `timestamp` to its arrival on the pub/sub connection.
+    pub pubsub_lag: DurationHistogram,
+}
+
+impl Default for RedisStats {
+    fn default() -> Self {
+        Self {
+            reconnects: AtomicU64::new(0),
+            dead_pubsub_detected: AtomicU64::new(0),
+            dropped_events: AtomicU64::new(0),
+            pubsub_lag: DurationHistogram::new(histogram::LAG_BUCKETS),
+        }
+    }
 }
 
 /// A queued change to the connection records.
@@ -493,13 +506,21 @@ impl RedisBroker {
         );
     }
 
-    /// Handles the messages of one read from the pub/sub connection. Consecutive events of
-    /// a project are checked one by one and fanned out together (one write per session).
-    fn on_messages(&self, msgs: &[redis::Msg]) {
-        self.hub
-            .metrics
+    /// Handles the messages of one read from the pub/sub connection, read at `read_at`.
+    /// Consecutive events of a project are checked one by one and fanned out together (one
+    /// write per session); each run's fan-out time is observed once, for all its events.
+    fn on_messages(&self, msgs: &[redis::Msg], read_at: Instant) {
+        let metrics = &self.hub.metrics;
+        metrics
             .events_from_redis
             .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        let received = SystemTime::now();
+        let fan_out = |project: &str, run: &[crate::event::Prepared]| {
+            self.hub.deliver_batch(project, run);
+            metrics
+                .fanout
+                .observe_n(read_at.elapsed(), run.len() as u64);
+        };
         let mut run: Vec<crate::event::Prepared> = Vec::new();
         let mut run_project: Option<&str> = None;
         let policy = *self.hub.policy();
@@ -509,20 +530,26 @@ impl RedisBroker {
             let project = channel_project(channel);
             if run_project.is_some() && project != run_project {
                 if let Some(p) = run_project {
-                    self.hub.deliver_batch(p, &run);
+                    fan_out(p, &run);
                 }
                 run.clear();
                 run_project = None;
             }
             if channel == BROADCAST_CHANNEL {
-                if let Err(e) = self.hub.broadcast_raw(payload) {
-                    self.note_dropped(channel, e.reason(), &e.to_string());
+                match self.hub.broadcast_raw(payload) {
+                    Ok(_) => metrics.fanout.observe(read_at.elapsed()),
+                    Err(e) => self.note_dropped(channel, e.reason(), &e.to_string()),
                 }
                 continue;
             }
             let Some(project) = project else { continue };
-            match crate::event::prepare_project_event(project, payload, Some(&policy)) {
-                Ok(p) => {
+            match crate::event::prepare_received(project, payload, Some(&policy)) {
+                Ok((p, published)) => {
+                    if let Some(at) = published {
+                        // A timestamp ahead of our clock (skew) counts as no lag.
+                        let lag = received.duration_since(at).unwrap_or(Duration::ZERO);
+                        self.stats.pubsub_lag.observe(lag);
+                    }
                     run_project = Some(project);
                     run.push(p);
                 }
@@ -530,7 +557,7 @@ impl RedisBroker {
             }
         }
         if let Some(p) = run_project {
-            self.hub.deliver_batch(p, &run);
+            fan_out(p, &run);
         }
     }
 
@@ -671,6 +698,7 @@ impl RedisBroker {
                 biased;
                 msg = stream.next() => match msg {
                     Some(msg) => {
+                        let read_at = Instant::now();
                         // Take everything already received: under load, batches grow and
                         // each session gets fewer, larger writes.
                         let mut batch = vec![msg];
@@ -678,13 +706,13 @@ impl RedisBroker {
                             match stream.next().now_or_never() {
                                 Some(Some(m)) => batch.push(m),
                                 Some(None) => {
-                                    self.on_messages(&batch);
+                                    self.on_messages(&batch, read_at);
                                     return Serve::Lost("pub/sub connection closed".into());
                                 }
                                 None => break,
                             }
                         }
-                        self.on_messages(&batch);
+                        self.on_messages(&batch, read_at);
                     }
                     None => return Serve::Lost("pub/sub connection closed".into()),
                 },

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tracing::instrument::{Instrument, Instrumented};
 
 use super::messages::{self, ClientState};
 use super::outbox::Drained;
@@ -28,6 +29,20 @@ use crate::limits::ConnectionGuard;
 
 /// Bytes read per readiness event (on the stack, copied out only if a frame is incomplete).
 const READ_CHUNK: usize = 4096;
+
+/// The connection's task as spawned: [`run`] inside the session's span, so everything the
+/// connection logs carries its client_id, project and peer. (A span is ~32 bytes of the task;
+/// the subscriber keeps its fields once per connection, not per message.)
+pub fn task(
+    app: Arc<App>,
+    session: Arc<Session>,
+    upgrade: hyper::upgrade::OnUpgrade,
+    guard: ConnectionGuard,
+    resume: Option<crate::resume::ResumeRequest>,
+) -> Instrumented<impl std::future::Future<Output = ()>> {
+    let span = session.span.clone();
+    run(app, session, upgrade, guard, resume).instrument(span)
+}
 
 /// How long a closed connection waits for the client's close reply.
 const CLOSE_REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -77,7 +92,7 @@ pub async fn run(
     )
     .await;
     drop(guard);
-    tracing::debug!(client_id = %session.client_id, "session ended");
+    tracing::debug!("session ended");
 }
 
 /// What the read side decided.
@@ -330,7 +345,8 @@ impl Reader {
 mod tests {
     use super::*;
 
-    /// The whole connection task: what every idle connection pays for.
+    /// The whole connection task as spawned (span included): what every idle connection
+    /// pays for.
     #[tokio::test]
     async fn connection_task_stays_small() {
         let app = App::build(crate::config::Config::default()).unwrap();
@@ -338,10 +354,10 @@ mod tests {
         let mut req = http::Request::builder().body(()).unwrap();
         let upgrade = hyper::upgrade::on(&mut req);
         let guard = app.limits.acquire([127, 0, 0, 1].into()).unwrap();
-        let fut = run(app.clone(), session, upgrade, guard, None);
+        let fut = task(app.clone(), session, upgrade, guard, None);
         let size = std::mem::size_of_val(&fut);
         eprintln!("connection task future: {size} bytes");
-        assert!(size <= 1024, "run() future is {size} bytes");
+        assert!(size <= 1024, "task() future is {size} bytes");
     }
 
     /// Every idle connection pays for its task's future: keep it small (big parts boxed).

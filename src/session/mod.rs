@@ -48,6 +48,44 @@ pub mod close_code {
     pub const SLOW_CONSUMER: u16 = 4500;
 }
 
+/// The span of one connection: `client_id`, `project_id` (or `projects` on `/ws/user`, as
+/// granted at connect), `peer` (the TCP peer, `ip:port`) and, behind a trusted proxy,
+/// `client_ip`. A root span: the handshake's request span ends with the 101, the connection
+/// goes on. Info level: connection lifecycle is info, and a disabled span costs nothing.
+pub fn connection_span(
+    client_id: &str,
+    scope: &Scope,
+    projects: &[String],
+    peer: Option<std::net::SocketAddr>,
+    client_ip: IpAddr,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "conn",
+        client_id,
+        project_id = tracing::field::Empty,
+        projects = tracing::field::Empty,
+        peer = tracing::field::Empty,
+        client_ip = tracing::field::Empty,
+    );
+    match scope {
+        Scope::Project(p) => span.record("project_id", p.as_str()),
+        Scope::User => span.record("projects", projects.join(",")),
+    };
+    match peer {
+        Some(peer) => {
+            span.record("peer", tracing::field::display(peer));
+            if peer.ip() != client_ip {
+                span.record("client_ip", tracing::field::display(client_ip));
+            }
+        }
+        None => {
+            span.record("peer", tracing::field::display(client_ip));
+        }
+    }
+    span
+}
+
 /// What the connection was opened for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
@@ -63,6 +101,9 @@ pub struct Session {
     pub scope: Scope,
     pub ip: IpAddr,
     pub connected_at: String,
+    /// The connection's span (client_id, project, peer): its task runs inside it, and other
+    /// tasks enter it to log about this connection ([`connection_span`]).
+    pub span: tracing::Span,
     projects: Mutex<Vec<String>>,
     /// The credential in force (replaced by `auth.refresh`); decides `subscribe`.
     claims: Mutex<Arc<Claims>>,
@@ -109,6 +150,7 @@ impl Session {
         projects: Vec<String>,
         ip: IpAddr,
         limits: Limits,
+        span: tracing::Span,
     ) -> Arc<Self> {
         Arc::new(Self {
             client_id,
@@ -116,6 +158,7 @@ impl Session {
             scope,
             ip,
             connected_at: event::now_rfc3339(),
+            span,
             projects: Mutex::new(projects),
             outbox: Outbox::new(limits),
             last_seen_ms: AtomicU64::new(unix_millis()),
@@ -173,6 +216,7 @@ impl Session {
             vec![project.into()],
             IpAddr::from([127, 0, 0, 1]),
             limits,
+            tracing::Span::none(),
         )
     }
 
@@ -330,7 +374,12 @@ impl Session {
                     true,
                 ) {
                     stats.slow_closes.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(client_id = %self.client_id, "slow consumer closed (4500)");
+                    // Logged from the fan-out's task, in the connection's span; client_id is
+                    // repeated for filters above the span's level (warn), where the span is
+                    // disabled.
+                    self.span.in_scope(|| {
+                        tracing::warn!(client_id = %self.client_id, "slow consumer closed (4500)");
+                    });
                 }
             }
         }

@@ -440,6 +440,9 @@ pub struct GatewayOpts {
     /// Wait for `/readyz` 200 before `start` returns (the listening line may come before the
     /// broker is connected, as a load balancer would see it). Default: on.
     pub wait_ready: bool,
+    /// Keep every line of stdout and stderr (not only the last ones), for
+    /// [`Gateway::output_after_exit`]. Default: off.
+    pub keep_output: bool,
 }
 
 impl Default for GatewayOpts {
@@ -458,6 +461,7 @@ impl Default for GatewayOpts {
             env: Vec::new(),
             subcommand: Some("serve".into()),
             wait_ready: true,
+            keep_output: false,
         }
     }
 }
@@ -527,6 +531,11 @@ impl GatewayOpts {
         self.subcommand = s.map(str::to_string);
         self
     }
+    /// Keep all of stdout and stderr for [`Gateway::output_after_exit`].
+    pub fn keep_output(mut self) -> Self {
+        self.keep_output = true;
+        self
+    }
 
     fn render_toml(&self) -> String {
         let mut s = String::new();
@@ -548,11 +557,21 @@ impl GatewayOpts {
 
 type Logs = Arc<Mutex<VecDeque<String>>>;
 
+/// Every line of one output stream, and whether it reached its end.
+#[derive(Default)]
+struct Captured {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+type Capture = Arc<Mutex<Captured>>;
+
 fn drain<R: Read + Send + 'static>(
     r: R,
     tag: &'static str,
     logs: Logs,
     first: Option<mpsc::Sender<Result<String, String>>>,
+    capture: Option<Capture>,
 ) {
     std::thread::spawn(move || {
         let mut first = first;
@@ -570,6 +589,9 @@ fn drain<R: Read + Send + 'static>(
                 }
                 l.push_back(format!("[{tag}] {line}"));
             }
+            if let Some(c) = &capture {
+                c.lock().unwrap().lines.push(line.clone());
+            }
             if first_line.is_none() {
                 first_line = Some(line.clone());
             }
@@ -579,6 +601,9 @@ fn drain<R: Read + Send + 'static>(
                     first = None;
                 }
             }
+        }
+        if let Some(c) = &capture {
+            c.lock().unwrap().closed = true;
         }
         if let Some(tx) = first {
             let _ = tx.send(Err(
@@ -592,6 +617,8 @@ pub struct Gateway {
     child: Option<Child>,
     addr: SocketAddr,
     logs: Logs,
+    /// (stdout, stderr) in full, with `GatewayOpts::keep_output`.
+    captured: Option<(Capture, Capture)>,
     pub secret: String,
     pub instance_id: String,
     pub first_stdout_line: String,
@@ -642,8 +669,23 @@ impl Gateway {
             .unwrap_or_else(|e| panic!("spawn {}: {e}", switchboard_bin().display()));
         let logs: Logs = Arc::new(Mutex::new(VecDeque::new()));
         let (tx, rx) = mpsc::channel();
-        drain(child.stdout.take().unwrap(), "out", logs.clone(), Some(tx));
-        drain(child.stderr.take().unwrap(), "err", logs.clone(), None);
+        let captured = opts
+            .keep_output
+            .then(|| (Capture::default(), Capture::default()));
+        drain(
+            child.stdout.take().unwrap(),
+            "out",
+            logs.clone(),
+            Some(tx),
+            captured.as_ref().map(|c| c.0.clone()),
+        );
+        drain(
+            child.stderr.take().unwrap(),
+            "err",
+            logs.clone(),
+            None,
+            captured.as_ref().map(|c| c.1.clone()),
+        );
 
         let fail = |child: &mut Child, why: String, logs: &Logs| -> ! {
             let _ = child.kill();
@@ -699,6 +741,7 @@ impl Gateway {
             child: Some(child),
             addr,
             logs,
+            captured,
             secret: opts.secret.clone().unwrap_or_default(),
             instance_id: opts.instance_id.clone(),
             first_stdout_line: first.to_string(),
@@ -724,6 +767,25 @@ impl Gateway {
             .cloned()
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// Every line the process printed, `(stdout, stderr)`, once both streams are closed:
+    /// call after it exited (or was killed). Needs `GatewayOpts::keep_output`.
+    pub fn output_after_exit(&self, timeout: Duration) -> (Vec<String>, Vec<String>) {
+        let (out, err) = self
+            .captured
+            .as_ref()
+            .expect("output_after_exit needs GatewayOpts::keep_output()");
+        let deadline = Instant::now() + timeout;
+        while !(out.lock().unwrap().closed && err.lock().unwrap().closed) {
+            assert!(
+                Instant::now() < deadline,
+                "the gateway's output did not close within {timeout:?}: is it still running?"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let lines = |c: &Capture| c.lock().unwrap().lines.clone();
+        (lines(out), lines(err))
     }
 
     pub fn signal(&self, sig: &str) {

@@ -1,0 +1,361 @@
+//! `GET /metrics`: a prometheus-client [`Registry`] whose collectors read the gateway's
+//! atomics at scrape time and write them with the crate's OpenMetrics text encoder.
+//!
+//! Collectors rather than prometheus-client's `Counter`/`Family` types, because the counts
+//! already live as atomics in the structs that own the events (hub, broker) and are bumped
+//! where things happen; reading them once per scrape keeps the hot path a relaxed
+//! `fetch_add` with no extra indirection, and needs no lock or label lookup per event.
+//! The collectors hold the hub and the broker, never the `App` (which holds the registry).
+//!
+//! Names: OpenMetrics names a counter family without `_total` and its sample with it
+//! (`# TYPE switchboard_handshakes counter`, then `switchboard_handshakes_total{...}`), and a
+//! histogram with a unit ends in it (`switchboard_fanout_seconds_bucket`). The helpers take
+//! the exposed names of PROTOCOL §8 and derive the family names from them, so the names a
+//! scraper sees are exactly those in this file.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{text, DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use super::histogram::DurationHistogram;
+use super::{HANDSHAKE_LABELS, REJECT_LABELS};
+use crate::broker::Broker;
+use crate::hub::Hub;
+
+/// The media type of what [`Exporter::render`] writes (OpenMetrics text 1.0.0, which
+/// Prometheus negotiates and parses natively).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The instance's metrics registry.
+pub struct Exporter {
+    registry: Registry,
+}
+
+impl Exporter {
+    pub fn new(hub: Arc<Hub>, broker: Broker) -> Self {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(HubCollector(hub)));
+        registry.register_collector(Box::new(BrokerCollector(broker)));
+        registry.register_collector(Box::new(RuntimeCollector));
+        Self { registry }
+    }
+
+    /// One scrape: every family, then `# EOF`.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail; our collectors only fail when the writer does.
+        if text::encode(&mut out, &self.registry).is_err() {
+            tracing::error!("metrics encoding failed; this scrape is incomplete");
+        }
+        out
+    }
+}
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+/// The family name of a counter exposed as `name` (which must end in `_total`).
+fn counter_family(name: &str) -> &str {
+    debug_assert!(name.ends_with("_total"), "{name}");
+    name.strip_suffix("_total").unwrap_or(name)
+}
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    enc.encode_descriptor(counter_family(name), help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, _, u64>(&value, None)
+}
+
+fn labelled_counter<'a>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (&'a str, u64)>,
+) -> fmt::Result {
+    let mut family =
+        enc.encode_descriptor(counter_family(name), help, None, MetricType::Counter)?;
+    for (value_of_label, value) in samples {
+        let labels = [(label, value_of_label)];
+        family
+            .encode_family(&labels)?
+            .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+    }
+    Ok(())
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    enc.encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&value)
+}
+
+/// A histogram exposed as `name` (which must end in `_seconds`), declared with its unit.
+fn seconds_histogram(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    h: &DurationHistogram,
+) -> fmt::Result {
+    debug_assert!(name.ends_with("_seconds"), "{name}");
+    let family = name.strip_suffix("_seconds").unwrap_or(name);
+    let (sum, count, buckets) = h.snapshot();
+    enc.encode_descriptor(family, help, Some(&Unit::Seconds), MetricType::Histogram)?
+        .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+}
+
+/// Connections, handshakes, events and fan-out: what the hub and its [`super::Metrics`] count.
+struct HubCollector(Arc<Hub>);
+
+impl fmt::Debug for HubCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for HubCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let hub = &self.0;
+        let m = &hub.metrics;
+        let stats = &hub.stats;
+        let e = &mut enc;
+        gauge(
+            e,
+            "switchboard_connections",
+            "Open WebSocket connections.",
+            hub.session_count() as u64,
+        )?;
+        gauge(
+            e,
+            "switchboard_projects",
+            "Projects with at least one client here.",
+            hub.project_count() as u64,
+        )?;
+        labelled_counter(
+            e,
+            "switchboard_handshakes_total",
+            "WebSocket handshakes by result.",
+            "result",
+            HANDSHAKE_LABELS
+                .into_iter()
+                .zip(m.handshakes.iter().map(load)),
+        )?;
+        counter(
+            e,
+            "switchboard_messages_delivered_total",
+            "Frames written or queued to clients by fan-out.",
+            load(&stats.delivered),
+        )?;
+        labelled_counter(
+            e,
+            "switchboard_messages_dropped_total",
+            "Queued frames dropped, by reason (conflated: replaced by a newer progress event).",
+            "reason",
+            [("conflated", load(&stats.conflated))],
+        )?;
+        labelled_counter(
+            e,
+            "switchboard_events_received_total",
+            "Events received, by source (api: the publish API; redis: the pub/sub connection).",
+            "source",
+            [
+                ("api", load(&m.events_from_api)),
+                ("redis", load(&m.events_from_redis)),
+            ],
+        )?;
+        labelled_counter(
+            e,
+            "switchboard_events_rejected_total",
+            "Events refused or dropped, by reason.",
+            "reason",
+            REJECT_LABELS.into_iter().zip(m.rejected.iter().map(load)),
+        )?;
+        labelled_counter(
+            e,
+            "switchboard_commands_total",
+            "Client commands relayed to workers, by type.",
+            "type",
+            [
+                ("node.execute", load(&m.commands_execute)),
+                ("task.cancel", load(&m.commands_cancel)),
+            ],
+        )?;
+        counter(
+            e,
+            "switchboard_slow_consumer_closes_total",
+            "Connections closed with 4500 (outbound queue full).",
+            load(&stats.slow_closes),
+        )?;
+        seconds_histogram(
+            e,
+            "switchboard_fanout_seconds",
+            "Publish-to-enqueue latency: from an event's arrival at this instance (publish API \
+             body read, or Redis pub/sub read) until fan-out has handed it to every local \
+             session (written or queued). One observation per event.",
+            &m.fanout,
+        )?;
+        counter(
+            e,
+            "switchboard_history_reads_total",
+            "History reads made for resuming clients (concurrent resumes of a project share one).",
+            load(&m.history_reads),
+        )?;
+        counter(
+            e,
+            "switchboard_history_replays_total",
+            "Resuming connections served from history (resumed: true), missed events or not.",
+            load(&m.history_replays),
+        )?;
+        counter(
+            e,
+            "switchboard_resyncs_total",
+            "connection.resync_required frames sent (history did not cover a client, or its \
+             epoch changed).",
+            load(&m.resyncs),
+        )
+    }
+}
+
+/// Broker reachability, and the Redis broker's own counts.
+struct BrokerCollector(Broker);
+
+impl fmt::Debug for BrokerCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("BrokerCollector")
+            .field(&self.0.kind())
+            .finish()
+    }
+}
+
+impl Collector for BrokerCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let e = &mut enc;
+        gauge(
+            e,
+            "switchboard_broker_up",
+            "1 when the broker is reachable (always 1 for the embedded broker).",
+            u64::from(self.0.is_up()),
+        )?;
+        let Broker::Redis(redis) = &self.0 else {
+            return Ok(());
+        };
+        let stats = &redis.stats;
+        counter(
+            e,
+            "switchboard_broker_reconnects_total",
+            "Pub/sub reconnections after an outage (each followed by resubscribe and catch-up).",
+            load(&stats.reconnects),
+        )?;
+        counter(
+            e,
+            "switchboard_pubsub_dead_detected_total",
+            "Silently dead pub/sub connections detected by PING.",
+            load(&stats.dead_pubsub_detected),
+        )?;
+        seconds_histogram(
+            e,
+            "switchboard_pubsub_lag_seconds",
+            "From an event's own timestamp to its arrival on this instance's Redis pub/sub \
+             connection, for events whose timestamp is RFC 3339. The publish API stamps events \
+             that have none, so for those this is API accept to pub/sub read (plus any clock \
+             difference between instances); a publisher's own timestamp also includes the \
+             publisher's delay. A timestamp in the future counts as 0.",
+            &stats.pubsub_lag,
+        )
+    }
+}
+
+/// The tokio runtime of the process.
+#[derive(Debug)]
+struct RuntimeCollector;
+
+impl Collector for RuntimeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        // Scrapes run on the runtime; anything else (a test encoding by hand) skips this one.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Ok(());
+        };
+        gauge(
+            &mut enc,
+            "switchboard_runtime_tasks",
+            "Tokio tasks alive (about one per connection).",
+            runtime.metrics().num_alive_tasks() as u64,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::Policy;
+    use std::time::Duration;
+
+    fn exporter() -> (Arc<Hub>, Exporter) {
+        let hub = Hub::new(
+            None,
+            Duration::from_millis(10),
+            Policy {
+                allow_unknown_types: true,
+                ..Policy::default()
+            },
+        );
+        let broker = Broker::Memory(crate::broker::memory::MemoryBroker::new(
+            hub.clone(),
+            crate::broker::HistoryLimits {
+                max_len: 10,
+                ttl: Duration::from_secs(60),
+                terminal_task_ttl: Duration::from_secs(60),
+            },
+        ));
+        let exporter = Exporter::new(hub.clone(), broker);
+        (hub, exporter)
+    }
+
+    #[tokio::test]
+    async fn samples_carry_the_protocol_names() {
+        let (hub, exporter) = exporter();
+        hub.metrics.handshake(super::super::Handshake::Accepted);
+        hub.metrics.rejected("invalid_field");
+        hub.metrics.fanout.observe_n(Duration::from_micros(30), 2);
+        let text = exporter.render();
+        for line in [
+            "# TYPE switchboard_connections gauge",
+            "switchboard_connections 0",
+            "# TYPE switchboard_handshakes counter",
+            "switchboard_handshakes_total{result=\"accepted\"} 1",
+            "switchboard_handshakes_total{result=\"forbidden\"} 0",
+            "switchboard_broker_up 1",
+            "switchboard_messages_delivered_total 0",
+            "switchboard_messages_dropped_total{reason=\"conflated\"} 0",
+            "switchboard_events_received_total{source=\"api\"} 0",
+            "switchboard_events_rejected_total{reason=\"invalid_field\"} 1",
+            "switchboard_commands_total{type=\"node.execute\"} 0",
+            "switchboard_slow_consumer_closes_total 0",
+            "# TYPE switchboard_fanout_seconds histogram",
+            "# UNIT switchboard_fanout_seconds seconds",
+            "switchboard_fanout_seconds_count 2",
+            "switchboard_fanout_seconds_bucket{le=\"0.000025\"} 0",
+            "switchboard_fanout_seconds_bucket{le=\"0.00005\"} 2",
+            "switchboard_fanout_seconds_bucket{le=\"+Inf\"} 2",
+            "switchboard_history_reads_total 0",
+            "switchboard_history_replays_total 0",
+            "switchboard_resyncs_total 0",
+            "# EOF",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"));
+        assert!(!text.contains("_total_total"), "{text}");
+        assert!(
+            !text.contains("switchboard_pubsub_lag"),
+            "Redis-only families stay out of the embedded broker's output"
+        );
+    }
+}

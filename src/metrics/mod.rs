@@ -1,0 +1,103 @@
+//! What `GET /metrics` reports, and where it is counted (PROTOCOL §6, §8 names).
+//!
+//! Counting is plain atomics bumped where things happen: [`Metrics`] here (in the hub),
+//! the hub's delivery stats and the Redis broker's stats. Nothing on the fan-out path takes
+//! a lock; latencies go into [`histogram::DurationHistogram`], atomics too. A scrape reads
+//! them all through prometheus-client collectors ([`exposition`]), which write the
+//! OpenMetrics text. Labelled counters have a fixed set of labels, so the output (and
+//! memory) is bounded whatever clients send.
+
+pub mod exposition;
+pub mod histogram;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use exposition::{Exporter, CONTENT_TYPE};
+use histogram::DurationHistogram;
+
+/// Handshake results (label `result`).
+#[derive(Debug, Clone, Copy)]
+pub enum Handshake {
+    Accepted,
+    Unauthenticated,
+    Forbidden,
+    BadRequest,
+    OriginRefused,
+    Draining,
+    BrokerUnavailable,
+    TooManyConnections,
+}
+
+pub(crate) const HANDSHAKE_LABELS: [&str; 8] = [
+    "accepted",
+    "unauthenticated",
+    "forbidden",
+    "bad_request",
+    "origin_refused",
+    "draining",
+    "broker_unavailable",
+    "too_many_connections",
+];
+
+/// Reasons an incoming event is rejected (label `reason`).
+pub(crate) const REJECT_LABELS: [&str; 11] = [
+    "invalid_json",
+    "not_object",
+    "missing_type",
+    "bad_project_id",
+    "project_mismatch",
+    "too_large",
+    "too_deep",
+    "unknown_type",
+    "not_publishable",
+    "invalid_field",
+    "other",
+];
+
+pub struct Metrics {
+    pub(crate) handshakes: [AtomicU64; 8],
+    pub(crate) rejected: [AtomicU64; 11],
+    pub events_from_api: AtomicU64,
+    pub events_from_redis: AtomicU64,
+    pub commands_execute: AtomicU64,
+    pub commands_cancel: AtomicU64,
+    /// History reads made for resuming clients (shared reads count once).
+    pub history_reads: AtomicU64,
+    /// Resuming connections answered from history (`resumed: true`).
+    pub history_replays: AtomicU64,
+    /// `connection.resync_required` frames sent (one per connection told).
+    pub resyncs: AtomicU64,
+    /// From an event's arrival here to the end of its hand-over to every local session.
+    pub fanout: DurationHistogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            handshakes: Default::default(),
+            rejected: Default::default(),
+            events_from_api: AtomicU64::new(0),
+            events_from_redis: AtomicU64::new(0),
+            commands_execute: AtomicU64::new(0),
+            commands_cancel: AtomicU64::new(0),
+            history_reads: AtomicU64::new(0),
+            history_replays: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+            fanout: DurationHistogram::new(histogram::FANOUT_BUCKETS),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn handshake(&self, result: Handshake) {
+        self.handshakes[result as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        let i = REJECT_LABELS
+            .iter()
+            .position(|l| *l == reason)
+            .unwrap_or(REJECT_LABELS.len() - 1);
+        self.rejected[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
