@@ -16,6 +16,7 @@ use switchboard_middleware::{Claims, CredentialKind};
 const EVENT: &[u8] = br#"{"type":"task.progress","task_id":"t-1","node_id":"n-1","progress":{"percentage":42.5,"current_step":2,"total_steps":4,"step_description":"Generating image"},"project_id":"p","timestamp":"2026-11-23T12:00:00.000Z"}"#;
 const STRICT: Policy = Policy {
     allow_unknown_types: false,
+    max_json_depth: 64,
 };
 const EVENT_TO_FILL: &[u8] =
     br#"{"type":"node.state.updated","node_id":"n-1","state":"processing"}"#;

@@ -81,6 +81,8 @@ pub struct ServerConfig {
     pub handshake_rate_per_sec: u32,
     pub handshake_burst: u32,
     pub shutdown_grace_secs: u64,
+    pub header_read_timeout_secs: u64,
+    pub max_pending_connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,7 +97,7 @@ pub struct RedisConfig {
     pub connection_ttl_secs: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     pub jwt_secret: Option<String>,
@@ -103,6 +105,7 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway_secs: u64,
+    pub session_recheck_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -117,12 +120,15 @@ pub struct WsConfig {
     pub client_messages_burst: u32,
     pub rate_limit_close_after: u32,
     pub max_invalid_in_row: u32,
+    pub max_json_depth: usize,
+    pub max_subscriptions_per_connection: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventsConfig {
     pub max_event_bytes: usize,
+    pub max_json_depth: usize,
     pub allow_unknown_types: bool,
     pub history_max_len: usize,
     pub history_ttl_secs: u64,
@@ -159,6 +165,8 @@ impl Default for ServerConfig {
             handshake_rate_per_sec: 20,
             handshake_burst: 40,
             shutdown_grace_secs: 10,
+            header_read_timeout_secs: 10,
+            max_pending_connections: 2_000,
         }
     }
 }
@@ -177,6 +185,19 @@ impl Default for RedisConfig {
     }
 }
 
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            issuer: None,
+            audience: None,
+            leeway_secs: 0,
+            session_recheck_secs: 30,
+        }
+    }
+}
+
 impl Default for WsConfig {
     fn default() -> Self {
         Self {
@@ -189,6 +210,8 @@ impl Default for WsConfig {
             client_messages_burst: 100,
             rate_limit_close_after: 50,
             max_invalid_in_row: 10,
+            max_json_depth: 32,
+            max_subscriptions_per_connection: 100,
         }
     }
 }
@@ -197,6 +220,7 @@ impl Default for EventsConfig {
     fn default() -> Self {
         Self {
             max_event_bytes: 256 * 1024,
+            max_json_depth: 64,
             allow_unknown_types: false,
             history_max_len: 10_000,
             history_ttl_secs: 86_400,
@@ -344,6 +368,21 @@ impl Config {
                     .into(),
             );
         }
+        if self.server.header_read_timeout_secs == 0 {
+            return bad("server.header_read_timeout_secs must be at least 1".into());
+        }
+        let depth = 1..=crate::json_depth::PARSER_LIMIT;
+        if !depth.contains(&self.ws.max_json_depth) || !depth.contains(&self.events.max_json_depth)
+        {
+            return bad(format!(
+                "ws.max_json_depth and events.max_json_depth must be between 1 and {} \
+                 (the JSON parser's own limit)",
+                crate::json_depth::PARSER_LIMIT
+            ));
+        }
+        if self.ws.max_subscriptions_per_connection == 0 {
+            return bad("ws.max_subscriptions_per_connection must be at least 1".into());
+        }
         if self.ws.max_message_bytes < 128 {
             return bad("ws.max_message_bytes must be at least 128".into());
         }
@@ -377,6 +416,7 @@ impl Config {
     pub fn event_policy(&self) -> crate::schema::Policy {
         crate::schema::Policy {
             allow_unknown_types: self.events.allow_unknown_types,
+            max_json_depth: self.events.max_json_depth,
         }
     }
 

@@ -33,6 +33,8 @@ pub enum EventError {
     ProjectMismatch { expected: String, found: String },
     #[error("event is {size} bytes, over the limit of {limit}")]
     TooLarge { size: usize, limit: usize },
+    #[error("event nests JSON deeper than {limit} levels")]
+    TooDeep { limit: usize },
     #[error("{0}")]
     Schema(#[from] SchemaError),
 }
@@ -47,6 +49,7 @@ impl EventError {
             EventError::BadProjectId => "bad_project_id",
             EventError::ProjectMismatch { .. } => "project_mismatch",
             EventError::TooLarge { .. } => "too_large",
+            EventError::TooDeep { .. } => "too_deep",
             EventError::Schema(e) => e.reason(),
         }
     }
@@ -119,11 +122,22 @@ fn conflation_key(kind: &str, head: &Head<'_>) -> Option<u64> {
     Some(h.finish())
 }
 
+/// Refuses `payload` when it nests deeper than the policy allows, before any parse.
+pub fn check_depth(payload: &[u8], policy: &Policy) -> Result<(), EventError> {
+    if crate::json_depth::exceeds(payload, policy.max_json_depth) {
+        return Err(EventError::TooDeep {
+            limit: policy.max_json_depth,
+        });
+    }
+    Ok(())
+}
+
 /// Checks a project event from any source and frames it once.
 ///
-/// `payload` is the publisher's JSON. `policy` is the typed schema check (None for events
-/// the gateway itself already validated, e.g. on the publish API). The returned frame
-/// carries the same bytes unless `project_id` or `timestamp` had to be filled in.
+/// `payload` is the publisher's JSON. `policy` is the typed schema check and depth limit
+/// (None for events the gateway itself already validated, e.g. on the publish API). The
+/// returned frame carries the same bytes unless `project_id` or `timestamp` had to be
+/// filled in.
 pub fn prepare_project_event(
     project: &str,
     payload: &[u8],
@@ -166,6 +180,9 @@ fn prepare(
     policy: Option<&Policy>,
     want_time: bool,
 ) -> Result<(Prepared, Option<SystemTime>), EventError> {
+    if let Some(policy) = policy {
+        check_depth(payload, policy)?;
+    }
     if first_non_ws(payload) != Some(b'{') {
         return match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
             Ok(_) => Err(EventError::NotObject),
@@ -371,6 +388,27 @@ mod tests {
         assert_eq!(a.conflate, b.conflate);
         assert_ne!(a.conflate, c.conflate);
         assert!(a.conflate.is_some() && d.conflate.is_none());
+    }
+
+    #[test]
+    fn events_nested_too_deep_are_refused_before_parsing() {
+        let policy = Policy {
+            allow_unknown_types: true,
+            max_json_depth: 8,
+        };
+        let nest = |n: usize| "[".repeat(n) + &"]".repeat(n);
+        let ok = format!(r#"{{"type":"x","data":{}}}"#, nest(7));
+        assert!(prepare_project_event("p", ok.as_bytes(), Some(&policy)).is_ok());
+        let deep = format!(r#"{{"type":"x","data":{}}}"#, nest(8));
+        let err = prepare_project_event("p", deep.as_bytes(), Some(&policy)).unwrap_err();
+        assert_eq!(err, EventError::TooDeep { limit: 8 });
+        assert_eq!(err.reason(), "too_deep");
+        // Far past serde_json's own limit, and unterminated: still our answer, not NotJson.
+        let bomb = format!(r#"{{"type":"x","data":{}"#, "[".repeat(200_000));
+        assert_eq!(
+            prepare_project_event("p", bomb.as_bytes(), Some(&policy)).unwrap_err(),
+            EventError::TooDeep { limit: 8 }
+        );
     }
 
     #[test]

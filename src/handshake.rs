@@ -15,7 +15,7 @@ use std::sync::Arc;
 use http::{header, Request, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use switchboard_middleware::{Authentication, Claims, ClientIp, PeerAddr, RequestId};
+use switchboard_middleware::{Authentication, Claims, ClientIp, PeerAddr, RequestId, SessionId};
 
 use crate::app::App;
 use crate::broker::ConnectionRecord;
@@ -234,6 +234,9 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         peer,
         app.outbox_limits(),
     );
+    if let Some(SessionId(id)) = req.extensions().get::<SessionId>() {
+        session.set_session_id(id);
+    }
     // Live events wait until the greeting (snapshot or replay) is queued.
     session.close_gate();
     app.hub.register(&session);

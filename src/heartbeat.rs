@@ -1,5 +1,6 @@
-//! One shared timer for every connection: heartbeats, idle drop, credential expiry, and
-//! the TTLs of this instance's Redis records.
+//! One shared timer for every connection: heartbeats, idle drop, credential expiry, the
+//! revoked-session recheck ([`crate::revocation`]), and the TTLs of this instance's Redis
+//! records.
 //!
 //! No connection owns a timer (DESIGN "Small connections"): a sweep runs every second over
 //! the sessions, and every `WS_HEARTBEAT_INTERVAL` it also queues `system.heartbeat` plus a
@@ -16,6 +17,7 @@ use serde_json::json;
 
 use crate::app::App;
 use crate::frame;
+use crate::revocation::SessionRecheck;
 use crate::session::{close_code, unix_millis, Scope};
 
 const SWEEP: Duration = Duration::from_secs(1);
@@ -27,6 +29,7 @@ pub async fn run(app: Arc<App>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Beats are scheduled on a fixed grid, so sweep jitter never stretches the interval.
     let mut next_beat = Instant::now() + interval;
+    let mut recheck = SessionRecheck::new(&app);
     refresh_records(&app).await;
     loop {
         ticker.tick().await;
@@ -73,6 +76,10 @@ pub async fn run(app: Arc<App>) {
                 session.send_control(hb);
                 session.send_control(ping.clone());
             }
+        }
+        if let Some(recheck) = recheck.as_mut() {
+            // Runs in the background: a slow Redis never delays the sweep.
+            recheck.tick(&app, Instant::now());
         }
         if beat {
             // Never let a slow Redis delay the sweep.

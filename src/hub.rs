@@ -409,6 +409,7 @@ impl Hub {
 
     /// Parses a payload from `websocket:broadcast` and broadcasts it.
     pub fn broadcast_raw(&self, payload: &[u8]) -> Result<usize, event::EventError> {
+        event::check_depth(payload, &self.policy)?;
         let value: Value =
             serde_json::from_slice(payload).map_err(|_| event::EventError::NotJson)?;
         let Value::Object(mut map) = value else {
@@ -454,6 +455,7 @@ mod tests {
 
     const STRICT: Policy = Policy {
         allow_unknown_types: false,
+        max_json_depth: 64,
     };
 
     fn session(project: &str) -> Arc<Session> {

@@ -12,10 +12,12 @@
 //! event.rs      envelope checks, fill-in, encode-once framing
 //! frame.rs      server WebSocket frames as shared bytes
 //! heartbeat.rs  one shared timer: heartbeats, idle drop, expiry, record TTLs
+//! revocation.rs revoked sessions: batched recheck of session:{id}, close 4001
 //! resume.rs     greeting: snapshot or replay from history (shared reads), then live
 //! schema/       typed events: registry, validation, TypeScript/JSON Schema generation
 //! routes.rs     HTTP API: health, readiness, publish, broadcast, ws-url
 //! limits.rs     connection caps (global, per IP)
+//! json_depth.rs nesting depth of JSON text, measured flat before any parse
 //! config.rs     the one config struct; app.rs the per-instance state; cli.rs the commands
 //! ```
 //!
@@ -31,9 +33,11 @@ pub mod frame;
 pub mod handshake;
 pub mod heartbeat;
 pub mod hub;
+pub mod json_depth;
 pub mod limits;
 pub mod metrics;
 pub mod resume;
+pub mod revocation;
 pub mod routes;
 pub mod schema;
 pub mod server;

@@ -211,6 +211,17 @@ async fn read_json(app: &App, req: Request<Incoming>) -> Result<Value, Response>
             ))
         }
     };
+    // A batch wraps its events in an array: one level more than an event may use.
+    let depth = app.config.events.max_json_depth;
+    let batch = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    if crate::json_depth::exceeds(&body, depth + usize::from(batch)) {
+        app.hub.metrics.rejected("too_deep");
+        return Err(json_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_deep",
+            &format!("an event may nest JSON at most {depth} levels deep"),
+        ));
+    }
     serde_json::from_slice(&body).map_err(|_| {
         json_error(
             StatusCode::BAD_REQUEST,

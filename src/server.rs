@@ -10,6 +10,13 @@
 //!               └► routes::route (HTTP API, or handshake::handle for /ws/…)
 //! ```
 //!
+//! Before the upgrade a connection is only an HTTP connection, and a cheap one to abuse:
+//! slowloris clients that never finish their headers are closed after
+//! `server.header_read_timeout_secs` (idle keep-alive connections likewise), a request head
+//! may hold at most [`MAX_HEADER_BYTES`], and at most `server.max_pending_connections` such
+//! connections exist at once (beyond, new ones are closed at accept). Upgraded connections
+//! are counted by [`crate::limits`] instead.
+//!
 //! Shutdown (PROTOCOL §5): stop accepting and mark draining (readyz 503, upgrades 503);
 //! every session flushes its queue, then gets `container.reconnect` and close 1012;
 //! plain HTTP connections finish their request; we wait for all of them at most
@@ -17,7 +24,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::header;
 use hyper::body::Incoming;
@@ -28,12 +35,24 @@ use switchboard_middleware::{
     AuthLayer, ClientIpLayer, HandshakeRateLimitLayer, PeerAddr, RequestIdLayer,
 };
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tower::ServiceBuilder;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::app::App;
 use crate::routes;
+
+/// Largest request head (request line and headers). Four times nginx's default header
+/// buffer: room for big cookies and a JWT in the query, and what bounds the read buffer of
+/// a connection that is still sending its headers.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// How often the handshake limiter forgets IPs whose bucket is full again. Its map holds
+/// at most the IPs seen in the last interval plus those still refilling.
+const LIMITER_PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+/// At most one "pending connection cap reached" warning per this interval.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 fn is_handshake(uri: &http::Uri) -> bool {
     uri.path().starts_with("/ws/")
@@ -54,7 +73,7 @@ pub async fn serve(
     let limiter = rate_limit.limiter();
     // governor's keyed map grows with every IP seen: trim it periodically.
     let trim = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        let mut tick = tokio::time::interval(LIMITER_PRUNE_EVERY);
         loop {
             tick.tick().await;
             limiter.retain_recent();
@@ -72,6 +91,13 @@ pub async fn serve(
         .layer(rate_limit)
         .layer(AuthLayer::new(app.auth.clone()))
         .service_fn(move |req: http::Request<Incoming>| routes::route(route_app.clone(), req));
+
+    let header_timeout = Duration::from_secs(app.config.server.header_read_timeout_secs);
+    let pending = match app.config.server.max_pending_connections {
+        0 => None,
+        n => Some(Arc::new(Semaphore::new(n))),
+    };
+    let mut refused = Refusals::default();
 
     let (close_http, http_closing) = watch::channel(false);
     // The listener keeps serving while draining, so /readyz and new upgrades can answer
@@ -95,6 +121,18 @@ pub async fn serve(
                 }
             },
         };
+        let permit = match &pending {
+            None => None,
+            Some(slots) => match slots.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    // Closing at once costs the attacker a reconnect and us nothing.
+                    drop(stream);
+                    refused.note(peer);
+                    continue;
+                }
+            },
+        };
         let _ = stream.set_nodelay(true);
         let svc = ServiceBuilder::new()
             .map_request(move |mut req: http::Request<Incoming>| {
@@ -105,9 +143,12 @@ pub async fn serve(
         let draining = app.is_draining();
         let mut closing = http_closing.clone();
         tokio::spawn(async move {
+            // Held while the connection speaks HTTP; an upgrade ends this task.
+            let _permit = permit;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(header_timeout)
+                .max_header_size(MAX_HEADER_BYTES)
                 // Accepted while draining: answer (503 or health) and close.
                 .keep_alive(!draining)
                 .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
@@ -135,6 +176,34 @@ pub async fn serve(
     drop(listener);
     trim.abort();
     heartbeat.abort();
+}
+
+/// Connections closed at accept because `server.max_pending_connections` were open;
+/// logged at most once per [`REFUSAL_LOG_EVERY`], with the count since the last line.
+#[derive(Default)]
+struct Refusals {
+    since_log: u64,
+    logged_at: Option<Instant>,
+}
+
+impl Refusals {
+    fn note(&mut self, peer: SocketAddr) {
+        self.since_log += 1;
+        let now = Instant::now();
+        if self
+            .logged_at
+            .is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            refused = self.since_log,
+            last_peer = %peer,
+            "pending HTTP connection cap reached: closing new connections at accept"
+        );
+        self.since_log = 0;
+        self.logged_at = Some(now);
+    }
 }
 
 async fn drain(app: &Arc<App>, close_http: watch::Sender<bool>) {

@@ -25,7 +25,7 @@ pub mod request_id;
 
 pub use auth::{
     mint_hs256, AuthConfigError, AuthError, AuthLayer, AuthService, Authentication, Authenticator,
-    Claims, CredentialKind, JwtConfig, JwtVerifier, MemorySessionStore, SessionRecord,
+    Claims, CredentialKind, JwtConfig, JwtVerifier, MemorySessionStore, SessionId, SessionRecord,
     SessionStore,
 };
 pub use client_ip::{ClientIp, ClientIpLayer, ClientIpService, PeerAddr};

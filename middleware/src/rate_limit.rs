@@ -287,6 +287,33 @@ mod tests {
         assert_eq!(layer.limiter().len(), 2);
     }
 
+    /// Many IPs (a botnet, or a proxy forwarding many clients): every one leaves an entry,
+    /// and pruning forgets all of them once their buckets are full again, so the map is
+    /// bounded by the IPs of one prune interval, not by every IP ever seen.
+    #[test]
+    fn pruning_forgets_many_distinct_ips_but_not_a_limited_one() {
+        const N: u32 = 50_000;
+        let layer = HandshakeRateLimitLayer::new(1000, 1, ws_only);
+        let limiter = layer.limiter();
+        for i in 0..N {
+            let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            assert!(limiter.check(ip).is_ok(), "first handshake of {ip}");
+        }
+        assert_eq!(limiter.len(), N as usize);
+        std::thread::sleep(Duration::from_millis(20));
+        limiter.retain_recent();
+        assert_eq!(limiter.len(), 0);
+
+        // An IP still over its quota is kept: pruning never forgives an abuser early.
+        let slow = HandshakeRateLimitLayer::new(1, 1, ws_only).limiter();
+        let abuser: IpAddr = "198.51.100.66".parse().unwrap();
+        assert!(slow.check(abuser).is_ok());
+        assert!(slow.check(abuser).is_err());
+        slow.retain_recent();
+        assert_eq!(slow.len(), 1);
+        assert!(slow.check(abuser).is_err());
+    }
+
     #[tokio::test]
     async fn retain_recent_forgets_refilled_buckets() {
         let layer = HandshakeRateLimitLayer::new(1000, 1, ws_only);

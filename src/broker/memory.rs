@@ -182,6 +182,7 @@ mod tests {
             Duration::from_millis(10),
             crate::schema::Policy {
                 allow_unknown_types: true,
+                ..Default::default()
             },
         );
         let b = MemoryBroker::new(

@@ -231,6 +231,18 @@ impl Broker {
         }
     }
 
+    /// The stored `session:{id}` values of `ids`, in order (None: gone), in one round trip,
+    /// for the revoked-session recheck. The embedded broker has no sessions: it answers
+    /// `Unavailable`, which the recheck treats as "cannot tell" and closes nobody.
+    pub async fn session_values(&self, ids: &[&str]) -> Result<Vec<Option<String>>, BrokerError> {
+        match self {
+            Broker::Memory(_) => Err(BrokerError::Unavailable(
+                "the embedded broker holds no sessions".into(),
+            )),
+            Broker::Redis(r) => r.session_values(ids).await,
+        }
+    }
+
     /// Where `session=` credentials are looked up (Redis only, PROTOCOL §1).
     pub fn session_store(&self) -> Option<Arc<dyn SessionStore>> {
         match self {

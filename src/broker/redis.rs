@@ -458,6 +458,27 @@ impl RedisBroker {
             .collect())
     }
 
+    /// The raw `session:{id}` values of `ids`, in order, in one MGET (None: no such key).
+    pub async fn session_values(&self, ids: &[&str]) -> Result<Vec<Option<String>>, BrokerError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| format!("session:{id}")).collect();
+        let values: Vec<Option<String>> = self
+            .with_conn(|mut conn| async move {
+                redis::cmd("MGET").arg(keys).query_async(&mut conn).await
+            })
+            .await?;
+        if values.len() != ids.len() {
+            return Err(BrokerError::Protocol(format!(
+                "MGET of {} keys answered {} values",
+                ids.len(),
+                values.len()
+            )));
+        }
+        Ok(values)
+    }
+
     pub async fn deregister_instance(&self, instance_id: &str) {
         let key = instance_key(instance_id);
         let _ = self

@@ -300,6 +300,7 @@ mod tests {
             Duration::from_millis(10),
             Policy {
                 allow_unknown_types: true,
+                ..Policy::default()
             },
         );
         let broker = Broker::Memory(crate::broker::memory::MemoryBroker::new(

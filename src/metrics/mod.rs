@@ -40,13 +40,14 @@ pub(crate) const HANDSHAKE_LABELS: [&str; 8] = [
 ];
 
 /// Reasons an incoming event is rejected (label `reason`).
-pub(crate) const REJECT_LABELS: [&str; 10] = [
+pub(crate) const REJECT_LABELS: [&str; 11] = [
     "invalid_json",
     "not_object",
     "missing_type",
     "bad_project_id",
     "project_mismatch",
     "too_large",
+    "too_deep",
     "unknown_type",
     "not_publishable",
     "invalid_field",
@@ -55,7 +56,7 @@ pub(crate) const REJECT_LABELS: [&str; 10] = [
 
 pub struct Metrics {
     pub(crate) handshakes: [AtomicU64; 8],
-    pub(crate) rejected: [AtomicU64; 10],
+    pub(crate) rejected: [AtomicU64; 11],
     pub events_from_api: AtomicU64,
     pub events_from_redis: AtomicU64,
     pub commands_execute: AtomicU64,

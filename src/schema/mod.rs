@@ -198,6 +198,15 @@ fn entry(kind: &str, families: &[Family]) -> Option<&'static Entry> {
 pub struct Policy {
     /// Let types outside the registry through (envelope checks still apply).
     pub allow_unknown_types: bool,
+    /// Deepest JSON nesting of an event (`events.max_json_depth`), checked before parsing.
+    pub max_json_depth: usize,
+}
+
+/// The built-in defaults (`Config::default().event_policy()`): strict, depth 64.
+impl Default for Policy {
+    fn default() -> Self {
+        crate::config::Config::default().event_policy()
+    }
 }
 
 impl Policy {
@@ -251,6 +260,7 @@ mod tests {
 
     const STRICT: Policy = Policy {
         allow_unknown_types: false,
+        max_json_depth: 64,
     };
 
     fn check(v: Value) -> Result<(), SchemaError> {
@@ -313,6 +323,7 @@ mod tests {
         ));
         let lax = Policy {
             allow_unknown_types: true,
+            ..Policy::default()
         };
         lax.check_project_value("made.up", &json!({"type":"made.up"}))
             .unwrap();

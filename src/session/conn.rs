@@ -42,6 +42,9 @@ pub fn task(
     run(app, session, upgrade, guard, resume)
 }
 
+/// How long a closed connection waits for the client's close reply.
+const CLOSE_REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs a session from the upgrade to its end.
 pub async fn run(
     app: Arc<App>,
@@ -121,10 +124,14 @@ async fn serve(app: &App, session: &Arc<Session>, socket: &TcpStream, mut pendin
         }
         match session.outbox.drain() {
             Drained::Finished => {
-                // Our close frame is out; give the client a moment to answer it.
+                // Our close frame is out; give the client a moment to answer it, reading
+                // (and dropping) whatever it still sends meanwhile: a socket closed with
+                // unread bytes sends a reset, and a reset can destroy our close frame in the
+                // client's receive queue before it reads it (a flooding client would never
+                // learn why it was closed).
                 let _ = Box::pin(tokio::time::timeout(
-                    std::time::Duration::from_secs(1),
-                    readable(socket),
+                    CLOSE_REPLY_WAIT,
+                    read_until_close(app, session, socket, &mut reader, &mut pending),
                 ))
                 .await;
                 return;
@@ -165,6 +172,33 @@ async fn serve(app: &App, session: &Arc<Session>, socket: &TcpStream, mut pendin
                     None => std::future::pending().await,
                 }
             }, if deadline.is_some() => return,
+        }
+    }
+}
+
+/// After our close frame: reads until the client's close reply or EOF. While closing, the
+/// reader skips every other frame, and a frame over the size limit discards the rest, so
+/// this keeps at most one incomplete frame (bounded by `ws.max_message_bytes`).
+async fn read_until_close(
+    app: &App,
+    session: &Arc<Session>,
+    socket: &TcpStream,
+    reader: &mut Reader,
+    pending: &mut Vec<u8>,
+) {
+    loop {
+        if readable(socket).await.is_err() {
+            return;
+        }
+        match read_some(socket, pending) {
+            Ok(0) => return,
+            Ok(_) => {
+                if let Read::End = reader.process(app, session, pending).await {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(_) => return,
         }
     }
 }

@@ -4,7 +4,9 @@
 //! the offender's own connection may be closed (1008 after too many invalid messages in a
 //! row, 4029 for persistent rate abuse). Commands are relayed to `project:{id}:commands`
 //! and acknowledged with `command.accepted` carrying how many workers received them; a
-//! command is never reported accepted when the broker did not take it.
+//! command is never reported accepted when the broker did not take it. What one message
+//! can cost is bounded before it is parsed (`ws.max_json_depth`) and what one connection
+//! can subscribe to is capped (`ws.max_subscriptions_per_connection`).
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -143,6 +145,16 @@ async fn dispatch(app: &App, session: &Arc<Session>, text: &str) -> Result<(), R
         }
         "status" => return status(app, session, None).await,
         _ => {}
+    }
+    // Before parsing: a deeply nested message costs the parser one recursion and one
+    // allocation per level, and past its own limit it would only say "not JSON".
+    let max_depth = app.config.ws.max_json_depth;
+    if crate::json_depth::exceeds(text.as_bytes(), max_depth) {
+        return Err(Refusal {
+            code: "invalid_message",
+            message: format!("message nests JSON deeper than {max_depth} levels"),
+            field: None,
+        });
     }
     let value: Value = serde_json::from_str(text).map_err(|_| Refusal {
         code: "invalid_json",
@@ -376,7 +388,17 @@ async fn subscribe(
             field: Some("project_id"),
         });
     }
-    if session.add_project(project) && app.hub.join(project, session).await.is_err() {
+    let max = app.config.ws.max_subscriptions_per_connection;
+    let Ok(added) = session.add_project(project, max) else {
+        return Err(Refusal {
+            code: "too_many_subscriptions",
+            message: format!(
+                "a connection may follow at most {max} projects; unsubscribe from one first"
+            ),
+            field: Some("project_id"),
+        });
+    };
+    if added && app.hub.join(project, session).await.is_err() {
         session.remove_project(project);
         session.reply(error_frame(
             "broker_unavailable",

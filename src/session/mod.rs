@@ -15,7 +15,7 @@ pub mod wire;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -108,6 +108,9 @@ pub struct Session {
     projects: Mutex<Vec<String>>,
     /// The credential in force (replaced by `auth.refresh`); decides `subscribe`.
     claims: Mutex<Arc<Claims>>,
+    /// The server-side session (`session:{id}`) the connection authenticated with, if any.
+    /// The shared sweep rechecks it while that session is the credential in force.
+    session_id: OnceLock<Box<str>>,
     pub outbox: Outbox,
     /// Milliseconds since the UNIX epoch of the last frame from the client.
     last_seen_ms: AtomicU64,
@@ -146,6 +149,11 @@ impl Session {
     }
 }
 
+/// A `subscribe` beyond `ws.max_subscriptions_per_connection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("this connection follows as many projects as it may")]
+pub struct ProjectsFull;
+
 /// A live event held back while the session's greeting is prepared.
 struct Gated {
     frame: Bytes,
@@ -181,6 +189,7 @@ impl Session {
             last_seen_ms: AtomicU64::new(unix_millis()),
             expires_at: AtomicU64::new(claims.expires_at().unwrap_or(0)),
             claims: Mutex::new(claims),
+            session_id: OnceLock::new(),
             ended: AtomicBool::new(false),
             gate: Mutex::new(None),
             gated: AtomicBool::new(false),
@@ -240,6 +249,18 @@ impl Session {
         self.claims.lock().clone()
     }
 
+    /// Records the session id the handshake authenticated with (once; later calls ignored).
+    pub fn set_session_id(&self, id: &str) {
+        let _ = self.session_id.set(id.into());
+    }
+
+    /// The session to recheck: the handshake's session id, while the credential in force
+    /// is still that session (an `auth.refresh` to a JWT ends the recheck).
+    pub fn recheck_session_id(&self) -> Option<&str> {
+        let id = self.session_id.get()?;
+        (self.claims.lock().kind == switchboard_middleware::CredentialKind::Session).then_some(id)
+    }
+
     /// Installs a refreshed credential and its expiry.
     pub fn set_claims(&self, claims: Arc<Claims>) {
         self.set_expires_at(claims.expires_at());
@@ -254,14 +275,20 @@ impl Session {
         self.projects.lock().iter().any(|p| p == project)
     }
 
-    /// Records `project`; false if it was already there.
-    pub fn add_project(&self, project: &str) -> bool {
+    /// Records `project` unless the connection already follows `max` projects: Ok(false)
+    /// if it was already there, [`ProjectsFull`] when full. The cap bounds what one
+    /// connection can make this instance subscribe to (hub slots, broker channels,
+    /// presence entries).
+    pub fn add_project(&self, project: &str, max: usize) -> Result<bool, ProjectsFull> {
         let mut projects = self.projects.lock();
         if projects.iter().any(|p| p == project) {
-            return false;
+            return Ok(false);
+        }
+        if projects.len() >= max {
+            return Err(ProjectsFull);
         }
         projects.push(project.to_owned());
-        true
+        Ok(true)
     }
 
     pub fn remove_project(&self, project: &str) -> bool {

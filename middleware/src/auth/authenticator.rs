@@ -15,7 +15,9 @@ use http::request::Parts;
 use http::{HeaderMap, Uri};
 use percent_encoding::percent_decode_str;
 
-use super::{AuthError, Authentication, Claims, CredentialKind, JwtVerifier, SessionStore};
+use super::{
+    AuthError, Authentication, Claims, CredentialKind, JwtVerifier, SessionId, SessionStore,
+};
 
 /// Session ids longer than this are refused without a store round trip.
 const MAX_SESSION_ID_LEN: usize = 256;
@@ -46,18 +48,31 @@ impl Authenticator {
     }
 
     pub async fn authenticate(&self, headers: &HeaderMap, uri: &Uri) -> Authentication {
+        self.authenticate_request(headers, uri).await.0
+    }
+
+    /// [`Authenticator::authenticate`], plus the session id when a server-side session is
+    /// what authenticated the request (the gateway rechecks that it still exists).
+    pub async fn authenticate_request(
+        &self,
+        headers: &HeaderMap,
+        uri: &Uri,
+    ) -> (Authentication, Option<SessionId>) {
         let credential = match find_credential(headers, uri) {
             Ok(Some(credential)) => credential,
-            Ok(None) => return Authentication::Missing,
-            Err(err) => return Authentication::Invalid(err),
+            Ok(None) => return (Authentication::Missing, None),
+            Err(err) => return (Authentication::Invalid(err), None),
         };
-        let result = match credential {
-            Credential::Jwt(token) => self.check_jwt(&token),
-            Credential::Session(id) => self.check_session(&id).await,
+        let (result, session) = match credential {
+            Credential::Jwt(token) => (self.check_jwt(&token), None),
+            Credential::Session(id) => (self.check_session(&id).await, Some(id)),
         };
         match result {
-            Ok(claims) => Authentication::Authenticated(Arc::new(claims)),
-            Err(err) => Authentication::Invalid(err),
+            Ok(claims) => (
+                Authentication::Authenticated(Arc::new(claims)),
+                session.map(|id| SessionId(id.into_owned())),
+            ),
+            Err(err) => (Authentication::Invalid(err), None),
         }
     }
 
@@ -269,6 +284,38 @@ mod tests {
             Authentication::Invalid(e) => e,
             other => panic!("not invalid: {other:?}"),
         }
+    }
+
+    /// The session id comes back only when a session is what authenticated the request:
+    /// the gateway rechecks exactly those connections.
+    #[tokio::test]
+    async fn session_id_is_reported_only_for_session_credentials() {
+        let auth = authenticator();
+        let uri: Uri = "/ws/p?session=query-sid".parse().unwrap();
+        let (o, id) = auth.authenticate_request(&HeaderMap::new(), &uri).await;
+        assert_eq!(sub(&o), ("query-user", CredentialKind::Session));
+        assert_eq!(id, Some(SessionId("query-sid".into())));
+        assert_eq!(format!("{id:?}"), "Some(SessionId(<redacted>))");
+
+        let mut headers = HeaderMap::new();
+        headers.insert(COOKIE, "session=cookie-sid".parse().unwrap());
+        let (_, id) = auth
+            .authenticate_request(&headers, &"/ws/p".parse().unwrap())
+            .await;
+        assert_eq!(id, Some(SessionId("cookie-sid".into())));
+
+        // A JWT wins over the session: no session id, nothing to recheck.
+        let uri: Uri = format!("/ws/p?token={}&session=query-sid", token("jwt-user"))
+            .parse()
+            .unwrap();
+        let (o, id) = auth.authenticate_request(&HeaderMap::new(), &uri).await;
+        assert_eq!(sub(&o), ("jwt-user", CredentialKind::Jwt));
+        assert_eq!(id, None);
+        // A refused session is no session either.
+        let uri: Uri = "/ws/p?session=old-sid".parse().unwrap();
+        let (o, id) = auth.authenticate_request(&HeaderMap::new(), &uri).await;
+        assert!(matches!(o, Authentication::Invalid(AuthError::Expired)));
+        assert_eq!(id, None);
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! The auth middleware: authenticate, record the outcome, always go on.
 //!
-//! Inserts exactly one [`Authentication`] into every request's extensions and then calls the
-//! inner service, whatever the outcome. Rejecting is the router's job because the right answer
+//! Inserts exactly one [`Authentication`] into every request's extensions (and a
+//! [`super::SessionId`] when a session authenticated it) and then calls the inner service,
+//! whatever the outcome. Rejecting is the router's job because the right answer
 //! depends on the route: HTTP 401/403 for the API and plain requests, but for a WebSocket
 //! upgrade the handshake must complete and the close code (4001/4003) carry the refusal,
 //! since browsers cannot read handshake statuses.
@@ -72,7 +73,9 @@ where
         let authenticator = self.authenticator.clone();
         Box::pin(async move {
             let (mut parts, body) = req.into_parts();
-            let outcome = authenticator.authenticate_parts(&parts).await;
+            let (outcome, session) = authenticator
+                .authenticate_request(&parts.headers, &parts.uri)
+                .await;
             match &outcome {
                 Authentication::Authenticated(claims) => {
                     tracing::debug!(sub = %claims.sub, kind = ?claims.kind, "authenticated");
@@ -84,6 +87,9 @@ where
                 }
             }
             parts.extensions.insert(outcome);
+            if let Some(session) = session {
+                parts.extensions.insert(session);
+            }
             inner.call(Request::from_parts(parts, body)).await
         })
     }

@@ -70,6 +70,19 @@ impl Claims {
     }
 }
 
+/// The id of the server-side session (`session:{id}`) that authenticated a request.
+/// [`AuthLayer`] inserts it next to [`Authentication`] only when a session credential
+/// authenticated the request, so the gateway can later check that the session still exists
+/// (a revoked session must end its connections). Never logged: it is a bearer credential.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionId(pub String);
+
+impl std::fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionId(<redacted>)")
+    }
+}
+
 /// Outcome of authenticating one request; inserted into its extensions by [`AuthLayer`].
 #[derive(Clone, Debug)]
 pub enum Authentication {

@@ -1,0 +1,269 @@
+//! Revoked sessions: connections authenticated by `session:{id}` follow what Redis says.
+//!
+//! A JWT is checked once and ends at its `exp`; a server-side session can be revoked at any
+//! time by deleting its key (log out, password change, an admin). Every
+//! `auth.session_recheck_secs` the shared heartbeat sweep ([`crate::heartbeat`]) starts one
+//! background check: the distinct session ids of this instance's session-authenticated
+//! connections are read with one MGET per [`BATCH`] ids, never one timer or one Redis call
+//! per connection. Then, per connection:
+//! - key gone, unreadable, or for another user: `connection.closed` and close 4001;
+//! - the session no longer grants one of the connection's projects: close 4003;
+//! - otherwise the connection adopts the stored grants and `expires_at` (the sweep closes
+//!   with 4004 at that time; an extended session extends the connection).
+//!
+//! Redis unreachable: nobody is closed (an outage must not log everyone out) and the
+//! failure is logged once until a check succeeds again. At most one check runs at a time;
+//! its memory is a list of the checked connections and ids, dropped when it ends.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchboard_middleware::{Claims, CredentialKind, SessionRecord};
+
+use crate::app::App;
+use crate::broker::BrokerError;
+use crate::session::{close_code, Session};
+
+/// Session ids per MGET round trip.
+pub const BATCH: usize = 500;
+
+/// The sweep's handle on the periodic check.
+pub struct SessionRecheck {
+    every: Duration,
+    next: Instant,
+    /// A check is in flight: the next one waits for it rather than piling up.
+    running: Arc<AtomicBool>,
+    /// The last check could not reach Redis (so the next failure is not logged again).
+    failing: Arc<AtomicBool>,
+}
+
+impl SessionRecheck {
+    /// None when the recheck is off (`auth.session_recheck_secs = 0`) or the broker has no
+    /// sessions at all (the embedded one).
+    pub fn new(app: &App) -> Option<Self> {
+        let secs = app.config.auth.session_recheck_secs;
+        if secs == 0 || app.broker.session_store().is_none() {
+            return None;
+        }
+        let every = Duration::from_secs(secs);
+        Some(Self {
+            every,
+            next: Instant::now() + every,
+            running: Arc::new(AtomicBool::new(false)),
+            failing: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Called on every sweep; starts a background check when one is due and none is running.
+    pub fn tick(&mut self, app: &Arc<App>, now: Instant) {
+        if now < self.next || self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.next = now + self.every;
+        let app = app.clone();
+        let running = self.running.clone();
+        let failing = self.failing.clone();
+        tokio::spawn(async move {
+            check(&app, &failing).await;
+            running.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// One pass over this instance's session-authenticated connections.
+async fn check(app: &App, failing: &AtomicBool) {
+    let mut by_id: HashMap<String, Vec<Arc<Session>>> = HashMap::new();
+    for session in app.hub.sessions() {
+        if session.outbox.is_closing() || session.is_ended() {
+            continue;
+        }
+        if let Some(id) = session.recheck_session_id() {
+            let id = id.to_owned();
+            by_id.entry(id).or_default().push(session);
+        }
+    }
+    if by_id.is_empty() {
+        return;
+    }
+    let ids: Vec<&str> = by_id.keys().map(String::as_str).collect();
+    let mut outcome: Result<(), BrokerError> = Ok(());
+    for chunk in ids.chunks(BATCH) {
+        match app.broker.session_values(chunk).await {
+            Ok(values) => {
+                for (id, value) in chunk.iter().zip(values) {
+                    for session in &by_id[*id] {
+                        apply(session, value.as_deref());
+                    }
+                }
+            }
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+    }
+    match outcome {
+        Err(e) => {
+            if !failing.swap(true, Ordering::AcqRel) {
+                tracing::warn!(
+                    error = %e,
+                    "session recheck cannot reach Redis: connections stay open until it answers"
+                );
+            }
+        }
+        Ok(()) => {
+            if failing.swap(false, Ordering::AcqRel) {
+                tracing::info!("session recheck reaches Redis again");
+            }
+        }
+    }
+}
+
+/// What the stored value of a connection's session means for it.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Still valid; adopt these grants and expiry if they changed.
+    Keep(SessionRecord),
+    /// Gone, unreadable or not this user's any more: 4001.
+    Revoked,
+    /// Valid but no longer grants one of the connection's projects: 4003.
+    Narrowed,
+}
+
+fn verdict(session: &Session, value: Option<&str>) -> Verdict {
+    let Some(record) = value.and_then(|v| serde_json::from_str::<SessionRecord>(v).ok()) else {
+        return Verdict::Revoked;
+    };
+    if record.user_id != session.user_id() {
+        return Verdict::Revoked;
+    }
+    let grants = |p: &String| record.projects.iter().any(|g| g == p || g == "*");
+    if !session.projects().iter().all(grants) {
+        return Verdict::Narrowed;
+    }
+    Verdict::Keep(record)
+}
+
+fn apply(session: &Session, value: Option<&str>) {
+    // The check ran concurrently with the connection: it may have refreshed to a JWT since.
+    if session.recheck_session_id().is_none() {
+        return;
+    }
+    match verdict(session, value) {
+        Verdict::Revoked => {
+            // In the connection's span, like everything logged about a connection.
+            session.span().in_scope(|| {
+                tracing::info!(client_id = %session.client_id, "session revoked: closing (4001)");
+            });
+            session.close(close_code::UNAUTHENTICATED, "session revoked", false);
+        }
+        Verdict::Narrowed => {
+            session.span().in_scope(|| {
+                tracing::info!(client_id = %session.client_id, "session narrowed: closing (4003)");
+            });
+            session.close(
+                close_code::FORBIDDEN,
+                "session no longer grants this project",
+                false,
+            );
+        }
+        Verdict::Keep(record) => {
+            let current = session.claims();
+            if current.projects != record.projects || current.exp != record.expires_at {
+                session.set_claims(Arc::new(Claims {
+                    sub: record.user_id,
+                    projects: record.projects,
+                    role: None,
+                    exp: record.expires_at,
+                    kind: CredentialKind::Session,
+                }));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session_of(user: &str, projects: &[&str]) -> Arc<Session> {
+        let claims = Claims {
+            sub: user.into(),
+            projects: vec!["*".into()],
+            role: None,
+            exp: None,
+            kind: CredentialKind::Session,
+        };
+        let s = Session::new(
+            "c".into(),
+            Arc::new(claims),
+            crate::session::Scope::User,
+            projects.iter().map(|p| p.to_string()).collect(),
+            [127, 0, 0, 1].into(),
+            None,
+            crate::session::outbox::Limits {
+                messages: 8,
+                bytes: 4096,
+            },
+        );
+        s.set_session_id("sid");
+        s
+    }
+
+    #[test]
+    fn verdicts() {
+        let s = session_of("u", &["a", "b"]);
+        assert_eq!(verdict(&s, None), Verdict::Revoked);
+        assert_eq!(verdict(&s, Some("not json")), Verdict::Revoked);
+        assert_eq!(
+            verdict(&s, Some(r#"{"user_id":"other","projects":["*"]}"#)),
+            Verdict::Revoked
+        );
+        assert_eq!(
+            verdict(&s, Some(r#"{"user_id":"u","projects":["a"]}"#)),
+            Verdict::Narrowed
+        );
+        assert!(matches!(
+            verdict(&s, Some(r#"{"user_id":"u","projects":["a","b","c"]}"#)),
+            Verdict::Keep(_)
+        ));
+        assert!(matches!(
+            verdict(&s, Some(r#"{"user_id":"u","projects":["*"]}"#)),
+            Verdict::Keep(_)
+        ));
+    }
+
+    #[test]
+    fn kept_sessions_adopt_the_stored_grants_and_expiry() {
+        let s = session_of("u", &["a"]);
+        apply(
+            &s,
+            Some(r#"{"user_id":"u","projects":["a","b"],"expires_at":4102444800}"#),
+        );
+        assert!(!s.outbox.is_closing());
+        assert_eq!(s.claims().projects, vec!["a", "b"]);
+        assert_eq!(s.expires_at(), Some(4_102_444_800));
+        apply(&s, None);
+        assert!(
+            s.outbox.is_closing(),
+            "a deleted session closes the connection"
+        );
+    }
+
+    #[test]
+    fn a_connection_refreshed_to_a_jwt_is_not_rechecked() {
+        let s = session_of("u", &["a"]);
+        s.set_claims(Arc::new(Claims {
+            sub: "u".into(),
+            projects: vec!["a".into()],
+            role: None,
+            exp: None,
+            kind: CredentialKind::Jwt,
+        }));
+        assert_eq!(s.recheck_session_id(), None);
+        apply(&s, None);
+        assert!(!s.outbox.is_closing());
+    }
+}
