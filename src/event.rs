@@ -6,7 +6,9 @@
 //! channel only). The gateway fills in `project_id` and `timestamp` where missing and
 //! otherwise passes the publisher's bytes through untouched, so an event that needs no
 //! filling is never re-encoded. [`Prepared`] holds the one WebSocket frame shared by every
-//! recipient. Per-type schemas come later and plug in at [`check_envelope`].
+//! recipient; its payload is always UTF-8 JSON (an event that is not is refused, since a
+//! browser drops a connection on a text frame that is not UTF-8). The per-type schema check
+//! ([`Policy`]) runs on the same bytes.
 
 use std::borrow::Cow;
 use std::hash::{Hash, Hasher};
@@ -183,13 +185,20 @@ fn prepare(
     if let Some(policy) = policy {
         check_depth(payload, policy)?;
     }
+    // JSON is UTF-8 (RFC 8259 §8.1) and a text frame must be (RFC 6455 §5.6), but serde_json
+    // skips the strings it ignores (extra fields) without checking them: a stray byte there
+    // would be passed through, and every browser of the project would drop the connection
+    // (1007) on it, and again on each replay from history. Checked once, up front.
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return Err(EventError::NotJson);
+    };
     if first_non_ws(payload) != Some(b'{') {
-        return match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
+        return match serde_json::from_str::<serde::de::IgnoredAny>(text) {
             Ok(_) => Err(EventError::NotObject),
             Err(_) => Err(EventError::NotJson),
         };
     }
-    let head: Head<'_> = match serde_json::from_slice(payload) {
+    let head: Head<'_> = match serde_json::from_str(text) {
         Ok(head) => head,
         // Valid JSON whose fields have unexpected JSON types: take the slow path, which
         // names the offending field or accepts what the fast path was too strict about.
@@ -373,6 +382,28 @@ mod tests {
             prepare_project_event("p", br#"{"type":"x","project_id":7}"#, None).unwrap_err(),
             EventError::BadProjectId
         );
+    }
+
+    /// Found by the `event_validate` fuzz target: a non-UTF-8 byte in an extra field (here a
+    /// nested key, and a string value) was passed through into a text frame.
+    #[test]
+    fn invalid_utf8_anywhere_is_refused_not_passed_through() {
+        let nested_key = b"{\"type\":\"file.changed\",\"file_path\":\"a\",\"project_id\":\"p\",\"timestamp\":\"t\",\"extra\":{\"n\":[1,{\"\x84\":null}]}}";
+        let value = b"{\"type\":\"x\",\"note\":\"caf\xe9\"}";
+        let strict = Policy {
+            allow_unknown_types: false,
+            ..Policy::default()
+        };
+        for payload in [&nested_key[..], &value[..]] {
+            for policy in [None, Some(&strict)] {
+                let e = prepare_project_event("p", payload, policy).unwrap_err();
+                assert_eq!(e, EventError::NotJson);
+                assert_eq!(e.reason(), "invalid_json");
+            }
+        }
+        // Escaped non-ASCII is fine: the frame stays UTF-8.
+        let ok = prepare_project_event("p", br#"{"type":"x","note":"caf\u00e9"}"#, None).unwrap();
+        assert!(std::str::from_utf8(&ok.frame[2..]).is_ok());
     }
 
     #[test]

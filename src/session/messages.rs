@@ -1,5 +1,8 @@
 //! Client-to-server messages (PROTOCOL §4): parse, check, act, answer.
 //!
+//! [`parse`] turns one text message into a typed [`ClientMessage`] or a [`Refusal`] and
+//! touches no state (the `client_message` fuzz target drives it with arbitrary text); the
+//! rest checks the message against the connection (granted and joined projects) and acts.
 //! Bad input is answered with an `error` frame and never ends anyone else's relay; only
 //! the offender's own connection may be closed (1008 after too many invalid messages in a
 //! row, 4029 for persistent rate abuse). Commands are relayed to `project:{id}:commands`
@@ -69,11 +72,16 @@ impl ClientState {
     }
 }
 
-/// A refusal of one client message.
-struct Refusal {
-    code: &'static str,
-    message: String,
-    field: Option<&'static str>,
+/// Why one client message was refused; answered as an `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `invalid_json`, `invalid_message` or `unknown_type` (from [`parse`]), or
+    /// `forbidden` (from the checks against the connection).
+    pub code: &'static str,
+    /// Human text for the client; quotes at most 64 bytes of the client's own input.
+    pub message: String,
+    /// The offending field, when there is one.
+    pub field: Option<&'static str>,
 }
 
 impl Refusal {
@@ -83,6 +91,148 @@ impl Refusal {
             message: message.into(),
             field: Some(field),
         }
+    }
+
+    /// Whether the refusal counts toward the invalid-message streak (close 1008).
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self.code,
+            "invalid_json" | "invalid_message" | "unknown_type"
+        )
+    }
+}
+
+/// Which relayed command a [`ClientMessage::Command`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// `node.execute`, relayed as `execute_node`.
+    Execute,
+    /// `task.cancel`, relayed as `cancel_task`.
+    Cancel,
+}
+
+/// One client message with its fields checked for presence and JSON type (PROTOCOL §4).
+/// Whether this connection may act on it (granted, joined projects) is checked later.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientMessage {
+    /// Text `ping`: answered with text `pong`.
+    TextPing,
+    /// `{"type":"ping"}`: answered with `{"type":"pong"}`.
+    Ping,
+    /// Text `status` or `{"type":"status"}`: the named project, or every project of the
+    /// connection.
+    Status { project_id: Option<String> },
+    /// `node.execute` / `task.cancel`. `subject` is the non-empty `node_id` / `task_id`;
+    /// `parameters` is `{}` when absent or null, and always `{}` for a cancel.
+    Command {
+        kind: Command,
+        subject: String,
+        parameters: Map<String, Value>,
+        request_id: Option<String>,
+        project_id: Option<String>,
+    },
+    /// `project_id` is a valid project id (`[A-Za-z0-9_.-]{1,128}`, not `user`).
+    Subscribe { project_id: String },
+    /// Any non-empty `project_id`: dropping a project the connection does not have is a
+    /// no-op that is still answered.
+    Unsubscribe { project_id: String },
+    /// `token` is non-empty; it is verified when acted on.
+    AuthRefresh { token: String },
+}
+
+/// Parses one complete text message. Never panics, whatever the text.
+pub fn parse(text: &str, max_depth: usize) -> Result<ClientMessage, Refusal> {
+    match text {
+        "ping" => return Ok(ClientMessage::TextPing),
+        "status" => return Ok(ClientMessage::Status { project_id: None }),
+        _ => {}
+    }
+    // Before parsing: a deeply nested message costs the parser one recursion and one
+    // allocation per level, and past its own limit it would only say "not JSON".
+    if crate::json_depth::exceeds(text.as_bytes(), max_depth) {
+        return Err(Refusal {
+            code: "invalid_message",
+            message: format!("message nests JSON deeper than {max_depth} levels"),
+            field: None,
+        });
+    }
+    let value: Value = serde_json::from_str(text).map_err(|_| Refusal {
+        code: "invalid_json",
+        message: "message is not valid JSON".into(),
+        field: None,
+    })?;
+    let Value::Object(mut msg) = value else {
+        return Err(Refusal {
+            code: "invalid_message",
+            message: "message must be a JSON object".into(),
+            field: None,
+        });
+    };
+    let kind = match msg.get("type") {
+        Some(Value::String(kind)) => kind.clone(),
+        _ => {
+            return Err(Refusal::invalid(
+                "type",
+                "field `type` is required and must be a string",
+            ))
+        }
+    };
+    let owned = |s: Option<&str>| s.map(str::to_owned);
+    match kind.as_str() {
+        "ping" => Ok(ClientMessage::Ping),
+        "status" => Ok(ClientMessage::Status {
+            project_id: owned(optional_string(&msg, "project_id")?),
+        }),
+        "node.execute" | "task.cancel" => {
+            // Checked in this order so the error names the first bad field a reader of
+            // PROTOCOL §4 would look at.
+            let request_id = owned(optional_string(&msg, "request_id")?);
+            let project_id = owned(optional_string(&msg, "project_id")?);
+            let (kind, subject, parameters) = if kind == "node.execute" {
+                let node_id = required_string(&msg, "node_id")?.to_owned();
+                let parameters = match msg.remove("parameters") {
+                    None | Some(Value::Null) => Map::new(),
+                    Some(Value::Object(p)) => p,
+                    Some(_) => {
+                        return Err(Refusal::invalid(
+                            "parameters",
+                            "field `parameters` must be an object",
+                        ))
+                    }
+                };
+                (Command::Execute, node_id, parameters)
+            } else {
+                let task_id = required_string(&msg, "task_id")?.to_owned();
+                (Command::Cancel, task_id, Map::new())
+            };
+            Ok(ClientMessage::Command {
+                kind,
+                subject,
+                parameters,
+                request_id,
+                project_id,
+            })
+        }
+        "subscribe" => {
+            let project = required_string(&msg, "project_id")?;
+            if !valid_project_id(project) {
+                return Err(Refusal::invalid("project_id", "invalid project id"));
+            }
+            Ok(ClientMessage::Subscribe {
+                project_id: project.to_owned(),
+            })
+        }
+        "unsubscribe" => Ok(ClientMessage::Unsubscribe {
+            project_id: required_string(&msg, "project_id")?.to_owned(),
+        }),
+        "auth.refresh" => Ok(ClientMessage::AuthRefresh {
+            token: required_string(&msg, "token")?.to_owned(),
+        }),
+        other => Err(Refusal {
+            code: "unknown_type",
+            message: format!("unknown message type {:?}", truncate(other, 64)),
+            field: Some("type"),
+        }),
     }
 }
 
@@ -115,10 +265,7 @@ pub async fn handle_text(app: &App, session: &Arc<Session>, state: &mut ClientSt
     match outcome {
         Ok(()) => state.invalid_in_row = 0,
         Err(refusal) => {
-            let counts = matches!(
-                refusal.code,
-                "invalid_json" | "invalid_message" | "unknown_type"
-            );
+            let counts = refusal.is_invalid_input();
             session.reply(error_frame(
                 refusal.code,
                 &refusal.message,
@@ -138,71 +285,41 @@ pub async fn handle_text(app: &App, session: &Arc<Session>, state: &mut ClientSt
 }
 
 async fn dispatch(app: &App, session: &Arc<Session>, text: &str) -> Result<(), Refusal> {
-    match text {
-        "ping" => {
+    match parse(text, app.config.ws.max_json_depth)? {
+        ClientMessage::TextPing => {
             session.send_control(frame::text(b"pong"));
-            return Ok(());
+            Ok(())
         }
-        "status" => return status(app, session, None).await,
-        _ => {}
-    }
-    // Before parsing: a deeply nested message costs the parser one recursion and one
-    // allocation per level, and past its own limit it would only say "not JSON".
-    let max_depth = app.config.ws.max_json_depth;
-    if crate::json_depth::exceeds(text.as_bytes(), max_depth) {
-        return Err(Refusal {
-            code: "invalid_message",
-            message: format!("message nests JSON deeper than {max_depth} levels"),
-            field: None,
-        });
-    }
-    let value: Value = serde_json::from_str(text).map_err(|_| Refusal {
-        code: "invalid_json",
-        message: "message is not valid JSON".into(),
-        field: None,
-    })?;
-    let Value::Object(msg) = value else {
-        return Err(Refusal {
-            code: "invalid_message",
-            message: "message must be a JSON object".into(),
-            field: None,
-        });
-    };
-    let Some(Value::String(kind)) = msg.get("type") else {
-        return Err(Refusal::invalid(
-            "type",
-            "field `type` is required and must be a string",
-        ));
-    };
-    match kind.as_str() {
-        "ping" => {
+        ClientMessage::Ping => {
             session.reply(json!({"type": "pong"}));
             Ok(())
         }
-        "node.execute" => command(app, session, &msg, Command::Execute).await,
-        "task.cancel" => command(app, session, &msg, Command::Cancel).await,
-        "subscribe" => subscribe(app, session, &msg).await,
-        "unsubscribe" => unsubscribe(app, session, &msg).await,
-        "auth.refresh" => refresh(app, session, &msg),
-        "status" => status(app, session, Some(&msg)).await,
-        other => Err(Refusal {
-            code: "unknown_type",
-            message: format!("unknown message type {:?}", truncate(other, 64)),
-            field: Some("type"),
-        }),
+        ClientMessage::Status { project_id } => status(app, session, project_id.as_deref()).await,
+        ClientMessage::Command {
+            kind,
+            subject,
+            parameters,
+            request_id,
+            project_id,
+        } => {
+            let project = target_project(session, project_id.as_deref())?;
+            command(app, session, project, kind, subject, parameters, request_id).await;
+            Ok(())
+        }
+        ClientMessage::Subscribe { project_id } => subscribe(app, session, &project_id).await,
+        ClientMessage::Unsubscribe { project_id } => {
+            unsubscribe(app, session, &project_id).await;
+            Ok(())
+        }
+        ClientMessage::AuthRefresh { token } => {
+            refresh(app, session, &token);
+            Ok(())
+        }
     }
 }
 
 /// Replies with the status snapshot of the connection's project(s), or of the one named.
-async fn status(
-    app: &App,
-    session: &Arc<Session>,
-    msg: Option<&Map<String, Value>>,
-) -> Result<(), Refusal> {
-    let named = match msg {
-        Some(m) => optional_string(m, "project_id")?,
-        None => None,
-    };
+async fn status(app: &App, session: &Arc<Session>, named: Option<&str>) -> Result<(), Refusal> {
     let projects = match named {
         Some(p) if session.has_project(p) => vec![p.to_owned()],
         Some(_) => {
@@ -273,8 +390,8 @@ fn required_string<'a>(
 
 /// The project a message refers to: its `project_id` (which must be one of this
 /// connection's projects) or the connection's own project.
-fn target_project(session: &Session, msg: &Map<String, Value>) -> Result<String, Refusal> {
-    match optional_string(msg, "project_id")? {
+fn target_project(session: &Session, named: Option<&str>) -> Result<String, Refusal> {
+    match named {
         Some(p) if session.has_project(p) => Ok(p.to_owned()),
         Some(_) => Err(Refusal {
             code: "forbidden",
@@ -287,47 +404,27 @@ fn target_project(session: &Session, msg: &Map<String, Value>) -> Result<String,
     }
 }
 
-#[derive(Clone, Copy)]
-enum Command {
-    Execute,
-    Cancel,
-}
-
+/// Relays a command to the project's workers and answers `command.accepted`, or
+/// `broker_unavailable` when it was not sent.
 async fn command(
     app: &App,
     session: &Arc<Session>,
-    msg: &Map<String, Value>,
+    project: String,
     kind: Command,
-) -> Result<(), Refusal> {
-    let request_id = optional_string(msg, "request_id")?
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let project = target_project(session, msg)?;
+    subject: String,
+    parameters: Map<String, Value>,
+    request_id: Option<String>,
+) {
+    let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let (name, mut payload) = match kind {
-        Command::Execute => {
-            let node_id = required_string(msg, "node_id")?;
-            let parameters = match msg.get("parameters") {
-                None | Some(Value::Null) => Value::Object(Map::new()),
-                Some(v @ Value::Object(_)) => v.clone(),
-                Some(_) => {
-                    return Err(Refusal::invalid(
-                        "parameters",
-                        "field `parameters` must be an object",
-                    ))
-                }
-            };
-            (
-                "node.execute",
-                json!({"type": "execute_node", "node_id": node_id, "parameters": parameters}),
-            )
-        }
-        Command::Cancel => {
-            let task_id = required_string(msg, "task_id")?;
-            (
-                "task.cancel",
-                json!({"type": "cancel_task", "task_id": task_id}),
-            )
-        }
+        Command::Execute => (
+            "node.execute",
+            json!({"type": "execute_node", "node_id": subject, "parameters": parameters}),
+        ),
+        Command::Cancel => (
+            "task.cancel",
+            json!({"type": "cancel_task", "task_id": subject}),
+        ),
     };
     payload["client_id"] = json!(session.client_id);
     payload["user_id"] = json!(session.user_id());
@@ -344,7 +441,7 @@ async fn command(
     };
     if !app.broker.is_up() {
         unavailable();
-        return Ok(());
+        return;
     }
     let bytes = serde_json::to_vec(&payload).unwrap_or_default();
     match app.broker.publish_command(&project, bytes).await {
@@ -369,18 +466,10 @@ async fn command(
             unavailable();
         }
     }
-    Ok(())
 }
 
-async fn subscribe(
-    app: &App,
-    session: &Arc<Session>,
-    msg: &Map<String, Value>,
-) -> Result<(), Refusal> {
-    let project = required_string(msg, "project_id")?;
-    if !valid_project_id(project) {
-        return Err(Refusal::invalid("project_id", "invalid project id"));
-    }
+/// Adds a project the credential grants (`project` is already a valid id, see [`parse`]).
+async fn subscribe(app: &App, session: &Arc<Session>, project: &str) -> Result<(), Refusal> {
     if !session.claims().grants(project) {
         return Err(Refusal {
             code: "forbidden",
@@ -421,12 +510,7 @@ async fn subscribe(
     Ok(())
 }
 
-async fn unsubscribe(
-    app: &App,
-    session: &Arc<Session>,
-    msg: &Map<String, Value>,
-) -> Result<(), Refusal> {
-    let project = required_string(msg, "project_id")?;
+async fn unsubscribe(app: &App, session: &Arc<Session>, project: &str) {
     if session.remove_project(project) {
         app.hub.leave(project, session);
         app.broker
@@ -434,11 +518,10 @@ async fn unsubscribe(
             .await;
     }
     session.reply(json!({"type": "unsubscribed", "project_id": project}));
-    Ok(())
 }
 
-fn refresh(app: &App, session: &Arc<Session>, msg: &Map<String, Value>) -> Result<(), Refusal> {
-    let token = required_string(msg, "token")?;
+/// Replaces the connection's credential; a bad one ends the connection (4001/4003).
+fn refresh(app: &App, session: &Arc<Session>, token: &str) {
     let verified = match app.auth.jwt() {
         Some(jwt) => jwt.verify(token),
         None => Err(switchboard_middleware::AuthError::NotConfigured),
@@ -447,7 +530,7 @@ fn refresh(app: &App, session: &Arc<Session>, msg: &Map<String, Value>) -> Resul
         Ok(c) => c,
         Err(e) => {
             session.close(close_code::UNAUTHENTICATED, e.code(), false);
-            return Ok(());
+            return;
         }
     };
     if claims.sub != session.user_id() {
@@ -456,7 +539,7 @@ fn refresh(app: &App, session: &Arc<Session>, msg: &Map<String, Value>) -> Resul
             "token is for another user",
             false,
         );
-        return Ok(());
+        return;
     }
     if !session.projects().iter().all(|p| claims.grants(p)) {
         session.close(
@@ -464,10 +547,105 @@ fn refresh(app: &App, session: &Arc<Session>, msg: &Map<String, Value>) -> Resul
             "token does not grant this connection's projects",
             false,
         );
-        return Ok(());
+        return;
     }
     let expires_at = claims.expires_at();
     session.set_claims(Arc::new(claims));
     session.reply(json!({"type": "auth.refreshed", "expires_at": expires_at}));
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`super::parse`] with the default depth limit.
+    fn parse(text: &str) -> Result<ClientMessage, Refusal> {
+        super::parse(text, 32)
+    }
+
+    fn refused(text: &str) -> Refusal {
+        parse(text).expect_err(text)
+    }
+
+    #[test]
+    fn text_shortcuts_and_typed_messages() {
+        assert_eq!(parse("ping").unwrap(), ClientMessage::TextPing);
+        assert_eq!(
+            parse("status").unwrap(),
+            ClientMessage::Status { project_id: None }
+        );
+        assert_eq!(parse(r#"{"type":"ping"}"#).unwrap(), ClientMessage::Ping);
+        assert_eq!(
+            parse(r#"{"type":"node.execute","node_id":"n","request_id":"r"}"#).unwrap(),
+            ClientMessage::Command {
+                kind: Command::Execute,
+                subject: "n".into(),
+                parameters: Map::new(),
+                request_id: Some("r".into()),
+                project_id: None,
+            }
+        );
+        let ClientMessage::Command { parameters, .. } =
+            parse(r#"{"type":"node.execute","node_id":"n","parameters":{"a":1}}"#).unwrap()
+        else {
+            panic!("not a command")
+        };
+        assert_eq!(Value::Object(parameters), json!({"a": 1}));
+        assert_eq!(
+            parse(r#"{"type":"task.cancel","task_id":"t","project_id":"p"}"#).unwrap(),
+            ClientMessage::Command {
+                kind: Command::Cancel,
+                subject: "t".into(),
+                parameters: Map::new(),
+                request_id: None,
+                project_id: Some("p".into()),
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"subscribe","project_id":"a.b-c"}"#).unwrap(),
+            ClientMessage::Subscribe {
+                project_id: "a.b-c".into()
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"auth.refresh","token":"x.y.z"}"#).unwrap(),
+            ClientMessage::AuthRefresh {
+                token: "x.y.z".into()
+            }
+        );
+    }
+
+    #[test]
+    fn refusals_name_code_and_field() {
+        assert_eq!(refused("pong").code, "invalid_json");
+        assert_eq!(refused("[1]").code, "invalid_message");
+        assert_eq!(refused(r#"{"type":1}"#).field, Some("type"));
+        let r = refused(r#"{"type":"node.execute","node_id":"n","parameters":[]}"#);
+        assert_eq!((r.code, r.field), ("invalid_message", Some("parameters")));
+        assert_eq!(
+            refused(r#"{"type":"task.cancel","task_id":""}"#).field,
+            Some("task_id")
+        );
+        assert_eq!(
+            refused(r#"{"type":"subscribe","project_id":"user"}"#).field,
+            Some("project_id")
+        );
+        assert_eq!(
+            refused(r#"{"type":"auth.refresh","token":7}"#).field,
+            Some("token")
+        );
+        for r in [refused("pong"), refused(r#"{"type":"made.up"}"#)] {
+            assert!(r.is_invalid_input());
+        }
+    }
+
+    #[test]
+    fn an_unknown_type_is_quoted_at_most_64_bytes_on_a_char_boundary() {
+        // 63 ASCII bytes then a 2-byte character straddling the cut.
+        let kind = format!("{}é{}", "a".repeat(63), "b".repeat(500));
+        let r = refused(&json!({ "type": kind }).to_string());
+        assert_eq!(r.code, "unknown_type");
+        assert!(r.message.contains(&"a".repeat(63)) && !r.message.contains('é'));
+        assert!(r.message.len() < 100, "{}", r.message);
+    }
 }
