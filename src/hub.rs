@@ -224,11 +224,17 @@ impl Hub {
         }
     }
 
-    /// Resets a project's position after its history started again (new epoch).
+    /// Resets a project's position after its history started again (new epoch), once its
+    /// sessions were sent a `status` snapshot at `seq`.
     pub fn reset_position(&self, project: &str, seq: u64, epoch: &str) {
         if let Some(slot) = self.projects.read().get(project) {
             slot.last_seq.store(seq, Ordering::Release);
-            slot.dedupe_upto.store(0, Ordering::Release);
+            // Live events of the new epoch published between our resubscription and the
+            // snapshot read are still waiting in the pub/sub stream; the snapshot already
+            // reflects them, so delivering them after it would show those clients seqs at
+            // or below the snapshot's (found by tests/faults.rs, Redis restarted empty).
+            // Drop them like the duplicates of a catch-up: the first newer event ends it.
+            slot.dedupe_upto.store(seq, Ordering::Release);
             *slot.epoch.lock() = Some(epoch.to_owned());
         }
     }
@@ -527,6 +533,21 @@ mod tests {
             .unwrap();
         assert_eq!(log.last().unwrap(), "-project:p:events");
         assert!(hub.active_projects().is_empty());
+    }
+
+    #[tokio::test]
+    async fn live_events_covered_by_a_resync_snapshot_are_dropped() {
+        let hub = Hub::new(None, Duration::from_millis(10), STRICT);
+        let s = session("p");
+        hub.join("p", &s).await.unwrap();
+        // The sessions were just sent a snapshot at seq 5 of a new epoch.
+        hub.reset_position("p", 5, "e2");
+        for seq in [4, 5, 6, 7] {
+            let ev = format!(r#"{{"type":"file.changed","seq":{seq}}}"#);
+            hub.deliver_raw("p", ev.as_bytes()).unwrap();
+        }
+        assert_eq!(s.outbox.len().0, 2, "only seqs 6 and 7 follow the snapshot");
+        assert_eq!(hub.last_seq("p"), 7);
     }
 
     #[tokio::test]
