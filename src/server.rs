@@ -10,12 +10,15 @@
 //!               └► routes::route (HTTP API, or handshake::handle for /ws/…)
 //! ```
 //!
-//! Shutdown (PROTOCOL §5): stop accepting and mark draining (readyz 503, upgrades 503);
-//! every session flushes its queue, then gets `container.reconnect` and close 1012;
-//! plain HTTP connections finish their request; we wait for all of them at most
-//! `shutdown_grace_secs`, then return so the process exits 0.
+//! Shutdown (PROTOCOL §5): mark draining (readyz 503, upgrades 503; the listener keeps
+//! answering meanwhile); every session flushes its queue, then gets `container.reconnect`
+//! and close 1012; then the listener closes and plain HTTP connections finish the request
+//! they carry. We wait for sessions and requests at most `shutdown_grace_secs` in all, then
+//! return so the process exits 0. A request is never cut by the exit while the grace lasts:
+//! a publish cut after Redis ran it would leave its caller unsure whether it happened.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +40,30 @@ use crate::routes;
 
 fn is_handshake(uri: &http::Uri) -> bool {
     uri.path().starts_with("/ws/")
+}
+
+/// Plain HTTP connections still being served (an upgraded one leaves as soon as its
+/// session task has the socket): what the end of a drain waits for.
+#[derive(Clone, Default)]
+struct HttpConnections(Arc<AtomicUsize>);
+
+struct HttpConnection(Arc<AtomicUsize>);
+
+impl HttpConnections {
+    fn enter(&self) -> HttpConnection {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        HttpConnection(self.0.clone())
+    }
+
+    fn active(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for HttpConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Serves until `shutdown` resolves, then drains. Returns when every connection is gone
@@ -74,17 +101,18 @@ pub async fn serve(
         .service_fn(move |req: http::Request<Incoming>| routes::route(route_app.clone(), req));
 
     let (close_http, http_closing) = watch::channel(false);
+    let http_connections = HttpConnections::default();
     // The listener keeps serving while draining, so /readyz and new upgrades can answer
     // 503 (PROTOCOL §5); it closes once the drain is over.
     let drain_app = app.clone();
     let drained = async move {
         shutdown.await;
-        drain(&drain_app, close_http).await;
+        drain(&drain_app, close_http).await
     };
     tokio::pin!(drained);
-    loop {
+    let deadline = loop {
         let (stream, peer) = tokio::select! {
-            _ = &mut drained => break,
+            deadline = &mut drained => break deadline,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -104,7 +132,9 @@ pub async fn serve(
             .service(stack.clone());
         let draining = app.is_draining();
         let mut closing = http_closing.clone();
+        let counted = http_connections.enter();
         tokio::spawn(async move {
+            let _counted = counted;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
@@ -131,13 +161,27 @@ pub async fn serve(
                 let _ = conn.await;
             }
         });
-    }
+    };
     drop(listener);
+    // Requests accepted before the listener closed get their answer (found by
+    // tests/faults.rs: publishes cut by the exit had been carried out by Redis, unanswered).
+    // Idle keep-alive connections were told to close when the drain began.
+    while http_connections.active() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if http_connections.active() > 0 {
+        tracing::warn!(
+            left = http_connections.active(),
+            "grace period over; dropping HTTP connections still in a request"
+        );
+    }
     trim.abort();
     heartbeat.abort();
 }
 
-async fn drain(app: &Arc<App>, close_http: watch::Sender<bool>) {
+/// Sends every session away and waits for them within the grace period; returns the
+/// grace deadline, which also bounds what is left of the shutdown.
+async fn drain(app: &Arc<App>, close_http: watch::Sender<bool>) -> tokio::time::Instant {
     app.start_draining();
     let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
     let sessions = app.hub.sessions();
@@ -169,6 +213,7 @@ async fn drain(app: &Arc<App>, close_http: watch::Sender<bool>) {
     }
     app.broker.deregister_instance(&app.instance_id).await;
     tracing::info!("drained");
+    deadline
 }
 
 /// Binds the configured address.
