@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// What PROTOCOL §5 and the brief allow for getting back to live events after Redis
-/// returns.
+/// Issue 5's bound for getting back to live events after a fault (Redis back, an instance
+/// gone).
 const RECOVERY_BOUND: Duration = Duration::from_secs(10);
 
 /// Slack over a configured detection bound: the gateway's timer and our 25 ms `/readyz`
@@ -59,24 +59,26 @@ fn assert_recovered_within(report: &Report, bound: Duration) {
     }
 }
 
-/// Every client kept its one connection (a broker outage must not drop clients, §5).
+/// Clients stay connected through a broker outage (PROTOCOL §5). The one close allowed is
+/// the slow-consumer 4500 (a replay burst bigger than the outbound queue, possible at
+/// `scripts/chaos` sizes), and then only with a resume.
 fn assert_clients_stayed(report: &Report) {
     for home in 0..report.groups.len() {
         for (l, _) in report.clients_of(home) {
-            assert_eq!(
-                l.connects.len(),
-                1,
-                "{}: a client of {} reconnected (closes {:?}, anomalies {:?})",
+            assert!(
+                l.closes.iter().all(|c| *c == Some(4500)),
+                "{}: a client of {} was disconnected: closes {:?}, anomalies {:?}",
                 report.title,
                 report.groups[home].label,
                 l.closes,
                 l.anomalies
             );
             assert!(
-                l.closes.is_empty(),
-                "{}: closes {:?}",
+                l.connects[1..].iter().all(|c| c.resumed),
+                "{}: a client of {} reconnected without a resume: {:?}",
                 report.title,
-                l.closes
+                report.groups[home].label,
+                l.connects
             );
         }
     }
