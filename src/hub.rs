@@ -224,11 +224,17 @@ impl Hub {
         }
     }
 
-    /// Resets a project's position after its history started again (new epoch).
+    /// Resets a project's position after its history started again (new epoch), once its
+    /// sessions were sent a `status` snapshot at `seq`.
     pub fn reset_position(&self, project: &str, seq: u64, epoch: &str) {
         if let Some(slot) = self.projects.read().get(project) {
             slot.last_seq.store(seq, Ordering::Release);
-            slot.dedupe_upto.store(0, Ordering::Release);
+            // Live events of the new epoch published between our resubscription and the
+            // snapshot read are still waiting in the pub/sub stream; the snapshot already
+            // reflects them, so delivering them after it would show those clients seqs at
+            // or below the snapshot's (found by tests/faults.rs, Redis restarted empty).
+            // Drop them like the duplicates of a catch-up: the first newer event ends it.
+            slot.dedupe_upto.store(seq, Ordering::Release);
             *slot.epoch.lock() = Some(epoch.to_owned());
         }
     }
@@ -357,15 +363,19 @@ impl Hub {
         for session in &slot.sessions {
             // Joined frames only go to a session with nothing queued (they will most likely
             // be written at once); one with a backlog gets them one by one so its progress
-            // events stay conflatable.
-            let direct = !session.is_gated() && session.outbox.is_empty();
+            // events stay conflatable, and one still greeting (or just greeted) gets them one
+            // by one so it can drop those its greeting covered.
+            let direct =
+                !session.is_gated() && !session.greeting_pending() && session.outbox.is_empty();
             match (&joined, direct) {
                 (Some(frames), true) => {
                     session.offer_event(frames.clone(), None, None, &self.stats)
                 }
                 _ => {
+                    let own = session.greeted_project(project);
                     for p in &events {
-                        session.offer_event(p.frame.clone(), p.conflate, p.seq, &self.stats);
+                        let seq = p.seq.filter(|_| own);
+                        session.offer_event(p.frame.clone(), p.conflate, seq, &self.stats);
                     }
                 }
             }
@@ -529,6 +539,47 @@ mod tests {
             .unwrap();
         assert_eq!(log.last().unwrap(), "-project:p:events");
         assert!(hub.active_projects().is_empty());
+    }
+
+    #[tokio::test]
+    async fn live_events_covered_by_a_resync_snapshot_are_dropped() {
+        let hub = Hub::new(None, Duration::from_millis(10), STRICT);
+        let s = session("p");
+        hub.join("p", &s).await.unwrap();
+        // The sessions were just sent a snapshot at seq 5 of a new epoch.
+        hub.reset_position("p", 5, "e2");
+        for seq in [4, 5, 6, 7] {
+            let ev = format!(r#"{{"type":"file.changed","seq":{seq}}}"#);
+            hub.deliver_raw("p", ev.as_bytes()).unwrap();
+        }
+        assert_eq!(s.outbox.len().0, 2, "only seqs 6 and 7 follow the snapshot");
+        assert_eq!(hub.last_seq("p"), 7);
+    }
+
+    #[tokio::test]
+    async fn late_live_copies_of_greeted_events_are_dropped() {
+        let hub = Hub::new(None, Duration::from_millis(10), STRICT);
+        let s = session("p");
+        s.close_gate();
+        hub.join("p", &s).await.unwrap();
+        s.add_project("q", usize::MAX).unwrap();
+        hub.join("q", &s).await.unwrap();
+        // A replay covered seqs up to 8; their live copies may still come through the hub.
+        s.open_gate(Vec::new(), 8, &hub.stats);
+        let ev = |p: &str, seq: u64| {
+            let raw = format!(r#"{{"type":"file.changed","project_id":"{p}","seq":{seq}}}"#);
+            event::prepare_project_event(p, raw.as_bytes(), Some(&STRICT)).unwrap()
+        };
+        // another project's seqs are not what the greeting covered
+        hub.deliver("q", &ev("q", 3));
+        assert_eq!(s.outbox.len().0, 1);
+        // one broker read with late copies and new events: only the new ones, one by one
+        hub.deliver_batch("p", &[ev("p", 7), ev("p", 8), ev("p", 9), ev("p", 10)]);
+        assert_eq!(s.outbox.len().0, 3);
+        assert!(
+            !s.greeting_pending(),
+            "the first newer event ends the check"
+        );
     }
 
     #[tokio::test]

@@ -17,12 +17,15 @@
 //! connections exist at once (beyond, new ones are closed at accept). Upgraded connections
 //! are counted by [`crate::limits`] instead.
 //!
-//! Shutdown (PROTOCOL §5): stop accepting and mark draining (readyz 503, upgrades 503);
-//! every session flushes its queue, then gets `container.reconnect` and close 1012;
-//! plain HTTP connections finish their request; we wait for all of them at most
-//! `shutdown_grace_secs`, then return so the process exits 0.
+//! Shutdown (PROTOCOL §5): mark draining (readyz 503, upgrades 503; the listener keeps
+//! answering meanwhile); every session flushes its queue, then gets `container.reconnect`
+//! and close 1012; then the listener closes and plain HTTP connections finish the request
+//! they carry. We wait for sessions and requests at most `shutdown_grace_secs` in all, then
+//! return so the process exits 0. A request is never cut by the exit while the grace lasts:
+//! a publish cut after Redis ran it would leave its caller unsure whether it happened.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,6 +59,30 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 fn is_handshake(uri: &http::Uri) -> bool {
     uri.path().starts_with("/ws/")
+}
+
+/// Plain HTTP connections still being served (an upgraded one leaves as soon as its
+/// session task has the socket): what the end of a drain waits for.
+#[derive(Clone, Default)]
+struct HttpConnections(Arc<AtomicUsize>);
+
+struct HttpConnection(Arc<AtomicUsize>);
+
+impl HttpConnections {
+    fn enter(&self) -> HttpConnection {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        HttpConnection(self.0.clone())
+    }
+
+    fn active(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for HttpConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Serves until `shutdown` resolves, then drains. Returns when every connection is gone
@@ -100,17 +127,18 @@ pub async fn serve(
     let mut refused = Refusals::default();
 
     let (close_http, http_closing) = watch::channel(false);
+    let http_connections = HttpConnections::default();
     // The listener keeps serving while draining, so /readyz and new upgrades can answer
     // 503 (PROTOCOL §5); it closes once the drain is over.
     let drain_app = app.clone();
     let drained = async move {
         shutdown.await;
-        drain(&drain_app, close_http).await;
+        drain(&drain_app, close_http).await
     };
     tokio::pin!(drained);
-    loop {
+    let deadline = loop {
         let (stream, peer) = tokio::select! {
-            _ = &mut drained => break,
+            deadline = &mut drained => break deadline,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -142,9 +170,11 @@ pub async fn serve(
             .service(stack.clone());
         let draining = app.is_draining();
         let mut closing = http_closing.clone();
+        let counted = http_connections.enter();
         tokio::spawn(async move {
             // Held while the connection speaks HTTP; an upgrade ends this task.
             let _permit = permit;
+            let _counted = counted;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_timeout)
@@ -172,8 +202,20 @@ pub async fn serve(
                 let _ = conn.await;
             }
         });
-    }
+    };
     drop(listener);
+    // Requests accepted before the listener closed get their answer (found by
+    // tests/faults.rs: publishes cut by the exit had been carried out by Redis, unanswered).
+    // Idle keep-alive connections were told to close when the drain began.
+    while http_connections.active() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if http_connections.active() > 0 {
+        tracing::warn!(
+            left = http_connections.active(),
+            "grace period over; dropping HTTP connections still in a request"
+        );
+    }
     trim.abort();
     heartbeat.abort();
 }
@@ -206,7 +248,9 @@ impl Refusals {
     }
 }
 
-async fn drain(app: &Arc<App>, close_http: watch::Sender<bool>) {
+/// Sends every session away and waits for them within the grace period; returns the
+/// grace deadline, which also bounds what is left of the shutdown.
+async fn drain(app: &Arc<App>, close_http: watch::Sender<bool>) -> tokio::time::Instant {
     app.start_draining();
     let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
     let sessions = app.hub.sessions();
@@ -238,6 +282,7 @@ async fn drain(app: &Arc<App>, close_http: watch::Sender<bool>) {
     }
     app.broker.deregister_instance(&app.instance_id).await;
     tracing::info!("drained");
+    deadline
 }
 
 /// Binds the configured address.

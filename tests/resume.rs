@@ -113,28 +113,6 @@ async fn expect_events(c: &mut WsClient, want: &[u64], timeout: Duration) {
     assert_eq!(ns, want, "event markers follow the seqs");
 }
 
-async fn metric(gw: &Gateway, name: &str) -> Option<f64> {
-    let r = gw.get("/metrics").await;
-    assert_eq!(r.status, 200, "/metrics: {}", r.text());
-    let mut sum = None;
-    for line in r.text().lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let Some((key, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let base = key.split('{').next().unwrap();
-        if base == name {
-            let v: f64 = value
-                .parse()
-                .unwrap_or_else(|_| panic!("bad metric line {line}"));
-            *sum.get_or_insert(0.0) += v;
-        }
-    }
-    sum
-}
-
 async fn wait_readyz(gw: &Gateway, want: u16, timeout: Duration) -> bool {
     eventually(timeout, || async { gw.get("/readyz").await.status == want }).await
 }
@@ -502,7 +480,8 @@ async fn a_thousand_clients_resume_one_project_with_one_history_read() {
     let epoch = epoch_of(&est);
     drop(first);
     publish_range(&gw, "herd", 1, 30).await;
-    let before = metric(&gw, "switchboard_history_reads_total")
+    let before = gw
+        .metric("switchboard_history_reads_total")
         .await
         .expect("switchboard_history_reads_total in /metrics");
 
@@ -547,9 +526,7 @@ async fn a_thousand_clients_resume_one_project_with_one_history_read() {
     for c in all.iter_mut() {
         expect_events(c, &[31], Duration::from_secs(10)).await;
     }
-    let after = metric(&gw, "switchboard_history_reads_total")
-        .await
-        .unwrap();
+    let after = gw.metric("switchboard_history_reads_total").await.unwrap();
     eprintln!("history reads for 1000 resumes: {}", after - before);
     assert!(
         after - before >= 1.0,

@@ -122,6 +122,13 @@ pub struct Session {
     /// they can follow it in order and without duplicates. None once open.
     gate: Mutex<Option<Vec<Gated>>>,
     gated: AtomicBool,
+    /// The seq of its own project the greeting covered (snapshot or replay), until the first
+    /// newer live event; 0 = none. Live copies of covered events can still be on their way
+    /// when the gate opens: the resume tail records an event before the hub fans it out, and
+    /// a history or snapshot read can get ahead of this instance's pub/sub stream. They are
+    /// dropped here, after the gate as before it (found by tests/faults.rs: a client resuming
+    /// during a publish burst got seqs it had already been replayed).
+    greeted_upto: AtomicU64,
 }
 
 impl Session {
@@ -193,6 +200,7 @@ impl Session {
             ended: AtomicBool::new(false),
             gate: Mutex::new(None),
             gated: AtomicBool::new(false),
+            greeted_upto: AtomicU64::new(0),
         })
     }
 
@@ -207,22 +215,53 @@ impl Session {
     }
 
     /// Queues the greeting `front` frames, then the held-back live events except those with
-    /// a seq the greeting already covered (`covered_up_to`), and lets events flow directly.
+    /// a seq the greeting already covered (`covered_up_to`), and lets events flow directly
+    /// (still dropping covered seqs that arrive late, see `greeted_upto`).
     pub fn open_gate(&self, front: Vec<Bytes>, covered_up_to: u64, stats: &HubStats) {
         let mut gate = self.gate.lock();
         let held = gate.take().unwrap_or_default();
+        // Before `gated` turns false (Release): whoever sees the gate open sees this too.
+        self.greeted_upto.store(covered_up_to, Ordering::Release);
         // Straight into the outbox: the gate lock is held, so new live events wait and
         // land after these.
         for frame in front {
             self.outbox.offer_exempt(frame);
         }
         for g in held {
-            if g.seq.is_some_and(|s| s <= covered_up_to) {
+            if g.seq.is_some_and(|s| !self.past_greeting(s)) {
                 continue;
             }
             self.offer_direct(g.frame, g.conflate, stats);
         }
         self.gated.store(false, Ordering::Release);
+    }
+
+    /// Whether the greeting may still cover some live events (see `greeted_upto`); while it
+    /// does, the hub offers this session its events one by one, with their seqs.
+    pub fn greeting_pending(&self) -> bool {
+        self.greeted_upto.load(Ordering::Acquire) != 0
+    }
+
+    /// The project whose seqs the greeting covered (not one added later by `subscribe`).
+    pub fn greeted_project(&self, project: &str) -> bool {
+        matches!(&self.scope, Scope::Project(p) if p == project)
+    }
+
+    /// False for a live copy of an event the greeting already covered. The live stream of a
+    /// project is in seq order, so the first newer event ends the check for good (and a
+    /// history that started over cannot be held back for long).
+    fn past_greeting(&self, seq: u64) -> bool {
+        let covered = self.greeted_upto.load(Ordering::Acquire);
+        if covered == 0 {
+            return true;
+        }
+        if seq <= covered {
+            return false;
+        }
+        let _ = self
+            .greeted_upto
+            .compare_exchange(covered, 0, Ordering::AcqRel, Ordering::Relaxed);
+        true
     }
 
     #[cfg(test)]
@@ -350,7 +389,9 @@ impl Session {
         self.expires_at.store(at.unwrap_or(0), Ordering::Relaxed);
     }
 
-    /// Queues an event frame; closes the connection as a slow consumer on overflow.
+    /// Queues an event frame; closes the connection as a slow consumer on overflow. `seq`
+    /// is the event's seq if it belongs to the project the greeting covered (None for
+    /// others, and for frames joining several events).
     pub fn offer_event(
         &self,
         frame: Bytes,
@@ -382,6 +423,9 @@ impl Session {
                 }
                 return;
             }
+        }
+        if seq.is_some_and(|s| !self.past_greeting(s)) {
+            return;
         }
         self.offer_direct(frame, conflate, stats);
     }

@@ -175,22 +175,42 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// Append-only file fsynced on every write: a restart (even after SIGKILL) comes back
+    /// with every write it acknowledged.
+    persistent: bool,
 }
 
 impl RedisServer {
+    /// A Redis without persistence: `restart` gives an empty one.
     pub fn start() -> RedisServer {
+        Self::start_with(false)
+    }
+
+    /// A Redis with `appendonly yes` and `appendfsync always`: `restart` (after a SIGKILL)
+    /// reloads everything it acknowledged, like a production Redis with AOF.
+    pub fn start_persistent() -> RedisServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> RedisServer {
         let dir = temp_path("redis");
         std::fs::create_dir_all(&dir).expect("create redis temp dir");
         let mut r = RedisServer {
             child: None,
             port: free_port(),
             dir,
+            persistent,
         };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
+        let aof: &[&str] = if self.persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -199,9 +219,8 @@ impl RedisServer {
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
             ])
+            .args(aof)
             .args(["--dir", self.dir.to_str().unwrap()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -264,7 +283,18 @@ impl RedisServer {
         }
     }
 
-    /// A fresh, empty redis-server on the same port.
+    /// Sends a signal by PID (`STOP` freezes it: connections stay open, nothing answers;
+    /// `CONT` resumes it). `kill` and drop still work on a stopped server (SIGKILL).
+    pub fn signal(&self, sig: &str) {
+        let pid = self.pid().expect("redis-server is not running");
+        let st = Command::new("kill")
+            .args(["-s", sig, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -s {sig} {pid} failed");
+    }
+
+    /// A new redis-server on the same port: empty, or with its data for `start_persistent`.
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
@@ -906,6 +936,29 @@ impl Gateway {
         let r = self.get("/health/websocket").await;
         assert_eq!(r.status, 200, "/health/websocket: {}", r.text());
         r.json()
+    }
+
+    /// The sum of a metric's samples in `/metrics` (all label sets), None if absent.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let r = self.get("/metrics").await;
+        assert_eq!(r.status, 200, "/metrics: {}", r.text());
+        let mut sum = None;
+        for line in r.text().lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((key, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let base = key.split('{').next().unwrap();
+            if base == name {
+                let v: f64 = value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad metric line {line}"));
+                *sum.get_or_insert(0.0) += v;
+            }
+        }
+        sum
     }
 
     /// Polls `/health/websocket` until `active_connections == n`.
