@@ -35,6 +35,7 @@ var ui = {
   count: el("count"),
   pause: el("pause"),
   clear: el("clear"),
+  tableWrap: el("table-wrap"),
   rows: el("event-rows"),
   empty: el("empty"),
   detailsTitle: el("details-title"),
@@ -182,7 +183,6 @@ function rowElement(row) {
   tr.dataset["id"] = String(row.id);
   tr.dataset["type"] = row.type;
   if (row.seq !== void 0) tr.dataset["seq"] = String(row.seq);
-  tr.tabIndex = 0;
   if (row.local) tr.classList.add("local");
   if (selected === row) tr.setAttribute("aria-selected", "true");
   const when = eventTime(row);
@@ -572,21 +572,14 @@ ui.clear.addEventListener("click", () => {
   renderPause();
 });
 ui.rows.addEventListener("click", (ev) => select(rowOf(ev.target)));
-ui.rows.addEventListener("keydown", (ev) => {
-  const tr = ev.target instanceof HTMLElement ? ev.target.closest("tr") : null;
-  if (!tr) return;
-  let next = null;
-  if (ev.key === "ArrowDown") next = tr.nextElementSibling;
-  else if (ev.key === "ArrowUp") next = tr.previousElementSibling;
-  else if (ev.key === "Enter" || ev.key === " ") {
-    ev.preventDefault();
-    select(rowOf(tr));
-    return;
-  }
+ui.tableWrap.addEventListener("keydown", (ev) => {
+  if (ev.key !== "ArrowDown" && ev.key !== "ArrowUp") return;
+  ev.preventDefault();
+  const current = selected ? ui.rows.querySelector(`tr[data-id="${selected.id}"]`) : null;
+  const next = !current ? ui.rows.firstElementChild : ev.key === "ArrowDown" ? current.nextElementSibling : current.previousElementSibling;
   if (next instanceof HTMLElement) {
-    ev.preventDefault();
-    next.focus();
     select(rowOf(next));
+    next.scrollIntoView({ block: "nearest" });
   }
 });
 ui.copy.addEventListener("click", () => {

@@ -57,6 +57,7 @@ const ui = {
   count: el<HTMLSpanElement>("count"),
   pause: el<HTMLButtonElement>("pause"),
   clear: el<HTMLButtonElement>("clear"),
+  tableWrap: el<HTMLDivElement>("table-wrap"),
   rows: el<HTMLTableSectionElement>("event-rows"),
   empty: el<HTMLParagraphElement>("empty"),
   detailsTitle: el<HTMLHeadingElement>("details-title"),
@@ -242,7 +243,6 @@ function rowElement(row: Row): HTMLTableRowElement {
   tr.dataset["id"] = String(row.id);
   tr.dataset["type"] = row.type;
   if (row.seq !== undefined) tr.dataset["seq"] = String(row.seq);
-  tr.tabIndex = 0;
   if (row.local) tr.classList.add("local");
   if (selected === row) tr.setAttribute("aria-selected", "true");
   const when = eventTime(row);
@@ -684,21 +684,19 @@ ui.clear.addEventListener("click", () => {
   renderPause();
 });
 ui.rows.addEventListener("click", (ev) => select(rowOf(ev.target)));
-ui.rows.addEventListener("keydown", (ev) => {
-  const tr = ev.target instanceof HTMLElement ? ev.target.closest("tr") : null;
-  if (!tr) return;
-  let next: Element | null = null;
-  if (ev.key === "ArrowDown") next = tr.nextElementSibling;
-  else if (ev.key === "ArrowUp") next = tr.previousElementSibling;
-  else if (ev.key === "Enter" || ev.key === " ") {
-    ev.preventDefault();
-    select(rowOf(tr));
-    return;
-  }
+// One tab stop for the whole list (not one per row): arrow keys move the selection.
+ui.tableWrap.addEventListener("keydown", (ev) => {
+  if (ev.key !== "ArrowDown" && ev.key !== "ArrowUp") return;
+  ev.preventDefault();
+  const current = selected ? ui.rows.querySelector(`tr[data-id="${selected.id}"]`) : null;
+  const next = !current
+    ? ui.rows.firstElementChild
+    : ev.key === "ArrowDown"
+      ? current.nextElementSibling
+      : current.previousElementSibling;
   if (next instanceof HTMLElement) {
-    ev.preventDefault();
-    next.focus();
     select(rowOf(next));
+    next.scrollIntoView({ block: "nearest" });
   }
 });
 ui.copy.addEventListener("click", () => {

@@ -117,6 +117,13 @@ test("events appear live; the type filter narrows them; a click shows one in ful
   assert.match(details, /"task_id": "task-9"/);
   assert.match(details, /"percentage": 45/);
   assert.deepEqual(JSON.parse(details).progress.percentage, 45, "the details are the event's JSON");
+
+  // The keyboard walks the list (newest first: below seq 3 is seq 2).
+  await page.focus("#table-wrap");
+  await page.keyboard.press("ArrowDown");
+  assert.equal(await page.textContent("#details-title"), "node.state.updated · seq 2");
+  await page.keyboard.press("ArrowUp");
+  assert.equal(await page.textContent("#details-title"), "task.progress · seq 3");
 });
 
 test("pause holds new events (the list stays still) and resume shows them", async () => {
