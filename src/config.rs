@@ -482,6 +482,8 @@ impl Config {
         if let Some(url) = &copy.redis.url {
             copy.redis.url = Some(redact_url_password(url));
         }
+        // Effective, not "unset": whether this gateway serves /console is what an operator asks.
+        copy.console.enabled = Some(self.console_enabled());
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
@@ -618,6 +620,11 @@ mod tests {
 
         let mut c = Config::default();
         c.server.environment = Environment::Production;
+        assert!(
+            c.redacted_toml().contains("[console]\nenabled = false\n"),
+            "check-config shows the effective value:\n{}",
+            c.redacted_toml()
+        );
         c.console.enabled = Some(true);
         assert!(
             c.console_enabled(),
