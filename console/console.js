@@ -582,18 +582,20 @@ ui.tableWrap.addEventListener("keydown", (ev) => {
     next.scrollIntoView({ block: "nearest" });
   }
 });
+function flashCopy(text) {
+  ui.copy.textContent = text;
+  setTimeout(() => ui.copy.textContent = "Copy JSON", 1500);
+}
 ui.copy.addEventListener("click", () => {
   if (!selected) return;
-  const text = JSON.stringify(selected.data, null, 2);
-  navigator.clipboard?.writeText(text).then(
-    () => {
-      ui.copy.textContent = "Copied";
-      setTimeout(() => ui.copy.textContent = "Copy JSON", 1200);
-    },
-    () => {
-      ui.copy.textContent = "Copy failed";
-      setTimeout(() => ui.copy.textContent = "Copy JSON", 1200);
-    }
+  if (!navigator.clipboard) {
+    getSelection()?.selectAllChildren(ui.details);
+    flashCopy("Selected: Ctrl+C");
+    return;
+  }
+  navigator.clipboard.writeText(JSON.stringify(selected.data, null, 2)).then(
+    () => flashCopy("Copied"),
+    () => flashCopy("Copy failed")
   );
 });
 ui.commandType.addEventListener("change", syncCommandFields);

@@ -699,18 +699,23 @@ ui.tableWrap.addEventListener("keydown", (ev) => {
     next.scrollIntoView({ block: "nearest" });
   }
 });
+function flashCopy(text: string): void {
+  ui.copy.textContent = text;
+  setTimeout(() => (ui.copy.textContent = "Copy JSON"), 1500);
+}
+
 ui.copy.addEventListener("click", () => {
   if (!selected) return;
-  const text = JSON.stringify(selected.data, null, 2);
-  navigator.clipboard?.writeText(text).then(
-    () => {
-      ui.copy.textContent = "Copied";
-      setTimeout(() => (ui.copy.textContent = "Copy JSON"), 1200);
-    },
-    () => {
-      ui.copy.textContent = "Copy failed";
-      setTimeout(() => (ui.copy.textContent = "Copy JSON"), 1200);
-    },
+  // The clipboard API exists in secure contexts only (https, localhost); elsewhere (a
+  // gateway on http://host:8080) the JSON is selected for Ctrl+C instead.
+  if (!navigator.clipboard) {
+    getSelection()?.selectAllChildren(ui.details);
+    flashCopy("Selected: Ctrl+C");
+    return;
+  }
+  navigator.clipboard.writeText(JSON.stringify(selected.data, null, 2)).then(
+    () => flashCopy("Copied"),
+    () => flashCopy("Copy failed"),
   );
 });
 ui.commandType.addEventListener("change", syncCommandFields);

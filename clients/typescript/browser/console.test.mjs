@@ -38,7 +38,11 @@ before(async () => {
   gw = await startGateway({ port: await freePort(), redisUrl: redis.url });
   publisher = await startGateway({ redisUrl: redis.url });
   browser = await launchBrowser();
-  page = await browser.newPage({ viewport: { width: 1366, height: 768 } });
+  const context = await browser.newContext({
+    viewport: { width: 1366, height: 768 },
+    permissions: ["clipboard-read", "clipboard-write"],
+  });
+  page = await context.newPage();
   problems = watchPage(page);
   await page.addInitScript(() => {
     window.__cspViolations = [];
@@ -117,6 +121,11 @@ test("events appear live; the type filter narrows them; a click shows one in ful
   assert.match(details, /"task_id": "task-9"/);
   assert.match(details, /"percentage": 45/);
   assert.deepEqual(JSON.parse(details).progress.percentage, 45, "the details are the event's JSON");
+
+  await page.click("#copy");
+  await page.waitForFunction(() => document.querySelector("#copy")?.textContent === "Copied");
+  const copied = JSON.parse(await page.evaluate(() => navigator.clipboard.readText()));
+  assert.equal(copied.seq, 3, "Copy JSON copies the selected event");
 
   // The keyboard walks the list (newest first: below seq 3 is seq 2).
   await page.focus("#table-wrap");
