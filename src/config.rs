@@ -61,6 +61,7 @@ pub struct Config {
     pub events: EventsConfig,
     pub api: ApiConfig,
     pub log: LogConfig,
+    pub console: ConsoleConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,6 +147,15 @@ pub struct ApiConfig {
 pub struct LogConfig {
     /// `text` or `json`.
     pub format: String,
+}
+
+/// The live event console at `/console` (src/console.rs).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Unset: the environment decides ([`Config::console_enabled`]). An option rather than
+    /// a bool so that a production config never inherits the development default.
+    pub enabled: Option<bool>,
 }
 
 impl Default for ServerConfig {
@@ -329,6 +339,12 @@ impl Config {
         if let Some(v) = env("SWITCHBOARD_LOG_FORMAT") {
             self.log.format = v;
         }
+        if let Some(v) = env("SWITCHBOARD_CONSOLE") {
+            self.console.enabled = Some(parse_bool(&v).ok_or_else(|| ConfigError::Env {
+                name: "SWITCHBOARD_CONSOLE",
+                message: format!("{v:?} is not a boolean (true/false, 1/0, on/off)"),
+            })?);
+        }
         Ok(())
     }
 
@@ -420,6 +436,15 @@ impl Config {
         }
     }
 
+    /// Whether `/console` is served: `console.enabled` when set, else on everywhere but
+    /// production (development and docker are the stacks people debug by hand; a
+    /// production gateway serves no page unless its operator asks for one).
+    pub fn console_enabled(&self) -> bool {
+        self.console
+            .enabled
+            .unwrap_or(self.server.environment != Environment::Production)
+    }
+
     pub fn has_credential_key(&self) -> bool {
         self.auth.jwt_secret.is_some() || self.auth.jwt_public_key_file.is_some()
     }
@@ -457,7 +482,17 @@ impl Config {
         if let Some(url) = &copy.redis.url {
             copy.redis.url = Some(redact_url_password(url));
         }
+        // Effective, not "unset": whether this gateway serves /console is what an operator asks.
+        copy.console.enabled = Some(self.console_enabled());
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "on" | "yes" => Some(true),
+        "false" | "0" | "off" | "no" => Some(false),
+        _ => None,
     }
 }
 
@@ -558,6 +593,42 @@ mod tests {
         assert!(
             !text.contains("hunter2") && !text.contains("topsecret"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn console_default_follows_the_environment() {
+        let secret = ("SWITCHBOARD_JWT_SECRET", "0123456789abcdef0123456789abcdef");
+        assert!(load(&[]).unwrap().console_enabled());
+        assert!(load(&[("ENVIRONMENT", "docker")])
+            .unwrap()
+            .console_enabled());
+        assert!(!load(&[("ENVIRONMENT", "production"), secret])
+            .unwrap()
+            .console_enabled());
+        assert!(load(&[
+            ("ENVIRONMENT", "production"),
+            secret,
+            ("SWITCHBOARD_CONSOLE", "on")
+        ])
+        .unwrap()
+        .console_enabled());
+        assert!(!load(&[("SWITCHBOARD_CONSOLE", "0")])
+            .unwrap()
+            .console_enabled());
+        assert!(load(&[("SWITCHBOARD_CONSOLE", "maybe")]).is_err());
+
+        let mut c = Config::default();
+        c.server.environment = Environment::Production;
+        assert!(
+            c.redacted_toml().contains("[console]\nenabled = false\n"),
+            "check-config shows the effective value:\n{}",
+            c.redacted_toml()
+        );
+        c.console.enabled = Some(true);
+        assert!(
+            c.console_enabled(),
+            "an explicit key wins over the environment"
         );
     }
 

@@ -16,6 +16,7 @@
 //! resume.rs     greeting: snapshot or replay from history (shared reads), then live
 //! schema/       typed events: registry, validation, TypeScript/JSON Schema generation
 //! routes.rs     HTTP API: health, readiness, publish, broadcast, ws-url
+//! console.rs    the event console page at /console (embedded files, CSP)
 //! limits.rs     connection caps (global, per IP)
 //! json_depth.rs nesting depth of JSON text, measured flat before any parse
 //! config.rs     the one config struct; app.rs the per-instance state; cli.rs the commands
@@ -28,6 +29,7 @@ pub mod app;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod event;
 pub mod frame;
 pub mod handshake;

@@ -188,10 +188,21 @@ fn serve(mut config: Config) -> anyhow::Result<()> {
         let (listener, addr) = server::bind(&app).await?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "switchboard listening on {addr}")?;
+        let mut ready_line = false;
         if generated || config.server.environment == switchboard::config::Environment::Development {
             if let Ok(token) = cli::token(&config, "dev-user", &["demo".to_owned()], 86_400, false) {
                 writeln!(out, "ready: ws://{addr}/ws/demo?token={token}")?;
+                ready_line = true;
             }
+        }
+        if config.console_enabled() {
+            // The token stays out of this URL: the page asks for it (see src/console.rs).
+            let hint = if ready_line {
+                " (project demo, the token of the ready line)"
+            } else {
+                ""
+            };
+            writeln!(out, "console: http://{addr}/console/{hint}")?;
         }
         out.flush()?;
         drop(out);

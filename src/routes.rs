@@ -1,4 +1,5 @@
-//! The HTTP surface (PROTOCOL §6): routing, health, the publish API, broadcast, ws-url.
+//! The HTTP surface (PROTOCOL §6): routing, health, the publish API, broadcast, ws-url,
+//! and the console's static files (src/console.rs).
 //!
 //! Every error before an upgrade is a JSON `{"error", "message"}` built by [`json_error`];
 //! internal errors are logged here and reported to clients without their details. The
@@ -68,6 +69,11 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response, In
             );
             r
         }
+        (&Method::GET | &Method::HEAD, p)
+            if crate::console::is_console_path(p) && app.config.console_enabled() =>
+        {
+            crate::console::serve(p)
+        }
         (&Method::GET, p) if p.starts_with("/ws/") => crate::handshake::handle(app, req).await,
         (&Method::GET, p) if p.starts_with("/v1/ws-url/") => {
             ws_url(&app, &p["/v1/ws-url/".len()..])
@@ -87,7 +93,8 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response, In
                 || p == "/health/websocket"
                 || p == "/v1/broadcast"
                 || p.starts_with("/ws/")
-                || p.starts_with("/v1/") =>
+                || p.starts_with("/v1/")
+                || (crate::console::is_console_path(p) && app.config.console_enabled()) =>
         {
             json_error(
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds, typechecks and unit-tests the TypeScript client. Callable from anywhere
-# (e.g. the repository root: clients/typescript/test.sh).
+# Builds, typechecks and unit-tests the TypeScript client, and checks that the browser
+# bundles committed in console/ (embedded by the gateway) match the sources. Callable from
+# anywhere (e.g. the repository root: clients/typescript/test.sh). The browser tests are
+# browser-test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 if [[ -f package-lock.json ]]; then
@@ -10,3 +12,4 @@ else
 fi
 npm run typecheck
 npm test
+npm run bundle:check

@@ -401,6 +401,7 @@ const GATEWAY_ENV: &[&str] = &[
     "CONTAINER_ID",
     "SWITCHBOARD_SHUTDOWN_GRACE",
     "RUST_LOG",
+    "SWITCHBOARD_CONSOLE",
 ];
 
 /// A `switchboard` command with a scrubbed environment (for the CLI tests).
