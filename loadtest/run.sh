@@ -7,6 +7,7 @@
 #   loadtest/run.sh                   # every scenario (a few minutes)
 #   loadtest/run.sh fanout slow       # only these (idle connect-storm fanout spread resume-storm slow)
 #   QUICK=1 loadtest/run.sh           # short runs, fewer clients (about a minute)
+#   IDLE_HOLD=10 loadtest/run.sh idle # hold the idle connections longer before measuring
 #
 # Environment: QUICK=1; CARGO_TARGET_DIR (default ./target); GATEWAY_RUST_LOG (RUST_LOG of
 # the gateway, default unset = its own default, info); NO_PIN=1 to skip taskset.
