@@ -3,7 +3,8 @@
 //! checked without one is that the files agree with each other and with the crate:
 //! compose.yaml parses and names the services nginx.conf proxies to, its addresses match
 //! the trusted proxy in switchboard.toml (which `switchboard check-config` accepts with the
-//! compose environment), and the Dockerfile builds and copies the binary cargo produces.
+//! compose environment), the Dockerfile builds and copies the binary cargo produces, and
+//! every metric the Grafana dashboard queries is one a running gateway exposes.
 //! (deploy/nginx.conf itself runs for real in tests/nginx.rs.)
 
 mod common;
@@ -13,6 +14,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 
 fn repo() -> PathBuf {
@@ -252,4 +254,80 @@ fn the_dockerfile_builds_and_copies_the_binary_cargo_makes() {
     // The build context keeps build output out.
     let ignore = read(".dockerignore");
     assert!(ignore.lines().any(|l| l.trim() == "target"), "{ignore}");
+}
+
+/// Metric names in a PromQL expression.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("switchboard_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_metrics_the_gateway_exposes() {
+    let dash: Json = serde_json::from_str(&read("deploy/grafana-dashboard.json"))
+        .expect("deploy/grafana-dashboard.json is JSON");
+    // Redis mode: the pub/sub metrics exist only there.
+    let redis = RedisServer::start();
+    let gw = GatewayOpts::new().redis(redis.url()).start();
+    let exposition = gw.get("/metrics").await.text();
+    let exposed: BTreeSet<String> = exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect();
+
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut queried = BTreeSet::new();
+    let mut area = 0;
+    for p in panels {
+        let g = &p["gridPos"];
+        let (x, w) = (g["x"].as_u64().unwrap(), g["w"].as_u64().unwrap());
+        assert!(x + w <= 24, "panel {} wider than the grid", p["title"]);
+        area += w * g["h"].as_u64().unwrap();
+        if p["type"] == "row" {
+            continue;
+        }
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {} queries nothing", p["title"]);
+        for t in targets {
+            let expr = t["expr"].as_str().expect("expr");
+            let names = metric_names(expr);
+            assert!(!names.is_empty(), "{expr}");
+            queried.extend(names);
+        }
+    }
+    assert!(area > 0);
+    for name in &queried {
+        assert!(
+            exposed.contains(name),
+            "the dashboard queries {name}, which /metrics does not expose:\n{exposition}"
+        );
+    }
+    // Every family the gateway exposes is on the dashboard.
+    let families: BTreeSet<String> = exposed
+        .iter()
+        .map(|n| {
+            ["_bucket", "_sum", "_count", "_created"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s))
+                .unwrap_or(n)
+                .to_owned()
+        })
+        .collect();
+    let on_dashboard: BTreeSet<String> = queried
+        .iter()
+        .map(|n| n.strip_suffix("_bucket").unwrap_or(n).to_owned())
+        .collect();
+    let missing: Vec<_> = families.difference(&on_dashboard).collect();
+    assert!(missing.is_empty(), "not on the dashboard: {missing:?}");
 }
