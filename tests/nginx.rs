@@ -645,6 +645,7 @@ async fn draining_instance_hands_its_clients_to_the_other_through_nginx() {
             }
         })
     };
+    let publishing = Instant::now();
     tokio::time::sleep(Duration::from_millis(700)).await;
 
     // A client of the victim that never reads: its close reply never comes, which keeps
@@ -691,6 +692,7 @@ async fn draining_instance_hands_its_clients_to_the_other_through_nginx() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);
     publisher.await.unwrap();
+    let published_for = publishing.elapsed().as_secs_f64();
 
     // The last seq, from one more publish: everything up to it must have arrived.
     let last = s.gws[1].publish(&project, &ev(0)).await[0];
@@ -714,9 +716,10 @@ async fn draining_instance_hands_its_clients_to_the_other_through_nginx() {
         })
         .sum();
     eprintln!(
-        "nginx drain: {CLIENTS} clients ({victims} on the drained instance), {last} events, \
-         {lost} deliveries lost, {} publishes failed and retried, {retried} upgrades retried \
-         after a 503, {:.1} s",
+        "nginx drain: {CLIENTS} clients ({victims} on the drained instance), {last} events \
+         ({:.0}/s), {lost} deliveries lost, {} publishes failed and retried, {retried} upgrades \
+         retried after a 503, {:.1} s",
+        last as f64 / published_for,
         failures.load(Ordering::SeqCst),
         started.elapsed().as_secs_f64()
     );
