@@ -331,22 +331,25 @@ impl Hub {
             return 0;
         };
         let mut events: Vec<&Prepared> = Vec::with_capacity(batch.len());
-        {
-            let mut tail = slot.tail.lock();
-            for prepared in batch {
-                if let Some(seq) = prepared.seq {
-                    let upto = slot.dedupe_upto.load(Ordering::Acquire);
-                    if upto > 0 {
-                        if seq <= upto {
-                            continue;
-                        }
-                        slot.dedupe_upto.store(0, Ordering::Release);
+        // Held until every session has been offered the batch: a resuming session served
+        // from the tail (`resume::greet_resume`) must not see an event there before the
+        // event reached its gate, or the event would arrive once in the replay and once
+        // more, live, after the gate opened (a duplicate seen behind nginx when one
+        // instance drained into the other while events flowed).
+        let mut tail = slot.tail.lock();
+        for prepared in batch {
+            if let Some(seq) = prepared.seq {
+                let upto = slot.dedupe_upto.load(Ordering::Acquire);
+                if upto > 0 {
+                    if seq <= upto {
+                        continue;
                     }
-                    slot.last_seq.fetch_max(seq, Ordering::AcqRel);
-                    tail.record(prepared);
+                    slot.dedupe_upto.store(0, Ordering::Release);
                 }
-                events.push(prepared);
+                slot.last_seq.fetch_max(seq, Ordering::AcqRel);
+                tail.record(prepared);
             }
+            events.push(prepared);
         }
         let joined = match events.as_slice() {
             [] => return 0,
@@ -380,6 +383,7 @@ impl Hub {
                 }
             }
         }
+        drop(tail);
         let n = slot.sessions.len() * events.len();
         self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
         n

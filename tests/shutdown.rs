@@ -124,7 +124,9 @@ async fn while_draining_readyz_and_upgrades_are_503_and_grace_bounds_a_stuck_cli
     while start.elapsed() < Duration::from_millis(2000) {
         match http_request(gw.addr(), "GET", "/readyz", &[], None).await {
             Ok(r) => {
-                assert_ne!(r.status, 200, "/readyz 200 after SIGTERM");
+                // The signal is asynchronous: /readyz may answer 200 until the gateway has
+                // handled it (seen on a loaded machine), but never again once it said 503.
+                assert!(!(saw_503 && r.status == 200), "/readyz 200 again after 503");
                 saw_503 |= r.status == 503;
             }
             // a closed listener cannot answer 503: PROTOCOL §2/§5 want the drain to answer

@@ -1208,6 +1208,18 @@ pub async fn ws_connect(
     headers: &[(&str, &str)],
     recv_buffer: Option<u32>,
 ) -> Result<WsClient, Refused> {
+    ws_connect_from(None, addr, path_and_query, headers, recv_buffer).await
+}
+
+/// [`ws_connect`] from a chosen local address: on loopback any `127.0.0.x` is a distinct
+/// client IP (what a proxy must forward, and per-IP limits must see).
+pub async fn ws_connect_from(
+    local: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+    recv_buffer: Option<u32>,
+) -> Result<WsClient, Refused> {
     let url = format!("ws://{addr}{path_and_query}");
     let mut req = url.into_client_request().expect("client request");
     for (k, v) in headers {
@@ -1225,6 +1237,10 @@ pub async fn ws_connect(
     if let Some(n) = recv_buffer {
         sock.set_recv_buffer_size(n)
             .map_err(|e| transport(e.to_string()))?;
+    }
+    if let Some(ip) = local {
+        sock.bind(SocketAddr::new(ip, 0))
+            .map_err(|e| transport(format!("bind {ip}: {e}")))?;
     }
     let fut = async {
         let stream = sock
