@@ -15,22 +15,10 @@ fn only_heartbeats_skipped(c: &mut WsClient) {
     c.skip = vec!["system.heartbeat".into()];
 }
 
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 fn resume_path(project: &str, token: &str, last_seq: u64, epoch: Option<&str>) -> String {
     let mut q = format!("/ws/{project}?token={token}&last_seq={last_seq}");
     if let Some(e) = epoch {
-        q.push_str(&format!("&epoch={}", enc(e)));
+        q.push_str(&format!("&epoch={}", query_escape(e)));
     }
     q
 }

@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::{redis, token, ws_connect, Gateway};
+use crate::common::{query_escape, redis, token, ws_connect, Gateway};
 
 /// The gateway's publish script: the Lua publisher path runs exactly what workers run.
 const PUBLISH_SCRIPT: &str = include_str!("../../src/broker/publish.lua");
@@ -638,18 +638,6 @@ pub struct Fleet {
     projects: Vec<String>,
 }
 
-fn pct(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 /// What one connection's reading decided.
 struct Ended {
     reconnect_after: Duration,
@@ -784,7 +772,7 @@ async fn run_client(
                     format!(
                         "/ws/{project}?token={tok}&last_seq={}&epoch={}",
                         l.last_seq,
-                        pct(e)
+                        query_escape(e)
                     ),
                     true,
                 ),

@@ -79,6 +79,19 @@ where
     }
 }
 
+/// `s` percent-encoded for a URL query value (unreserved characters kept).
+pub fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 /// `2024-05-01T12:00:00.123Z`: RFC 3339, UTC, millisecond precision.
 pub fn is_rfc3339_ms_utc(s: &str) -> bool {
     let b = s.as_bytes();
