@@ -59,6 +59,7 @@ impl App {
             max_len: config.events.history_max_len,
             ttl: Duration::from_secs(config.events.history_ttl_secs),
             terminal_task_ttl: Duration::from_secs(config.events.terminal_task_ttl_secs),
+            snapshot_max_bytes: config.events.snapshot_max_bytes,
         };
         let linger = Duration::from_millis(config.redis.unsubscribe_linger_ms);
         let policy = config.event_policy();
@@ -69,7 +70,7 @@ impl App {
                 (hub, broker)
             }
             Some(url) => {
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let (tx, rx) = tokio::sync::mpsc::channel(crate::hub::SUB_QUEUE);
                 let hub = Hub::new(Some(tx), linger, policy);
                 // Bounded: a connect storm waits here rather than growing a queue.
                 let (records_tx, records_rx) = tokio::sync::mpsc::channel(10_000);
@@ -157,6 +158,24 @@ impl App {
     /// Ready: broker reachable and not draining.
     pub fn is_ready(&self) -> bool {
         !self.is_draining() && self.broker.is_up()
+    }
+
+    /// Joins `session` to `project`, waiting at most twice the broker's command timeout
+    /// (queueing plus the SUBSCRIBE round trip): a handshake or a `subscribe` never hangs
+    /// on a busy or reconnecting subscription manager.
+    pub async fn join_project(
+        &self,
+        project: &str,
+        session: &Arc<crate::session::Session>,
+    ) -> Result<(), crate::hub::HubError> {
+        let wait = Duration::from_millis(self.config.redis.command_timeout_ms.max(100) * 2);
+        match tokio::time::timeout(wait, self.hub.join(project, session)).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                self.hub.leave(project, session);
+                Err(crate::hub::HubError::SubscribeFailed)
+            }
+        }
     }
 
     /// TTL of connection records and the instance registry entry.

@@ -134,6 +134,12 @@ pub struct EventsConfig {
     pub history_max_len: usize,
     pub history_ttl_secs: u64,
     pub terminal_task_ttl_secs: u64,
+    /// Most bytes of events one project's resume tail holds, and so the most one resuming
+    /// connection is replayed; a client further behind gets `connection.resync_required`.
+    pub replay_max_bytes: usize,
+    /// Largest `status` snapshot frame: past it, the most recently updated entries that fit
+    /// are sent with `"truncated": true`.
+    pub snapshot_max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -235,6 +241,8 @@ impl Default for EventsConfig {
             history_max_len: 10_000,
             history_ttl_secs: 86_400,
             terminal_task_ttl_secs: 3_600,
+            replay_max_bytes: 4 * 1024 * 1024,
+            snapshot_max_bytes: 256 * 1024,
         }
     }
 }
@@ -404,6 +412,12 @@ impl Config {
         }
         if self.events.max_event_bytes < 64 || self.api.max_body_bytes < 64 {
             return bad("events.max_event_bytes and api.max_body_bytes must be >= 64".into());
+        }
+        if self.events.replay_max_bytes < self.events.max_event_bytes {
+            return bad("events.replay_max_bytes must be at least events.max_event_bytes".into());
+        }
+        if self.events.snapshot_max_bytes < 1024 {
+            return bad("events.snapshot_max_bytes must be at least 1024".into());
         }
         if self.events.history_max_len == 0 {
             return bad("events.history_max_len must be at least 1".into());

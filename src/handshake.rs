@@ -76,7 +76,10 @@ enum Grant {
     Refused(u16, &'static str, &'static str),
 }
 
-fn grant(auth: &Authentication, scope: &Scope) -> Grant {
+/// `max_projects` is `ws.max_subscriptions_per_connection`: `/ws/user` joins what the
+/// credential names, so it obeys the same project-id rule and cap as `subscribe` (a token
+/// naming `x:commands`, `../..` or a thousand projects must not join any of them).
+fn grant(auth: &Authentication, scope: &Scope, max_projects: usize) -> Grant {
     match auth {
         Authentication::Missing => Grant::Refused(
             close_code::UNAUTHENTICATED,
@@ -88,8 +91,25 @@ fn grant(auth: &Authentication, scope: &Scope) -> Grant {
         }
         Authentication::Authenticated(claims) => match scope {
             Scope::Project(p) if claims.grants(p) => Grant::Ok(claims.clone(), vec![p.clone()]),
-            Scope::User if !claims.named_projects().is_empty() => {
-                Grant::Ok(claims.clone(), claims.named_projects())
+            Scope::User => {
+                let mut seen = std::collections::HashSet::new();
+                let mut projects = claims.named_projects();
+                projects.retain(|p| valid_project_id(p) && seen.insert(p.clone()));
+                if projects.is_empty() {
+                    Grant::Refused(
+                        close_code::FORBIDDEN,
+                        "forbidden",
+                        "your credential names no valid project for /ws/user",
+                    )
+                } else if projects.len() > max_projects {
+                    Grant::Refused(
+                        close_code::FORBIDDEN,
+                        "too_many_projects",
+                        "your credential names more projects than one connection may follow",
+                    )
+                } else {
+                    Grant::Ok(claims.clone(), projects)
+                }
             }
             _ => Grant::Refused(
                 close_code::FORBIDDEN,
@@ -140,7 +160,11 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         .get::<Authentication>()
         .cloned()
         .unwrap_or(Authentication::Missing);
-    let granted = grant(&auth, &scope);
+    let granted = grant(
+        &auth,
+        &scope,
+        app.config.ws.max_subscriptions_per_connection,
+    );
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return match granted {
             Grant::Ok(..) => {
@@ -241,7 +265,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     session.close_gate();
     app.hub.register(&session);
     for project in &projects {
-        if app.hub.join(project, &session).await.is_err() {
+        if app.join_project(project, &session).await.is_err() {
             app.hub.unregister(&session);
             return retry_after(
                 json_error(

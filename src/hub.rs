@@ -40,6 +40,14 @@ pub fn channel_project(channel: &str) -> Option<&str> {
         .filter(|p| !p.is_empty())
 }
 
+/// Capacity of the hub → subscription manager queue. Each entry is one channel name
+/// (≤ ~150 B with the project id capped at 128) and a oneshot: at most ~2 MiB queued.
+/// In practice it holds one entry per handshake or `subscribe` in flight (each waits for its
+/// confirmation), plus one per lingering project; when it is full (the manager is stuck in
+/// a reconnect or a catch-up) a join fails at once with "broker unavailable" instead of
+/// growing a queue, and an unsubscribe is retried after another linger period.
+pub const SUB_QUEUE: usize = 8192;
+
 /// Requests from the hub to the broker's subscription manager, in decision order.
 #[derive(Debug)]
 pub enum SubCommand {
@@ -87,7 +95,7 @@ pub struct HubStats {
 pub struct Hub {
     projects: RwLock<HashMap<String, Slot>>,
     sessions: RwLock<HashMap<String, Arc<Session>>>,
-    subs: Option<mpsc::UnboundedSender<SubCommand>>,
+    subs: Option<mpsc::Sender<SubCommand>>,
     linger: Duration,
     /// Typed checks for events arriving from the broker.
     policy: Policy,
@@ -99,7 +107,7 @@ impl Hub {
     /// `subs` is the broker's subscription manager (None for the in-memory broker, which
     /// delivers straight into the hub).
     pub fn new(
-        subs: Option<mpsc::UnboundedSender<SubCommand>>,
+        subs: Option<mpsc::Sender<SubCommand>>,
         linger: Duration,
         policy: Policy,
     ) -> Arc<Self> {
@@ -122,7 +130,8 @@ impl Hub {
     }
 
     /// Adds `session` to `project` and waits until this instance receives the project's
-    /// events. On error the session is not in the project.
+    /// events. On error the session is not in the project. Callers bound the wait
+    /// ([`crate::app::App::join_project`]): the manager may be busy reconnecting.
     pub async fn join(
         self: &Arc<Self>,
         project: &str,
@@ -139,7 +148,9 @@ impl Hub {
                 None => None,
                 Some(tx) => {
                     let (done, rx) = oneshot::channel();
-                    let _ = tx.send(SubCommand::Subscribe {
+                    // try_send under the lock keeps the manager's view in decision order;
+                    // a full queue fails this join now (dropping `done` answers "no").
+                    let _ = tx.try_send(SubCommand::Subscribe {
                         channel: project_channel(project),
                         done,
                     });
@@ -174,24 +185,35 @@ impl Hub {
         let project = project.to_owned();
         let linger = self.linger;
         tokio::spawn(async move {
-            tokio::time::sleep(linger).await;
-            hub.reap(&project, generation);
+            loop {
+                tokio::time::sleep(linger).await;
+                if hub.reap(&project, generation) {
+                    break;
+                }
+            }
         });
     }
 
-    fn reap(&self, project: &str, generation: u64) {
+    /// Drops an idle project's slot and channel. Returns false when the unsubscribe could
+    /// not be queued (queue full): the slot stays, and the caller tries again later.
+    fn reap(&self, project: &str, generation: u64) -> bool {
         let mut projects = self.projects.write();
         let idle = projects
             .get(project)
             .is_some_and(|s| s.sessions.is_empty() && s.generation == generation);
-        if idle {
-            projects.remove(project);
-            if let Some(tx) = &self.subs {
-                let _ = tx.send(SubCommand::Unsubscribe {
-                    channel: project_channel(project),
-                });
+        if !idle {
+            return true;
+        }
+        if let Some(tx) = &self.subs {
+            let queued = tx.try_send(SubCommand::Unsubscribe {
+                channel: project_channel(project),
+            });
+            if let Err(mpsc::error::TrySendError::Full(_)) = queued {
+                return false;
             }
         }
+        projects.remove(project);
+        true
     }
 
     /// Forgets a session entirely (after it ended).
@@ -512,7 +534,7 @@ mod tests {
 
     #[tokio::test]
     async fn subscription_is_reference_counted_with_linger() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(SUB_QUEUE);
         let hub = Hub::new(Some(tx), Duration::from_millis(50), STRICT);
         let confirm = tokio::spawn(async move {
             let mut log = Vec::new();

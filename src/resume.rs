@@ -42,6 +42,15 @@ pub struct Tail {
     /// Highest seq covered (events up to here are known).
     upto: u64,
     capacity: usize,
+    /// Frame bytes held, and their bound (`events.replay_max_bytes`): a `?last_seq=0`
+    /// resume must not pin a whole 10,000-event history in memory. What falls off the
+    /// front is served from the broker's history, or answered with a resync.
+    bytes: usize,
+    max_bytes: usize,
+}
+
+fn entry_bytes(entry: &(u64, Option<Prepared>)) -> usize {
+    entry.1.as_ref().map_or(0, |p| p.frame.len())
 }
 
 impl Tail {
@@ -65,9 +74,18 @@ impl Tail {
             }
             self.upto = seq;
         }
+        self.bytes += p.frame.len();
         self.events.push_back((seq, Some(p.clone())));
-        while self.events.len() > self.capacity.max(1) {
-            self.events.pop_front();
+        self.trim();
+    }
+
+    /// Drops the oldest events until both bounds hold.
+    fn trim(&mut self) {
+        while self.events.len() > self.capacity.max(1) || self.bytes > self.max_bytes {
+            match self.events.pop_front() {
+                Some(e) => self.bytes -= entry_bytes(&e),
+                None => break,
+            }
         }
     }
 
@@ -82,15 +100,18 @@ impl Tail {
         self.recording = false;
         self.epoch = None;
         self.events.clear();
+        self.bytes = 0;
         self.upto = 0;
     }
 
-    fn start_recording(&mut self, capacity: usize) {
+    fn start_recording(&mut self, capacity: usize, max_bytes: usize) {
         if !self.recording {
             self.recording = true;
             self.capacity = capacity;
+            self.max_bytes = max_bytes;
             self.epoch = None;
             self.events.clear();
+            self.bytes = 0;
         }
     }
 
@@ -146,6 +167,13 @@ impl Tail {
             if read.last().is_some_and(|(s, _)| *s + 1 >= front) {
                 let older: Vec<_> = read.into_iter().filter(|(s, _)| *s < front).collect();
                 for entry in older.into_iter().rev() {
+                    let size = entry_bytes(&entry);
+                    if self.events.len() >= self.capacity.max(1)
+                        || self.bytes + size > self.max_bytes
+                    {
+                        break;
+                    }
+                    self.bytes += size;
                     self.events.push_front(entry);
                 }
             }
@@ -153,10 +181,9 @@ impl Tail {
         }
         self.epoch = Some(position.epoch.clone());
         self.events = read.into_iter().chain(recorded).collect();
+        self.bytes = self.events.iter().map(entry_bytes).sum();
         self.upto = self.events.back().map(|(s, _)| *s).unwrap_or(position.seq);
-        while self.events.len() > self.capacity.max(1) {
-            self.events.pop_front();
-        }
+        self.trim();
     }
 }
 
@@ -208,7 +235,10 @@ impl Resumer {
 async fn read_into_tail(app: &App, project: &str, after: u64) -> Result<ReadOutcome, BrokerError> {
     let tail = app.hub.tail(project);
     if let Some(t) = &tail {
-        t.lock().start_recording(app.config.events.history_max_len);
+        t.lock().start_recording(
+            app.config.events.history_max_len,
+            app.config.events.replay_max_bytes,
+        );
     }
     let read = app.broker.history_after(project, after).await?;
     let policy = app.config.event_policy();
@@ -264,15 +294,23 @@ pub async fn greet(app: &App, session: &Arc<Session>, resume: Option<ResumeReque
 /// event arrived; the age bound covers a broker that lost its data without a reconnect).
 const SNAPSHOT_CACHE: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// The project's status snapshot, from the hub's cache while it is current: a connect
+/// storm, or a client asking `status` in a loop, costs one broker read per project and
+/// [`SNAPSHOT_CACHE`], not one per request.
+pub async fn current_snapshot(
+    app: &App,
+    project: &str,
+) -> Result<Arc<crate::broker::state::Snapshot>, BrokerError> {
+    if let Some(snap) = app.hub.cached_snapshot(project, SNAPSHOT_CACHE) {
+        return Ok(snap);
+    }
+    let snap = Arc::new(app.broker.snapshot(project).await?);
+    app.hub.cache_snapshot(project, snap.clone());
+    Ok(snap)
+}
+
 async fn greet_fresh(app: &App, session: &Arc<Session>, project: &str) -> Result<(), BrokerError> {
-    let snap = match app.hub.cached_snapshot(project, SNAPSHOT_CACHE) {
-        Some(snap) => snap,
-        None => {
-            let snap = Arc::new(app.broker.snapshot(project).await?);
-            app.hub.cache_snapshot(project, snap.clone());
-            snap
-        }
-    };
+    let snap = current_snapshot(app, project).await?;
     app.hub.note_epoch(project, &snap.epoch);
     let frames = vec![
         session.message(established(app, session, snap.seq, &snap.epoch, false)),
@@ -286,7 +324,7 @@ async fn greet_user(app: &App, session: &Arc<Session>) -> Result<(), BrokerError
     let mut positions = Map::new();
     let mut statuses = Vec::new();
     for project in session.projects() {
-        let snap = app.broker.snapshot(&project).await?;
+        let snap = current_snapshot(app, &project).await?;
         app.hub.note_epoch(&project, &snap.epoch);
         positions.insert(
             project.clone(),
@@ -420,7 +458,7 @@ mod tests {
     #[test]
     fn tail_serves_after_a_merge_and_keeps_recording() {
         let mut t = Tail::default();
-        t.start_recording(100);
+        t.start_recording(100, usize::MAX);
         t.record(&prepared(4)); // recorded while the read was in flight
         t.merge(&pos(3), (2..=3).map(|s| (s, Some(prepared(s)))).collect());
         t.record(&prepared(5));
@@ -439,7 +477,7 @@ mod tests {
     #[test]
     fn a_later_read_extends_the_tail_backwards() {
         let mut t = Tail::default();
-        t.start_recording(100);
+        t.start_recording(100, usize::MAX);
         t.merge(&pos(5), (4..=5).map(|s| (s, Some(prepared(s)))).collect());
         assert!(t.serve(1, None).is_none());
         t.merge(&pos(5), (2..=5).map(|s| (s, Some(prepared(s)))).collect());
@@ -454,7 +492,7 @@ mod tests {
     #[test]
     fn a_gap_in_the_live_stream_forgets_the_tail() {
         let mut t = Tail::default();
-        t.start_recording(100);
+        t.start_recording(100, usize::MAX);
         t.merge(&pos(3), (1..=3).map(|s| (s, Some(prepared(s)))).collect());
         t.record(&prepared(5));
         assert!(t.serve(0, None).is_none());
@@ -463,7 +501,7 @@ mod tests {
     #[test]
     fn a_seq_going_backwards_forgets_the_tail() {
         let mut t = Tail::default();
-        t.start_recording(100);
+        t.start_recording(100, usize::MAX);
         t.merge(&pos(3), (1..=3).map(|s| (s, Some(prepared(s)))).collect());
         t.record(&prepared(1));
         assert!(t.serve(2, Some("e1")).is_none());
@@ -472,12 +510,30 @@ mod tests {
     #[test]
     fn capacity_bounds_the_tail() {
         let mut t = Tail::default();
-        t.start_recording(3);
+        t.start_recording(3, usize::MAX);
         t.merge(&pos(0), Vec::new());
         for s in 1..=10 {
             t.record(&prepared(s));
         }
         assert!(t.serve(6, None).is_none());
         assert_eq!(t.serve(7, None).unwrap().0.len(), 3);
+    }
+
+    #[test]
+    fn bytes_bound_the_tail_however_few_the_events() {
+        let one = prepared(10).frame.len();
+        let mut t = Tail::default();
+        t.start_recording(1000, one * 3);
+        t.merge(&pos(0), Vec::new());
+        for s in 1..=10 {
+            t.record(&prepared(s));
+        }
+        assert!(t.bytes <= one * 3, "{} bytes held", t.bytes);
+        assert_eq!(t.serve(7, None).unwrap().0.len(), 3);
+        assert!(t.serve(6, None).is_none());
+        // A read reaching further back extends it only within the budget.
+        t.merge(&pos(10), (1..=10).map(|s| (s, Some(prepared(s)))).collect());
+        assert!(t.serve(6, None).is_none());
+        assert!(t.bytes <= one * 3);
     }
 }

@@ -146,10 +146,13 @@ fn verdict(session: &Session, value: Option<&str>) -> Verdict {
     Verdict::Keep(record)
 }
 
-fn apply(session: &Session, value: Option<&str>) {
+/// Applies the stored value of the connection's session: closes it (4001/4003) or adopts
+/// the stored grants. Also used by the command path, which reads the session again before
+/// relaying. Returns whether the connection stays open.
+pub fn apply(session: &Session, value: Option<&str>) -> bool {
     // The check ran concurrently with the connection: it may have refreshed to a JWT since.
     if session.recheck_session_id().is_none() {
-        return;
+        return true;
     }
     match verdict(session, value) {
         Verdict::Revoked => {
@@ -158,6 +161,7 @@ fn apply(session: &Session, value: Option<&str>) {
                 tracing::info!(client_id = %session.client_id, "session revoked: closing (4001)");
             });
             session.close(close_code::UNAUTHENTICATED, "session revoked", false);
+            false
         }
         Verdict::Narrowed => {
             session.span().in_scope(|| {
@@ -168,6 +172,7 @@ fn apply(session: &Session, value: Option<&str>) {
                 "session no longer grants this project",
                 false,
             );
+            false
         }
         Verdict::Keep(record) => {
             let current = session.claims();
@@ -180,6 +185,7 @@ fn apply(session: &Session, value: Option<&str>) {
                     kind: CredentialKind::Session,
                 }));
             }
+            true
         }
     }
 }

@@ -24,11 +24,12 @@ use crate::event;
 
 pub type Response = http::Response<Full<Bytes>>;
 
-/// `[A-Za-z0-9_.-]{1,128}`, and not the reserved `user`.
+/// `[A-Za-z0-9_.-]{1,128}`, and not the reserved `user`, nor `.` or `..` (path segments,
+/// which a URL path would resolve away).
 pub fn valid_project_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
-        && id != "user"
+        && !matches!(id, "user" | "." | "..")
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))

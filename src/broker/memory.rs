@@ -138,7 +138,9 @@ impl MemoryBroker {
     pub fn snapshot(&self, project: &str) -> Snapshot {
         let mut projects = self.projects.lock();
         let log = Self::log(&mut projects, project);
-        log.state.snapshot(log.seq, &log.epoch)
+        log.state
+            .snapshot(log.seq, &log.epoch)
+            .bounded(self.history.snapshot_max_bytes)
     }
 }
 
@@ -191,6 +193,7 @@ mod tests {
                 max_len: 3,
                 ttl: Duration::from_secs(60),
                 terminal_task_ttl: Duration::from_secs(60),
+                snapshot_max_bytes: 1 << 20,
             },
         );
         let ev = || br#"{"type":"x","project_id":"p","timestamp":"t"}"#.to_vec();

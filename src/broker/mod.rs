@@ -90,6 +90,8 @@ pub struct HistoryLimits {
     pub ttl: Duration,
     /// How long finished tasks stay in the status snapshot.
     pub terminal_task_ttl: Duration,
+    /// Largest `status` frame a snapshot may become ([`state::Snapshot::bounded`]).
+    pub snapshot_max_bytes: usize,
 }
 
 pub fn new_epoch() -> String {

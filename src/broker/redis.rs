@@ -206,7 +206,10 @@ impl RedisBroker {
                 })
                 .await?;
             match epoch {
-                Some(epoch) => return Ok(Snapshot::from_fields(seq.unwrap_or(0), epoch, fields)),
+                Some(epoch) => {
+                    return Ok(Snapshot::from_fields(seq.unwrap_or(0), epoch, fields)
+                        .bounded(self.history.snapshot_max_bytes))
+                }
                 // A project nobody published to yet: give it an epoch, then read again.
                 None => {
                     self.position(project).await?;
@@ -311,10 +314,16 @@ impl RedisBroker {
             .await;
     }
 
+    /// Queues a record write. Bounded in time as well as size: when the writer is stuck
+    /// behind an unreachable Redis, the handshake that queues a put must not hang (the
+    /// record is skipped; the heartbeat's refresh writes it again, and a skipped delete
+    /// expires with its TTL).
     async fn record_op(&self, op: RecordOp) {
-        if let Err(e) = self.records.send(op).await {
+        match tokio::time::timeout(self.timeout, self.records.send(op)).await {
+            Ok(Ok(())) => {}
             // The writer is gone (shutting down): write this one directly.
-            self.write_records(vec![e.0]).await;
+            Ok(Err(e)) => self.write_records(vec![e.0]).await,
+            Err(_) => tracing::debug!("connection record queue stuck: record skipped"),
         }
     }
 
@@ -616,7 +625,7 @@ impl RedisBroker {
     }
 
     /// The subscription manager: owns the pub/sub connection for the life of the process.
-    pub async fn run_pubsub(self: Arc<Self>, mut commands: mpsc::UnboundedReceiver<SubCommand>) {
+    pub async fn run_pubsub(self: Arc<Self>, mut commands: mpsc::Receiver<SubCommand>) {
         let mut wanted: HashSet<String> = HashSet::from([BROADCAST_CHANNEL.to_owned()]);
         let mut backoff = Duration::from_millis(100);
         let mut down_since: Option<Instant> = None;
@@ -662,7 +671,7 @@ impl RedisBroker {
     async fn connect_and_serve(
         &self,
         wanted: &mut HashSet<String>,
-        commands: &mut mpsc::UnboundedReceiver<SubCommand>,
+        commands: &mut mpsc::Receiver<SubCommand>,
         down_since: &mut Option<Instant>,
     ) -> Serve {
         let connect = async {
@@ -677,26 +686,61 @@ impl RedisBroker {
             Ok(Err(e)) => return Serve::Lost(e.to_string()),
             Err(_) => return Serve::Lost("connect timed out".into()),
         };
-        if let Some(since) = down_since.take() {
-            // Before reading any live message: give every connected client what it missed.
-            self.catch_up().await;
-            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                outage_ms = since.elapsed().as_millis() as u64,
-                channels = wanted.len(),
-                "broker reconnected and resubscribed"
-            );
-        } else {
+        // After an outage, every connected client first gets what it missed (catch-up from
+        // history), and only then live messages. The catch-up runs inside this loop, so the
+        // pub/sub stream is still read meanwhile (into `held`, bounded in bytes: the
+        // client library's own queue is unbounded) and subscriptions are still answered.
+        // `down_since` is cleared only once a catch-up completed, so a connection lost
+        // during one leads to another.
+        let since = *down_since;
+        let mut catch_up: Option<CatchUp<'_>> = since.map(|_| Box::pin(self.catch_up()) as _);
+        let mut held = Held::default();
+        let mut rounds = 1;
+        if since.is_none() {
             tracing::info!(channels = wanted.len(), "broker pub/sub connected");
+            self.up.store(true, Ordering::Relaxed);
         }
-        self.up.store(true, Ordering::Relaxed);
         let mut ping = tokio::time::interval(self.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
         loop {
             tokio::select! {
                 biased;
+                _ = async {
+                    match catch_up.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                }, if catch_up.is_some() => {
+                    if held.overflowed {
+                        // Live messages were dropped while catching up; those with a seq
+                        // are in the history, so one more round from where we got to
+                        // delivers them (messages without one cannot be replayed).
+                        if rounds >= CATCH_UP_ROUNDS {
+                            return Serve::Lost("catch-up cannot keep up with the live stream".into());
+                        }
+                        rounds += 1;
+                        held = Held::default();
+                        catch_up = Some(Box::pin(self.catch_up()));
+                        continue;
+                    }
+                    catch_up = None;
+                    let backlog = std::mem::take(&mut held.msgs);
+                    if !backlog.is_empty() {
+                        self.on_messages(&backlog, Instant::now());
+                    }
+                    *down_since = None;
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        outage_ms = since.map_or(0, |s| s.elapsed().as_millis() as u64),
+                        channels = wanted.len(),
+                        rounds,
+                        "broker reconnected and resubscribed"
+                    );
+                    self.up.store(true, Ordering::Relaxed);
+                }
                 msg = stream.next() => match msg {
+                    Some(msg) if catch_up.is_some() => held.push(msg),
                     Some(msg) => {
                         let read_at = Instant::now();
                         // Take everything already received: under load, batches grow and
@@ -758,6 +802,41 @@ impl RedisBroker {
 enum Serve {
     Stop,
     Lost(String),
+}
+
+/// A catch-up in progress (see `connect_and_serve`).
+type CatchUp<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// Live pub/sub bytes held while a catch-up runs. Past it, held messages are dropped and
+/// the catch-up goes one more round (events with a seq are in the history).
+const CATCH_UP_HOLD_BYTES: usize = 32 * 1024 * 1024;
+
+/// Catch-up rounds before giving up on this connection (and reconnecting).
+const CATCH_UP_ROUNDS: u32 = 4;
+
+/// Live messages received during a catch-up, delivered after it in arrival order.
+#[derive(Default)]
+struct Held {
+    msgs: Vec<redis::Msg>,
+    bytes: usize,
+    overflowed: bool,
+}
+
+impl Held {
+    fn push(&mut self, msg: redis::Msg) {
+        if self.overflowed {
+            return;
+        }
+        let size = msg.get_payload_bytes().len() + msg.get_channel_name().len() + 64;
+        if self.bytes + size > CATCH_UP_HOLD_BYTES {
+            self.overflowed = true;
+            self.msgs = Vec::new();
+            self.bytes = 0;
+            return;
+        }
+        self.bytes += size;
+        self.msgs.push(msg);
+    }
 }
 
 impl SessionStore for RedisBroker {

@@ -18,6 +18,8 @@ pub struct Snapshot {
     pub epoch: String,
     pub nodes: Map<String, Value>,
     pub tasks: Map<String, Value>,
+    /// Entries were left out to keep the frame under its byte bound.
+    pub truncated: bool,
 }
 
 impl Snapshot {
@@ -44,19 +46,74 @@ impl Snapshot {
             epoch,
             nodes,
             tasks,
+            truncated: false,
         }
+    }
+
+    /// Keeps the frame under `max_bytes`: when the entries would not fit, the most recently
+    /// updated ones that do are kept (by `updated_at`, newest first) and `truncated` is set.
+    /// A project's state has no count limit of its own (15,000 nodes made a 979 KB frame),
+    /// so this is what bounds what one `status` costs to build and send.
+    pub fn bounded(mut self, max_bytes: usize) -> Self {
+        // Envelope, seq, epoch, timestamp and scope fields: well under this.
+        const ENVELOPE: usize = 512;
+        let size = |id: &str, v: &Value| id.len() + 4 + v.to_string().len();
+        let total: usize = self
+            .nodes
+            .iter()
+            .chain(self.tasks.iter())
+            .map(|(k, v)| size(k, v))
+            .sum();
+        if total + ENVELOPE <= max_bytes {
+            return self;
+        }
+        let updated = |v: &Value| {
+            v.get("updated_at")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
+        let mut entries: Vec<(bool, String, Value)> = std::mem::take(&mut self.nodes)
+            .into_iter()
+            .map(|(k, v)| (true, k, v))
+            .chain(
+                std::mem::take(&mut self.tasks)
+                    .into_iter()
+                    .map(|(k, v)| (false, k, v)),
+            )
+            .collect();
+        entries.sort_by_cached_key(|(_, _, v)| std::cmp::Reverse(updated(v)));
+        let mut used = ENVELOPE;
+        for (node, id, value) in entries {
+            let n = size(&id, &value);
+            if used + n > max_bytes {
+                continue;
+            }
+            used += n;
+            if node {
+                self.nodes.insert(id, value);
+            } else {
+                self.tasks.insert(id, value);
+            }
+        }
+        self.truncated = true;
+        self
     }
 
     /// The `status` message (scope fields and timestamp are added by the session).
     pub fn message(&self, project: &str) -> Value {
-        json!({
+        let mut m = json!({
             "type": "status",
             "project_id": project,
             "seq": self.seq,
             "epoch": self.epoch,
             "nodes": self.nodes,
             "tasks": self.tasks,
-        })
+        });
+        if self.truncated {
+            m["truncated"] = Value::Bool(true);
+        }
+        m
     }
 }
 

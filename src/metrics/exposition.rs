@@ -309,6 +309,7 @@ mod tests {
                 max_len: 10,
                 ttl: Duration::from_secs(60),
                 terminal_task_ttl: Duration::from_secs(60),
+                snapshot_max_bytes: 1 << 20,
             },
         ));
         let exporter = Exporter::new(hub.clone(), broker);

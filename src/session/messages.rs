@@ -25,12 +25,19 @@ use crate::event;
 use crate::frame;
 use crate::routes::valid_project_id;
 
+/// A `status` reply costs one message of the connection's budget per project, plus one per
+/// this many bytes of snapshot beyond the first: what one connection can make the gateway
+/// read and send is bounded by its message rate, in bytes as well as in requests.
+const STATUS_BYTES_PER_TOKEN: usize = 16 * 1024;
+
 /// Window in which rate-limit refusals are counted toward a 4029 close.
 const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 
 /// Per-connection reader state: message rate and the invalid-message streak.
 pub struct ClientState {
     limiter: Option<DefaultDirectRateLimiter>,
+    /// The limiter's burst: a cost above it could never be admitted, so it is capped there.
+    burst: u32,
     refusals: u32,
     window_start: Instant,
     close_after_refusals: u32,
@@ -40,12 +47,15 @@ pub struct ClientState {
 
 impl ClientState {
     pub fn new(ws: &WsConfig) -> Self {
+        let mut burst = 1;
         let limiter = NonZeroU32::new(ws.client_messages_per_sec).map(|rate| {
-            let burst = NonZeroU32::new(ws.client_messages_burst).unwrap_or(rate);
-            RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+            let b = NonZeroU32::new(ws.client_messages_burst).unwrap_or(rate);
+            burst = b.get();
+            RateLimiter::direct(Quota::per_second(rate).allow_burst(b))
         });
         Self {
             limiter,
+            burst,
             refusals: 0,
             window_start: Instant::now(),
             close_after_refusals: ws.rate_limit_close_after.max(1),
@@ -56,10 +66,20 @@ impl ClientState {
 
     /// Ok if the message may be processed; Err(true) if the connection must close (4029).
     fn admit(&mut self) -> Result<(), bool> {
+        self.admit_n(1)
+    }
+
+    /// Like [`Self::admit`] for something that costs `n` messages (a `status` reply per
+    /// project and per [`STATUS_BYTES_PER_TOKEN`] of snapshot).
+    fn admit_n(&mut self, n: u32) -> Result<(), bool> {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
-        if limiter.check().is_ok() {
+        let admitted = match NonZeroU32::new(n.min(self.burst)) {
+            None => true,
+            Some(n) => matches!(limiter.check_n(n), Ok(Ok(()))),
+        };
+        if admitted {
             return Ok(());
         }
         let now = Instant::now();
@@ -261,7 +281,7 @@ pub async fn handle_text(app: &App, session: &Arc<Session>, state: &mut ClientSt
         }
         return;
     }
-    let outcome = dispatch(app, session, text).await;
+    let outcome = dispatch(app, session, state, text).await;
     match outcome {
         Ok(()) => state.invalid_in_row = 0,
         Err(refusal) => {
@@ -284,7 +304,12 @@ pub async fn handle_text(app: &App, session: &Arc<Session>, state: &mut ClientSt
     }
 }
 
-async fn dispatch(app: &App, session: &Arc<Session>, text: &str) -> Result<(), Refusal> {
+async fn dispatch(
+    app: &App,
+    session: &Arc<Session>,
+    state: &mut ClientState,
+    text: &str,
+) -> Result<(), Refusal> {
     match parse(text, app.config.ws.max_json_depth)? {
         ClientMessage::TextPing => {
             session.send_control(frame::text(b"pong"));
@@ -294,7 +319,9 @@ async fn dispatch(app: &App, session: &Arc<Session>, text: &str) -> Result<(), R
             session.reply(json!({"type": "pong"}));
             Ok(())
         }
-        ClientMessage::Status { project_id } => status(app, session, project_id.as_deref()).await,
+        ClientMessage::Status { project_id } => {
+            status(app, session, state, project_id.as_deref()).await
+        }
         ClientMessage::Command {
             kind,
             subject,
@@ -303,6 +330,9 @@ async fn dispatch(app: &App, session: &Arc<Session>, text: &str) -> Result<(), R
             project_id,
         } => {
             let project = target_project(session, project_id.as_deref())?;
+            if !authorize_command(app, session, &project, request_id.as_deref()).await? {
+                return Ok(());
+            }
             command(app, session, project, kind, subject, parameters, request_id).await;
             Ok(())
         }
@@ -318,8 +348,14 @@ async fn dispatch(app: &App, session: &Arc<Session>, text: &str) -> Result<(), R
     }
 }
 
-/// Replies with the status snapshot of the connection's project(s), or of the one named.
-async fn status(app: &App, session: &Arc<Session>, named: Option<&str>) -> Result<(), Refusal> {
+/// Replies with the status snapshot of the connection's project(s), or of the one named,
+/// charged by cost ([`STATUS_BYTES_PER_TOKEN`]) and served from the hub's snapshot cache.
+async fn status(
+    app: &App,
+    session: &Arc<Session>,
+    state: &mut ClientState,
+    named: Option<&str>,
+) -> Result<(), Refusal> {
     let projects = match named {
         Some(p) if session.has_project(p) => vec![p.to_owned()],
         Some(_) => {
@@ -331,9 +367,20 @@ async fn status(app: &App, session: &Arc<Session>, named: Option<&str>) -> Resul
         }
         None => session.projects(),
     };
-    for project in projects {
-        match app.broker.snapshot(&project).await {
-            Ok(snap) => session.reply(snap.message(&project)),
+    for (i, project) in projects.iter().enumerate() {
+        // The message itself paid for the first project.
+        if i > 0 && !charge(session, state, 1) {
+            return Ok(());
+        }
+        match crate::resume::current_snapshot(app, project).await {
+            Ok(snap) => {
+                let frame = session.message(snap.message(project));
+                let extra = (frame.len() / STATUS_BYTES_PER_TOKEN) as u32;
+                if !charge(session, state, extra) {
+                    return Ok(());
+                }
+                session.send_frame(frame);
+            }
             Err(e) => {
                 session
                     .span()
@@ -348,6 +395,26 @@ async fn status(app: &App, session: &Arc<Session>, named: Option<&str>) -> Resul
         }
     }
     Ok(())
+}
+
+/// Takes `n` more messages from the connection's budget; on refusal answers `rate_limited`
+/// (closing 4029 on persistent abuse) and returns false.
+fn charge(session: &Session, state: &mut ClientState, n: u32) -> bool {
+    match state.admit_n(n) {
+        Ok(()) => true,
+        Err(close) => {
+            session.reply(error_frame(
+                "rate_limited",
+                "too many messages; slow down",
+                None,
+                None,
+            ));
+            if close {
+                session.close(close_code::RATE_LIMITED, "rate limited", false);
+            }
+            false
+        }
+    }
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -388,20 +455,81 @@ fn required_string<'a>(
     }
 }
 
-/// The project a message refers to: its `project_id` (which must be one of this
-/// connection's projects) or the connection's own project.
+/// The project a command refers to: its `project_id` or, when it names none, the
+/// connection's own project. Either way the connection must follow it now: a connection
+/// that unsubscribed from its own project cannot act on it any more (refresh and the
+/// session recheck only look at the projects a connection follows, so acting on any other
+/// would dodge them).
 fn target_project(session: &Session, named: Option<&str>) -> Result<String, Refusal> {
+    let not_followed = || Refusal {
+        code: "forbidden",
+        message: "this connection is not subscribed to that project".into(),
+        field: Some("project_id"),
+    };
     match named {
         Some(p) if session.has_project(p) => Ok(p.to_owned()),
-        Some(_) => Err(Refusal {
-            code: "forbidden",
-            message: "this connection is not subscribed to that project".into(),
-            field: Some("project_id"),
-        }),
-        None => session.primary_project().ok_or_else(|| {
-            Refusal::invalid("project_id", "field `project_id` is required on /ws/user")
-        }),
+        Some(_) => Err(not_followed()),
+        None => match session.primary_project() {
+            Some(p) if session.has_project(&p) => Ok(p),
+            Some(_) => Err(not_followed()),
+            None => Err(Refusal::invalid(
+                "project_id",
+                "field `project_id` is required on /ws/user",
+            )),
+        },
     }
+}
+
+/// Authorizes a command against the credential as it is now, not as it was at connect:
+/// the claims in force (replaced by `auth.refresh` and the session recheck) must grant
+/// the project and must not have expired, and a server-side session is read again
+/// (`session:{id}`, one GET with the broker's timeout) so a revoked or narrowed session
+/// stops commands at once rather than at the next recheck. Ok(false): the connection is
+/// closing or the command could not be checked (already answered); nothing is sent.
+async fn authorize_command(
+    app: &App,
+    session: &Arc<Session>,
+    project: &str,
+    request_id: Option<&str>,
+) -> Result<bool, Refusal> {
+    if let Some(id) = session.recheck_session_id().map(str::to_owned) {
+        match app.broker.session_values(&[id.as_str()]).await {
+            Ok(values) => {
+                let value = values.into_iter().next().flatten();
+                if !crate::revocation::apply(session, value.as_deref()) {
+                    return Ok(false);
+                }
+            }
+            Err(e) => {
+                session.span().in_scope(|| {
+                    tracing::warn!(error = %e, "session lookup for a command failed");
+                });
+                session.reply(error_frame(
+                    "broker_unavailable",
+                    "the command could not be authorized right now; it was not sent, retry later",
+                    None,
+                    request_id,
+                ));
+                return Ok(false);
+            }
+        }
+    }
+    let claims = session.claims();
+    if claims
+        .expires_at()
+        .is_some_and(|exp| exp <= crate::session::unix_millis() / 1000)
+    {
+        session.close(close_code::EXPIRED, "credential expired", false);
+        return Ok(false);
+    }
+    if !claims.grants(project) {
+        return Err(Refusal {
+            code: "forbidden",
+            message: "your credential does not grant this project".into(),
+            field: Some("project_id"),
+        });
+    }
+    Ok(true)
 }
 
 /// Relays a command to the project's workers and answers `command.accepted`, or
@@ -487,7 +615,7 @@ async fn subscribe(app: &App, session: &Arc<Session>, project: &str) -> Result<(
             field: Some("project_id"),
         });
     };
-    if added && app.hub.join(project, session).await.is_err() {
+    if added && app.join_project(project, session).await.is_err() {
         session.remove_project(project);
         session.reply(error_frame(
             "broker_unavailable",

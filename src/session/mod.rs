@@ -456,7 +456,11 @@ impl Session {
 
     /// Queues a reply to the client (same bounds as events).
     pub fn reply(&self, value: Value) {
-        let frame = self.message(value);
+        self.send_frame(self.message(value));
+    }
+
+    /// Queues a message already encoded by [`Self::message`] (when its size matters first).
+    pub fn send_frame(&self, frame: Bytes) {
         if self.outbox.offer(frame, None) == Offer::Overflow {
             self.close(
                 close_code::SLOW_CONSUMER,

@@ -346,6 +346,17 @@ impl RedisServer {
     }
 
     /// Raw `PUBLISH` (what a legacy worker does); returns the receiver count.
+    /// Writes `session:{id}` as the web backend would.
+    pub async fn set_session(&self, id: &str, record: &Value) {
+        let mut con = self.conn().await;
+        let _: () = redis::cmd("SET")
+            .arg(format!("session:{id}"))
+            .arg(record.to_string())
+            .query_async(&mut con)
+            .await
+            .unwrap();
+    }
+
     pub async fn publish(&self, channel: &str, payload: &str) -> i64 {
         let mut c = self.conn().await;
         redis::cmd("PUBLISH")
