@@ -533,6 +533,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_full_subscription_queue_fails_a_join_at_once() {
+        // A manager that never reads (stuck reconnecting): the queue holds one request.
+        let (tx, _rx) = mpsc::channel(1);
+        let hub = Hub::new(Some(tx), Duration::from_millis(10), STRICT);
+        let (a, b) = (session("p"), session("q"));
+        let waiting = tokio::time::timeout(Duration::from_millis(100), hub.join("p", &a)).await;
+        assert!(waiting.is_err(), "the first join waits for its confirmation");
+        let failed = tokio::time::timeout(Duration::from_millis(100), hub.join("q", &b)).await;
+        assert!(matches!(failed, Ok(Err(HubError::SubscribeFailed))));
+        assert!(hub.project_sessions("q").is_empty());
+    }
+
+    #[tokio::test]
     async fn subscription_is_reference_counted_with_linger() {
         let (tx, mut rx) = mpsc::channel(SUB_QUEUE);
         let hub = Hub::new(Some(tx), Duration::from_millis(50), STRICT);
