@@ -539,7 +539,10 @@ mod tests {
         let hub = Hub::new(Some(tx), Duration::from_millis(10), STRICT);
         let (a, b) = (session("p"), session("q"));
         let waiting = tokio::time::timeout(Duration::from_millis(100), hub.join("p", &a)).await;
-        assert!(waiting.is_err(), "the first join waits for its confirmation");
+        assert!(
+            waiting.is_err(),
+            "the first join waits for its confirmation"
+        );
         let failed = tokio::time::timeout(Duration::from_millis(100), hub.join("q", &b)).await;
         assert!(matches!(failed, Ok(Err(HubError::SubscribeFailed))));
         assert!(hub.project_sessions("q").is_empty());

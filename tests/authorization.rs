@@ -110,6 +110,11 @@ async fn a_narrowed_session_stops_commands_at_once_without_waiting_for_the_reche
     redis
         .set_session("s2", &json!({"user_id": "bob", "projects": ["other"]}))
         .await;
+    // Following again is an action too: checked against the session as it is now (the
+    // connection's copy of the grant still says demo).
+    d.send_json(&json!({"type": "subscribe", "project_id": "demo"}))
+        .await;
+    expect_error(&mut d, "forbidden").await;
     d.send_json(&json!({"type": "node.execute", "node_id": "n2", "project_id": "demo"}))
         .await;
     expect_error(&mut d, "forbidden").await;
@@ -117,6 +122,10 @@ async fn a_narrowed_session_stops_commands_at_once_without_waiting_for_the_reche
         .await;
     expect_error(&mut d, "forbidden").await;
     assert_no_command(&mut worker, "unsubscribed, then narrowed").await;
+
+    d.send_json(&json!({"type": "subscribe", "project_id": "other"}))
+        .await;
+    assert_eq!(d.next_of_type("subscribed", T).await["project_id"], "other");
 
     // Revoked: the next command closes with 4001 and is not sent.
     redis

@@ -330,7 +330,7 @@ async fn dispatch(
             project_id,
         } => {
             let project = target_project(session, project_id.as_deref())?;
-            if !authorize_command(app, session, &project, request_id.as_deref()).await? {
+            if !authorize_now(app, session, &project, request_id.as_deref()).await? {
                 return Ok(());
             }
             command(app, session, project, kind, subject, parameters, request_id).await;
@@ -480,13 +480,14 @@ fn target_project(session: &Session, named: Option<&str>) -> Result<String, Refu
     }
 }
 
-/// Authorizes a command against the credential as it is now, not as it was at connect:
-/// the claims in force (replaced by `auth.refresh` and the session recheck) must grant
-/// the project and must not have expired, and a server-side session is read again
-/// (`session:{id}`, one GET with the broker's timeout) so a revoked or narrowed session
-/// stops commands at once rather than at the next recheck. Ok(false): the connection is
-/// closing or the command could not be checked (already answered); nothing is sent.
-async fn authorize_command(
+/// Authorizes an action (a command, a `subscribe`) on `project` against the credential as
+/// it is now, not as it was at connect: the claims in force (replaced by `auth.refresh`
+/// and the session recheck) must grant the project and must not have expired, and a
+/// server-side session is read again (`session:{id}`, one GET with the broker's timeout)
+/// so a revoked or narrowed session stops at once rather than at the next recheck.
+/// Ok(false): the connection is closing or the credential could not be checked (already
+/// answered); the action is not taken.
+async fn authorize_now(
     app: &App,
     session: &Arc<Session>,
     project: &str,
@@ -502,11 +503,11 @@ async fn authorize_command(
             }
             Err(e) => {
                 session.span().in_scope(|| {
-                    tracing::warn!(error = %e, "session lookup for a command failed");
+                    tracing::warn!(error = %e, "session lookup for an action failed");
                 });
                 session.reply(error_frame(
                     "broker_unavailable",
-                    "the command could not be authorized right now; it was not sent, retry later",
+                    "your session could not be checked right now; nothing was done, retry later",
                     None,
                     request_id,
                 ));
@@ -598,12 +599,8 @@ async fn command(
 
 /// Adds a project the credential grants (`project` is already a valid id, see [`parse`]).
 async fn subscribe(app: &App, session: &Arc<Session>, project: &str) -> Result<(), Refusal> {
-    if !session.claims().grants(project) {
-        return Err(Refusal {
-            code: "forbidden",
-            message: "your credential does not grant this project".into(),
-            field: Some("project_id"),
-        });
+    if !authorize_now(app, session, project, None).await? {
+        return Ok(());
     }
     let max = app.config.ws.max_subscriptions_per_connection;
     let Ok(added) = session.add_project(project, max) else {
