@@ -140,6 +140,9 @@ pub struct EventsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     pub max_body_bytes: usize,
+    /// Longest wait for a request body once its headers are in (a body trickled byte by
+    /// byte holds a task and its credential check for this long at most); beyond: 408.
+    pub body_read_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -243,6 +246,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 1024 * 1024,
+            body_read_timeout_secs: 10,
         }
     }
 }
@@ -404,6 +408,9 @@ impl Config {
         }
         if self.events.max_event_bytes < 64 || self.api.max_body_bytes < 64 {
             return bad("events.max_event_bytes and api.max_body_bytes must be >= 64".into());
+        }
+        if self.api.body_read_timeout_secs == 0 {
+            return bad("api.body_read_timeout_secs must be at least 1".into());
         }
         if self.events.history_max_len == 0 {
             return bad("events.history_max_len must be at least 1".into());
