@@ -146,6 +146,9 @@ pub struct EventsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     pub max_body_bytes: usize,
+    /// Longest wait for a request body once its headers are in (a body trickled byte by
+    /// byte holds a task and its credential check for this long at most); beyond: 408.
+    pub body_read_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -251,6 +254,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 1024 * 1024,
+            body_read_timeout_secs: 10,
         }
     }
 }
@@ -418,6 +422,9 @@ impl Config {
         }
         if self.events.snapshot_max_bytes < 1024 {
             return bad("events.snapshot_max_bytes must be at least 1024".into());
+        }
+        if self.api.body_read_timeout_secs == 0 {
+            return bad("api.body_read_timeout_secs must be at least 1".into());
         }
         if self.events.history_max_len == 0 {
             return bad("events.history_max_len must be at least 1".into());

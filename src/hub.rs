@@ -429,9 +429,7 @@ impl Hub {
                 .or_insert_with(|| {
                     let mut ev = event.clone();
                     session.fill_scope(&mut ev);
-                    if !ev.contains_key("timestamp") {
-                        ev.insert("timestamp".into(), Value::String(event::now_rfc3339()));
-                    }
+                    fill_timestamp(&mut ev);
                     event::server_frame(&Value::Object(ev))
                 })
                 .clone();
@@ -443,8 +441,32 @@ impl Hub {
         sessions.len()
     }
 
-    /// Parses a payload from `websocket:broadcast` and broadcasts it.
+    /// Parses a payload from `websocket:broadcast` and routes it as the seed's
+    /// `_handle_redis_event` does (PROTOCOL §3): an event naming a `project_id` goes to the
+    /// connections following that project only (once each, `/ws/user` ones included) and
+    /// keeps its `project_id`; one without goes to every connection, each with its own.
     pub fn broadcast_raw(&self, payload: &[u8]) -> Result<usize, event::EventError> {
+        let (target, map) = self.check_global(payload)?;
+        Ok(match target {
+            None => self.broadcast(&map),
+            Some(project) => {
+                let prepared = Prepared {
+                    frame: event::server_frame(&Value::Object(map)),
+                    conflate: None,
+                    seq: None,
+                };
+                self.deliver(&project, &prepared)
+            }
+        })
+    }
+
+    /// The checks of a global event: its project (None: every project) and its fields,
+    /// with `seq` removed (only the publish path assigns one, PROTOCOL §3) and a
+    /// `timestamp` set where it had none.
+    fn check_global(
+        &self,
+        payload: &[u8],
+    ) -> Result<(Option<String>, Map<String, Value>), event::EventError> {
         event::check_depth(payload, &self.policy)?;
         let value: Value =
             serde_json::from_slice(payload).map_err(|_| event::EventError::NotJson)?;
@@ -455,14 +477,31 @@ impl Hub {
             return Err(event::EventError::MissingType);
         };
         let kind = kind.clone();
-        // A global event names no project: each connection gets its own.
-        map.remove("project_id");
+        let target = match map.get("project_id") {
+            None => None,
+            Some(Value::Null) => {
+                map.remove("project_id");
+                None
+            }
+            Some(Value::String(p)) if crate::routes::valid_project_id(p) => Some(p.clone()),
+            Some(_) => return Err(event::EventError::BadProjectId),
+        };
+        map.remove("seq");
         let value = Value::Object(map);
         self.policy.check_global_value(&kind, &value)?;
-        let Value::Object(map) = value else {
+        let Value::Object(mut map) = value else {
             return Err(event::EventError::NotObject);
         };
-        Ok(self.broadcast(&map))
+        fill_timestamp(&mut map);
+        Ok((target, map))
+    }
+}
+
+/// The gateway's own timestamp where a global event has none, or a null or any other
+/// non-string one (PROTOCOL §8).
+fn fill_timestamp(map: &mut Map<String, Value>) {
+    if !matches!(map.get("timestamp"), Some(Value::String(_))) {
+        map.insert("timestamp".into(), Value::String(event::now_rfc3339()));
     }
 }
 
@@ -530,6 +569,69 @@ mod tests {
             .deliver_raw("a", br#"{"type":"x","project_id":"b"}"#)
             .is_err());
         assert_eq!(b.outbox.len().0, 0);
+    }
+
+    /// The JSON payloads queued for `s` (frames are unmasked text frames).
+    fn queued(s: &Session) -> Vec<Value> {
+        let (frames, _) = s.outbox.take_all();
+        frames
+            .iter()
+            .map(|f| {
+                let start = match f[1] & 0x7f {
+                    126 => 4,
+                    127 => 10,
+                    _ => 2,
+                };
+                serde_json::from_slice(&f[start..]).unwrap()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn global_events_naming_a_project_reach_only_its_followers() {
+        let hub = Hub::new(None, Duration::from_millis(10), STRICT);
+        let a = session("a");
+        let b = session("b");
+        for (s, p) in [(&a, "a"), (&b, "b")] {
+            hub.register(s);
+            hub.join(p, s).await.unwrap();
+        }
+        // `a` also follows `b` (subscribe): it gets b's event once, labelled b.
+        a.add_project("b", 8).unwrap();
+        hub.join("b", &a).await.unwrap();
+        let n = hub
+            .broadcast_raw(br#"{"type":"file.changed","project_id":"b","seq":99}"#)
+            .unwrap();
+        assert_eq!(n, 2);
+        for s in [&a, &b] {
+            let got = queued(s);
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert_eq!(got[0]["project_id"], "b");
+            assert!(got[0].get("seq").is_none(), "raw seq is never passed on");
+        }
+        let c = session("c");
+        hub.register(&c);
+        hub.join("c", &c).await.unwrap();
+        assert_eq!(
+            hub.broadcast_raw(br#"{"type":"file.changed","project_id":"a"}"#)
+                .unwrap(),
+            1
+        );
+        assert!(queued(&c).is_empty() && queued(&b).is_empty());
+        assert_eq!(queued(&a)[0]["project_id"], "a");
+        // Without project_id: everyone, each with its own project.
+        assert_eq!(hub.broadcast_raw(br#"{"type":"file.changed"}"#).unwrap(), 3);
+        assert_eq!(queued(&c)[0]["project_id"], "c");
+        for bad in [
+            &br#"{"type":"file.changed","project_id":".."}"#[..],
+            br#"{"type":"file.changed","project_id":7}"#,
+            br#"{"type":"file.changed","project_id":"a/b"}"#,
+        ] {
+            assert_eq!(
+                hub.broadcast_raw(bad).unwrap_err(),
+                event::EventError::BadProjectId
+            );
+        }
     }
 
     #[tokio::test]

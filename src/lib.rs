@@ -15,7 +15,7 @@
 //! revocation.rs revoked sessions: batched recheck of session:{id}, close 4001
 //! resume.rs     greeting: snapshot or replay from history (shared reads), then live
 //! schema/       typed events: registry, validation, TypeScript/JSON Schema generation
-//! routes.rs     HTTP API: health, readiness, publish, broadcast, ws-url
+//! routes/       HTTP API (matchit table, catch-panic): health, readiness, publish, broadcast, ws-url
 //! console.rs    the event console page at /console (embedded files, CSP)
 //! limits.rs     connection caps (global, per IP)
 //! json_depth.rs nesting depth of JSON text, measured flat before any parse

@@ -288,8 +288,15 @@ impl Exposition {
 }
 
 /// Scrapes `/metrics` and checks the response and its exposition.
+/// What Prometheus 2.x sends when it scrapes.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// Scrapes `/metrics` as Prometheus does (asking for OpenMetrics) and checks the response
+/// and its exposition.
 async fn scrape(gw: &Gateway) -> Exposition {
-    let r = gw.get("/metrics").await;
+    let r = gw
+        .get_with("/metrics", &[("Accept", PROMETHEUS_ACCEPT)])
+        .await;
     assert_eq!(r.status, 200, "/metrics: {}", r.text());
     let ct = r.header("content-type").unwrap_or_default().to_owned();
     assert!(
@@ -507,6 +514,67 @@ async fn the_exposition_is_valid_and_moves_with_inline_fan_out() {
     );
 }
 
+/// `/metrics` answers in the format the scraper asks for: Prometheus text 0.0.4 by default
+/// (curl, older scrapers), OpenMetrics when `Accept` asks for it (Prometheus itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_negotiate_prometheus_text_or_openmetrics() {
+    let gw = GatewayOpts::new().start();
+    let plain = gw.get("/metrics").await;
+    assert_eq!(plain.status, 200);
+    assert_eq!(
+        plain.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = plain.text();
+    for line in [
+        "# TYPE switchboard_handshakes_total counter",
+        "# TYPE switchboard_events_received_total counter",
+        "switchboard_events_received_total{source=\"api\"} 0",
+        "# TYPE switchboard_connections gauge",
+        "# TYPE switchboard_fanout_seconds histogram",
+        "switchboard_fanout_seconds_bucket{le=\"+Inf\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    for absent in [
+        "# EOF",
+        "# UNIT ",
+        "_created",
+        "# TYPE switchboard_handshakes counter",
+    ] {
+        assert!(!text.contains(absent), "{absent:?} in 0.0.4 text:\n{text}");
+    }
+    for accept in [
+        "*/*",
+        "text/plain",
+        "text/plain;version=0.0.4",
+        "application/json",
+    ] {
+        let r = gw.get_with("/metrics", &[("Accept", accept)]).await;
+        assert!(
+            r.header("content-type")
+                .unwrap_or_default()
+                .starts_with("text/plain; version=0.0.4"),
+            "{accept}: {:?}",
+            r.header("content-type")
+        );
+    }
+    for accept in [PROMETHEUS_ACCEPT, "application/openmetrics-text"] {
+        let r = gw.get_with("/metrics", &[("Accept", accept)]).await;
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            "{accept}"
+        );
+        let m = parse_exposition(&r.text());
+        assert!(r.text().ends_with("# EOF\n"));
+        assert_eq!(m.kind("switchboard_handshakes"), Some("counter"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_move_with_redis_events_resumes_resyncs_and_reconnects() {
     let mut redis = RedisServer::start();
@@ -547,7 +615,8 @@ async fn counters_move_with_redis_events_resumes_resyncs_and_reconnects() {
     );
     assert_eq!(
         m1.value("switchboard_events_received_total", &[("source", "redis")]),
-        3.0
+        0.0,
+        "events of the publish path come back on pub/sub: counted once, as api"
     );
     assert!(m1.value("switchboard_messages_delivered_total", &[]) >= 3.0);
     assert_eq!(
@@ -559,6 +628,23 @@ async fn counters_move_with_redis_events_resumes_resyncs_and_reconnects() {
     assert!(
         (0.0..15.0).contains(&lag),
         "pub/sub lag {lag} s for 3 events"
+    );
+
+    // A raw PUBLISH (a legacy worker) is what source="redis" counts.
+    redis
+        .publish(
+            "project:obs:events",
+            &json!({"type": "file.changed", "n": 4}).to_string(),
+        )
+        .await;
+    assert_eq!(c1.next_json(T).await["n"], 4);
+    let m1 = scrape_until(&gw, "the raw event counted", |m| {
+        m.value("switchboard_events_received_total", &[("source", "redis")]) == 1.0
+    })
+    .await;
+    assert_eq!(
+        m1.value("switchboard_events_received_total", &[("source", "api")]),
+        3.0
     );
 
     // A resume the history covers: replayed, not resynced.

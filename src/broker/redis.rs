@@ -520,9 +520,10 @@ impl RedisBroker {
     /// write per session); each run's fan-out time is observed once, for all its events.
     fn on_messages(&self, msgs: &[redis::Msg], read_at: Instant) {
         let metrics = &self.hub.metrics;
-        metrics
-            .events_from_redis
-            .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        // `source="redis"` counts what only pub/sub brought: raw publishes (and broadcasts).
+        // An event with a seq came through a publish path, which counted it where it came
+        // in (`source="api"` for ours); counting its pub/sub copy too counted it twice.
+        let mut raw = 0u64;
         let received = SystemTime::now();
         let fan_out = |project: &str, run: &[crate::event::Prepared]| {
             self.hub.deliver_batch(project, run);
@@ -545,6 +546,7 @@ impl RedisBroker {
                 run_project = None;
             }
             if channel == BROADCAST_CHANNEL {
+                raw += 1;
                 match self.hub.broadcast_raw(payload) {
                     Ok(_) => metrics.fanout.observe(read_at.elapsed()),
                     Err(e) => self.note_dropped(channel, e.reason(), &e.to_string()),
@@ -554,6 +556,7 @@ impl RedisBroker {
             let Some(project) = project else { continue };
             match crate::event::prepare_received(project, payload, Some(&policy)) {
                 Ok((p, published)) => {
+                    raw += u64::from(p.seq.is_none());
                     if let Some(at) = published {
                         // A timestamp ahead of our clock (skew) counts as no lag.
                         let lag = received.duration_since(at).unwrap_or(Duration::ZERO);
@@ -562,12 +565,16 @@ impl RedisBroker {
                     run_project = Some(project);
                     run.push(p);
                 }
-                Err(e) => self.note_dropped(channel, e.reason(), &e.to_string()),
+                Err(e) => {
+                    raw += 1;
+                    self.note_dropped(channel, e.reason(), &e.to_string());
+                }
             }
         }
         if let Some(p) = run_project {
             fan_out(p, &run);
         }
+        metrics.events_from_redis.fetch_add(raw, Ordering::Relaxed);
     }
 
     /// After an outage: replay from history what each active project missed (the live

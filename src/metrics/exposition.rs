@@ -7,6 +7,12 @@
 //! `fetch_add` with no extra indirection, and needs no lock or label lookup per event.
 //! The collectors hold the hub and the broker, never the `App` (which holds the registry).
 //!
+//! Formats: prometheus-client writes OpenMetrics 1.0.0 only. Scrapers that ask for it
+//! (`Accept: application/openmetrics-text`, as Prometheus does) get that; everyone else
+//! (curl, older scrapers, anything that asks for nothing in particular) gets the Prometheus
+//! text format 0.0.4, which [`to_prometheus_text`] derives from the same output, the way
+//! the Prometheus client libraries negotiate ([`Format::negotiate`]).
+//!
 //! Names: OpenMetrics names a counter family without `_total` and its sample with it
 //! (`# TYPE switchboard_handshakes counter`, then `switchboard_handshakes_total{...}`), and a
 //! histogram with a unit ends in it (`switchboard_fanout_seconds_bucket`). The helpers take
@@ -27,9 +33,74 @@ use super::{HANDSHAKE_LABELS, REJECT_LABELS};
 use crate::broker::Broker;
 use crate::hub::Hub;
 
-/// The media type of what [`Exporter::render`] writes (OpenMetrics text 1.0.0, which
-/// Prometheus negotiates and parses natively).
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The media type of OpenMetrics text 1.0.0 ([`Exporter::render`]).
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The media type of the Prometheus text format 0.0.4.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// An exposition format a scrape can be answered in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text 0.0.4: the default.
+    Prometheus,
+    OpenMetrics,
+}
+
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => PROMETHEUS_CONTENT_TYPE,
+            Format::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
+        }
+    }
+
+    /// The format for a scrape's `Accept` header, as client_golang's negotiation does:
+    /// media ranges by falling quality (ties keep their order); the first one we serve
+    /// wins: OpenMetrics (version 1.0.0, 0.0.1 or none given) or text/plain (version
+    /// 0.0.4 or none). Anything else, or no header, gets the 0.0.4 text.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let Some(accept) = accept else {
+            return Format::Prometheus;
+        };
+        let mut ranges: Vec<(f32, Option<Format>)> = accept
+            .split(',')
+            .take(32) // a header is at most 32 KiB; its first ranges are what matters
+            .map(|range| {
+                let mut parts = range.split(';').map(str::trim);
+                let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+                let mut q = 1.0f32;
+                let mut version = None;
+                for param in parts {
+                    let Some((k, v)) = param.split_once('=') else {
+                        continue;
+                    };
+                    let v = v.trim().trim_matches('"');
+                    match k.trim().to_ascii_lowercase().as_str() {
+                        "q" => q = v.parse().unwrap_or(0.0),
+                        "version" => version = Some(v.to_owned()),
+                        _ => {}
+                    }
+                }
+                let served = match (media.as_str(), version.as_deref()) {
+                    ("application/openmetrics-text", None | Some("1.0.0" | "0.0.1")) => {
+                        Some(Format::OpenMetrics)
+                    }
+                    ("text/plain", None | Some("0.0.4")) => Some(Format::Prometheus),
+                    _ => None,
+                };
+                (q, served)
+            })
+            .filter(|(q, _)| *q > 0.0)
+            .collect();
+        ranges.sort_by(|a, b| b.0.total_cmp(&a.0));
+        ranges
+            .into_iter()
+            .find_map(|(_, f)| f)
+            .unwrap_or(Format::Prometheus)
+    }
+}
 
 /// The instance's metrics registry.
 pub struct Exporter {
@@ -45,7 +116,15 @@ impl Exporter {
         Self { registry }
     }
 
-    /// One scrape: every family, then `# EOF`.
+    /// One scrape in `format`.
+    pub fn render_as(&self, format: Format) -> String {
+        match format {
+            Format::OpenMetrics => self.render(),
+            Format::Prometheus => to_prometheus_text(&self.render()),
+        }
+    }
+
+    /// One scrape in OpenMetrics: every family, then `# EOF`.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail; our collectors only fail when the writer does.
@@ -54,6 +133,65 @@ impl Exporter {
         }
         out
     }
+}
+
+/// OpenMetrics text (as prometheus-client writes it) as Prometheus text 0.0.4. Sample
+/// lines stay as they are (a counter's sample keeps its `_total`); what differs is the
+/// metadata: a counter family is named after its sample (`# TYPE x_total counter`, its
+/// `# HELP` likewise), `unknown` is `untyped`, and there is no `# UNIT`, no `_created`
+/// sample and no `# EOF`. HELP text escapes only `\\` and newlines in 0.0.4.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // A family's HELP comes before its TYPE, which decides the family's 0.0.4 name.
+    let mut help: Option<(&str, String)> = None;
+    let mut created: Option<String> = None;
+    let flush_help = |out: &mut String, help: &mut Option<(&str, String)>, name: &str| {
+        if let Some((_, text)) = help.take() {
+            out.push_str(&format!("# HELP {name} {text}\n"));
+        }
+    };
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            if let Some((previous, _)) = help {
+                flush_help(&mut out, &mut help, previous);
+            }
+            help = Some((name, text.replace("\\\"", "\"")));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (family, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "unknown" => (name.to_owned(), "untyped"),
+                other => (name.to_owned(), other),
+            };
+            match &help {
+                Some((n, _)) if *n == name => flush_help(&mut out, &mut help, &family),
+                Some((n, _)) => {
+                    let n = *n;
+                    flush_help(&mut out, &mut help, n)
+                }
+                None => {}
+            }
+            out.push_str(&format!("# TYPE {family} {kind}\n"));
+            created = Some(format!("{name}_created"));
+        } else if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        } else if line.starts_with('#') {
+            out.push_str(line);
+            out.push('\n');
+        } else {
+            let sample = line.split(['{', ' ']).next().unwrap_or_default();
+            if created.as_deref() == Some(sample) {
+                continue;
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if let Some((name, _)) = help {
+        flush_help(&mut out, &mut help, name);
+    }
+    out
 }
 
 fn load(a: &AtomicU64) -> u64 {
@@ -314,6 +452,78 @@ mod tests {
         ));
         let exporter = Exporter::new(hub.clone(), broker);
         (hub, exporter)
+    }
+
+    #[test]
+    fn accept_headers_negotiate_like_the_client_libraries() {
+        use Format::*;
+        for (accept, want) in [
+            (None, Prometheus),
+            (Some(""), Prometheus),
+            (Some("*/*"), Prometheus),
+            (Some("text/plain"), Prometheus),
+            (Some("application/json"), Prometheus),
+            (Some("application/openmetrics-text"), OpenMetrics),
+            // Prometheus 2.x
+            (Some("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"), OpenMetrics),
+            // Prometheus 3.x
+            (Some("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1"), OpenMetrics),
+            // scrape_protocols = [PrometheusText0.0.4] first
+            (Some("text/plain;version=0.0.4;q=0.5,application/openmetrics-text;version=1.0.0;q=0.4"), Prometheus),
+            (Some("application/openmetrics-text; version=2.0.0"), Prometheus),
+            (Some("application/openmetrics-text;q=0"), Prometheus),
+            (Some("text/plain;q=0.1, Application/OpenMetrics-Text;q=0.9"), OpenMetrics),
+        ] {
+            assert_eq!(Format::negotiate(accept), want, "{accept:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_format_is_prometheus_text_0_0_4() {
+        let (hub, exporter) = exporter();
+        hub.metrics.handshake(super::super::Handshake::Accepted);
+        hub.metrics.fanout.observe(Duration::from_micros(30));
+        let text = exporter.render_as(Format::Prometheus);
+        for line in [
+            "# HELP switchboard_handshakes_total WebSocket handshakes by result.",
+            "# TYPE switchboard_handshakes_total counter",
+            "switchboard_handshakes_total{result=\"accepted\"} 1",
+            "# TYPE switchboard_connections gauge",
+            "# TYPE switchboard_fanout_seconds histogram",
+            "switchboard_fanout_seconds_count 1",
+            "# TYPE switchboard_resyncs_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        for absent in [
+            "# EOF",
+            "# UNIT",
+            "_created",
+            "# TYPE switchboard_handshakes counter",
+        ] {
+            assert!(!text.contains(absent), "{absent:?} in\n{text}");
+        }
+        // Every sample line of the OpenMetrics output is there, unchanged.
+        let om = exporter.render();
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| l.rsplit_once(' ').unwrap().0.to_owned())
+                .collect()
+        };
+        assert_eq!(samples(&om), samples(&text));
+    }
+
+    #[test]
+    fn conversion_drops_created_and_unit_lines() {
+        let om = "# HELP a_x A \\\"quoted\\\" help.\n# TYPE a_x counter\na_x_total 3\na_x_created 1.7e9\n# HELP b_seconds B.\n# TYPE b_seconds gauge\n# UNIT b_seconds seconds\nb_seconds 1\n# HELP c C.\n# TYPE c unknown\nc 2\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_x_total A \"quoted\" help.\n# TYPE a_x_total counter\na_x_total 3\n# HELP b_seconds B.\n# TYPE b_seconds gauge\nb_seconds 1\n# HELP c C.\n# TYPE c untyped\nc 2\n"
+        );
     }
 
     #[tokio::test]

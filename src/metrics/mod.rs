@@ -4,7 +4,7 @@
 //! the hub's delivery stats and the Redis broker's stats. Nothing on the fan-out path takes
 //! a lock; latencies go into [`histogram::DurationHistogram`], atomics too. A scrape reads
 //! them all through prometheus-client collectors ([`exposition`]), which write the
-//! OpenMetrics text. Labelled counters have a fixed set of labels, so the output (and
+//! Prometheus text format 0.0.4, or OpenMetrics for scrapers that ask for it. Labelled counters have a fixed set of labels, so the output (and
 //! memory) is bounded whatever clients send.
 
 pub mod exposition;
@@ -12,7 +12,7 @@ pub mod histogram;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use exposition::{Exporter, CONTENT_TYPE};
+pub use exposition::{Exporter, Format, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
 use histogram::DurationHistogram;
 
 /// Handshake results (label `result`).

@@ -1,171 +1,27 @@
-//! The HTTP surface (PROTOCOL §6): routing, health, the publish API, broadcast, ws-url,
-//! and the console's static files (src/console.rs).
+//! The service API (PROTOCOL §6): publish, presence and broadcast, each behind a service
+//! credential and the grant it carries.
 //!
-//! Every error before an upgrade is a JSON `{"error", "message"}` built by [`json_error`];
-//! internal errors are logged here and reported to clients without their details. The
-//! publish API checks and fills every event of a batch before the broker sees any of it,
-//! so a batch is all-or-nothing.
+//! The publish API checks and fills every event of a batch before the broker sees any of
+//! it, so a batch is all-or-nothing. A broadcast follows the global channel's routing
+//! (PROTOCOL §3): one that names a `project_id` goes to that project only and needs a grant
+//! for it; one without goes to every connection and needs a grant of `["*"]`. Bodies are
+//! bounded in bytes (`api.max_body_bytes`) and in time (`api.body_read_timeout_secs`).
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{header, HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 use switchboard_middleware::{Authentication, Claims};
 
+use super::{
+    invalid_project_id, json_error, json_response, retry_after, valid_project_id, Response,
+};
 use crate::app::App;
 use crate::broker::{Broker, BrokerError};
-use crate::config::Environment;
 use crate::event;
-
-pub type Response = http::Response<Full<Bytes>>;
-
-/// `[A-Za-z0-9_.-]{1,128}`, and not the reserved `user`, nor `.` or `..` (path segments,
-/// which a URL path would resolve away).
-pub fn valid_project_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && !matches!(id, "user" | "." | "..")
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
-pub fn json_response(status: StatusCode, value: &Value) -> Response {
-    let mut r = http::Response::new(Full::new(Bytes::from(value.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-/// The one error body shape, shared with the middleware layers.
-pub use switchboard_middleware::json_error;
-
-pub fn retry_after(mut r: Response, secs: u64) -> Response {
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    r
-}
-
-/// The innermost service: everything behind the middleware stack.
-pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response, Infallible> {
-    let path = req.uri().path().to_owned();
-    let method = req.method().clone();
-    let response = match (&method, path.as_str()) {
-        (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
-        (&Method::GET, "/readyz") => readyz(&app),
-        (&Method::GET, "/health/websocket") => health(&app),
-        (&Method::GET, "/metrics") => {
-            let mut r = http::Response::new(Full::new(Bytes::from(app.exporter.render())));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
-            );
-            r
-        }
-        (&Method::GET | &Method::HEAD, p)
-            if crate::console::is_console_path(p) && app.config.console_enabled() =>
-        {
-            crate::console::serve(p)
-        }
-        (&Method::GET, p) if p.starts_with("/ws/") => crate::handshake::handle(app, req).await,
-        (&Method::GET, p) if p.starts_with("/v1/ws-url/") => {
-            ws_url(&app, &p["/v1/ws-url/".len()..])
-        }
-        (&Method::POST, "/v1/broadcast") => broadcast(&app, req).await,
-        (&Method::GET, p) if p.starts_with("/v1/projects/") && p.ends_with("/presence") => {
-            let project = p["/v1/projects/".len()..p.len() - "/presence".len()].to_owned();
-            presence(&app, &project, &req).await
-        }
-        (&Method::POST, p) if p.starts_with("/v1/projects/") && p.ends_with("/events") => {
-            let project = p["/v1/projects/".len()..p.len() - "/events".len()].to_owned();
-            publish(&app, &project, req).await
-        }
-        (_, p)
-            if p == "/healthz"
-                || p == "/readyz"
-                || p == "/health/websocket"
-                || p == "/v1/broadcast"
-                || p.starts_with("/ws/")
-                || p.starts_with("/v1/")
-                || (crate::console::is_console_path(p) && app.config.console_enabled()) =>
-        {
-            json_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed here",
-            )
-        }
-        _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such route"),
-    };
-    Ok(response)
-}
-
-fn readyz(app: &App) -> Response {
-    if app.is_ready() {
-        json_response(StatusCode::OK, &json!({"status": "ready"}))
-    } else {
-        let why = if app.is_draining() {
-            "draining"
-        } else {
-            "broker_unavailable"
-        };
-        json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": why}))
-    }
-}
-
-fn health(app: &App) -> Response {
-    let status = if app.is_draining() {
-        "draining"
-    } else if !app.broker.is_up() {
-        "degraded"
-    } else {
-        "healthy"
-    };
-    let redis_connected =
-        matches!(app.broker, crate::broker::Broker::Redis(_)) && app.broker.is_up();
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "status": status,
-            "active_connections": app.hub.session_count(),
-            "projects": app.hub.project_count(),
-            "redis_connected": redis_connected,
-            "broker": app.broker.kind(),
-            "instance_id": app.instance_id,
-            "uptime_secs": app.started.elapsed().as_secs(),
-            "timestamp": event::now_rfc3339(),
-        }),
-    )
-}
-
-fn ws_url(app: &App, project: &str) -> Response {
-    if !valid_project_id(project) {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_project_id",
-            "project_id must match [A-Za-z0-9_.-]{1,128}",
-        );
-    }
-    let server = &app.config.server;
-    let url = match server.environment {
-        Environment::Production => format!("wss://{}/ws/{project}", server.domain),
-        Environment::Docker => format!(
-            "ws://{}:{}/ws/{project}",
-            server.backend_host,
-            app.backend_port()
-        ),
-        Environment::Development => format!("ws://localhost:{}/ws/{project}", app.backend_port()),
-    };
-    json_response(StatusCode::OK, &json!({"url": url}))
-}
 
 /// The service credential of an API call, or the response refusing it.
 #[allow(clippy::result_large_err)] // the error IS the response; it is built once per call
@@ -208,15 +64,33 @@ async fn read_json(app: &App, req: Request<Incoming>) -> Result<Value, Response>
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(_) => {
+    // Bounded in time as well as in bytes: a body trickled a byte at a time would otherwise
+    // hold this task (and a credential already checked) for as long as the client likes.
+    let wait = Duration::from_secs(app.config.api.body_read_timeout_secs);
+    let read = tokio::time::timeout(wait, Limited::new(req.into_body(), limit).collect());
+    let body = match read.await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Ok(Err(_)) => {
             return Err(json_error(
                 StatusCode::BAD_REQUEST,
                 "bad_body",
                 "could not read the request body",
             ))
+        }
+        Err(_) => {
+            let mut r = json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                &format!(
+                    "the request body did not arrive within {} s",
+                    wait.as_secs()
+                ),
+            );
+            // The rest of the body may still be coming: this connection cannot be reused.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Err(r);
         }
     };
     // A batch wraps its events in an array: one level more than an event may use.
@@ -282,13 +156,9 @@ fn invalid_event(index: usize, e: &event::EventError) -> Response {
     json_response(StatusCode::UNPROCESSABLE_ENTITY, &body)
 }
 
-async fn publish(app: &App, project: &str, req: Request<Incoming>) -> Response {
+pub(super) async fn publish(app: &App, project: &str, req: Request<Incoming>) -> Response {
     if !valid_project_id(project) {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_project_id",
-            "project_id must match [A-Za-z0-9_.-]{1,128}",
-        );
+        return invalid_project_id();
     }
     let claims = match service_claims(&req) {
         Ok(c) => c,
@@ -373,13 +243,9 @@ async fn publish(app: &App, project: &str, req: Request<Incoming>) -> Response {
 }
 
 /// Connected clients of a project across all instances (PROTOCOL §6).
-async fn presence(app: &App, project: &str, req: &Request<Incoming>) -> Response {
+pub(super) async fn presence(app: &App, project: &str, req: &Request<Incoming>) -> Response {
     if !valid_project_id(project) {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_project_id",
-            "project_id must match [A-Za-z0-9_.-]{1,128}",
-        );
+        return invalid_project_id();
     }
     let claims = match service_claims(req) {
         Ok(c) => c,
@@ -426,9 +292,15 @@ async fn presence(app: &App, project: &str, req: &Request<Incoming>) -> Response
     )
 }
 
-async fn broadcast(app: &App, req: Request<Incoming>) -> Response {
-    if let Err(r) = service_claims(&req) {
-        return r;
+/// `POST /v1/broadcast`: a global event (PROTOCOL §3 routing, §6).
+pub(super) async fn broadcast(app: &App, req: Request<Incoming>) -> Response {
+    let claims = match service_claims(&req) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    // A credential that could never broadcast anything is refused before its body is read.
+    if claims.projects.is_empty() {
+        return forbidden("your credential grants no project");
     }
     let body = match read_json(app, req).await {
         Ok(v) => v,
@@ -436,22 +308,40 @@ async fn broadcast(app: &App, req: Request<Incoming>) -> Response {
     };
     let arrived = Instant::now();
     let Value::Object(mut ev): Value = body else {
-        return invalid_event(0, &event::EventError::NotObject);
+        return refuse_broadcast(app, &event::EventError::NotObject);
     };
     let Some(Value::String(kind)) = ev.get("type") else {
-        return invalid_event(0, &event::EventError::MissingType);
+        return refuse_broadcast(app, &event::EventError::MissingType);
     };
     let kind = kind.clone();
-    ev.remove("project_id");
+    if ev.get("project_id").is_some_and(Value::is_null) {
+        ev.remove("project_id");
+    }
+    match ev.get("project_id") {
+        None if !claims.grants_all() => {
+            return forbidden(
+                "an event without project_id goes to every project: it needs a grant of [\"*\"]",
+            )
+        }
+        None => {}
+        Some(Value::String(p)) if !valid_project_id(p) => {
+            return refuse_broadcast(app, &event::EventError::BadProjectId)
+        }
+        Some(Value::String(p)) if !claims.grants(p) => {
+            return forbidden("your credential does not grant this project")
+        }
+        Some(Value::String(_)) => {}
+        Some(_) => return refuse_broadcast(app, &event::EventError::BadProjectId),
+    }
     let value = Value::Object(ev);
     if let Err(e) = app.config.event_policy().check_global_value(&kind, &value) {
-        return invalid_event(0, &e.into());
+        return refuse_broadcast(app, &e.into());
     }
     let Value::Object(mut ev) = value else {
-        return invalid_event(0, &event::EventError::NotObject);
+        return refuse_broadcast(app, &event::EventError::NotObject);
     };
-    ev.remove("seq");
-    if !ev.contains_key("timestamp") {
+    ev.remove("seq"); // only the publish path assigns seq
+    if !matches!(ev.get("timestamp"), Some(Value::String(_))) {
         ev.insert("timestamp".into(), Value::String(event::now_rfc3339()));
     }
     let bytes = serde_json::to_vec(&Value::Object(ev)).unwrap_or_default();
@@ -474,18 +364,11 @@ async fn broadcast(app: &App, req: Request<Incoming>) -> Response {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+fn refuse_broadcast(app: &App, e: &event::EventError) -> Response {
+    app.hub.metrics.rejected(e.reason());
+    invalid_event(0, e)
+}
 
-    #[test]
-    fn project_ids() {
-        assert!(valid_project_id("proj-1.a_B"));
-        assert!(!valid_project_id(""));
-        assert!(!valid_project_id("user"));
-        assert!(!valid_project_id("a/b"));
-        assert!(!valid_project_id("a b"));
-        assert!(!valid_project_id(&"a".repeat(129)));
-        assert!(valid_project_id(&"a".repeat(128)));
-    }
+fn forbidden(message: &str) -> Response {
+    json_error(StatusCode::FORBIDDEN, "forbidden", message)
 }
