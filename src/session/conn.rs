@@ -129,7 +129,9 @@ pub async fn run(
 /// How a connection's loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Exit {
-    /// Both close frames have crossed: the server closes the TCP connection now (§7.1.1).
+    /// Our close frame is out and nothing more from the client matters: both Close frames
+    /// have crossed, or the client sent a broken frame, after which its close reply could
+    /// not be recognised anyway. The server closes the TCP connection now (§7.1.1).
     Clean,
     /// EOF, a socket error, an abort, the close deadline, or no close reply in time.
     Dropped,
@@ -154,9 +156,13 @@ async fn serve(
         match session.outbox.drain() {
             Drained::Finished => {
                 // Our close frame is out. If the client's close is already in (it closed
-                // first, or its reply crossed ours), the exchange is complete: end now.
+                // first, or its reply crossed ours), the exchange is complete: end now; so
+                // too after a broken frame, when its reply could not be parsed anyway.
                 // Otherwise give it a moment to answer, reading (and dropping) whatever it
                 // still sends meanwhile (see CLOSE_LINGER for why unread bytes matter).
+                if reader.dead {
+                    return Exit::Clean;
+                }
                 if !reader.peer_closed {
                     let _ = Box::pin(tokio::time::timeout(
                         CLOSE_REPLY_WAIT,
@@ -455,13 +461,14 @@ impl Reader {
 
     /// How long the next frame with this opcode may be: a data frame only what is left of
     /// the message limit after the partial message (a frame that could never fit is refused
-    /// before it is buffered), a control frame 125 bytes (the parser enforces it).
+    /// before it is buffered). Control frames and unknown opcodes are the parser's to refuse
+    /// (1002) as soon as their header is in.
     fn room(&self, opcode: u8) -> usize {
         match opcode {
-            wire::OP_CONTINUATION | wire::OP_TEXT | 0x2 => self
+            wire::OP_CONTINUATION | wire::OP_TEXT | wire::OP_BINARY => self
                 .max
                 .saturating_sub(self.partial.as_ref().map_or(0, Vec::len)),
-            _ => 125,
+            _ => usize::MAX,
         }
     }
 

@@ -114,6 +114,8 @@ pub struct Peek {
 pub const OP_CONTINUATION: u8 = 0x0;
 /// Opcode of a text frame, for [`Peek::opcode`].
 pub const OP_TEXT: u8 = 0x1;
+/// Opcode of a binary frame, for [`Peek::opcode`].
+pub const OP_BINARY: u8 = 0x2;
 
 /// Longest frame header a client sends: 2 bytes, an 8-byte length, a 4-byte mask.
 pub const MAX_HEADER: usize = 14;
