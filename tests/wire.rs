@@ -137,7 +137,7 @@ async fn a_client_answering_heartbeat_pings_is_never_charged_for_its_pongs() {
     while std::time::Instant::now() < until {
         if std::time::Instant::now() >= next_text {
             c.send(&masked(0x1, b"ping")).await;
-            next_text += Duration::from_millis(1_500);
+            next_text += Duration::from_millis(2_000);
         }
         let wait = next_text
             .min(until)
