@@ -2,8 +2,8 @@
 //!
 //! Server frames are never masked, so the bytes of one frame are identical for every
 //! recipient: an event is framed once here and the same [`Bytes`] is shared by every
-//! outbound queue (DESIGN "Encode once, write many"). Only the reading direction goes
-//! through fastwebsockets; writing is a plain byte copy of these prebuilt frames.
+//! outbound queue (DESIGN "Encode once, write many"). Client frames are parsed in
+//! [`crate::session::wire`]; writing is a plain byte copy of these prebuilt frames.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -47,8 +47,19 @@ pub fn text(payload: &[u8]) -> Bytes {
     frame(OP_TEXT, payload)
 }
 
-/// A close frame with a status code and a short reason (truncated to fit 125 bytes).
+/// Whether `code` may appear in a Close frame on the wire (RFC 6455 §7.4): the codes the
+/// RFC and the IANA registry define for endpoints to send (1000-1003, 1007-1014), and the
+/// ranges for libraries and applications (3000-4999). 1004-1006 and 1015 are reserved
+/// (never sent), the rest of 0-2999 is unassigned, and 5000 and up does not exist.
+pub fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// A close frame with a status code and a short reason (truncated to fit 125 bytes). The
+/// gateway only ever sends valid codes: an invalid one (a bug) goes out as 1011.
 pub fn close(code: u16, reason: &str) -> Bytes {
+    debug_assert!(valid_close_code(code), "close code {code} is not sendable");
+    let code = if valid_close_code(code) { code } else { 1011 };
     let mut reason = reason;
     while reason.len() > 123 {
         let mut cut = 123;
@@ -63,9 +74,9 @@ pub fn close(code: u16, reason: &str) -> Bytes {
     frame(OP_CLOSE, &payload)
 }
 
-/// Echo of a client's close payload (RFC 6455 §5.5.1).
-pub fn close_raw(payload: &[u8]) -> Bytes {
-    frame(OP_CLOSE, &payload[..payload.len().min(125)])
+/// A close frame without a body: the answer to a client's empty close (RFC 6455 §5.5.1).
+pub fn close_empty() -> Bytes {
+    frame(OP_CLOSE, &[])
 }
 
 pub fn ping(payload: &[u8]) -> Bytes {
@@ -96,5 +107,39 @@ mod tests {
         assert_eq!(f[0], 0x88);
         assert_eq!(f[1] as usize, 125);
         assert_eq!(u16::from_be_bytes([f[2], f[3]]), 4500);
+    }
+
+    #[test]
+    fn close_codes_follow_rfc_6455_section_7_4() {
+        for ok in [
+            1000, 1001, 1002, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4999,
+        ] {
+            assert!(valid_close_code(ok), "{ok}");
+        }
+        for bad in [
+            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            assert!(!valid_close_code(bad), "{bad}");
+        }
+        // Every code the gateway itself uses is one it may send.
+        use crate::session::close_code::*;
+        for c in [
+            NORMAL,
+            GOING_AWAY,
+            PROTOCOL_ERROR,
+            UNSUPPORTED,
+            INVALID_PAYLOAD,
+            POLICY,
+            TOO_BIG,
+            INTERNAL,
+            RESTART,
+            UNAUTHENTICATED,
+            FORBIDDEN,
+            EXPIRED,
+            RATE_LIMITED,
+            SLOW_CONSUMER,
+        ] {
+            assert!(valid_close_code(c), "{c}");
+        }
     }
 }

@@ -223,6 +223,15 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     // Take hyper's upgrade handle ourselves: fastwebsockets still checks the request and
     // builds the 101, but its own upgrade future would wrap the socket in a reader with an
     // 8 KiB buffer that we would drop at once (see session/conn.rs).
+    if !valid_websocket_key(req.headers().get(header::SEC_WEBSOCKET_KEY)) {
+        // fastwebsockets only checks that the header is there (an empty one passed).
+        app.hub.metrics.handshake(Handshake::BadRequest);
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_upgrade",
+            "Sec-WebSocket-Key must be the base64 encoding of 16 bytes",
+        );
+    }
     let upgrade = hyper::upgrade::on(&mut req);
     let response = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok((response, _unused)) => response,
@@ -298,6 +307,18 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     });
     tokio::spawn(conn::task(app, session, upgrade, guard, resume));
     response
+}
+
+/// RFC 6455 §4.2.1: the key is the base64 encoding of 16 bytes, which is exactly 22
+/// base64 characters and `==` (the unused low bits of the last character are not checked).
+fn valid_websocket_key(key: Option<&http::HeaderValue>) -> bool {
+    let Some(key) = key else { return false };
+    match key.as_bytes() {
+        [chars @ .., b'=', b'='] if chars.len() == 22 => chars
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/'),
+        _ => false,
+    }
 }
 
 /// Completes an upgrade only to say why the connection cannot stay (4001/4003).

@@ -1,150 +1,25 @@
 //! Client frames at the byte level (RFC 6455 as PROTOCOL §4 relies on it): messages split
 //! over continuation frames are reassembled, the size limit applies to the whole message
 //! (1009), and frames a client must not send (unmasked) close the connection (1002).
-//! The gateway parses client frames itself, so these go over a raw socket.
+//! Every frame costs one unit of the per-connection message budget, control frames and
+//! fragments included, so floods of them end in 4029 like text floods (while a client
+//! answering our heartbeat pings is never charged for it). The gateway parses client
+//! frames itself, so these go over a raw socket.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
+use rawws::{frame, masked, Raw, Server};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-const T: Duration = Duration::from_secs(10);
-
-/// A masked client frame.
-fn frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    let mask_bit = if masked { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => f.push(mask_bit | n as u8),
-        n => {
-            f.push(mask_bit | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    if masked {
-        let mask = [7u8, 1, 9, 3];
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-    } else {
-        f.extend_from_slice(payload);
-    }
-    f
-}
-
-struct Raw {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-enum Server {
-    Text(String),
-    Close(u16),
-}
-
-impl Raw {
-    async fn connect(gw: &Gateway, project: &str) -> Raw {
-        let token = gw.token("wire", &[project]);
-        let mut s = TcpStream::connect(gw.addr()).await.unwrap();
-        let req = format!(
-            "GET /ws/{project}?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Raw { s, buf: Vec::new() };
-        loop {
-            if let Some(end) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&raw.buf[..end]).to_string();
-                assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-                raw.buf.drain(..end + 4);
-                break;
-            }
-            raw.fill().await;
-        }
-        raw
-    }
-
-    async fn fill(&mut self) {
-        let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout(T, self.s.read(&mut chunk))
-            .await
-            .expect("read timed out")
-            .unwrap();
-        assert!(n > 0, "connection closed without a close frame");
-        self.buf.extend_from_slice(&chunk[..n]);
-    }
-
-    /// Next server frame (server frames are unmasked; pings skipped).
-    async fn next(&mut self) -> Server {
-        loop {
-            if self.buf.len() >= 2 {
-                let (len, at) = match self.buf[1] & 0x7f {
-                    126 if self.buf.len() >= 4 => {
-                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
-                    }
-                    127 if self.buf.len() >= 10 => {
-                        let mut n = [0u8; 8];
-                        n.copy_from_slice(&self.buf[2..10]);
-                        (u64::from_be_bytes(n) as usize, 10)
-                    }
-                    126 | 127 => (usize::MAX, 0),
-                    n => (n as usize, 2),
-                };
-                if len != usize::MAX && self.buf.len() >= at + len {
-                    let opcode = self.buf[0] & 0x0f;
-                    let payload: Vec<u8> = self.buf[at..at + len].to_vec();
-                    self.buf.drain(..at + len);
-                    match opcode {
-                        0x1 => return Server::Text(String::from_utf8(payload).unwrap()),
-                        0x8 => return Server::Close(u16::from_be_bytes([payload[0], payload[1]])),
-                        _ => continue,
-                    }
-                }
-            }
-            self.fill().await;
-        }
-    }
-
-    async fn next_json(&mut self) -> Value {
-        loop {
-            match self.next().await {
-                Server::Text(t) => {
-                    let v: Value = serde_json::from_str(&t).unwrap_or(Value::String(t));
-                    if v["type"] == "status" || v["type"] == "system.heartbeat" {
-                        continue;
-                    }
-                    return v;
-                }
-                Server::Close(c) => panic!("closed with {c}"),
-            }
-        }
-    }
-
-    async fn expect_close(&mut self, code: u16) {
-        loop {
-            match self.next().await {
-                Server::Close(c) => {
-                    assert_eq!(c, code);
-                    return;
-                }
-                Server::Text(_) => continue,
-            }
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).await.unwrap();
-    }
-}
+mod rawws;
 
 #[tokio::test]
 async fn fragmented_message_is_reassembled_and_frames_may_straddle_reads() {
     let gw = GatewayOpts::new().embedded().start();
-    let mut c = Raw::connect(&gw, "w1").await;
-    assert_eq!(c.next_json().await["type"], "connection.established");
+    let mut c = Raw::open(&gw, "w1").await;
     // {"type":"ping"} in three fragments, with a WebSocket ping between them (allowed).
     let mut bytes = frame(false, 0x1, br#"{"type""#, true);
     bytes.extend(frame(false, 0x0, br#":"pi"#, true));
@@ -169,8 +44,7 @@ async fn the_size_limit_applies_to_the_whole_fragmented_message() {
         .embedded()
         .cfg("ws", "max_message_bytes", "1024")
         .start();
-    let mut c = Raw::connect(&gw, "w2").await;
-    assert_eq!(c.next_json().await["type"], "connection.established");
+    let mut c = Raw::open(&gw, "w2").await;
     let mut bytes = frame(false, 0x1, &[b' '; 600], true);
     bytes.extend(frame(true, 0x0, &[b' '; 600], true));
     c.send(&bytes).await;
@@ -180,12 +54,132 @@ async fn the_size_limit_applies_to_the_whole_fragmented_message() {
 #[tokio::test]
 async fn an_unmasked_client_frame_closes_with_1002_and_others_are_unaffected() {
     let gw = GatewayOpts::new().embedded().start();
-    let mut other = Raw::connect(&gw, "w3").await;
-    assert_eq!(other.next_json().await["type"], "connection.established");
-    let mut c = Raw::connect(&gw, "w3").await;
-    assert_eq!(c.next_json().await["type"], "connection.established");
+    let mut other = Raw::open(&gw, "w3").await;
+    let mut c = Raw::open(&gw, "w3").await;
     c.send(&frame(true, 0x1, b"ping", false)).await;
     c.expect_close(1002).await;
     other.send(&frame(true, 0x1, b"ping", true)).await;
     assert_eq!(other.next_json().await, Value::String("pong".into()));
+}
+
+/// Writes `frames` copies of `one` as fast as the socket takes them while reading what the
+/// server sends: the server's close code (None if it never closed) and how many pongs the
+/// flood got.
+async fn flood(c: &mut Raw, prefix: &[u8], one: &[u8], frames: usize) -> (Option<u16>, usize) {
+    let mut bytes = prefix.to_vec();
+    for _ in 0..frames {
+        bytes.extend_from_slice(one);
+    }
+    let Raw { r, w } = c;
+    let write = async {
+        use tokio::io::AsyncWriteExt;
+        // The server stops reading once it closed: a failed write is expected then.
+        for chunk in bytes.chunks(16 * 1024) {
+            if w.write_all(chunk).await.is_err() {
+                break;
+            }
+        }
+    };
+    let read = async {
+        let mut pongs = 0;
+        loop {
+            match r.next_any().await {
+                Some(Server::Pong(_)) => pongs += 1,
+                Some(Server::Close(body)) => return (Server::Close(body).close_code(), pongs),
+                Some(_) => {}
+                None => return (None, pongs),
+            }
+        }
+    };
+    let ((), outcome) = tokio::join!(write, read);
+    outcome
+}
+
+#[tokio::test]
+async fn ping_pong_and_continuation_floods_are_charged_and_closed_with_4029() {
+    let gw = GatewayOpts::new().embedded().start();
+    let budget = 100 + 50; // default burst, then the refusals that close
+                           // 20,000 pings: a bounded number of pongs, then 4029 (before: 20,000 pongs, no close).
+    let mut c = Raw::open(&gw, "flood").await;
+    let (code, pongs) = flood(&mut c, b"", &masked(0x9, b"hi"), 20_000).await;
+    assert_eq!(code, Some(4029), "ping flood");
+    assert!(pongs <= budget + 50, "{pongs} pongs for a ping flood");
+    // Unsolicited pongs.
+    let mut c = Raw::open(&gw, "flood").await;
+    let (code, _) = flood(&mut c, b"", &masked(0xA, b""), 20_000).await;
+    assert_eq!(code, Some(4029), "pong flood");
+    // Empty continuation frames inside a message that never ends.
+    let mut c = Raw::open(&gw, "flood").await;
+    let start = frame(false, 0x1, b"{", true);
+    let (code, _) = flood(&mut c, &start, &frame(false, 0x0, b"", true), 20_000).await;
+    assert_eq!(code, Some(4029), "empty continuation flood");
+    // Others are unaffected.
+    let mut other = Raw::open(&gw, "flood").await;
+    other.send(&masked(0x1, b"ping")).await;
+    assert_eq!(other.next_json().await, Value::String("pong".into()));
+}
+
+#[tokio::test]
+async fn a_client_answering_heartbeat_pings_is_never_charged_for_its_pongs() {
+    // A budget of one message a second, closing at the first refusal: a charged pong next
+    // to the client's own messages would close it at once.
+    let gw = GatewayOpts::new()
+        .embedded()
+        .heartbeat(1)
+        .cfg("ws", "client_messages_per_sec", "1")
+        .cfg("ws", "client_messages_burst", "1")
+        .cfg("ws", "rate_limit_close_after", "1")
+        .start();
+    let mut c = Raw::open(&gw, "beats").await;
+    let until = std::time::Instant::now() + Duration::from_millis(5_500);
+    let mut next_text = std::time::Instant::now();
+    let (mut answered, mut texts) = (0, 0);
+    while std::time::Instant::now() < until {
+        if std::time::Instant::now() >= next_text {
+            c.send(&masked(0x1, b"ping")).await;
+            next_text += Duration::from_millis(2_000);
+        }
+        let wait = next_text
+            .min(until)
+            .saturating_duration_since(std::time::Instant::now());
+        match tokio::time::timeout(wait, c.r.next_any()).await {
+            Err(_) => continue,
+            Ok(Some(Server::Ping(p))) => {
+                c.send(&masked(0xA, &p)).await;
+                answered += 1;
+            }
+            Ok(Some(Server::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap_or(Value::String(t));
+                assert_ne!(v["type"], "error", "{v}");
+                if v == Value::String("pong".into()) {
+                    texts += 1;
+                }
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(answered >= 3, "only {answered} heartbeat pings");
+    assert!(texts >= 3, "only {texts} text pongs");
+}
+
+#[tokio::test]
+async fn a_fragment_that_cannot_fit_the_message_is_refused_before_it_is_buffered() {
+    // The partial message plus the incomplete frame stay within ws.max_message_bytes (plus
+    // one header): 60,000 bytes held, then a continuation announcing 10,000 more is refused
+    // from its header, without waiting for (and buffering) its payload.
+    let gw = GatewayOpts::new().embedded().start();
+    let mut c = Raw::open(&gw, "partial").await;
+    c.send(&frame(false, 0x1, &[b' '; 60_000], true)).await;
+    let next = frame(true, 0x0, &[b' '; 10_000], true);
+    c.send(&next[..108]).await;
+    tokio::time::timeout(Duration::from_secs(3), c.expect_close(1009))
+        .await
+        .expect("no 1009 before the oversized fragment's payload arrived");
+    // A fragment that fits is still fine.
+    let mut c = Raw::open(&gw, "partial").await;
+    let mut bytes = frame(false, 0x1, br#"{"type":"#, true);
+    bytes.extend(frame(false, 0x0, &[b' '; 60_000], true));
+    bytes.extend(frame(true, 0x0, br#""ping"}"#, true));
+    c.send(&bytes).await;
+    assert_eq!(c.next_json().await["type"], "pong");
 }

@@ -65,7 +65,8 @@ impl ClientState {
     }
 
     /// Ok if the message may be processed; Err(true) if the connection must close (4029).
-    fn admit(&mut self) -> Result<(), bool> {
+    /// The connection's reader also charges control and continuation frames here.
+    pub fn admit(&mut self) -> Result<(), bool> {
         self.admit_n(1)
     }
 

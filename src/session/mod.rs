@@ -36,7 +36,9 @@ pub const CLOSE_DEADLINE: Duration = Duration::from_secs(3);
 pub mod close_code {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
     pub const UNSUPPORTED: u16 = 1003;
+    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
@@ -507,9 +509,18 @@ impl Session {
         )
     }
 
-    /// Answers a client's close frame with the same payload and ends.
+    /// Answers a client's Close frame and ends (RFC 6455 §5.5.1, §7.4): a valid code is
+    /// echoed (its reason dropped), an empty body gets an empty close, and an invalid Close
+    /// fails the connection with 1002 (1007 for a reason that is not UTF-8) instead of being
+    /// echoed, so the gateway never sends a code it may not send. No `connection.closed`
+    /// notice: the client has already said it is leaving.
     pub fn close_echo(&self, payload: &[u8]) -> bool {
-        self.finish(&[frame::close_raw(payload)], false)
+        let reply = match wire::close_request(payload) {
+            wire::CloseRequest::Empty => frame::close_empty(),
+            wire::CloseRequest::Code(code) => frame::close(code, ""),
+            wire::CloseRequest::Invalid(code, reason) => frame::close(code, reason),
+        };
+        self.finish(&[reply], false)
     }
 
     fn finish(&self, frames: &[Bytes], discard_pending: bool) -> bool {

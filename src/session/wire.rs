@@ -99,46 +99,105 @@ pub fn parse(buf: &[u8], max: usize) -> Result<Option<(ClientFrame, usize)>, Wir
     )))
 }
 
-/// How many bytes the frame starting at `buf` needs in total, when its header is complete.
-/// Lets the reader refuse an oversized frame before buffering it.
-pub fn declared_len(buf: &[u8]) -> Option<u64> {
-    if buf.len() < 2 {
-        return None;
-    }
-    match buf[1] & 0x7f {
-        126 if buf.len() >= 4 => Some(u16::from_be_bytes([buf[2], buf[3]]) as u64),
-        127 if buf.len() >= 10 => {
-            let mut n = [0u8; 8];
-            n.copy_from_slice(&buf[2..10]);
-            Some(u64::from_be_bytes(n))
+/// The header of the frame at the front of `buf`, once its length field is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peek {
+    /// The raw opcode (low 4 bits of the first byte).
+    pub opcode: u8,
+    /// The declared payload length.
+    pub len: u64,
+    /// Header (with the client's 4-byte mask) plus payload: what the whole frame occupies.
+    pub total: u64,
+}
+
+/// Opcode of a continuation frame, for [`Peek::opcode`].
+pub const OP_CONTINUATION: u8 = 0x0;
+/// Opcode of a text frame, for [`Peek::opcode`].
+pub const OP_TEXT: u8 = 0x1;
+/// Opcode of a binary frame, for [`Peek::opcode`].
+pub const OP_BINARY: u8 = 0x2;
+
+/// Longest frame header a client sends: 2 bytes, an 8-byte length, a 4-byte mask.
+pub const MAX_HEADER: usize = 14;
+
+/// Reads the header of the frame starting at `buf` without parsing it, so the reader can
+/// refuse an oversized frame (or one that would make the message oversized) before
+/// buffering it, and size its buffer for exactly this frame.
+pub fn peek(buf: &[u8]) -> Option<Peek> {
+    let (&b0, rest) = buf.split_first()?;
+    let (&b1, rest) = rest.split_first()?;
+    let (len, header) = match b1 & 0x7f {
+        126 => {
+            let n = rest.get(..2)?;
+            (u16::from_be_bytes([n[0], n[1]]) as u64, 4)
         }
-        126 | 127 => None,
-        n => Some(n as u64),
+        127 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(rest.get(..8)?);
+            (u64::from_be_bytes(n), 10)
+        }
+        n => (n as u64, 2),
+    };
+    Some(Peek {
+        opcode: b0 & 0x0f,
+        len,
+        total: len.saturating_add(header + 4),
+    })
+}
+
+/// What a client's Close frame asks for (RFC 6455 §5.5.1, §7.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseRequest {
+    /// No body: answered with an empty close.
+    Empty,
+    /// A valid code with a UTF-8 reason (or none): answered with the same code.
+    Code(u16),
+    /// An invalid Close frame: the connection fails with this code and reason (1002 for a
+    /// 1-byte body or a code that may not be sent, 1007 for a reason that is not UTF-8).
+    Invalid(u16, &'static str),
+}
+
+/// Checks a client's Close body. Never echo what fails here: an invalid code sent back
+/// would make the gateway itself violate §7.4.
+pub fn close_request(payload: &[u8]) -> CloseRequest {
+    let (code, reason) = match payload {
+        [] => return CloseRequest::Empty,
+        [_] => return CloseRequest::Invalid(1002, "close frame with a 1-byte body"),
+        [hi, lo, reason @ ..] => (u16::from_be_bytes([*hi, *lo]), reason),
+    };
+    if !crate::frame::valid_close_code(code) {
+        return CloseRequest::Invalid(1002, "invalid close code");
     }
+    if std::str::from_utf8(reason).is_err() {
+        return CloseRequest::Invalid(1007, "close reason is not UTF-8");
+    }
+    CloseRequest::Code(code)
+}
+
+/// A masked client frame, for unit tests here and in the connection's reader.
+#[cfg(test)]
+pub fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+    f
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-        let mask = [1u8, 2, 3, 4];
-        let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n < 65536 => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-        f
-    }
 
     #[test]
     fn parses_masked_text_of_every_length_encoding() {
@@ -184,5 +243,52 @@ mod tests {
         let (b, _) = parse(&bytes[used..], 100).unwrap().unwrap();
         assert!(!a.fin && b.fin);
         assert_eq!([a.payload, b.payload].concat(), b"hello");
+    }
+
+    #[test]
+    fn peek_reads_every_length_encoding() {
+        for (n, header) in [(5usize, 2u64), (300, 4), (70_000, 10)] {
+            let bytes = masked(0x0, false, &vec![b'x'; n]);
+            let p = peek(&bytes[..header as usize]).unwrap();
+            assert_eq!(p.opcode, OP_CONTINUATION);
+            assert_eq!(p.len, n as u64);
+            assert_eq!(p.total, bytes.len() as u64);
+            assert!(peek(&bytes[..header as usize - 1]).is_none());
+        }
+        // A hostile length does not overflow.
+        let mut huge = vec![0x81, 0xff];
+        huge.extend_from_slice(&u64::MAX.to_be_bytes());
+        assert_eq!(peek(&huge).unwrap().total, u64::MAX);
+    }
+
+    #[test]
+    fn close_bodies_are_checked_before_answering() {
+        assert_eq!(close_request(b""), CloseRequest::Empty);
+        assert!(matches!(
+            close_request(&[3]),
+            CloseRequest::Invalid(1002, _)
+        ));
+        assert_eq!(
+            close_request(&1000u16.to_be_bytes()),
+            CloseRequest::Code(1000)
+        );
+        let mut with_reason = 4999u16.to_be_bytes().to_vec();
+        with_reason.extend_from_slice("bye ✓".as_bytes());
+        assert_eq!(close_request(&with_reason), CloseRequest::Code(4999));
+        for bad in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
+            assert!(
+                matches!(
+                    close_request(&bad.to_be_bytes()),
+                    CloseRequest::Invalid(1002, _)
+                ),
+                "{bad}"
+            );
+        }
+        let mut not_utf8 = 1000u16.to_be_bytes().to_vec();
+        not_utf8.extend_from_slice(&[0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xf4, 0x90, 0x80, 0x80]);
+        assert!(matches!(
+            close_request(&not_utf8),
+            CloseRequest::Invalid(1007, _)
+        ));
     }
 }
