@@ -115,13 +115,17 @@ impl JwtVerifier {
         }
         // Read `alg` ourselves: jsonwebtoken's header type cannot even represent `none`, and
         // the key must be chosen by alg before anything else is trusted.
-        let verifier = match header_alg(token)?.as_str() {
+        let alg = header_alg(token)?;
+        let verifier = match alg.as_str() {
             "HS256" => self.hs256.as_ref(),
             "RS256" => self.rs256.as_ref(),
             "ES256" => self.es256.as_ref(),
             _ => None,
         }
         .ok_or(AuthError::AlgorithmNotAllowed)?;
+        if alg == "ES256" {
+            require_low_s(token)?;
+        }
 
         let data = jsonwebtoken::decode::<RawClaims>(token, &verifier.key, &verifier.validation)
             .map_err(|e| map_error(e.into_kind()))?;
@@ -146,6 +150,33 @@ impl JwtVerifier {
 pub(crate) fn shrunk(mut v: Vec<String>) -> Vec<String> {
     v.shrink_to_fit();
     v
+}
+
+/// Half the order of P-256, `floor(n / 2)`, big-endian.
+const P256_HALF_ORDER: [u8; 32] = [
+    0x7f, 0xff, 0xff, 0xff, 0x80, 0x00, 0x00, 0x00, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xde, 0x73, 0x7d, 0x56, 0xd3, 0x8b, 0xcf, 0x42, 0x79, 0xdc, 0xe5, 0x61, 0x7e, 0x31, 0x92, 0xa8,
+];
+
+/// ES256 signatures must be in low-S form (`S <= n/2`). For every valid signature `(R, S)`
+/// `(R, n - S)` verifies too, so accepting both lets anyone make a second, different token
+/// string out of a captured one (a replay that dodges a blocklist or cache keyed on the
+/// token). The JWS signature is `R || S`, 32 bytes each (RFC 7518 §3.4); any other length is
+/// malformed and refused here already.
+fn require_low_s(token: &str) -> Result<(), AuthError> {
+    let signature = token.rsplit('.').next().ok_or(AuthError::Malformed)?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| AuthError::Malformed)?;
+    let s = bytes
+        .get(32..64)
+        .filter(|_| bytes.len() == 64)
+        .ok_or(AuthError::InvalidSignature)?;
+    // Big-endian byte strings of equal length compare like the numbers they encode.
+    if s > &P256_HALF_ORDER[..] {
+        return Err(AuthError::InvalidSignature);
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -379,6 +410,56 @@ pub(crate) mod tests {
         let rsa = EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap();
         let token = sign(Algorithm::RS256, &rsa, &valid_claims());
         assert_eq!(v.verify(&token), Err(AuthError::AlgorithmNotAllowed));
+    }
+
+    /// `n - s` on 32-byte big-endian numbers, with n the order of P-256.
+    fn p256_negate(s: &[u8]) -> Vec<u8> {
+        const N: [u8; 32] = [
+            0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2,
+            0xfc, 0x63, 0x25, 0x51,
+        ];
+        let mut out = vec![0u8; 32];
+        let mut borrow = 0i16;
+        for i in (0..32).rev() {
+            let mut d = i16::from(N[i]) - i16::from(s[i]) - borrow;
+            borrow = 0;
+            if d < 0 {
+                d += 256;
+                borrow = 1;
+            }
+            out[i] = d as u8;
+        }
+        assert_eq!(borrow, 0);
+        out
+    }
+
+    #[test]
+    fn es256_high_s_is_refused() {
+        let v = verifier(JwtConfig {
+            public_key_pem: Some(EC_PUBLIC.to_vec()),
+            ..JwtConfig::default()
+        });
+        let key = EncodingKey::from_ec_pem(EC_PRIVATE).unwrap();
+        // Signatures are randomized: try several, so both forms come up as the original.
+        for _ in 0..8 {
+            let token = sign(Algorithm::ES256, &key, &valid_claims());
+            let (signed, sig) = token.rsplit_once('.').unwrap();
+            let sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
+            assert_eq!(sig.len(), 64);
+            let mut flipped = sig[..32].to_vec();
+            flipped.extend(p256_negate(&sig[32..]));
+            let flipped = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&flipped));
+            // Exactly one of (R, S) and (R, n - S) is low-S: it verifies, the other is refused.
+            let (low, high) = if sig[32..] <= P256_HALF_ORDER[..] {
+                (token, flipped)
+            } else {
+                (flipped, token)
+            };
+            assert_eq!(v.verify(&low).unwrap().sub, "user-1");
+            assert_eq!(v.verify(&high), Err(AuthError::InvalidSignature));
+            assert_eq!(AuthError::InvalidSignature.code(), "invalid_token");
+        }
     }
 
     #[test]
