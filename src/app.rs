@@ -108,9 +108,10 @@ impl App {
             None
         };
         let auth = Arc::new(Authenticator::new(jwt, broker.session_store()));
-        let limits = ConnectionLimits::new(
+        let limits = ConnectionLimits::keyed(
             config.server.max_connections,
             config.server.max_connections_per_ip,
+            config.server.ipv6_prefix_len,
         );
         Ok(Arc::new(Self {
             config,

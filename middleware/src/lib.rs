@@ -28,7 +28,7 @@ pub use auth::{
     Claims, CredentialKind, JwtConfig, JwtVerifier, MemorySessionStore, SessionId, SessionRecord,
     SessionStore,
 };
-pub use client_ip::{ClientIp, ClientIpLayer, ClientIpService, PeerAddr};
+pub use client_ip::{limit_key, ClientIp, ClientIpLayer, ClientIpService, PeerAddr};
 pub use rate_limit::{HandshakeLimiter, HandshakeRateLimitLayer, HandshakeRateLimitService};
 pub use request_id::{RequestId, RequestIdLayer, RequestIdService};
 
