@@ -506,3 +506,114 @@ async fn redis_sessions_by_cookie_and_query() {
     assert_eq!(c.next_json(T).await["type"], "connection.established");
     c.expect_closed_with(4004, Duration::from_secs(6)).await;
 }
+
+/// SETs `session:{id}` to `record` in the test's private Redis.
+async fn set_session(redis: &RedisServer, id: &str, record: Value) {
+    let mut con = redis.conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("session:{id}"))
+        .arg(record.to_string())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+}
+
+/// `cmdstat_get`'s `calls=` from INFO commandstats (0 before the first GET).
+async fn redis_get_calls(redis: &RedisServer) -> u64 {
+    let mut con = redis.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 10 item 4: a session store that does not answer (Redis frozen with SIGSTOP, so
+/// every GET times out) is not a logout. Before the upgrade: 503 + Retry-After; after the
+/// upgrade: `connection.closed` and close 1013 (try again later), never 4001.
+#[tokio::test]
+async fn session_store_outage_is_503_or_1013_never_4001() {
+    let redis = RedisServer::start();
+    let gw = GatewayOpts::new()
+        .redis(redis.url())
+        .cfg("redis", "command_timeout_ms", "300")
+        // The pub/sub liveness check would turn the broker "down" and answer 503 for every
+        // handshake: keep it quiet so the session lookup itself is what fails.
+        .cfg("redis", "pubsub_ping_interval_ms", "60000")
+        .start();
+    set_session(&redis, "s-1", json!({"user_id": "una", "projects": ["p1"]})).await;
+    let mut c = gw.ws("/ws/p1?session=s-1", &[]).await;
+    assert_eq!(c.next_json(T).await["type"], "connection.established");
+
+    redis.signal("STOP");
+    // A plain request to the handshake route: 503 with Retry-After, not 401.
+    let r = gw.get("/ws/p1?session=s-1").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    retry_after_ok(r.header("retry-after"));
+    assert_eq!(r.json()["error"], "auth_unavailable", "{}", r.text());
+    // Likewise by cookie, and on the HTTP API.
+    let r = gw.get_with("/ws/p1", &[("Cookie", "session=s-1")]).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let r = gw
+        .post(
+            "/v1/projects/p1/events",
+            &[
+                ("Cookie", "session=s-1"),
+                ("Content-Type", "application/json"),
+            ],
+            json!({"type": "project.updated"}).to_string().as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    retry_after_ok(r.header("retry-after"));
+    // An upgrade: it completes, then connection.closed and close 1013.
+    let mut c2 = gw.ws("/ws/p1?session=s-1", &[]).await;
+    let frames = c2.expect_closed_with(1013, T).await;
+    assert!(
+        frames.iter().all(|f| f["type"] != "connection.established"),
+        "{frames:?}"
+    );
+    let mut c3 = gw.ws("/ws/user", &[("Cookie", "session=s-1")]).await;
+    c3.expect_closed_with(1013, T).await;
+    // The connection that was already open is not logged out either.
+    redis.signal("CONT");
+    c.assert_alive().await;
+    // And once Redis answers again, the same session connects.
+    let mut c4 = gw.ws("/ws/p1?session=s-1", &[]).await;
+    assert_eq!(c4.next_json(T).await["type"], "connection.established");
+}
+
+/// Issue 10 item 4: routes that need no credential never look one up. `GET
+/// /healthz?session=x` cost a Redis GET, with no rate limit.
+#[tokio::test]
+async fn routes_without_credentials_do_no_session_lookup() {
+    let redis = RedisServer::start();
+    let gw = GatewayOpts::new().redis(redis.url()).start();
+    let before = redis_get_calls(&redis).await;
+    for path in [
+        "/healthz?session=x",
+        "/readyz?session=x",
+        "/health/websocket?session=x",
+        "/metrics?session=x",
+        "/console/?session=x",
+        "/v1/ws-url/p1?session=x",
+    ] {
+        for _ in 0..20 {
+            let r = gw.get(path).await;
+            assert!(r.status < 500, "{path}: {}", r.status);
+        }
+        let r = gw.get_with(path, &[("Cookie", "session=y")]).await;
+        assert!(r.status < 500, "{path}: {}", r.status);
+    }
+    let after = redis_get_calls(&redis).await;
+    assert_eq!(after, before, "session lookups for routes that need none");
+    // The measurement sees a lookup where one is needed.
+    let r = gw.get("/ws/p1?session=x").await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(redis_get_calls(&redis).await, before + 1);
+}
