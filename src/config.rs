@@ -593,6 +593,36 @@ mod tests {
     }
 
     #[test]
+    fn production_example_is_valid_and_sets_the_admin_listener() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/production.example.toml");
+        let env = |k: &str| (k == "SWITCHBOARD_JWT_SECRET").then(|| "x".repeat(32));
+        let c = Config::load_with(Some(&path), &env).unwrap();
+        assert_eq!(c.server.environment, Environment::Production);
+        assert_eq!(
+            c.admin_listen_addr().map(|a| a.unwrap()),
+            Some("10.0.0.5:9090".parse().unwrap())
+        );
+        assert_eq!(c.server.max_pending_per_ip, 256);
+    }
+
+    #[test]
+    fn admin_listen_and_ipv6_prefix_are_checked() {
+        assert!(load(&[]).unwrap().admin_listen_addr().is_none());
+        let c = load(&[("SWITCHBOARD_ADMIN_LISTEN", "127.0.0.1:0")]).unwrap();
+        assert!(c.admin_listen_addr().is_some_and(|a| a.is_ok()));
+        assert!(load(&[("SWITCHBOARD_ADMIN_LISTEN", "")])
+            .unwrap()
+            .admin_listen_addr()
+            .is_none());
+        assert!(load(&[("SWITCHBOARD_ADMIN_LISTEN", "not an address")]).is_err());
+        let mut c = Config::default();
+        c.server.ipv6_prefix_len = 0;
+        assert!(c.validate().is_err());
+        c.server.ipv6_prefix_len = 129;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
     fn shipped_default_toml_matches_built_in_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
         let file = Config::load_with(Some(&path), &|_: &str| None).unwrap();

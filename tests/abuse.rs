@@ -964,9 +964,9 @@ async fn silent_sockets(addr: SocketAddr, local: std::net::IpAddr, n: usize) -> 
     let mut alive = Vec::new();
     for mut s in open {
         let mut buf = [0u8; 1];
-        match tokio::time::timeout(Duration::from_millis(5), s.read(&mut buf)).await {
-            Err(_) => alive.push(s),
-            Ok(_) => {}
+        let read = tokio::time::timeout(Duration::from_millis(5), s.read(&mut buf)).await;
+        if read.is_err() {
+            alive.push(s);
         }
     }
     alive
