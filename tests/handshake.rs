@@ -617,3 +617,151 @@ async fn routes_without_credentials_do_no_session_lookup() {
     assert_eq!(r.status, 401, "{}", r.text());
     assert_eq!(redis_get_calls(&redis).await, before + 1);
 }
+
+/// Unpadded base64url (what JWS uses), for test input only.
+fn b64url_decode(s: &str) -> Vec<u8> {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in s.bytes() {
+        let v = A.iter().position(|&a| a == c).expect("base64url") as u32;
+        bits = (bits << 6) | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    out
+}
+
+/// `n - s` for a 32-byte big-endian `s`, with n the order of P-256.
+fn p256_negate(s: &[u8]) -> Vec<u8> {
+    const N: [u8; 32] = [
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63,
+        0x25, 0x51,
+    ];
+    let mut out = vec![0u8; 32];
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let mut d = i16::from(N[i]) - i16::from(s[i]) - borrow;
+        borrow = i16::from(d < 0);
+        if d < 0 {
+            d += 256;
+        }
+        out[i] = d as u8;
+    }
+    out
+}
+
+/// Issue 10: an ES256 signature `(R, S)` and its twin `(R, n - S)` both verify; only the
+/// low-S one (S <= n/2) is accepted, so a captured token cannot be re-encoded as a new one.
+#[tokio::test]
+async fn es256_high_s_twin_of_a_valid_token_is_refused() {
+    let gw = GatewayOpts::new()
+        .secret(None)
+        .env("SWITCHBOARD_JWT_PUBLIC_KEY_FILE", &fixture("ec_public.pem"))
+        .start();
+    let pem = std::fs::read(fixture("ec_private.pem")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap();
+    let t = asym_token(jsonwebtoken::Algorithm::ES256, &key, &["p1"]);
+    let (signed, sig) = t.rsplit_once('.').unwrap();
+    let sig = b64url_decode(sig);
+    assert_eq!(sig.len(), 64);
+    let mut twin = sig[..32].to_vec();
+    twin.extend(p256_negate(&sig[32..]));
+    let twin = format!("{signed}.{}", b64url(&twin));
+    // Which of the two is high-S depends on the random nonce: S > n/2 exactly when
+    // S > n - S.
+    let (low, high) = if sig[32..] < p256_negate(&sig[32..])[..] {
+        (t, twin)
+    } else {
+        (twin, t)
+    };
+    let (_c, est) = gw.connect("p1", &low).await;
+    assert_eq!(est["user_id"], "asym");
+    expect_upgrade_then_close(&gw, &format!("/ws/p1?token={high}"), &[], 4001).await;
+    let r = gw.get(&format!("/ws/p1?token={high}")).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"], "invalid_token");
+}
+
+/// Issue 10: one malformed X-Forwarded-For entry made the whole chain fall back to the
+/// proxy's address, so two clients behind it shared one per-IP quota. Now only that entry
+/// is skipped.
+#[tokio::test]
+async fn malformed_x_forwarded_for_entry_is_skipped_alone() {
+    let gw = GatewayOpts::new()
+        .cfg("server", "max_connections_per_ip", "1")
+        .cfg("server", "trusted_proxies", r#"["127.0.0.0/8"]"#)
+        .start();
+    let t = gw.token("xff", &["p1"]);
+    let path = format!("/ws/p1?token={t}");
+    let mut a = gw
+        .ws(&path, &[("X-Forwarded-For", "garbage, 198.51.100.7")])
+        .await;
+    assert_eq!(a.next_json(T).await["type"], "connection.established");
+    let mut b = gw
+        .ws(&path, &[("X-Forwarded-For", "198.51.100.8, not-an-ip")])
+        .await;
+    assert_eq!(b.next_json(T).await["type"], "connection.established");
+    // And the entry that was read is the client: its own second connection is refused.
+    expect_refused(&gw, &path, &[("X-Forwarded-For", "198.51.100.7, x")], 503).await;
+}
+
+/// Issue 10: IPv6 clients are keyed on their /64 (`server.ipv6_prefix_len`) for the
+/// handshake rate limit and the per-IP connection cap; with the full address one host had
+/// 2^64 quotas. (Forwarded through a trusted proxy: loopback has a single IPv6 address.)
+#[tokio::test]
+async fn ipv6_clients_share_their_64s_limits() {
+    let gw = GatewayOpts::new()
+        .cfg("server", "max_connections_per_ip", "1")
+        .cfg("server", "trusted_proxies", r#"["127.0.0.0/8"]"#)
+        .start();
+    let t = gw.token("v6", &["p1"]);
+    let path = format!("/ws/p1?token={t}");
+    let mut a = gw
+        .ws(&path, &[("X-Forwarded-For", "2001:db8:1:2::1")])
+        .await;
+    assert_eq!(a.next_json(T).await["type"], "connection.established");
+    let r = expect_refused(
+        &gw,
+        &path,
+        &[("X-Forwarded-For", "2001:db8:1:2:ffff::9")],
+        503,
+    )
+    .await;
+    assert_eq!(r.json()["error"], "too_many_connections");
+    let mut b = gw
+        .ws(&path, &[("X-Forwarded-For", "2001:db8:1:3::1")])
+        .await;
+    assert_eq!(b.next_json(T).await["type"], "connection.established");
+    drop(gw);
+
+    let gw = GatewayOpts::new()
+        .cfg("server", "handshake_rate_per_sec", "1")
+        .cfg("server", "handshake_burst", "1")
+        .cfg("server", "trusted_proxies", r#"["127.0.0.0/8"]"#)
+        .start();
+    let _a = gw.ws(&path, &[("X-Forwarded-For", "2001:db8:9::1")]).await;
+    expect_refused(&gw, &path, &[("X-Forwarded-For", "2001:db8:9::2")], 429).await;
+    drop(gw);
+
+    // Configurable: /128 keys on the full address again.
+    let gw = GatewayOpts::new()
+        .cfg("server", "max_connections_per_ip", "1")
+        .cfg("server", "ipv6_prefix_len", "128")
+        .cfg("server", "trusted_proxies", r#"["127.0.0.0/8"]"#)
+        .start();
+    let mut a = gw
+        .ws(&path, &[("X-Forwarded-For", "2001:db8:1:2::1")])
+        .await;
+    assert_eq!(a.next_json(T).await["type"], "connection.established");
+    let mut b = gw
+        .ws(&path, &[("X-Forwarded-For", "2001:db8:1:2::2")])
+        .await;
+    assert_eq!(b.next_json(T).await["type"], "connection.established");
+}
