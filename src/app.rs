@@ -101,6 +101,7 @@ impl App {
                     issuer: config.auth.issuer.clone(),
                     audience: config.auth.audience.clone(),
                     leeway_secs: config.auth.leeway_secs,
+                    es256_require_low_s: config.auth.es256_require_low_s,
                 })
                 .map_err(|e| AppError::Jwt(e.to_string()))?,
             )

@@ -117,6 +117,9 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     pub leeway_secs: u64,
     pub session_recheck_secs: u64,
+    // --- issue 10 (edge)
+    /// Refuse ES256 signatures in high-S form (default: normalise them to low-S).
+    pub es256_require_low_s: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -217,6 +220,7 @@ impl Default for AuthConfig {
             audience: None,
             leeway_secs: 0,
             session_recheck_secs: 30,
+            es256_require_low_s: false,
         }
     }
 }

@@ -657,36 +657,55 @@ fn p256_negate(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Issue 10: an ES256 signature `(R, S)` and its twin `(R, n - S)` both verify; only the
-/// low-S one (S <= n/2) is accepted, so a captured token cannot be re-encoded as a new one.
+/// Issue 10: an ES256 signature `(R, S)` and its twin `(R, n - S)` both verify. By default
+/// the twin is normalised (the same credential; genuine signers emit high-S half the time,
+/// so refusing would refuse them); with `auth.es256_require_low_s` the high-S form is
+/// refused: 4001 after the upgrade, 401 before it.
 #[tokio::test]
-async fn es256_high_s_twin_of_a_valid_token_is_refused() {
+async fn es256_high_s_twin_is_normalised_or_refused_when_required() {
+    let pem = std::fs::read(fixture("ec_private.pem")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap();
+    let pair = || {
+        let t = asym_token(jsonwebtoken::Algorithm::ES256, &key, &["p1"]);
+        let (signed, sig) = t.rsplit_once('.').unwrap();
+        let sig = b64url_decode(sig);
+        assert_eq!(sig.len(), 64);
+        let mut twin = sig[..32].to_vec();
+        twin.extend(p256_negate(&sig[32..]));
+        let twin = format!("{signed}.{}", b64url(&twin));
+        // S > n/2 exactly when S > n - S.
+        if sig[32..] < p256_negate(&sig[32..])[..] {
+            (t, twin)
+        } else {
+            (twin, t)
+        }
+    };
+
     let gw = GatewayOpts::new()
         .secret(None)
         .env("SWITCHBOARD_JWT_PUBLIC_KEY_FILE", &fixture("ec_public.pem"))
         .start();
-    let pem = std::fs::read(fixture("ec_private.pem")).unwrap();
-    let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap();
-    let t = asym_token(jsonwebtoken::Algorithm::ES256, &key, &["p1"]);
-    let (signed, sig) = t.rsplit_once('.').unwrap();
-    let sig = b64url_decode(sig);
-    assert_eq!(sig.len(), 64);
-    let mut twin = sig[..32].to_vec();
-    twin.extend(p256_negate(&sig[32..]));
-    let twin = format!("{signed}.{}", b64url(&twin));
-    // Which of the two is high-S depends on the random nonce: S > n/2 exactly when
-    // S > n - S.
-    let (low, high) = if sig[32..] < p256_negate(&sig[32..])[..] {
-        (t, twin)
-    } else {
-        (twin, t)
-    };
-    let (_c, est) = gw.connect("p1", &low).await;
-    assert_eq!(est["user_id"], "asym");
-    expect_upgrade_then_close(&gw, &format!("/ws/p1?token={high}"), &[], 4001).await;
-    let r = gw.get(&format!("/ws/p1?token={high}")).await;
-    assert_eq!(r.status, 401);
-    assert_eq!(r.json()["error"], "invalid_token");
+    let (low, high) = pair();
+    for t in [&low, &high] {
+        let (_c, est) = gw.connect("p1", t).await;
+        assert_eq!(est["user_id"], "asym");
+    }
+    drop(gw);
+
+    let gw = GatewayOpts::new()
+        .secret(None)
+        .env("SWITCHBOARD_JWT_PUBLIC_KEY_FILE", &fixture("ec_public.pem"))
+        .cfg("auth", "es256_require_low_s", "true")
+        .start();
+    for _ in 0..4 {
+        let (low, high) = pair();
+        let (_c, est) = gw.connect("p1", &low).await;
+        assert_eq!(est["user_id"], "asym");
+        expect_upgrade_then_close(&gw, &format!("/ws/p1?token={high}"), &[], 4001).await;
+        let r = gw.get(&format!("/ws/p1?token={high}")).await;
+        assert_eq!(r.status, 401);
+        assert_eq!(r.json()["error"], "invalid_token");
+    }
 }
 
 /// Issue 10: one malformed X-Forwarded-For entry made the whole chain fall back to the

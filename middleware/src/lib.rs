@@ -9,7 +9,8 @@
 //!   ClientIpLayer         client_ip.rs   PeerAddr + trusted proxies -> ClientIp
 //!     (gateway limits)                   connection limits, load shedding
 //!       HandshakeRateLimitLayer  rate_limit.rs  per-client-IP handshake quota -> 429
-//!         AuthLayer       auth/          JWT or session -> Authentication (never rejects)
+//!         AuthLayer       auth/          JWT or session -> Authentication (never rejects;
+//!                                        `only_for`: routes without credentials get Missing)
 //!           router
 //! ```
 //!
