@@ -12,6 +12,9 @@ var CloseCode = {
   TOO_BIG: 1009,
   INTERNAL_ERROR: 1011,
   RESTART: 1012,
+  /** The server could not check the credential right now (session store unreachable):
+   * not a denial, reconnect with backoff (PROTOCOL §2). */
+  TRY_AGAIN_LATER: 1013,
   /** Sent by this client when the server stayed silent for 2.5 heartbeats. */
   LIVENESS_TIMEOUT: 4e3,
   UNAUTHENTICATED: 4001,
@@ -34,6 +37,8 @@ function closeAction(code, hasGetToken) {
     case CloseCode.POLICY:
     case CloseCode.TOO_BIG:
       return { kind: "stop", reason: "protocol_error" };
+    case CloseCode.TRY_AGAIN_LATER:
+      return { kind: "reconnect", freshToken: hasGetToken };
     default:
       return { kind: "reconnect", freshToken: hasGetToken };
   }

@@ -102,6 +102,7 @@ impl App {
                     issuer: config.auth.issuer.clone(),
                     audience: config.auth.audience.clone(),
                     leeway_secs: config.auth.leeway_secs,
+                    es256_require_low_s: config.auth.es256_require_low_s,
                 })
                 .map_err(|e| AppError::Jwt(e.to_string()))?,
             )
@@ -109,9 +110,10 @@ impl App {
             None
         };
         let auth = Arc::new(Authenticator::new(jwt, broker.session_store()));
-        let limits = ConnectionLimits::new(
+        let limits = ConnectionLimits::keyed(
             config.server.max_connections,
             config.server.max_connections_per_ip,
+            config.server.ipv6_prefix_len,
         );
         Ok(Arc::new(Self {
             config,

@@ -84,6 +84,16 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     pub header_read_timeout_secs: u64,
     pub max_pending_connections: usize,
+    // --- issue 10 (edge): per-source share of the pending cap, IPv6 keying, admin port.
+    /// Of `max_pending_connections`, at most this many from one client key (IPv4 address,
+    /// or IPv6 prefix of `ipv6_prefix_len` bits). 0 = no per-source cap.
+    pub max_pending_per_ip: usize,
+    /// IPv6 clients are keyed on this many leading bits for every per-IP limit (handshake
+    /// rate, connection cap, pending cap): one host with a /64 is one client.
+    pub ipv6_prefix_len: u8,
+    /// Optional second listener (host:port) serving only /healthz, /readyz,
+    /// /health/websocket and /metrics, outside the public port's limits.
+    pub admin_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +117,9 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     pub leeway_secs: u64,
     pub session_recheck_secs: u64,
+    // --- issue 10 (edge)
+    /// Refuse ES256 signatures in high-S form (default: normalise them to low-S).
+    pub es256_require_low_s: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -186,6 +199,9 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 10,
             header_read_timeout_secs: 10,
             max_pending_connections: 2_000,
+            max_pending_per_ip: 256,
+            ipv6_prefix_len: 64,
+            admin_listen: None,
         }
     }
 }
@@ -213,6 +229,7 @@ impl Default for AuthConfig {
             audience: None,
             leeway_secs: 0,
             session_recheck_secs: 30,
+            es256_require_low_s: false,
         }
     }
 }
@@ -312,6 +329,9 @@ impl Config {
         if let Some(v) = env("SWITCHBOARD_LISTEN") {
             self.server.listen = v;
         }
+        if let Some(v) = env("SWITCHBOARD_ADMIN_LISTEN") {
+            self.server.admin_listen = Some(v).filter(|v| !v.trim().is_empty());
+        }
         if let Some(v) = env("REDIS_URL") {
             self.redis.url = Some(v);
         }
@@ -396,6 +416,16 @@ impl Config {
                     .into(),
             );
         }
+        // --- issue 10 (edge)
+        if !(1..=128).contains(&self.server.ipv6_prefix_len) {
+            return bad("server.ipv6_prefix_len must be between 1 and 128".into());
+        }
+        if self.admin_listen_addr().is_some_and(|a| a.is_err()) {
+            return bad(format!(
+                "server.admin_listen {:?} is not host:port",
+                self.server.admin_listen.as_deref().unwrap_or("")
+            ));
+        }
         if self.server.header_read_timeout_secs == 0 {
             return bad("server.header_read_timeout_secs must be at least 1".into());
         }
@@ -475,6 +505,12 @@ impl Config {
         listen.parse()
     }
 
+    /// `server.admin_listen` parsed; `None` when no admin listener is configured.
+    pub fn admin_listen_addr(&self) -> Option<Result<SocketAddr, std::net::AddrParseError>> {
+        let listen = self.server.admin_listen.as_deref()?;
+        Some(listen.replace("localhost", "127.0.0.1").parse())
+    }
+
     pub fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
         self.server
             .trusted_proxies
@@ -523,8 +559,34 @@ fn parse_cidr(s: &str) -> Option<ipnet::IpNet> {
         .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
-/// `redis://user:secret@host` becomes `redis://user:<redacted>@host`.
+/// `redis://user:secret@host` becomes `redis://user:<redacted>@host`, and a `pass=` or
+/// `password=` query parameter (how `unix://` URLs carry the password:
+/// `unix:///run/redis.sock?db=1&pass=secret`) becomes `pass=<redacted>`.
 pub fn redact_url_password(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = redact_userinfo(base);
+    if let Some(query) = query {
+        out.push('?');
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| {
+                let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+                if key.eq_ignore_ascii_case("pass") || key.eq_ignore_ascii_case("password") {
+                    format!("{key}=<redacted>")
+                } else {
+                    pair.to_owned()
+                }
+            })
+            .collect();
+        out.push_str(&pairs.join("&"));
+    }
+    out
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
@@ -553,6 +615,36 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::load_with(None, &move |k: &str| map.get(k).cloned())
+    }
+
+    #[test]
+    fn production_example_is_valid_and_sets_the_admin_listener() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/production.example.toml");
+        let env = |k: &str| (k == "SWITCHBOARD_JWT_SECRET").then(|| "x".repeat(32));
+        let c = Config::load_with(Some(&path), &env).unwrap();
+        assert_eq!(c.server.environment, Environment::Production);
+        assert_eq!(
+            c.admin_listen_addr().map(|a| a.unwrap()),
+            Some("10.0.0.5:9090".parse().unwrap())
+        );
+        assert_eq!(c.server.max_pending_per_ip, 256);
+    }
+
+    #[test]
+    fn admin_listen_and_ipv6_prefix_are_checked() {
+        assert!(load(&[]).unwrap().admin_listen_addr().is_none());
+        let c = load(&[("SWITCHBOARD_ADMIN_LISTEN", "127.0.0.1:0")]).unwrap();
+        assert!(c.admin_listen_addr().is_some_and(|a| a.is_ok()));
+        assert!(load(&[("SWITCHBOARD_ADMIN_LISTEN", "")])
+            .unwrap()
+            .admin_listen_addr()
+            .is_none());
+        assert!(load(&[("SWITCHBOARD_ADMIN_LISTEN", "not an address")]).is_err());
+        let mut c = Config::default();
+        c.server.ipv6_prefix_len = 0;
+        assert!(c.validate().is_err());
+        c.server.ipv6_prefix_len = 129;
+        assert!(c.validate().is_err());
     }
 
     #[test]
@@ -605,6 +697,14 @@ mod tests {
             "redis://u:<redacted>@h"
         );
         assert_eq!(redact_url_password("redis://h:1"), "redis://h:1");
+        assert_eq!(
+            redact_url_password("unix:///tmp/r.sock?db=1&pass=s3cret&user=u"),
+            "unix:///tmp/r.sock?db=1&pass=<redacted>&user=u"
+        );
+        assert_eq!(
+            redact_url_password("redis://u:p@h/0?password=x"),
+            "redis://u:<redacted>@h/0?password=<redacted>"
+        );
         let c = load(&[
             ("REDIS_URL", "redis://:hunter2@127.0.0.1:1"),
             ("SWITCHBOARD_JWT_SECRET", "topsecret"),

@@ -70,6 +70,11 @@ fn resume_request(uri: &http::Uri) -> Result<Option<ResumeRequest>, &'static str
     Ok(last_seq.map(|last_seq| ResumeRequest { last_seq, epoch }))
 }
 
+/// Close code 1013 (try again later): the credential could not be checked because the
+/// session store is unreachable. Not a denial (PROTOCOL §2): 503 + Retry-After before the
+/// upgrade, close 1013 after it, and clients retry with backoff. (Issue 10 item 4.)
+const TRY_AGAIN_LATER: u16 = 1013;
+
 /// What the credential allows on this endpoint.
 enum Grant {
     Ok(Arc<Claims>, Vec<String>),
@@ -86,6 +91,9 @@ fn grant(auth: &Authentication, scope: &Scope, max_projects: usize) -> Grant {
             "missing_credentials",
             "a token or session is required",
         ),
+        Authentication::Invalid(e) if e.is_unavailable() => {
+            Grant::Refused(TRY_AGAIN_LATER, e.code(), e.client_message())
+        }
         Authentication::Invalid(e) => {
             Grant::Refused(close_code::UNAUTHENTICATED, e.code(), e.client_message())
         }
@@ -180,6 +188,10 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
             Grant::Refused(close_code::FORBIDDEN, code, message) => {
                 json_error(StatusCode::FORBIDDEN, code, message)
             }
+            Grant::Refused(TRY_AGAIN_LATER, code, message) => retry_after(
+                json_error(StatusCode::SERVICE_UNAVAILABLE, code, message),
+                2,
+            ),
             Grant::Refused(_, code, message) => json_error(StatusCode::UNAUTHORIZED, code, message),
         };
     }
@@ -243,6 +255,8 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         Grant::Refused(code, reason, _) => {
             app.hub.metrics.handshake(if code == close_code::FORBIDDEN {
                 Handshake::Forbidden
+            } else if code == TRY_AGAIN_LATER {
+                Handshake::BrokerUnavailable
             } else {
                 Handshake::Unauthenticated
             });

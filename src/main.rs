@@ -186,10 +186,16 @@ fn serve(mut config: Config) -> anyhow::Result<()> {
     let result = runtime.block_on(async move {
         let app = App::build(config.clone())?;
         let (listener, addr) = server::bind(&app).await?;
+        let admin = server::bind_admin(&app).await?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "switchboard listening on {addr}")?;
+        if let Some((_, admin_addr)) = &admin {
+            writeln!(out, "admin listening on {admin_addr}")?;
+        }
         let mut ready_line = false;
-        if generated || config.server.environment == switchboard::config::Environment::Development {
+        // Only a secret generated just now: a token signed with a configured secret would
+        // be a 24-hour credential for the real deployment, printed to whoever reads stdout.
+        if generated {
             if let Ok(token) = cli::token(&config, "dev-user", &["demo".to_owned()], 86_400, false) {
                 writeln!(out, "ready: ws://{addr}/ws/demo?token={token}")?;
                 ready_line = true;
@@ -207,7 +213,11 @@ fn serve(mut config: Config) -> anyhow::Result<()> {
         out.flush()?;
         drop(out);
         tracing::info!(%addr, instance_id = %app.instance_id, broker = app.broker.kind(), "switchboard started");
+        let admin = admin.map(|(l, _)| tokio::spawn(server::serve_admin(app.clone(), l)));
         server::serve(app, listener, shutdown_signal()).await;
+        if let Some(admin) = admin {
+            admin.abort();
+        }
         Ok::<(), anyhow::Error>(())
     });
     // Background tasks (pub/sub manager, linger timers) must not hold up the exit.

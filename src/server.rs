@@ -6,7 +6,9 @@
 //!   └► RequestId + tracing span (path only: `?token=` is never logged)
 //!      └► ClientIp (X-Forwarded-For/Forwarded only from server.trusted_proxies)
 //!         └► HandshakeRateLimit (per client IP, /ws/ only: 429 + Retry-After)
-//!            └► Auth (JWT or session → `Authentication` in request extensions)
+//!            └► Auth, only where credentials are needed (/ws/…, /v1/… but /v1/ws-url/):
+//!               JWT or session → `Authentication` in request extensions; other routes get
+//!               `Missing` without a Redis round trip
 //!               └► routes::route (HTTP API, or handshake::handle for /ws/…)
 //! ```
 //!
@@ -14,8 +16,16 @@
 //! slowloris clients that never finish their headers are closed after
 //! `server.header_read_timeout_secs` (idle keep-alive connections likewise), a request head
 //! may hold at most [`MAX_HEADER_BYTES`], and at most `server.max_pending_connections` such
-//! connections exist at once (beyond, new ones are closed at accept). Upgraded connections
-//! are counted by [`crate::limits`] instead.
+//! connections exist at once, of which at most `server.max_pending_per_ip` from one TCP peer
+//! (IPv6: one prefix of `server.ipv6_prefix_len` bits), so one source opening silent sockets
+//! cannot take every slot (beyond, new ones are closed at accept). Peers in
+//! `server.trusted_proxies` are exempt from the per-source share (every client behind the
+//! proxy shares its address) but not from the total. Upgraded connections are counted by
+//! [`crate::limits`] instead.
+//!
+//! `server.admin_listen` adds a second listener ([`serve_admin`]) that serves only the
+//! probes and the scrape (/healthz, /readyz, /health/websocket, /metrics): none of the
+//! public port's limits or layers, so probes answer while the public port is saturated.
 //!
 //! Shutdown (PROTOCOL §5): mark draining (readyz 503, upgrades 503; the listener keeps
 //! answering meanwhile); every session flushes its queue, then gets `container.reconnect`
@@ -43,6 +53,7 @@ use tower::ServiceBuilder;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::app::App;
+use crate::limits::{ConnectionGuard, ConnectionLimits, LimitError};
 use crate::routes;
 
 /// Largest request head (request line and headers). Four times nginx's default header
@@ -59,6 +70,28 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 fn is_handshake(uri: &http::Uri) -> bool {
     uri.path().starts_with("/ws/")
+}
+
+/// Routes that read a credential: the handshakes and the HTTP API (but the public
+/// `/v1/ws-url/`). Everything else (health, readiness, metrics, console files) is answered
+/// without one, so a `?session=` there must not cost a Redis GET. Unknown paths are
+/// skipped too and see `Authentication::Missing`: a new route that forgets to be listed
+/// here refuses, it never authorizes.
+fn needs_credentials(uri: &http::Uri) -> bool {
+    let path = uri.path();
+    path.starts_with("/ws/") || (path.starts_with("/v1/") && !path.starts_with("/v1/ws-url/"))
+}
+
+/// Concurrent connections the admin listener serves (its own bound, separate from the
+/// public port's: probes and scrapers are a handful of clients).
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// The only paths the admin listener serves.
+fn is_admin_path(path: &str) -> bool {
+    matches!(
+        path,
+        "/healthz" | "/readyz" | "/health/websocket" | "/metrics"
+    )
 }
 
 /// Plain HTTP connections still being served (an upgraded one leaves as soon as its
@@ -96,7 +129,8 @@ pub async fn serve(
         app.config.server.handshake_rate_per_sec,
         app.config.server.handshake_burst,
         is_handshake,
-    );
+    )
+    .with_ipv6_prefix(app.config.server.ipv6_prefix_len);
     let limiter = rate_limit.limiter();
     // governor's keyed map grows with every IP seen: trim it periodically.
     let trim = tokio::spawn(async move {
@@ -116,14 +150,12 @@ pub async fn serve(
         .layer(RequestIdLayer::new())
         .layer(ClientIpLayer::new(app.config.trusted_proxies()))
         .layer(rate_limit)
-        .layer(AuthLayer::new(app.auth.clone()))
+        .layer(AuthLayer::new(app.auth.clone()).only_for(needs_credentials))
         .service_fn(move |req: http::Request<Incoming>| routes::route(route_app.clone(), req));
 
     let header_timeout = Duration::from_secs(app.config.server.header_read_timeout_secs);
-    let pending = match app.config.server.max_pending_connections {
-        0 => None,
-        n => Some(Arc::new(Semaphore::new(n))),
-    };
+    let pending = pending_limits(&app);
+    let trusted_proxies = app.config.trusted_proxies();
     let mut refused = Refusals::default();
 
     let (close_http, http_closing) = watch::channel(false);
@@ -149,17 +181,14 @@ pub async fn serve(
                 }
             },
         };
-        let permit = match &pending {
-            None => None,
-            Some(slots) => match slots.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    // Closing at once costs the attacker a reconnect and us nothing.
-                    drop(stream);
-                    refused.note(peer);
-                    continue;
-                }
-            },
+        let permit = match pending.acquire(&trusted_proxies, peer) {
+            Ok(permit) => permit,
+            Err(why) => {
+                // Closing at once costs the attacker a reconnect and us nothing.
+                drop(stream);
+                refused.note(peer, why);
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let svc = ServiceBuilder::new()
@@ -220,8 +249,52 @@ pub async fn serve(
     heartbeat.abort();
 }
 
-/// Connections closed at accept because `server.max_pending_connections` were open;
-/// logged at most once per [`REFUSAL_LOG_EVERY`], with the count since the last line.
+/// The pending-connection caps: the total and each source's share (`None`: neither).
+struct PendingLimits(Option<Arc<ConnectionLimits>>);
+
+fn pending_limits(app: &App) -> PendingLimits {
+    let server = &app.config.server;
+    let total = match server.max_pending_connections {
+        0 => usize::MAX,
+        n => n,
+    };
+    let per_ip = match server.max_pending_per_ip {
+        0 => usize::MAX,
+        n => n.min(total),
+    };
+    if total == usize::MAX && per_ip == usize::MAX {
+        return PendingLimits(None);
+    }
+    PendingLimits(Some(ConnectionLimits::keyed(
+        total,
+        per_ip,
+        server.ipv6_prefix_len,
+    )))
+}
+
+impl PendingLimits {
+    /// A slot for a connection from `peer`, or why not. A trusted proxy counts in the total
+    /// only: every client behind it shares its address, so the per-source share would cap
+    /// them all at once (the proxy limits its own clients).
+    fn acquire(
+        &self,
+        trusted: &[ipnet::IpNet],
+        peer: SocketAddr,
+    ) -> Result<Option<ConnectionGuard>, LimitError> {
+        let Some(limits) = &self.0 else {
+            return Ok(None);
+        };
+        let ip = peer.ip().to_canonical();
+        if trusted.iter().any(|net| net.contains(&ip)) {
+            limits.acquire_total_only().map(Some)
+        } else {
+            limits.acquire(ip).map(Some)
+        }
+    }
+}
+
+/// Connections closed at accept because of the pending caps; logged at most once per
+/// [`REFUSAL_LOG_EVERY`], with the count since the last line.
 #[derive(Default)]
 struct Refusals {
     since_log: u64,
@@ -229,7 +302,7 @@ struct Refusals {
 }
 
 impl Refusals {
-    fn note(&mut self, peer: SocketAddr) {
+    fn note(&mut self, peer: SocketAddr, why: LimitError) {
         self.since_log += 1;
         let now = Instant::now();
         if self
@@ -238,9 +311,14 @@ impl Refusals {
         {
             return;
         }
+        let cap = match why {
+            LimitError::Global => "server.max_pending_connections",
+            LimitError::PerIp => "server.max_pending_per_ip",
+        };
         tracing::warn!(
             refused = self.since_log,
             last_peer = %peer,
+            cap,
             "pending HTTP connection cap reached: closing new connections at accept"
         );
         self.since_log = 0;
@@ -304,4 +382,108 @@ pub async fn bind(app: &App) -> std::io::Result<(TcpListener, SocketAddr)> {
     let local = listener.local_addr()?;
     app.set_listen_port(local.port());
     Ok((listener, local))
+}
+
+/// Binds `server.admin_listen`, if configured.
+pub async fn bind_admin(app: &App) -> std::io::Result<Option<(TcpListener, SocketAddr)>> {
+    let Some(addr) = app.config.admin_listen_addr() else {
+        return Ok(None);
+    };
+    let addr = addr.map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok(Some((listener, local)))
+}
+
+/// The admin listener: /healthz, /readyz, /health/websocket and /metrics, nothing else
+/// (404), with none of the public port's layers or caps but its own small connection bound
+/// and the same header timeout and size. Runs until its task is aborted; while the gateway
+/// drains it keeps answering (/readyz says 503).
+pub async fn serve_admin(app: Arc<App>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let header_timeout = Duration::from_secs(app.config.server.header_read_timeout_secs);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "admin listener at its connection bound");
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                admin_route(app.clone(), req)
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_header_size(MAX_HEADER_BYTES)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "admin connection error");
+            }
+        });
+    }
+}
+
+async fn admin_route(
+    app: Arc<App>,
+    req: http::Request<Incoming>,
+) -> Result<routes::Response, std::convert::Infallible> {
+    if req.method() == http::Method::GET && is_admin_path(req.uri().path()) {
+        routes::route(app, req).await
+    } else {
+        Ok(routes::json_error(
+            http::StatusCode::NOT_FOUND,
+            "not_found",
+            "the admin listener serves /healthz, /readyz, /health/websocket and /metrics only",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_read_only_where_needed() {
+        let needs = |p: &str| needs_credentials(&p.parse().unwrap());
+        for p in [
+            "/ws/demo",
+            "/ws/user",
+            "/v1/broadcast",
+            "/v1/projects/p/events",
+        ] {
+            assert!(needs(p), "{p}");
+        }
+        for p in [
+            "/healthz",
+            "/readyz",
+            "/health/websocket",
+            "/metrics",
+            "/console/",
+            "/console/app.js",
+            "/v1/ws-url/demo",
+            "/",
+        ] {
+            assert!(!needs(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn admin_paths() {
+        for p in ["/healthz", "/readyz", "/health/websocket", "/metrics"] {
+            assert!(is_admin_path(p));
+        }
+        for p in ["/ws/demo", "/v1/broadcast", "/console/", "/healthz/", "/"] {
+            assert!(!is_admin_path(p));
+        }
+    }
 }

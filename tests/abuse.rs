@@ -944,3 +944,155 @@ async fn gateway_under_attack_keeps_serving_and_stays_within_its_memory_bound() 
         .await;
     assert_eq!(c.next_json(T).await["type"], "connection.established");
 }
+
+// ---------------------------------------------------------------------------------------
+// one source and the pending cap (issue 10 item 5)
+
+/// Opens up to `n` TCP connections from `local` that never send a byte; returns those the
+/// gateway had not closed after a moment (the ones that hold a pending slot).
+async fn silent_sockets(addr: SocketAddr, local: std::net::IpAddr, n: usize) -> Vec<TcpStream> {
+    let mut open = Vec::new();
+    for _ in 0..n {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(local, 0)).unwrap();
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), sock.connect(addr)).await {
+            open.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Those closed at accept read EOF (or a reset) at once.
+    let mut alive = Vec::new();
+    for mut s in open {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(5), s.read(&mut buf)).await;
+        if read.is_err() {
+            alive.push(s);
+        }
+    }
+    alive
+}
+
+/// The repro: one IP opens silent sockets up to the global pending cap. Before the fix every
+/// other client's handshake, /healthz and /readyz were closed at accept for up to
+/// `header_read_timeout_secs`. Now that IP gets its share only and 127.0.0.1 is served.
+#[tokio::test]
+async fn one_source_cannot_take_every_pending_slot() {
+    let gw = GatewayOpts::new()
+        .cfg("server", "max_pending_connections", "120")
+        .cfg("server", "max_pending_per_ip", "30")
+        .cfg("server", "header_read_timeout_secs", "10")
+        .start();
+    let addr = gw.addr();
+    let attacker: std::net::IpAddr = [127, 0, 0, 2].into();
+    let held = silent_sockets(addr, attacker, 120).await;
+    assert!(
+        held.len() <= 30,
+        "one source holds {} pending slots, its share is 30",
+        held.len()
+    );
+    // Another IP is answered at once: probes, and a handshake.
+    for path in ["/healthz", "/readyz"] {
+        let start = Instant::now();
+        let r = http_request(addr, "GET", path, &[], None).await;
+        let r = r.unwrap_or_else(|e| panic!("{path} from 127.0.0.1 failed: {e}\n{}", gw.logs()));
+        assert_eq!(r.status, 200, "{path}");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{path} took {:?}",
+            start.elapsed()
+        );
+    }
+    let t = gw.token("u", &["p1"]);
+    let start = Instant::now();
+    let mut c = gw.ws(&format!("/ws/p1?token={t}"), &[]).await;
+    assert_eq!(c.next_json(T).await["type"], "connection.established");
+    assert!(start.elapsed() < Duration::from_secs(1));
+    // A third source gets its own share too.
+    let other = silent_sockets(addr, [127, 0, 0, 3].into(), 10).await;
+    assert_eq!(other.len(), 10, "a second source was refused");
+    assert!(
+        gw.logs().contains("server.max_pending_per_ip"),
+        "{}",
+        gw.logs()
+    );
+    drop(held);
+}
+
+fn admin_addr(gw: &Gateway) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let logs = gw.logs();
+        if let Some(addr) = logs
+            .lines()
+            .find_map(|l| l.split("admin listening on ").nth(1))
+            .and_then(|a| a.trim().parse().ok())
+        {
+            return addr;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no admin listening line:\n{logs}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `server.admin_listen` (here through SWITCHBOARD_ADMIN_LISTEN): the four probe and scrape
+/// routes answer on their own port while the public one is saturated, and nothing else is
+/// served there.
+#[tokio::test]
+async fn admin_listener_serves_probes_while_the_public_port_is_saturated() {
+    let gw = GatewayOpts::new()
+        .env("SWITCHBOARD_ADMIN_LISTEN", "127.0.0.1:0")
+        .cfg("server", "max_pending_connections", "40")
+        .cfg("server", "max_pending_per_ip", "10")
+        .cfg("server", "header_read_timeout_secs", "10")
+        .start();
+    let addr = gw.addr();
+    let admin = admin_addr(&gw);
+    assert_ne!(admin.port(), addr.port());
+    // Four sources fill the public port's 40 pending slots.
+    let mut held = Vec::new();
+    for last in 2..6u8 {
+        held.extend(silent_sockets(addr, [127, 0, 0, last].into(), 10).await);
+    }
+    assert_eq!(held.len(), 40);
+    let public = http_request(addr, "GET", "/healthz", &[], None).await;
+    assert!(
+        public.is_err(),
+        "the public port should be saturated, answered {:?}",
+        public.map(|r| r.status)
+    );
+    for path in ["/healthz", "/readyz", "/health/websocket", "/metrics"] {
+        let start = Instant::now();
+        let r = http_request(admin, "GET", path, &[], None)
+            .await
+            .unwrap_or_else(|e| panic!("admin {path}: {e}"));
+        assert_eq!(r.status, 200, "admin {path}: {}", r.text());
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+    // Only those: no WebSockets, no API, no console on the admin port.
+    let t = gw.token("u", &["p1"]);
+    for path in [
+        format!("/ws/p1?token={t}"),
+        "/v1/ws-url/p1".to_owned(),
+        "/console/".to_owned(),
+    ] {
+        let r = http_request(admin, "GET", &path, &[], None).await.unwrap();
+        assert_eq!(r.status, 404, "admin {path}");
+    }
+    let svc = gw.service_token();
+    let r = http_request(
+        admin,
+        "POST",
+        "/v1/broadcast",
+        &[("Authorization", &format!("Bearer {svc}"))],
+        Some(br#"{"type":"project.updated"}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 404);
+    let upgrade = ws_connect(admin, &format!("/ws/p1?token={t}"), &[], None).await;
+    assert_eq!(upgrade.err().map(|r| r.status), Some(404));
+    drop(held);
+}

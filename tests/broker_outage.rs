@@ -257,3 +257,49 @@ async fn silently_dead_pubsub_connection_is_detected() {
     }
     c.assert_alive().await;
 }
+
+/// Issue 10 item 4: a session recheck whose MGET times out (Redis frozen with SIGSTOP, so
+/// connections stay open and nothing answers) closes nobody as revoked; once Redis answers
+/// again the recheck goes on, and a session deleted then still ends its connection (4001).
+#[tokio::test]
+async fn session_recheck_against_a_frozen_redis_closes_nobody() {
+    let redis = RedisServer::start();
+    let gw = GatewayOpts::new()
+        .redis(redis.url())
+        .cfg("auth", "session_recheck_secs", "1")
+        .cfg("redis", "command_timeout_ms", "300")
+        .start();
+    let mut con = redis.conn().await;
+    let record = json!({"user_id": "una", "projects": ["p1"]}).to_string();
+    let _: () = redis::cmd("SET")
+        .arg("session:s-frozen")
+        .arg(&record)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut c = gw.ws("/ws/p1?session=s-frozen", &[]).await;
+    assert_eq!(c.next_json(T).await["type"], "connection.established");
+
+    redis.signal("STOP");
+    // Several rechecks time out meanwhile.
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    c.assert_alive().await;
+    assert!(
+        gw.logs().contains("session recheck cannot reach Redis"),
+        "no recheck ran during the freeze:\n{}",
+        gw.logs()
+    );
+    assert!(!gw.logs().contains("session revoked"), "{}", gw.logs());
+    redis.signal("CONT");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    c.assert_alive().await;
+
+    // The recheck still works: deleting the session now is a logout.
+    let mut con = redis.conn().await;
+    let _: () = redis::cmd("DEL")
+        .arg("session:s-frozen")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    c.expect_closed_with(4001, Duration::from_secs(10)).await;
+}

@@ -381,6 +381,62 @@ async fn development_without_a_secret_prints_a_ready_url_with_a_working_token() 
     );
 }
 
+/// Issue 10: `unix://` Redis URLs carry the password as a query parameter (`pass=`), which
+/// check-config printed as is.
+#[test]
+fn check_config_redacts_the_password_of_unix_socket_urls() {
+    for url in [
+        "unix:///tmp/redis.sock?pass=sock-secret-1",
+        "unix:///tmp/redis.sock?db=2&pass=sock-secret-1",
+        "unix:///tmp/redis.sock?user=alice&pass=sock-secret-1&db=3",
+        "redis+unix:///tmp/redis.sock?password=sock-secret-1",
+    ] {
+        let mut cmd = switchboard_cmd();
+        cmd.arg("check-config")
+            .env("ENVIRONMENT", "development")
+            .env("REDIS_URL", url);
+        let (st, out, err) = run_cli(cmd, None);
+        let all = format!("{out}{err}");
+        assert!(
+            !all.contains("sock-secret-1"),
+            "password of {url} printed:\n{all}"
+        );
+        if st.success() {
+            assert!(
+                out.contains("/tmp/redis.sock"),
+                "socket path missing:\n{out}"
+            );
+            assert!(out.contains("<redacted>"), "no redaction marker:\n{out}");
+        }
+    }
+}
+
+/// Issue 10: a configured secret is the deployment's real key; the `ready:` line's 24-hour
+/// token is printed only when the secret was generated for this process.
+#[tokio::test]
+async fn ready_line_is_printed_only_for_a_generated_secret() {
+    let gw = GatewayOpts::new().environment("development").start();
+    assert_eq!(gw.get("/healthz").await.status, 200);
+    std::thread::sleep(Duration::from_millis(200));
+    let logs = gw.logs();
+    assert!(
+        !logs.contains("token="),
+        "a token signed with the configured secret was printed:\n{logs}"
+    );
+    assert!(!logs.contains("ready: "), "ready line printed:\n{logs}");
+
+    let generated = GatewayOpts::new().secret(None).start();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !generated.logs().contains("ready: ws://") {
+        assert!(
+            Instant::now() < deadline,
+            "no ready line:\n{}",
+            generated.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[tokio::test]
 async fn tokens_never_appear_in_request_logs() {
     let gw = GatewayOpts::new().env("RUST_LOG", "debug").start();

@@ -506,3 +506,281 @@ async fn redis_sessions_by_cookie_and_query() {
     assert_eq!(c.next_json(T).await["type"], "connection.established");
     c.expect_closed_with(4004, Duration::from_secs(6)).await;
 }
+
+/// SETs `session:{id}` to `record` in the test's private Redis.
+async fn set_session(redis: &RedisServer, id: &str, record: Value) {
+    let mut con = redis.conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("session:{id}"))
+        .arg(record.to_string())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+}
+
+/// `cmdstat_get`'s `calls=` from INFO commandstats (0 before the first GET).
+async fn redis_get_calls(redis: &RedisServer) -> u64 {
+    let mut con = redis.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 10 item 4: a session store that does not answer (Redis frozen with SIGSTOP, so
+/// every GET times out) is not a logout. Before the upgrade: 503 + Retry-After; after the
+/// upgrade: `connection.closed` and close 1013 (try again later), never 4001.
+#[tokio::test]
+async fn session_store_outage_is_503_or_1013_never_4001() {
+    let redis = RedisServer::start();
+    let gw = GatewayOpts::new()
+        .redis(redis.url())
+        .cfg("redis", "command_timeout_ms", "300")
+        // The pub/sub liveness check would turn the broker "down" and answer 503 for every
+        // handshake: keep it quiet so the session lookup itself is what fails.
+        .cfg("redis", "pubsub_ping_interval_ms", "60000")
+        .start();
+    set_session(&redis, "s-1", json!({"user_id": "una", "projects": ["p1"]})).await;
+    let mut c = gw.ws("/ws/p1?session=s-1", &[]).await;
+    assert_eq!(c.next_json(T).await["type"], "connection.established");
+
+    redis.signal("STOP");
+    // A plain request to the handshake route: 503 with Retry-After, not 401.
+    let r = gw.get("/ws/p1?session=s-1").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    retry_after_ok(r.header("retry-after"));
+    assert_eq!(r.json()["error"], "auth_unavailable", "{}", r.text());
+    // Likewise by cookie, and on the HTTP API.
+    let r = gw.get_with("/ws/p1", &[("Cookie", "session=s-1")]).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let r = gw
+        .post(
+            "/v1/projects/p1/events",
+            &[
+                ("Cookie", "session=s-1"),
+                ("Content-Type", "application/json"),
+            ],
+            json!({"type": "project.updated"}).to_string().as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    retry_after_ok(r.header("retry-after"));
+    // An upgrade: it completes, then connection.closed and close 1013.
+    let mut c2 = gw.ws("/ws/p1?session=s-1", &[]).await;
+    let frames = c2.expect_closed_with(1013, T).await;
+    assert!(
+        frames.iter().all(|f| f["type"] != "connection.established"),
+        "{frames:?}"
+    );
+    let mut c3 = gw.ws("/ws/user", &[("Cookie", "session=s-1")]).await;
+    c3.expect_closed_with(1013, T).await;
+    // The connection that was already open is not logged out either.
+    redis.signal("CONT");
+    c.assert_alive().await;
+    // And once Redis answers again, the same session connects.
+    let mut c4 = gw.ws("/ws/p1?session=s-1", &[]).await;
+    assert_eq!(c4.next_json(T).await["type"], "connection.established");
+}
+
+/// Issue 10 item 4: routes that need no credential never look one up. `GET
+/// /healthz?session=x` cost a Redis GET, with no rate limit.
+#[tokio::test]
+async fn routes_without_credentials_do_no_session_lookup() {
+    let redis = RedisServer::start();
+    let gw = GatewayOpts::new().redis(redis.url()).start();
+    let before = redis_get_calls(&redis).await;
+    for path in [
+        "/healthz?session=x",
+        "/readyz?session=x",
+        "/health/websocket?session=x",
+        "/metrics?session=x",
+        "/console/?session=x",
+        "/v1/ws-url/p1?session=x",
+    ] {
+        for _ in 0..20 {
+            let r = gw.get(path).await;
+            assert!(r.status < 500, "{path}: {}", r.status);
+        }
+        let r = gw.get_with(path, &[("Cookie", "session=y")]).await;
+        assert!(r.status < 500, "{path}: {}", r.status);
+    }
+    let after = redis_get_calls(&redis).await;
+    assert_eq!(after, before, "session lookups for routes that need none");
+    // The measurement sees a lookup where one is needed.
+    let r = gw.get("/ws/p1?session=x").await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(redis_get_calls(&redis).await, before + 1);
+}
+
+/// Unpadded base64url (what JWS uses), for test input only.
+fn b64url_decode(s: &str) -> Vec<u8> {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in s.bytes() {
+        let v = A.iter().position(|&a| a == c).expect("base64url") as u32;
+        bits = (bits << 6) | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    out
+}
+
+/// `n - s` for a 32-byte big-endian `s`, with n the order of P-256.
+fn p256_negate(s: &[u8]) -> Vec<u8> {
+    const N: [u8; 32] = [
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63,
+        0x25, 0x51,
+    ];
+    let mut out = vec![0u8; 32];
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let mut d = i16::from(N[i]) - i16::from(s[i]) - borrow;
+        borrow = i16::from(d < 0);
+        if d < 0 {
+            d += 256;
+        }
+        out[i] = d as u8;
+    }
+    out
+}
+
+/// Issue 10: an ES256 signature `(R, S)` and its twin `(R, n - S)` both verify. By default
+/// the twin is normalised (the same credential; genuine signers emit high-S half the time,
+/// so refusing would refuse them); with `auth.es256_require_low_s` the high-S form is
+/// refused: 4001 after the upgrade, 401 before it.
+#[tokio::test]
+async fn es256_high_s_twin_is_normalised_or_refused_when_required() {
+    let pem = std::fs::read(fixture("ec_private.pem")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap();
+    let pair = || {
+        let t = asym_token(jsonwebtoken::Algorithm::ES256, &key, &["p1"]);
+        let (signed, sig) = t.rsplit_once('.').unwrap();
+        let sig = b64url_decode(sig);
+        assert_eq!(sig.len(), 64);
+        let mut twin = sig[..32].to_vec();
+        twin.extend(p256_negate(&sig[32..]));
+        let twin = format!("{signed}.{}", b64url(&twin));
+        // S > n/2 exactly when S > n - S.
+        if sig[32..] < p256_negate(&sig[32..])[..] {
+            (t, twin)
+        } else {
+            (twin, t)
+        }
+    };
+
+    let gw = GatewayOpts::new()
+        .secret(None)
+        .env("SWITCHBOARD_JWT_PUBLIC_KEY_FILE", &fixture("ec_public.pem"))
+        .start();
+    let (low, high) = pair();
+    for t in [&low, &high] {
+        let (_c, est) = gw.connect("p1", t).await;
+        assert_eq!(est["user_id"], "asym");
+    }
+    drop(gw);
+
+    let gw = GatewayOpts::new()
+        .secret(None)
+        .env("SWITCHBOARD_JWT_PUBLIC_KEY_FILE", &fixture("ec_public.pem"))
+        .cfg("auth", "es256_require_low_s", "true")
+        .start();
+    for _ in 0..4 {
+        let (low, high) = pair();
+        let (_c, est) = gw.connect("p1", &low).await;
+        assert_eq!(est["user_id"], "asym");
+        expect_upgrade_then_close(&gw, &format!("/ws/p1?token={high}"), &[], 4001).await;
+        let r = gw.get(&format!("/ws/p1?token={high}")).await;
+        assert_eq!(r.status, 401);
+        assert_eq!(r.json()["error"], "invalid_token");
+    }
+}
+
+/// Issue 10: one malformed X-Forwarded-For entry made the whole chain fall back to the
+/// proxy's address, so two clients behind it shared one per-IP quota. Now only that entry
+/// is skipped.
+#[tokio::test]
+async fn malformed_x_forwarded_for_entry_is_skipped_alone() {
+    let gw = GatewayOpts::new()
+        .cfg("server", "max_connections_per_ip", "1")
+        .cfg("server", "trusted_proxies", r#"["127.0.0.0/8"]"#)
+        .start();
+    let t = gw.token("xff", &["p1"]);
+    let path = format!("/ws/p1?token={t}");
+    let mut a = gw
+        .ws(&path, &[("X-Forwarded-For", "garbage, 198.51.100.7")])
+        .await;
+    assert_eq!(a.next_json(T).await["type"], "connection.established");
+    let mut b = gw
+        .ws(&path, &[("X-Forwarded-For", "198.51.100.8, not-an-ip")])
+        .await;
+    assert_eq!(b.next_json(T).await["type"], "connection.established");
+    // And the entry that was read is the client: its own second connection is refused.
+    expect_refused(&gw, &path, &[("X-Forwarded-For", "198.51.100.7, x")], 503).await;
+}
+
+/// Issue 10: IPv6 clients are keyed on their /64 (`server.ipv6_prefix_len`) for the
+/// handshake rate limit and the per-IP connection cap; with the full address one host had
+/// 2^64 quotas. (Forwarded through a trusted proxy: loopback has a single IPv6 address.)
+#[tokio::test]
+async fn ipv6_clients_share_their_64s_limits() {
+    let gw = GatewayOpts::new()
+        .cfg("server", "max_connections_per_ip", "1")
+        .cfg("server", "trusted_proxies", r#"["127.0.0.0/8"]"#)
+        .start();
+    let t = gw.token("v6", &["p1"]);
+    let path = format!("/ws/p1?token={t}");
+    let mut a = gw
+        .ws(&path, &[("X-Forwarded-For", "2001:db8:1:2::1")])
+        .await;
+    assert_eq!(a.next_json(T).await["type"], "connection.established");
+    let r = expect_refused(
+        &gw,
+        &path,
+        &[("X-Forwarded-For", "2001:db8:1:2:ffff::9")],
+        503,
+    )
+    .await;
+    assert_eq!(r.json()["error"], "too_many_connections");
+    let mut b = gw
+        .ws(&path, &[("X-Forwarded-For", "2001:db8:1:3::1")])
+        .await;
+    assert_eq!(b.next_json(T).await["type"], "connection.established");
+    drop(gw);
+
+    let gw = GatewayOpts::new()
+        .cfg("server", "handshake_rate_per_sec", "1")
+        .cfg("server", "handshake_burst", "1")
+        .cfg("server", "trusted_proxies", r#"["127.0.0.0/8"]"#)
+        .start();
+    let _a = gw.ws(&path, &[("X-Forwarded-For", "2001:db8:9::1")]).await;
+    expect_refused(&gw, &path, &[("X-Forwarded-For", "2001:db8:9::2")], 429).await;
+    drop(gw);
+
+    // Configurable: /128 keys on the full address again.
+    let gw = GatewayOpts::new()
+        .cfg("server", "max_connections_per_ip", "1")
+        .cfg("server", "ipv6_prefix_len", "128")
+        .cfg("server", "trusted_proxies", r#"["127.0.0.0/8"]"#)
+        .start();
+    let mut a = gw
+        .ws(&path, &[("X-Forwarded-For", "2001:db8:1:2::1")])
+        .await;
+    assert_eq!(a.next_json(T).await["type"], "connection.established");
+    let mut b = gw
+        .ws(&path, &[("X-Forwarded-For", "2001:db8:1:2::2")])
+        .await;
+    assert_eq!(b.next_json(T).await["type"], "connection.established");
+}

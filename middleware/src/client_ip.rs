@@ -10,7 +10,7 @@
 //! skipping hops that are themselves trusted proxies; the first untrusted address is the
 //! client. If every hop is trusted, the leftmost one is the best we know.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -115,6 +115,20 @@ fn resolve(trusted: &[IpNet], peer: Option<IpAddr>, headers: &HeaderMap) -> IpAd
     }
 }
 
+/// The key per-client limits count under: an IPv4 address as is (IPv4-mapped IPv6 too), an
+/// IPv6 address cut to its first `v6_prefix_len` bits (clamped to 1..=128). A host is
+/// usually given a whole /64, so keying on the full address would give it 2^64 quotas.
+pub fn limit_key(ip: IpAddr, v6_prefix_len: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let len = u32::from(v6_prefix_len.clamp(1, 128));
+            let mask = u128::MAX << (128 - len);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
+    }
+}
+
 fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
     trusted.iter().any(|net| net.contains(&ip))
 }
@@ -130,14 +144,22 @@ fn pick_client(trusted: &[IpNet], chain: &[IpAddr]) -> IpAddr {
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
 }
 
-/// Every `X-Forwarded-For` header, in order, as one list. `None` if any entry is not an address.
+/// Every `X-Forwarded-For` header, in order, as one list of the entries that are addresses.
+/// A malformed entry (garbage, `unknown`, an empty element) is skipped on its own: dropping
+/// the whole chain would attribute every such request to the proxy, one shared bucket that
+/// one client's bad header could exhaust for everybody behind that proxy. A header value
+/// that is not even visible ASCII is skipped likewise.
 fn forwarded_for_chain(headers: &HeaderMap) -> Option<Vec<IpAddr>> {
     let mut chain = Vec::new();
     for value in headers.get_all(X_FORWARDED_FOR) {
-        let value = value.to_str().ok()?;
-        for entry in value.split(',') {
-            chain.push(parse_node(entry.trim())?);
-        }
+        let Ok(value) = value.to_str() else {
+            continue;
+        };
+        chain.extend(
+            value
+                .split(',')
+                .filter_map(|entry| parse_node(entry.trim())),
+        );
     }
     Some(chain)
 }
@@ -322,17 +344,48 @@ mod tests {
 
     #[test]
     fn malformed_xff_falls_back_to_peer() {
+        // Nothing usable in the chain at all: the peer.
         for bad in [
             "not-an-ip",
-            "1.2.3.4, garbage",
             "",
             " , ",
             "1.2.3.4:notaport",
             "[::1",
+            "unknown, _hidden",
         ] {
             let got = resolve_with(&["10.0.0.0/8"], "10.0.0.2", &[("x-forwarded-for", bad)]);
             assert_eq!(got, ip("10.0.0.2"), "header {bad:?}");
         }
+    }
+
+    #[test]
+    fn one_malformed_xff_entry_is_skipped_not_the_whole_chain() {
+        // Issue 10: `1.2.3.4, garbage` used to fall back to the proxy for the whole chain.
+        for (header, want) in [
+            ("198.51.100.7, garbage", "198.51.100.7"),
+            ("garbage, 198.51.100.7", "198.51.100.7"),
+            ("198.51.100.7, , 10.0.0.3", "198.51.100.7"),
+            ("203.0.113.1, unknown, 198.51.100.7", "198.51.100.7"),
+            ("198.51.100.7, 1.2.3.4:notaport, 10.0.0.9", "198.51.100.7"),
+        ] {
+            let got = resolve_with(&["10.0.0.0/8"], "10.0.0.2", &[("x-forwarded-for", header)]);
+            assert_eq!(got, ip(want), "header {header:?}");
+        }
+    }
+
+    #[test]
+    fn limit_key_cuts_ipv6_to_the_prefix() {
+        let a = limit_key(ip("2001:db8:1:2:aaaa::1"), 64);
+        let b = limit_key(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), 64);
+        assert_eq!(a, b);
+        assert_eq!(a, ip("2001:db8:1:2::"));
+        assert_ne!(a, limit_key(ip("2001:db8:1:3::1"), 64));
+        assert_eq!(limit_key(ip("2001:db8::1"), 128), ip("2001:db8::1"));
+        assert_eq!(limit_key(ip("2001:db8:1:2::1"), 48), ip("2001:db8:1::"));
+        assert_eq!(limit_key(ip("2001:db8::1"), 0), ip("::"));
+        // IPv4 and IPv4-mapped IPv6: always the full address.
+        assert_eq!(limit_key(ip("198.51.100.7"), 64), ip("198.51.100.7"));
+        assert_eq!(limit_key(ip("::ffff:198.51.100.7"), 64), ip("198.51.100.7"));
     }
 
     #[test]

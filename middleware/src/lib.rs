@@ -9,7 +9,8 @@
 //!   ClientIpLayer         client_ip.rs   PeerAddr + trusted proxies -> ClientIp
 //!     (gateway limits)                   connection limits, load shedding
 //!       HandshakeRateLimitLayer  rate_limit.rs  per-client-IP handshake quota -> 429
-//!         AuthLayer       auth/          JWT or session -> Authentication (never rejects)
+//!         AuthLayer       auth/          JWT or session -> Authentication (never rejects;
+//!                                        `only_for`: routes without credentials get Missing)
 //!           router
 //! ```
 //!
@@ -28,7 +29,7 @@ pub use auth::{
     Claims, CredentialKind, JwtConfig, JwtVerifier, MemorySessionStore, SessionId, SessionRecord,
     SessionStore,
 };
-pub use client_ip::{ClientIp, ClientIpLayer, ClientIpService, PeerAddr};
+pub use client_ip::{limit_key, ClientIp, ClientIpLayer, ClientIpService, PeerAddr};
 pub use rate_limit::{HandshakeLimiter, HandshakeRateLimitLayer, HandshakeRateLimitService};
 pub use request_id::{RequestId, RequestIdLayer, RequestIdService};
 

@@ -27,7 +27,10 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use tower::{Layer, Service};
 
-use crate::client_ip::{ClientIp, PeerAddr};
+use crate::client_ip::{limit_key, ClientIp, PeerAddr};
+
+/// IPv6 prefix length the quota is keyed on unless the gateway says otherwise.
+pub const DEFAULT_IPV6_PREFIX_LEN: u8 = 64;
 use crate::json_error;
 
 /// Cloneable handle on the shared limiter state, for housekeeping and metrics.
@@ -35,6 +38,8 @@ use crate::json_error;
 pub struct HandshakeLimiter {
     /// `None` when the limit is disabled (`per_second == 0`).
     inner: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
+    /// IPv6 clients share a bucket per prefix of this many bits ([`limit_key`]).
+    v6_prefix_len: u8,
 }
 
 impl HandshakeLimiter {
@@ -66,7 +71,7 @@ impl HandshakeLimiter {
             return Ok(());
         };
         limiter
-            .check_key(&ip)
+            .check_key(&limit_key(ip, self.v6_prefix_len))
             .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
     }
 }
@@ -99,9 +104,18 @@ impl HandshakeRateLimitLayer {
             ))
         });
         Self {
-            limiter: HandshakeLimiter { inner },
+            limiter: HandshakeLimiter {
+                inner,
+                v6_prefix_len: DEFAULT_IPV6_PREFIX_LEN,
+            },
             applies_to,
         }
+    }
+
+    /// Keys IPv6 clients on their first `len` bits (default 64: one /64, one bucket).
+    pub fn with_ipv6_prefix(mut self, len: u8) -> Self {
+        self.limiter.v6_prefix_len = len;
+        self
     }
 
     pub fn limiter(&self) -> HandshakeLimiter {
@@ -258,6 +272,36 @@ mod tests {
             assert_eq!(res.unwrap().status(), StatusCode::OK);
         }
         assert!(layer.limiter().is_empty());
+    }
+
+    #[tokio::test]
+    async fn ipv6_clients_share_a_bucket_per_prefix() {
+        // Issue 10: one host with a /64 had 2^64 quotas.
+        let layer = HandshakeRateLimitLayer::new(1, 1, ws_only);
+        let svc = service(&layer);
+        let first = svc
+            .clone()
+            .oneshot(request("/ws/p", "2001:db8:1:2::1"))
+            .await;
+        assert_eq!(first.unwrap().status(), StatusCode::OK);
+        let same_64 = svc
+            .clone()
+            .oneshot(request("/ws/p", "2001:db8:1:2:ffff::9"))
+            .await;
+        assert_eq!(same_64.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+        let other_64 = svc
+            .clone()
+            .oneshot(request("/ws/p", "2001:db8:1:3::1"))
+            .await;
+        assert_eq!(other_64.unwrap().status(), StatusCode::OK);
+
+        // Configurable: /128 keys on the full address again.
+        let layer = HandshakeRateLimitLayer::new(1, 1, ws_only).with_ipv6_prefix(128);
+        let svc = service(&layer);
+        for ip in ["2001:db8:1:2::1", "2001:db8:1:2::2"] {
+            let res = svc.clone().oneshot(request("/ws/p", ip)).await;
+            assert_eq!(res.unwrap().status(), StatusCode::OK, "{ip}");
+        }
     }
 
     #[tokio::test]

@@ -7,7 +7,9 @@
 //!
 //! Outages are survivable: when the connection drops, or stops answering PING (a silently
 //! dead connection is the most reported failure of gateways like this one), `up` turns
-//! false, the manager reconnects with capped exponential backoff, resubscribes every
+//! false, the manager reconnects with capped, jittered backoff ([`next_backoff`]:
+//! decorrelated jitter, so instances that lost Redis together do not all come back in the
+//! same millisecond), resubscribes every
 //! channel the hub still wants, and logs the outage's length. Sessions stay connected
 //! throughout. Everything else (PUBLISH, EVAL, SET) uses a deadpool pool with timeouts, so
 //! a dead Redis gives quick `Unavailable` errors rather than hung requests.
@@ -634,7 +636,8 @@ impl RedisBroker {
     /// The subscription manager: owns the pub/sub connection for the life of the process.
     pub async fn run_pubsub(self: Arc<Self>, mut commands: mpsc::Receiver<SubCommand>) {
         let mut wanted: HashSet<String> = HashSet::from([BROADCAST_CHANNEL.to_owned()]);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff =
+            next_backoff(BACKOFF_BASE, BACKOFF_BASE, self.max_backoff, rand::random());
         let mut down_since: Option<Instant> = None;
         loop {
             match self
@@ -645,7 +648,12 @@ impl RedisBroker {
                 Serve::Lost(reason) => {
                     if self.up.swap(false, Ordering::Relaxed) {
                         // It was serving: start the next attempt from the shortest backoff.
-                        backoff = Duration::from_millis(100);
+                        backoff = next_backoff(
+                            BACKOFF_BASE,
+                            BACKOFF_BASE,
+                            self.max_backoff,
+                            rand::random(),
+                        );
                         down_since = Some(Instant::now());
                         tracing::error!(%reason, "broker connection lost; clients stay connected, reconnecting");
                     } else {
@@ -671,7 +679,7 @@ impl RedisBroker {
                     },
                 }
             }
-            backoff = (backoff * 2).min(self.max_backoff);
+            backoff = next_backoff(backoff, BACKOFF_BASE, self.max_backoff, rand::random());
         }
     }
 
@@ -846,6 +854,24 @@ impl Held {
     }
 }
 
+/// Shortest wait before a reconnect attempt.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+
+/// The wait after `prev`: decorrelated jitter, uniform in `[base, 3 × prev]` and capped at
+/// `cap` (`unit` is a uniform random number in `[0, 1)`). It grows about threefold per
+/// attempt like an exponential backoff, but every instance draws its own: a fleet that lost
+/// Redis at the same moment spreads its reconnects instead of arriving in lockstep.
+pub(crate) fn next_backoff(prev: Duration, base: Duration, cap: Duration, unit: f64) -> Duration {
+    let low = base.min(cap).as_secs_f64();
+    let high = (prev.as_secs_f64() * 3.0).max(low);
+    let unit = if unit.is_finite() {
+        unit.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    Duration::from_secs_f64(low + (high - low) * unit).min(cap)
+}
+
 impl SessionStore for RedisBroker {
     fn load<'a>(
         &'a self,
@@ -864,5 +890,43 @@ impl SessionStore for RedisBroker {
                     .map_err(|_| AuthError::SessionNotFound),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_bounded_and_grows() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(5);
+        // Bounds: [base, 3 × prev], capped.
+        assert_eq!(next_backoff(base, base, cap, 0.0), base);
+        assert_eq!(next_backoff(base, base, cap, 0.999_999).as_millis(), 299);
+        assert_eq!(next_backoff(Duration::from_secs(4), base, cap, 0.9), cap);
+        assert_eq!(next_backoff(base, base, cap, f64::NAN), base);
+        // Jitter: different draws give different waits (lockstep is what this prevents).
+        let a = next_backoff(Duration::from_secs(1), base, cap, 0.1);
+        let b = next_backoff(Duration::from_secs(1), base, cap, 0.7);
+        assert_ne!(a, b);
+        // A run of real random draws stays in bounds and never exceeds the cap.
+        let mut prev = base;
+        let mut longest = Duration::ZERO;
+        for _ in 0..200 {
+            let next = next_backoff(prev, base, cap, rand::random());
+            assert!(
+                next >= base && next <= cap && next <= prev * 3,
+                "{prev:?} -> {next:?}"
+            );
+            longest = longest.max(next);
+            prev = next;
+        }
+        assert!(longest >= cap / 2, "never grew: {longest:?}");
+        // 200 draws with identical waits would mean no jitter at all.
+        let draws: HashSet<u128> = (0..200)
+            .map(|_| next_backoff(Duration::from_secs(1), base, cap, rand::random()).as_micros())
+            .collect();
+        assert!(draws.len() > 150);
     }
 }

@@ -33,6 +33,15 @@ fn service_claims<B>(req: &Request<B>) -> Result<Arc<Claims>, Response> {
             "forbidden",
             "this API needs a service credential (role: service)",
         )),
+        // Issue 10 item 4: the session store is down, which is not the caller's fault.
+        Some(Authentication::Invalid(e)) if e.is_unavailable() => Err(retry_after(
+            json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                e.code(),
+                e.client_message(),
+            ),
+            2,
+        )),
         Some(Authentication::Invalid(e)) => Err(json_error(
             StatusCode::UNAUTHORIZED,
             e.code(),

@@ -78,6 +78,9 @@ export const CloseCode = {
   TOO_BIG: 1009,
   INTERNAL_ERROR: 1011,
   RESTART: 1012,
+  /** The server could not check the credential right now (session store unreachable):
+   * not a denial, reconnect with backoff (PROTOCOL §2). */
+  TRY_AGAIN_LATER: 1013,
   /** Sent by this client when the server stayed silent for 2.5 heartbeats. */
   LIVENESS_TIMEOUT: 4000,
   UNAUTHENTICATED: 4001,
@@ -117,6 +120,10 @@ export function closeAction(code: number, hasGetToken: boolean): CloseAction {
     case CloseCode.POLICY:
     case CloseCode.TOO_BIG:
       return { kind: "stop", reason: "protocol_error" };
+    case CloseCode.TRY_AGAIN_LATER:
+      // An outage of the server's credential store, not a verdict on the credential: retry
+      // with the growing backoff (no `connection.established` came, so it does not reset).
+      return { kind: "reconnect", freshToken: hasGetToken };
     default:
       // 1012 / 4500: reconnect and resume; 1000 from the server, 1001, 1006, 1011, ...:
       // reconnect with backoff.

@@ -248,6 +248,31 @@ describe("close codes", () => {
     });
   }
 
+  it("1013 (credential store unreachable) retries with growing backoff and never stops", () => {
+    const t = setup({ random: () => 0.999999 });
+    t.client.connect();
+    const delays: number[] = [];
+    for (let i = 0; i < 5; i++) {
+      // What the gateway sends after the upgrade: connection.closed, then close 1013.
+      t.last().receive({ type: "connection.closed", code: 1013, reason: "auth_unavailable", timestamp: "t" });
+      t.last().serverClose(1013);
+      const r = t.of("reconnecting").at(-1)!;
+      assert.equal(r.code, 1013);
+      delays.push(r.delay);
+      t.clock.advance(r.delay);
+    }
+    assert.deepEqual(delays, [499, 999, 1999, 3999, 7999]);
+    assert.equal(t.of("stopped").length, 0);
+    assert.equal(t.sockets.length, 6);
+    // A 1013 lost in transit (1006) still counts as 1013 thanks to the connection.closed frame.
+    t.last().receive({ type: "connection.closed", code: 1013, reason: "auth_unavailable", timestamp: "t" });
+    t.last().serverClose(1006);
+    assert.equal(t.of("reconnecting").at(-1)!.code, 1013);
+    assert.equal(t.of("stopped").length, 0);
+    assert.deepEqual(closeAction(1013, true), { kind: "reconnect", freshToken: true });
+    assert.deepEqual(closeAction(1013, false), { kind: "reconnect", freshToken: false });
+  });
+
   it("an error event alone (no close follows) counts as an abnormal close", () => {
     const t = setup();
     t.client.connect();

@@ -33,6 +33,10 @@ pub struct JwtConfig {
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway_secs: u64,
+    /// Refuse ES256 signatures in high-S form instead of normalising them (see
+    /// [`es256_canonical`]). Only for issuers known to sign low-S: most signers (OpenSSL,
+    /// Go, Java, RustCrypto) emit high-S for about half their tokens.
+    pub es256_require_low_s: bool,
 }
 
 impl fmt::Debug for JwtConfig {
@@ -46,6 +50,7 @@ impl fmt::Debug for JwtConfig {
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("leeway_secs", &self.leeway_secs)
+            .field("es256_require_low_s", &self.es256_require_low_s)
             .finish()
     }
 }
@@ -63,6 +68,7 @@ pub struct JwtVerifier {
     hs256: Option<Verifier>,
     rs256: Option<Verifier>,
     es256: Option<Verifier>,
+    es256_require_low_s: bool,
 }
 
 impl JwtVerifier {
@@ -94,6 +100,7 @@ impl JwtVerifier {
             hs256,
             rs256,
             es256,
+            es256_require_low_s: config.es256_require_low_s,
         })
     }
 
@@ -115,13 +122,21 @@ impl JwtVerifier {
         }
         // Read `alg` ourselves: jsonwebtoken's header type cannot even represent `none`, and
         // the key must be chosen by alg before anything else is trusted.
-        let verifier = match header_alg(token)?.as_str() {
+        let alg = header_alg(token)?;
+        let verifier = match alg.as_str() {
             "HS256" => self.hs256.as_ref(),
             "RS256" => self.rs256.as_ref(),
             "ES256" => self.es256.as_ref(),
             _ => None,
         }
         .ok_or(AuthError::AlgorithmNotAllowed)?;
+        // ES256: only the canonical (low-S) signature is ever verified; see es256_canonical.
+        let canonical = if alg == "ES256" {
+            es256_canonical(token, self.es256_require_low_s)?
+        } else {
+            None
+        };
+        let token = canonical.as_deref().unwrap_or(token);
 
         let data = jsonwebtoken::decode::<RawClaims>(token, &verifier.key, &verifier.validation)
             .map_err(|e| map_error(e.into_kind()))?;
@@ -146,6 +161,72 @@ impl JwtVerifier {
 pub(crate) fn shrunk(mut v: Vec<String>) -> Vec<String> {
     v.shrink_to_fit();
     v
+}
+
+/// Half the order of P-256, `floor(n / 2)`, big-endian.
+const P256_HALF_ORDER: [u8; 32] = [
+    0x7f, 0xff, 0xff, 0xff, 0x80, 0x00, 0x00, 0x00, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xde, 0x73, 0x7d, 0x56, 0xd3, 0x8b, 0xcf, 0x42, 0x79, 0xdc, 0xe5, 0x61, 0x7e, 0x31, 0x92, 0xa8,
+];
+
+/// The order n of P-256, big-endian.
+const P256_ORDER: [u8; 32] = [
+    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+];
+
+/// ECDSA malleability: for every valid signature `(R, S)`, `(R, n - S)` verifies too, so a
+/// captured ES256 token can be re-encoded as a second, different string with the same
+/// claims (a twin that would dodge a blocklist or cache keyed on the token string). The JWS
+/// signature is `R || S`, 32 bytes each (RFC 7518 §3.4); any other length is refused.
+///
+/// Returns the token to verify: `None` when it is already canonical (`S <= n/2`), else the
+/// same token with `S` replaced by `n - S`, so a token and its twin are one credential, and
+/// only a canonical signature ever reaches the verifier. With `require_low_s`, a high-S
+/// signature is refused instead. Refusing is not the default because most signers
+/// (OpenSSL, Go, Java, RustCrypto's p256) do not normalise: about half of their genuine
+/// tokens are high-S.
+fn es256_canonical(token: &str, require_low_s: bool) -> Result<Option<String>, AuthError> {
+    let (signed, signature) = token.rsplit_once('.').ok_or(AuthError::Malformed)?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| AuthError::Malformed)?;
+    let (Some(r), Some(s), 64) = (bytes.get(..32), bytes.get(32..64), bytes.len()) else {
+        return Err(AuthError::InvalidSignature);
+    };
+    // Big-endian byte strings of equal length compare like the numbers they encode.
+    if s <= &P256_HALF_ORDER[..] {
+        return Ok(None);
+    }
+    if require_low_s {
+        return Err(AuthError::InvalidSignature);
+    }
+    let mut canonical = Vec::with_capacity(64);
+    canonical.extend_from_slice(r);
+    canonical.extend_from_slice(&p256_negate(s));
+    Ok(Some(format!(
+        "{signed}.{}",
+        URL_SAFE_NO_PAD.encode(&canonical)
+    )))
+}
+
+/// `n - s` for a 32-byte big-endian `s` (with `n/2 < s`, so the result is in `1..n/2`; an
+/// `s >= n` is not a valid signature and fails verification whatever this returns).
+fn p256_negate(s: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let mut borrow = 0u16;
+    for i in (0..32).rev() {
+        let minuend = u16::from(P256_ORDER[i]);
+        let subtrahend = u16::from(s.get(i).copied().unwrap_or(0)) + borrow;
+        let (digit, next) = if minuend >= subtrahend {
+            (minuend - subtrahend, 0)
+        } else {
+            (minuend + 256 - subtrahend, 1)
+        };
+        out[i] = digit as u8;
+        borrow = next;
+    }
+    out
 }
 
 #[derive(Deserialize)]
@@ -379,6 +460,78 @@ pub(crate) mod tests {
         let rsa = EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap();
         let token = sign(Algorithm::RS256, &rsa, &valid_claims());
         assert_eq!(v.verify(&token), Err(AuthError::AlgorithmNotAllowed));
+    }
+
+    /// A real ES256 token and its malleated twin `(R, n - S)`, as (low-S, high-S).
+    fn es256_pair(key: &EncodingKey) -> (String, String) {
+        let token = sign(Algorithm::ES256, key, &valid_claims());
+        let (signed, sig) = token.rsplit_once('.').unwrap();
+        let sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        assert_eq!(sig.len(), 64);
+        let mut flipped = sig[..32].to_vec();
+        flipped.extend(p256_negate(&sig[32..]));
+        let twin = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&flipped));
+        // Exactly one of (R, S) and (R, n - S) is low-S.
+        if sig[32..] <= P256_HALF_ORDER[..] {
+            (token, twin)
+        } else {
+            (twin, token)
+        }
+    }
+
+    #[test]
+    fn p256_negate_is_n_minus_s() {
+        assert_eq!(p256_negate(&[0u8; 32]), P256_ORDER);
+        let mut one = [0u8; 32];
+        one[31] = 1;
+        let mut n_minus_one = P256_ORDER;
+        n_minus_one[31] -= 1;
+        assert_eq!(p256_negate(&one), n_minus_one);
+        assert_eq!(p256_negate(&p256_negate(&one)), one);
+        // n - floor(n/2) = floor(n/2) + 1 (n is odd).
+        let mut half_plus_one = P256_HALF_ORDER;
+        half_plus_one[31] += 1;
+        assert_eq!(p256_negate(&P256_HALF_ORDER), half_plus_one);
+    }
+
+    #[test]
+    fn es256_high_s_is_normalised_by_default() {
+        let v = verifier(JwtConfig {
+            public_key_pem: Some(EC_PUBLIC.to_vec()),
+            ..JwtConfig::default()
+        });
+        let key = EncodingKey::from_ec_pem(EC_PRIVATE).unwrap();
+        for _ in 0..8 {
+            let (low, high) = es256_pair(&key);
+            assert_eq!(es256_canonical(&low, false), Ok(None));
+            // The twin is verified as its canonical form: the same token, one credential.
+            assert_eq!(es256_canonical(&high, false), Ok(Some(low.clone())));
+            assert_eq!(v.verify(&high), v.verify(&low));
+            assert_eq!(v.verify(&low).unwrap().sub, "user-1");
+        }
+        // A bad signature stays bad in either form.
+        let (low, _) = es256_pair(&key);
+        let (signed, _) = low.rsplit_once('.').unwrap();
+        let bogus = format!("{signed}.{}", URL_SAFE_NO_PAD.encode([0xffu8; 64]));
+        assert_eq!(v.verify(&bogus), Err(AuthError::InvalidSignature));
+        let short = format!("{signed}.{}", URL_SAFE_NO_PAD.encode([1u8; 63]));
+        assert_eq!(v.verify(&short), Err(AuthError::InvalidSignature));
+    }
+
+    #[test]
+    fn es256_high_s_is_refused_when_required() {
+        let v = verifier(JwtConfig {
+            public_key_pem: Some(EC_PUBLIC.to_vec()),
+            es256_require_low_s: true,
+            ..JwtConfig::default()
+        });
+        let key = EncodingKey::from_ec_pem(EC_PRIVATE).unwrap();
+        for _ in 0..8 {
+            let (low, high) = es256_pair(&key);
+            assert_eq!(v.verify(&low).unwrap().sub, "user-1");
+            assert_eq!(v.verify(&high), Err(AuthError::InvalidSignature));
+            assert_eq!(AuthError::InvalidSignature.code(), "invalid_token");
+        }
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! depends on the route: HTTP 401/403 for the API and plain requests, but for a WebSocket
 //! upgrade the handshake must complete and the close code (4001/4003) carry the refusal,
 //! since browsers cannot read handshake statuses.
+//!
+//! [`AuthLayer::only_for`] limits the work to the routes that read a credential: elsewhere
+//! (health probes, metrics, static files) the request gets [`Authentication::Missing`]
+//! without a look at its credential, so `GET /healthz?session=x` costs no session-store
+//! round trip. Skipped routes see `Missing`, never an identity: fail closed.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,7 +18,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, Uri};
 use http_body_util::Full;
 use tower::{Layer, Service};
 
@@ -23,11 +28,27 @@ use super::{Authentication, Authenticator};
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
     authenticator: Arc<Authenticator>,
+    applies_to: fn(&Uri) -> bool,
+}
+
+fn every_route(_: &Uri) -> bool {
+    true
 }
 
 impl AuthLayer {
+    /// Authenticates every request; see [`AuthLayer::only_for`].
     pub fn new(authenticator: Arc<Authenticator>) -> Self {
-        Self { authenticator }
+        Self {
+            authenticator,
+            applies_to: every_route,
+        }
+    }
+
+    /// Authenticates only requests whose URI `applies_to` selects; the others get
+    /// [`Authentication::Missing`] at no cost.
+    pub fn only_for(mut self, applies_to: fn(&Uri) -> bool) -> Self {
+        self.applies_to = applies_to;
+        self
     }
 }
 
@@ -38,6 +59,7 @@ impl<S> Layer<S> for AuthLayer {
         AuthService {
             inner,
             authenticator: self.authenticator.clone(),
+            applies_to: self.applies_to,
         }
     }
 }
@@ -47,6 +69,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     authenticator: Arc<Authenticator>,
+    applies_to: fn(&Uri) -> bool,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -70,6 +93,11 @@ where
         // `poll_ready` readied and leave a fresh clone in its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !(self.applies_to)(req.uri()) {
+            let mut req = req;
+            req.extensions_mut().insert(Authentication::Missing);
+            return Box::pin(inner.call(req));
+        }
         let authenticator = self.authenticator.clone();
         Box::pin(async move {
             let (mut parts, body) = req.into_parts();
@@ -82,6 +110,9 @@ where
                 }
                 Authentication::Missing => tracing::debug!("no credential"),
                 // The error's Display names the failed check, never the credential itself.
+                Authentication::Invalid(err) if err.is_unavailable() => {
+                    tracing::debug!(code = err.code(), reason = %err, "credential not checkable now");
+                }
                 Authentication::Invalid(err) => {
                     tracing::debug!(code = err.code(), reason = %err, "credential refused");
                 }
@@ -131,6 +162,60 @@ mod tests {
             .unwrap()
             .to_bytes();
         String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// Counts lookups; never finds anything.
+    #[derive(Default)]
+    struct CountingStore(std::sync::atomic::AtomicUsize);
+
+    impl super::super::SessionStore for CountingStore {
+        fn load<'a>(
+            &'a self,
+            _id: &'a str,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Result<Option<super::super::SessionRecord>, AuthError>,
+                    > + Send
+                    + 'a,
+            >,
+        > {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Err(AuthError::SessionStoreUnavailable) })
+        }
+    }
+
+    #[tokio::test]
+    async fn skipped_routes_get_missing_without_a_store_lookup() {
+        let store = Arc::new(CountingStore::default());
+        let authenticator = Authenticator::new(None, Some(store.clone()));
+        let svc = AuthLayer::new(Arc::new(authenticator))
+            .only_for(|uri| uri.path().starts_with("/ws/"))
+            .layer(service_fn(|req: Request<()>| async move {
+                let text = match req.extensions().get::<Authentication>() {
+                    Some(Authentication::Missing) => "missing".to_owned(),
+                    Some(Authentication::Invalid(e)) => format!("invalid:{}", e.code()),
+                    Some(Authentication::Authenticated(_)) => "ok".to_owned(),
+                    None => "absent".to_owned(),
+                };
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+            }));
+        let call = |uri: &'static str| {
+            let svc = svc.clone();
+            async move {
+                let req = Request::builder().uri(uri).body(()).unwrap();
+                let response = svc.oneshot(req).await.unwrap();
+                let bytes = http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                String::from_utf8(bytes.to_vec()).unwrap()
+            }
+        };
+        assert_eq!(call("/healthz?session=x").await, "missing");
+        assert_eq!(store.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(call("/ws/p?session=x").await, "invalid:auth_unavailable");
+        assert_eq!(store.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
