@@ -157,16 +157,6 @@ fn get_head(path: &str, headers: &[(&str, &str)]) -> String {
     req
 }
 
-async fn set_session(redis: &RedisServer, id: &str, record: Value) {
-    let mut con = redis.conn().await;
-    let _: () = redis::cmd("SET")
-        .arg(format!("session:{id}"))
-        .arg(record.to_string())
-        .query_async(&mut con)
-        .await
-        .unwrap();
-}
-
 async fn expect_error(c: &mut WsClient, code: &str) -> Value {
     let v = c.next_json(T).await;
     assert_eq!(v["type"], "error", "expected error {code}, got {v}");
@@ -298,12 +288,9 @@ async fn credentials_never_reach_the_gateway_logs() {
     opts.rust_log = "debug".into();
     let gw = opts.start();
     let session = "sid-4f1b9c7e-never-logged";
-    set_session(
-        &redis,
-        session,
-        json!({"user_id": "lee", "projects": ["p1"]}),
-    )
-    .await;
+    redis
+        .set_session(session, &json!({"user_id": "lee", "projects": ["p1"]}))
+        .await;
     let good = gw.token("lee", &["p1"]);
     let bad = format!("{}x", gw.token("lee", &["p1"]));
     let forbidden = gw.token("lee", &["other"]);
@@ -445,7 +432,7 @@ async fn cross_site_handshake_with_a_valid_session_cookie_is_refused() {
             r#"["https://app.example.com"]"#,
         )
         .start();
-    set_session(&redis, "s-victim", record.clone()).await;
+    redis.set_session("s-victim", &record).await;
     let cookie = ("Cookie", "session=s-victim");
     // The browser attaches the cookie to a cross-site WebSocket; only Origin tells it apart.
     for evil in [
@@ -643,13 +630,15 @@ async fn revoked_session_closes_its_connections_with_4001() {
         .cfg("auth", "session_recheck_secs", "1")
         .start();
     let far = now_secs() + 3600;
-    set_session(
-        &redis,
-        "s-a",
-        json!({"user_id": "ann", "projects": ["p1", "p2"], "expires_at": far}),
-    )
-    .await;
-    set_session(&redis, "s-b", json!({"user_id": "bob", "projects": ["p1"]})).await;
+    redis
+        .set_session(
+            "s-a",
+            &json!({"user_id": "ann", "projects": ["p1", "p2"], "expires_at": far}),
+        )
+        .await;
+    redis
+        .set_session("s-b", &json!({"user_id": "bob", "projects": ["p1"]}))
+        .await;
     let open = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
         let gw = &gw;
         async move {
@@ -692,7 +681,9 @@ async fn revoked_session_closes_its_connections_with_4001() {
     j.assert_alive().await;
 
     // A session that no longer grants the connection's project: 4003.
-    set_session(&redis, "s-b", json!({"user_id": "bob", "projects": ["p2"]})).await;
+    redis
+        .set_session("s-b", &json!({"user_id": "bob", "projects": ["p2"]}))
+        .await;
     b.expect_closed_with(4003, Duration::from_secs(4)).await;
     j.assert_alive().await;
 }
@@ -704,7 +695,9 @@ async fn session_recheck_fails_open_while_redis_is_down() {
         .redis(redis.url())
         .cfg("auth", "session_recheck_secs", "1")
         .start();
-    set_session(&redis, "s-1", json!({"user_id": "una", "projects": ["p1"]})).await;
+    redis
+        .set_session("s-1", &json!({"user_id": "una", "projects": ["p1"]}))
+        .await;
     let mut c = gw.ws("/ws/p1?session=s-1", &[]).await;
     assert_eq!(c.next_json(T).await["type"], "connection.established");
     redis.kill();

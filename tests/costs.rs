@@ -9,20 +9,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-async fn hgetall_calls(redis: &RedisServer) -> u64 {
-    let mut con = redis.conn().await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_hgetall:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn status_on_ws_user_is_charged_per_project_and_cached() {
     let redis = RedisServer::start();
@@ -36,7 +22,7 @@ async fn status_on_ws_user_is_charged_per_project_and_cached() {
     for _ in 0..20 {
         assert_eq!(c.next_json(T).await["type"], "status");
     }
-    let reads_before = hgetall_calls(&redis).await;
+    let reads_before = redis.command_calls("hgetall").await;
     // The reviewer's loop: `status` as fast as the socket takes it, for one second.
     let started = Instant::now();
     let mut sent = 0;
@@ -82,7 +68,7 @@ async fn status_on_ws_user_is_charged_per_project_and_cached() {
         assert_eq!(code, 4029);
     }
     // Served from the cache: nothing was published, so the snapshots are still current.
-    let reads = hgetall_calls(&redis).await - reads_before;
+    let reads = redis.command_calls("hgetall").await - reads_before;
     assert!(
         reads <= 2 * 20,
         "{reads} snapshot reads for {statuses} status frames"

@@ -507,32 +507,6 @@ async fn redis_sessions_by_cookie_and_query() {
     c.expect_closed_with(4004, Duration::from_secs(6)).await;
 }
 
-/// SETs `session:{id}` to `record` in the test's private Redis.
-async fn set_session(redis: &RedisServer, id: &str, record: Value) {
-    let mut con = redis.conn().await;
-    let _: () = redis::cmd("SET")
-        .arg(format!("session:{id}"))
-        .arg(record.to_string())
-        .query_async(&mut con)
-        .await
-        .unwrap();
-}
-
-/// `cmdstat_get`'s `calls=` from INFO commandstats (0 before the first GET).
-async fn redis_get_calls(redis: &RedisServer) -> u64 {
-    let mut con = redis.conn().await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Issue 10 item 4: a session store that does not answer (Redis frozen with SIGSTOP, so
 /// every GET times out) is not a logout. Before the upgrade: 503 + Retry-After; after the
 /// upgrade: `connection.closed` and close 1013 (try again later), never 4001.
@@ -546,7 +520,9 @@ async fn session_store_outage_is_503_or_1013_never_4001() {
         // handshake: keep it quiet so the session lookup itself is what fails.
         .cfg("redis", "pubsub_ping_interval_ms", "60000")
         .start();
-    set_session(&redis, "s-1", json!({"user_id": "una", "projects": ["p1"]})).await;
+    redis
+        .set_session("s-1", &json!({"user_id": "una", "projects": ["p1"]}))
+        .await;
     let mut c = gw.ws("/ws/p1?session=s-1", &[]).await;
     assert_eq!(c.next_json(T).await["type"], "connection.established");
 
@@ -594,7 +570,7 @@ async fn session_store_outage_is_503_or_1013_never_4001() {
 async fn routes_without_credentials_do_no_session_lookup() {
     let redis = RedisServer::start();
     let gw = GatewayOpts::new().redis(redis.url()).start();
-    let before = redis_get_calls(&redis).await;
+    let before = redis.command_calls("get").await;
     for path in [
         "/healthz?session=x",
         "/readyz?session=x",
@@ -610,12 +586,12 @@ async fn routes_without_credentials_do_no_session_lookup() {
         let r = gw.get_with(path, &[("Cookie", "session=y")]).await;
         assert!(r.status < 500, "{path}: {}", r.status);
     }
-    let after = redis_get_calls(&redis).await;
+    let after = redis.command_calls("get").await;
     assert_eq!(after, before, "session lookups for routes that need none");
     // The measurement sees a lookup where one is needed.
     let r = gw.get("/ws/p1?session=x").await;
     assert_eq!(r.status, 401, "{}", r.text());
-    assert_eq!(redis_get_calls(&redis).await, before + 1);
+    assert_eq!(redis.command_calls("get").await, before + 1);
 }
 
 /// Unpadded base64url (what JWS uses), for test input only.

@@ -55,6 +55,20 @@ fn service_claims<B>(req: &Request<B>) -> Result<Arc<Claims>, Response> {
     }
 }
 
+/// A service credential that grants `project`, or the response refusing the call.
+#[allow(clippy::result_large_err)] // as above
+fn project_service_claims<B>(req: &Request<B>, project: &str) -> Result<Arc<Claims>, Response> {
+    let claims = service_claims(req)?;
+    if !claims.grants(project) {
+        return Err(json_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "your credential does not grant this project",
+        ));
+    }
+    Ok(claims)
+}
+
 /// Reads a JSON body of at most `api.max_body_bytes`.
 async fn read_json(app: &App, req: Request<Incoming>) -> Result<Value, Response> {
     let limit = app.config.api.max_body_bytes;
@@ -169,16 +183,8 @@ pub(super) async fn publish(app: &App, project: &str, req: Request<Incoming>) ->
     if !valid_project_id(project) {
         return invalid_project_id();
     }
-    let claims = match service_claims(&req) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    if !claims.grants(project) {
-        return json_error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "your credential does not grant this project",
-        );
+    if let Err(r) = project_service_claims(&req, project) {
+        return r;
     }
     let body = match read_json(app, req).await {
         Ok(v) => v,
@@ -256,16 +262,8 @@ pub(super) async fn presence(app: &App, project: &str, req: &Request<Incoming>) 
     if !valid_project_id(project) {
         return invalid_project_id();
     }
-    let claims = match service_claims(req) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    if !claims.grants(project) {
-        return json_error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "your credential does not grant this project",
-        );
+    if let Err(r) = project_service_claims(req, project) {
+        return r;
     }
     let entry = |client_id: &Value, user_id: &Value, instance_id: &Value, connected_at: &Value| json!({"client_id": client_id, "user_id": user_id, "instance_id": instance_id, "connected_at": connected_at});
     let clients: Vec<Value> = match app.broker.presence(project).await {

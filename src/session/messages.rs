@@ -270,16 +270,7 @@ fn error_frame(code: &str, message: &str, field: Option<&str>, request_id: Optio
 
 /// Handles one complete text message from the client.
 pub async fn handle_text(app: &App, session: &Arc<Session>, state: &mut ClientState, text: &str) {
-    if let Err(close) = state.admit() {
-        session.reply(error_frame(
-            "rate_limited",
-            "too many messages; slow down",
-            None,
-            None,
-        ));
-        if close {
-            session.close(close_code::RATE_LIMITED, "rate limited", false);
-        }
+    if !charge(session, state, 1) {
         return;
     }
     let outcome = dispatch(app, session, state, text).await;

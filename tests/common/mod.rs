@@ -346,6 +346,22 @@ impl RedisServer {
     }
 
     /// Raw `PUBLISH` (what a legacy worker does); returns the receiver count.
+    /// How many times Redis ran `command` so far (`INFO commandstats`; 0 before the first).
+    pub async fn command_calls(&self, command: &str) -> u64 {
+        let mut con = self.conn().await;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Writes `session:{id}` as the web backend would.
     pub async fn set_session(&self, id: &str, record: &Value) {
         let mut con = self.conn().await;
