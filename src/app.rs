@@ -60,6 +60,7 @@ impl App {
             ttl: Duration::from_secs(config.events.history_ttl_secs),
             terminal_task_ttl: Duration::from_secs(config.events.terminal_task_ttl_secs),
             snapshot_max_bytes: config.events.snapshot_max_bytes,
+            replay_max_bytes: config.events.replay_max_bytes,
         };
         let linger = Duration::from_millis(config.redis.unsubscribe_linger_ms);
         let policy = config.event_policy();

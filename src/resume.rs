@@ -192,6 +192,10 @@ impl Tail {
 struct ReadOutcome {
     position: Position,
     earliest: Option<u64>,
+    /// The events after the read's position exceeded the replay budget: only the newest
+    /// ones, from `oldest_read`, were read.
+    truncated: bool,
+    oldest_read: Option<u64>,
 }
 
 type Flight = Arc<OnceCell<Result<ReadOutcome, String>>>;
@@ -258,6 +262,8 @@ async fn read_into_tail(app: &App, project: &str, after: u64) -> Result<ReadOutc
     Ok(ReadOutcome {
         position: read.position,
         earliest: read.earliest,
+        truncated: read.truncated,
+        oldest_read: read.events.first().map(|(s, _)| *s),
     })
 }
 
@@ -381,7 +387,10 @@ async fn greet_resume(
         match app.resumer.read_once(app, project, req.last_seq).await {
             Ok(o) => {
                 let resync = req.epoch.as_deref().is_some_and(|e| e != o.position.epoch)
-                    || req.last_seq > o.position.seq;
+                    || req.last_seq > o.position.seq
+                    // Further behind than the replay budget reaches (the read may have
+                    // been another client's: one nearer is still served from the tail).
+                    || (o.truncated && o.oldest_read.is_none_or(|s| s > req.last_seq + 1));
                 outcome = Some(o);
                 if resync {
                     break;

@@ -12,8 +12,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -25,30 +24,6 @@ use tokio::net::TcpStream;
 /// of [`gateway_under_attack_keeps_serving_and_stays_within_its_memory_bound`]. Stated in
 /// docs/security.md; the measured peak is printed.
 const ATTACK_RSS_LIMIT_MIB: u64 = 16;
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Samples the RSS of `pid` every 50 ms until stopped; returns the peak (KiB).
-fn rss_sampler(pid: u32) -> (Arc<AtomicBool>, tokio::task::JoinHandle<u64>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let task = tokio::spawn(async move {
-        let mut peak = 0;
-        while !flag.load(Ordering::Relaxed) {
-            peak = peak.max(rss_kib(pid));
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        peak.max(rss_kib(pid))
-    });
-    (stop, task)
-}
 
 fn nested(depth: usize) -> String {
     "[".repeat(depth) + &"]".repeat(depth)

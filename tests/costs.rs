@@ -150,3 +150,52 @@ async fn a_resume_replays_at_most_replay_max_bytes() {
         .collect();
     assert_eq!(got, (261..=300).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn a_resume_from_zero_does_not_load_the_whole_history() {
+    let redis = RedisServer::start();
+    let gw = GatewayOpts::new()
+        .redis(redis.url())
+        .cfg("events", "max_event_bytes", "8192")
+        .cfg("events", "replay_max_bytes", "65536")
+        .start();
+    // 5,000 events of ~4 KB: a 20 MB history, the reviewer's repro at half size.
+    let pad = "y".repeat(4000);
+    for chunk in 0..25u64 {
+        let batch: Vec<Value> = (0..200)
+            .map(|i| {
+                let mut e = ev(chunk * 200 + i);
+                e["pad"] = json!(pad);
+                e
+            })
+            .collect();
+        gw.publish("h", &json!(batch)).await;
+    }
+    let pid = gw.pid();
+    let baseline = rss_kib(pid);
+    let (stop, sampler) = rss_sampler(pid);
+    let t = gw.token("ann", &["h"]);
+    let mut c = gw.ws(&format!("/ws/h?token={t}&last_seq=0"), &[]).await;
+    assert_eq!(c.next_json(T).await["type"], "connection.established");
+    let r = c.next_json(T).await;
+    assert_eq!(r["type"], "connection.resync_required", "{r}");
+    // A client just behind is still replayed from the newest part that was read.
+    let mut near = gw.ws(&format!("/ws/h?token={t}&last_seq=4990"), &[]).await;
+    assert_eq!(near.next_json(T).await["resumed"], true);
+    let got: Vec<u64> = near
+        .collect(10, T)
+        .await
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, (4991..=5000).collect::<Vec<_>>());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.await.unwrap();
+    let grew_mib = peak.saturating_sub(baseline) / 1024;
+    eprintln!("RSS {baseline} KiB -> peak {peak} KiB (+{grew_mib} MiB)");
+    // Reading the 20 MB history whole costs the gateway 40+ MB; the budget is 64 KiB.
+    assert!(
+        grew_mib < 12,
+        "a resume from 0 grew the gateway by {grew_mib} MiB"
+    );
+}

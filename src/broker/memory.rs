@@ -120,18 +120,27 @@ impl MemoryBroker {
     pub fn history_after(&self, project: &str, after: u64) -> HistoryRead {
         let mut projects = self.projects.lock();
         let log = Self::log(&mut projects, project);
+        // The newest contiguous run within the replay budget, like the Redis broker.
+        let mut bytes = 0;
+        let mut truncated = false;
+        let mut events = Vec::new();
+        for (seq, event) in log.history.iter().rev().take_while(|(s, _)| *s > after) {
+            bytes += event.len();
+            if bytes > self.history.replay_max_bytes {
+                truncated = true;
+                break;
+            }
+            events.push((*seq, event.clone()));
+        }
+        events.reverse();
         HistoryRead {
             position: Position {
                 seq: log.seq,
                 epoch: log.epoch.clone(),
             },
             earliest: log.history.front().map(|(s, _)| *s),
-            events: log
-                .history
-                .iter()
-                .filter(|(s, _)| *s > after)
-                .cloned()
-                .collect(),
+            events,
+            truncated,
         }
     }
 
@@ -194,6 +203,7 @@ mod tests {
                 ttl: Duration::from_secs(60),
                 terminal_task_ttl: Duration::from_secs(60),
                 snapshot_max_bytes: 1 << 20,
+                replay_max_bytes: 1 << 20,
             },
         );
         let ev = || br#"{"type":"x","project_id":"p","timestamp":"t"}"#.to_vec();

@@ -55,6 +55,10 @@ pub struct HistoryRead {
     pub position: Position,
     pub earliest: Option<u64>,
     pub events: Vec<(u64, bytes::Bytes)>,
+    /// The events after `after` were more than `HistoryLimits::replay_max_bytes`: `events`
+    /// holds only the first of them (contiguous from `after + 1`), and a reader that needs
+    /// them all must resync instead.
+    pub truncated: bool,
 }
 
 /// `ws:connection:{client_id}` (PROTOCOL §7).
@@ -92,6 +96,10 @@ pub struct HistoryLimits {
     pub terminal_task_ttl: Duration,
     /// Largest `status` frame a snapshot may become ([`state::Snapshot::bounded`]).
     pub snapshot_max_bytes: usize,
+    /// Most event bytes one history read returns (`events.replay_max_bytes`): a `?last_seq=0`
+    /// resume of a 10,000-event history must not load all of it (it is answered with a
+    /// resync anyway).
+    pub replay_max_bytes: usize,
 }
 
 pub fn new_epoch() -> String {

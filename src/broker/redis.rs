@@ -27,6 +27,10 @@ use futures_util::{FutureExt, StreamExt};
 
 /// Most pub/sub messages handled as one batch.
 const MAX_READ_BATCH: usize = 512;
+
+/// History entries per XRANGE page: a page of the largest events allowed (256 KiB) is at
+/// most 8 MiB, and a history read stops at `events.replay_max_bytes`.
+const HISTORY_PAGE: usize = 32;
 use parking_lot::Mutex;
 use switchboard_middleware::{AuthError, SessionRecord, SessionStore};
 use tokio::sync::mpsc;
@@ -231,7 +235,9 @@ impl RedisBroker {
         for _ in 0..2 {
             let seq_key = format!("project:{project}:seq");
             let history_key = format!("project:{project}:history");
+            let page_key = history_key.clone();
             let start = format!("{}-0", after.saturating_add(1));
+            let first_start = start.clone();
             type Entries = Vec<(String, Vec<Vec<u8>>)>;
             let (seq, epoch, first, entries): (Option<u64>, Option<String>, Entries, Entries) =
                 self.with_conn(|mut conn| async move {
@@ -245,10 +251,12 @@ impl RedisBroker {
                         .arg("+")
                         .arg("COUNT")
                         .arg(1)
-                        .cmd("XRANGE")
+                        .cmd("XREVRANGE")
                         .arg(&history_key)
-                        .arg(&start)
                         .arg("+")
+                        .arg(&first_start)
+                        .arg("COUNT")
+                        .arg(HISTORY_PAGE)
                         .query_async(&mut conn)
                         .await
                 })
@@ -267,16 +275,63 @@ impl RedisBroker {
                 }
                 None
             };
+            let position = Position {
+                seq: seq.unwrap_or(0),
+                epoch,
+            };
+            let earliest = first
+                .into_iter()
+                .next()
+                .and_then(|e| parse(e).map(|(s, _)| s));
+            // Newest first, page by page down to `after + 1`, and never more than the replay
+            // budget in bytes: what is kept is the newest contiguous run, the part a resume
+            // tail serves. The first page was read with the position (atomically); later
+            // pages only go older, so nothing past the position is ever included.
+            let mut events = Vec::new();
+            let mut bytes = 0;
+            let mut truncated = false;
+            let mut page = entries;
+            loop {
+                let full = page.len() >= HISTORY_PAGE;
+                let mut last_id = None;
+                for entry in page {
+                    last_id = Some(entry.0.clone());
+                    let Some((s, event)) = parse(entry) else {
+                        continue;
+                    };
+                    if s > position.seq {
+                        continue;
+                    }
+                    bytes += event.len();
+                    if bytes > self.history.replay_max_bytes {
+                        truncated = true;
+                        break;
+                    }
+                    events.push((s, event));
+                }
+                let (Some(last_id), true, false) = (last_id, full, truncated) else {
+                    break;
+                };
+                let (history_key, start) = (page_key.clone(), start.clone());
+                page = self
+                    .with_conn(|mut conn| async move {
+                        redis::cmd("XREVRANGE")
+                            .arg(&history_key)
+                            .arg(format!("({last_id}"))
+                            .arg(&start)
+                            .arg("COUNT")
+                            .arg(HISTORY_PAGE)
+                            .query_async(&mut conn)
+                            .await
+                    })
+                    .await?;
+            }
+            events.reverse();
             return Ok(HistoryRead {
-                position: Position {
-                    seq: seq.unwrap_or(0),
-                    epoch,
-                },
-                earliest: first
-                    .into_iter()
-                    .next()
-                    .and_then(|e| parse(e).map(|(s, _)| s)),
-                events: entries.into_iter().filter_map(parse).collect(),
+                position,
+                earliest,
+                events,
+                truncated,
             });
         }
         Err(BrokerError::Protocol(
@@ -606,7 +661,7 @@ impl RedisBroker {
             let covered =
                 read.position.seq == last || read.events.first().map(|(s, _)| *s) == Some(last + 1);
             let same_epoch = known.as_deref().is_none_or(|e| e == read.position.epoch);
-            if same_epoch && covered && last <= read.position.seq {
+            if same_epoch && covered && !read.truncated && last <= read.position.seq {
                 let policy = *self.hub.policy();
                 let mut replayed = 0;
                 for (_, bytes) in &read.events {

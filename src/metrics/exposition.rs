@@ -448,6 +448,7 @@ mod tests {
                 ttl: Duration::from_secs(60),
                 terminal_task_ttl: Duration::from_secs(60),
                 snapshot_max_bytes: 1 << 20,
+                replay_max_bytes: 1 << 20,
             },
         ));
         let exporter = Exporter::new(hub.clone(), broker);

@@ -164,6 +164,36 @@ pub fn service_token(secret: &str) -> String {
     token(secret, "worker", &["*"], 3600, true)
 }
 
+/// The resident memory of process `pid` (KiB; 0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Samples the RSS of `pid` every 50 ms until stopped; returns the peak (KiB).
+pub fn rss_sampler(
+    pid: u32,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<u64>,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut peak = 0;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            peak = peak.max(rss_kib(pid));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        peak.max(rss_kib(pid))
+    });
+    (stop, task)
+}
+
 // ---------------------------------------------------------------------------------------
 // events
 
