@@ -699,12 +699,27 @@ async fn malformed_x_forwarded_for_entry_is_skipped_alone() {
         .ws(&path, &[("X-Forwarded-For", "garbage, 198.51.100.7")])
         .await;
     assert_eq!(a.next_json(T).await["type"], "connection.established");
+    // The entry that was read is the client: its own second connection is refused.
+    expect_refused(
+        &gw,
+        &path,
+        &[("X-Forwarded-For", "other-garbage, 198.51.100.7")],
+        503,
+    )
+    .await;
+    // A malformed entry written by the proxy itself ends the walk (red-team finding):
+    // the client-written address left of it is not a key of its own, the proxy is.
     let mut b = gw
-        .ws(&path, &[("X-Forwarded-For", "198.51.100.8, not-an-ip")])
+        .ws(&path, &[("X-Forwarded-For", "198.51.100.8, unknown")])
         .await;
     assert_eq!(b.next_json(T).await["type"], "connection.established");
-    // And the entry that was read is the client: its own second connection is refused.
-    expect_refused(&gw, &path, &[("X-Forwarded-For", "198.51.100.7, x")], 503).await;
+    expect_refused(
+        &gw,
+        &path,
+        &[("X-Forwarded-For", "198.51.100.9, unknown")],
+        503,
+    )
+    .await;
 }
 
 /// Issue 10: IPv6 clients are keyed on their /64 (`server.ipv6_prefix_len`) for the

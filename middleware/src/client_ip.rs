@@ -105,12 +105,12 @@ fn resolve(trusted: &[IpNet], peer: Option<IpAddr>, headers: &HeaderMap) -> IpAd
     let chain = if headers.contains_key(X_FORWARDED_FOR) {
         forwarded_for_chain(headers)
     } else if headers.contains_key(FORWARDED) {
-        forwarded_chain(headers)
+        forwarded_chain(headers).map(|c| c.into_iter().map(Some).collect())
     } else {
         return peer;
     };
     match chain {
-        Some(chain) if !chain.is_empty() => pick_client(trusted, &chain),
+        Some(chain) if !chain.is_empty() => pick_client(trusted, &chain, peer),
         _ => peer,
     }
 }
@@ -133,33 +133,39 @@ fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
     trusted.iter().any(|net| net.contains(&ip))
 }
 
-/// Right to left, skip trusted hops; first untrusted wins; all trusted -> leftmost.
-fn pick_client(trusted: &[IpNet], chain: &[IpAddr]) -> IpAddr {
-    chain
-        .iter()
-        .rev()
-        .find(|ip| !is_trusted(trusted, **ip))
-        .or_else(|| chain.first())
-        .copied()
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+/// Right to left, skip trusted hops; the first untrusted address is the client; all
+/// trusted -> the leftmost. An entry that is not an address (`unknown`, garbage) met on the
+/// way ends the walk: it was written by the trusted hop to its right, which did not know
+/// its client, and everything left of it is whatever the client sent (`spoof, unknown`
+/// must not make `spoof` the key). The client is then keyed on that nearest trusted hop
+/// (or the peer). Malformed entries left of the client's entry are never read at all.
+fn pick_client(trusted: &[IpNet], chain: &[Option<IpAddr>], peer: IpAddr) -> IpAddr {
+    let mut nearest = peer;
+    for entry in chain.iter().rev() {
+        match entry {
+            None => return nearest,
+            Some(ip) if is_trusted(trusted, *ip) => nearest = *ip,
+            Some(ip) => return *ip,
+        }
+    }
+    nearest
 }
 
-/// Every `X-Forwarded-For` header, in order, as one list of the entries that are addresses.
-/// A malformed entry (garbage, `unknown`, an empty element) is skipped on its own: dropping
-/// the whole chain would attribute every such request to the proxy, one shared bucket that
-/// one client's bad header could exhaust for everybody behind that proxy. A header value
-/// that is not even visible ASCII is skipped likewise.
-fn forwarded_for_chain(headers: &HeaderMap) -> Option<Vec<IpAddr>> {
+/// Every `X-Forwarded-For` header, in order, as one list: an address, or None for an entry
+/// that is not one (garbage, `unknown`, an empty element). A malformed entry no longer
+/// voids the whole chain (that
+/// attributed every such request to the proxy, one shared bucket that one client's bad
+/// header could exhaust for everybody behind it): [`pick_client`] only stops at one it
+/// meets before the client's own entry. A header value that is not visible ASCII counts as
+/// one malformed entry.
+fn forwarded_for_chain(headers: &HeaderMap) -> Option<Vec<Option<IpAddr>>> {
     let mut chain = Vec::new();
     for value in headers.get_all(X_FORWARDED_FOR) {
         let Ok(value) = value.to_str() else {
+            chain.push(None);
             continue;
         };
-        chain.extend(
-            value
-                .split(',')
-                .filter_map(|entry| parse_node(entry.trim())),
-        );
+        chain.extend(value.split(',').map(|entry| parse_node(entry.trim())));
     }
     Some(chain)
 }
@@ -360,13 +366,30 @@ mod tests {
 
     #[test]
     fn one_malformed_xff_entry_is_skipped_not_the_whole_chain() {
-        // Issue 10: `1.2.3.4, garbage` used to fall back to the proxy for the whole chain.
+        // Issue 10: a malformed entry anywhere used to send the whole chain to the proxy.
+        // Left of the client's entry it is never read.
         for (header, want) in [
-            ("198.51.100.7, garbage", "198.51.100.7"),
             ("garbage, 198.51.100.7", "198.51.100.7"),
-            ("198.51.100.7, , 10.0.0.3", "198.51.100.7"),
+            ("spoof,, 198.51.100.7", "198.51.100.7"),
             ("203.0.113.1, unknown, 198.51.100.7", "198.51.100.7"),
-            ("198.51.100.7, 1.2.3.4:notaport, 10.0.0.9", "198.51.100.7"),
+            ("_hidden, 198.51.100.7, 10.0.0.9", "198.51.100.7"),
+        ] {
+            let got = resolve_with(&["10.0.0.0/8"], "10.0.0.2", &[("x-forwarded-for", header)]);
+            assert_eq!(got, ip(want), "header {header:?}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_entry_written_by_a_trusted_hop_ends_the_walk() {
+        // Found by the red-team pass: skipping it let `spoof, unknown` key on `spoof`, an
+        // address the client wrote itself. The nearest trusted hop is the key instead.
+        for (header, want) in [
+            ("203.0.113.66, unknown", "10.0.0.2"),
+            ("203.0.113.66, garbage", "10.0.0.2"),
+            ("203.0.113.66, unknown, 10.0.0.9", "10.0.0.9"),
+            ("198.51.100.7, 1.2.3.4:notaport, 10.0.0.9", "10.0.0.9"),
+            ("203.0.113.66,,", "10.0.0.2"),
+            ("198.51.100.7, , 10.0.0.3", "10.0.0.3"),
         ] {
             let got = resolve_with(&["10.0.0.0/8"], "10.0.0.2", &[("x-forwarded-for", header)]);
             assert_eq!(got, ip(want), "header {header:?}");
