@@ -578,6 +578,10 @@ async fn routes_without_credentials_do_no_session_lookup() {
         "/metrics?session=x",
         "/console/?session=x",
         "/v1/ws-url/p1?session=x",
+        // The API needs a service JWT, which a session never is (red-team finding).
+        "/v1/nope?session=x",
+        "/v1/projects/p1/presence?session=x",
+        "/v1/broadcast?session=x",
     ] {
         for _ in 0..20 {
             let r = gw.get(path).await;
@@ -586,6 +590,10 @@ async fn routes_without_credentials_do_no_session_lookup() {
         let r = gw.get_with(path, &[("Cookie", "session=y")]).await;
         assert!(r.status < 500, "{path}: {}", r.status);
     }
+    let r = gw
+        .post_json("/v1/projects/p1/events?session=x", None, &ev(1))
+        .await;
+    assert_eq!(r.status, 401, "{}", r.text());
     let after = redis.command_calls("get").await;
     assert_eq!(after, before, "session lookups for routes that need none");
     // The measurement sees a lookup where one is needed.

@@ -58,7 +58,23 @@ impl Authenticator {
         headers: &HeaderMap,
         uri: &Uri,
     ) -> (Authentication, Option<SessionId>) {
+        self.authenticate_request_with(headers, uri, true).await
+    }
+
+    /// Like [`Self::authenticate_request`]; with `sessions` false a session credential is
+    /// not looked up at all and counts as [`Authentication::Missing`] (routes that only a
+    /// service JWT can use: a session never carries `role: service`, so its Redis read
+    /// would be wasted, and unthrottled).
+    pub async fn authenticate_request_with(
+        &self,
+        headers: &HeaderMap,
+        uri: &Uri,
+        sessions: bool,
+    ) -> (Authentication, Option<SessionId>) {
         let credential = match find_credential(headers, uri) {
+            Ok(Some(Credential::Session(_))) if !sessions => {
+                return (Authentication::Missing, None)
+            }
             Ok(Some(credential)) => credential,
             Ok(None) => return (Authentication::Missing, None),
             Err(err) => return (Authentication::Invalid(err), None),

@@ -29,6 +29,7 @@ use super::{Authentication, Authenticator};
 pub struct AuthLayer {
     authenticator: Arc<Authenticator>,
     applies_to: fn(&Uri) -> bool,
+    sessions_on: fn(&Uri) -> bool,
 }
 
 fn every_route(_: &Uri) -> bool {
@@ -41,7 +42,15 @@ impl AuthLayer {
         Self {
             authenticator,
             applies_to: every_route,
+            sessions_on: every_route,
         }
+    }
+
+    /// Looks session credentials up only on requests `sessions_on` selects; elsewhere a
+    /// session counts as no credential (and costs no Redis read).
+    pub fn sessions_only_for(mut self, sessions_on: fn(&Uri) -> bool) -> Self {
+        self.sessions_on = sessions_on;
+        self
     }
 
     /// Authenticates only requests whose URI `applies_to` selects; the others get
@@ -60,6 +69,7 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             authenticator: self.authenticator.clone(),
             applies_to: self.applies_to,
+            sessions_on: self.sessions_on,
         }
     }
 }
@@ -70,6 +80,7 @@ pub struct AuthService<S> {
     inner: S,
     authenticator: Arc<Authenticator>,
     applies_to: fn(&Uri) -> bool,
+    sessions_on: fn(&Uri) -> bool,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -99,10 +110,11 @@ where
             return Box::pin(inner.call(req));
         }
         let authenticator = self.authenticator.clone();
+        let sessions = (self.sessions_on)(req.uri());
         Box::pin(async move {
             let (mut parts, body) = req.into_parts();
             let (outcome, session) = authenticator
-                .authenticate_request(&parts.headers, &parts.uri)
+                .authenticate_request_with(&parts.headers, &parts.uri, sessions)
                 .await;
             match &outcome {
                 Authentication::Authenticated(claims) => {
