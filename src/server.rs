@@ -34,6 +34,7 @@
 //! return so the process exits 0. A request is never cut by the exit while the grace lasts:
 //! a publish cut after Redis ran it would leave its caller unsure whether it happened.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -90,8 +91,13 @@ fn accepts_sessions(uri: &http::Uri) -> bool {
 }
 
 /// Concurrent connections the admin listener serves (its own bound, separate from the
-/// public port's: probes and scrapers are a handful of clients).
+/// public port's: probes and scrapers are a handful of clients). Past it the oldest is
+/// closed ([`serve_admin`]).
 const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Header read timeout on the admin listener (or `server.header_read_timeout_secs` if
+/// shorter).
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The only paths the admin listener serves.
 fn is_admin_path(path: &str) -> bool {
@@ -412,7 +418,15 @@ pub async fn bind_admin(app: &App) -> std::io::Result<Option<(TcpListener, Socke
 /// drains it keeps answering (/readyz says 503).
 pub async fn serve_admin(app: Arc<App>, listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
-    let header_timeout = Duration::from_secs(app.config.server.header_read_timeout_secs);
+    // A probe sends its request at once: anything slower is not a probe.
+    let header_timeout =
+        Duration::from_secs(app.config.server.header_read_timeout_secs).min(ADMIN_HEADER_TIMEOUT);
+    // Live connections, oldest first. At the bound the OLDEST is closed to make room,
+    // rather than the newcomer refused: silent sockets (anyone who can reach the port) can
+    // then never lock the probes out, and a probe is done long before 64 newer
+    // connections arrive (the red-team pass locked the port with 100 silent sockets).
+    let live: AdminConnections = Default::default();
+    let mut next_id = 0u64;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(pair) => pair,
@@ -422,13 +436,35 @@ pub async fn serve_admin(app: Arc<App>, listener: TcpListener) {
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "admin listener at its connection bound");
-            continue;
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let oldest = {
+                    let mut live = live.lock();
+                    live.retain(|(_, task)| !task.is_finished());
+                    live.pop_front()
+                };
+                if let Some((_, task)) = oldest {
+                    task.abort();
+                }
+                // The aborted task gives its slot back when it is dropped, right away.
+                let wait = slots.clone().acquire_owned();
+                match tokio::time::timeout(Duration::from_millis(100), wait).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        tracing::debug!(%peer, "admin listener at its connection bound");
+                        continue;
+                    }
+                }
+            }
         };
         let app = app.clone();
-        tokio::spawn(async move {
+        let id = next_id;
+        next_id += 1;
+        let registry = live.clone();
+        let task = tokio::spawn(async move {
             let _permit = permit;
+            let _forget = Forget(registry, id);
             let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                 admin_route(app.clone(), req)
             });
@@ -441,6 +477,19 @@ pub async fn serve_admin(app: Arc<App>, listener: TcpListener) {
                 tracing::debug!(error = %e, %peer, "admin connection error");
             }
         });
+        live.lock().push_back((id, task.abort_handle()));
+    }
+}
+
+/// The admin listener's hold on one connection for which it may be evicted; removed when
+/// the connection ends, however it ends.
+type AdminConnections = Arc<parking_lot::Mutex<VecDeque<(u64, tokio::task::AbortHandle)>>>;
+
+struct Forget(AdminConnections, u64);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        self.0.lock().retain(|(id, _)| *id != self.1);
     }
 }
 

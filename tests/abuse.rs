@@ -1062,5 +1062,26 @@ async fn admin_listener_serves_probes_while_the_public_port_is_saturated() {
     assert_eq!(r.status, 404);
     let upgrade = ws_connect(admin, &format!("/ws/p1?token={t}"), &[], None).await;
     assert_eq!(upgrade.err().map(|r| r.status), Some(404));
+    // Silent sockets on the admin port itself (anyone who can reach it, e.g. any pod of a
+    // cluster) do not lock the probes out: past its bound the oldest connection goes.
+    let squatters = silent_sockets(admin, [127, 0, 0, 7].into(), 100).await;
+    assert!(
+        (1..=64).contains(&squatters.len()),
+        "{} of 100 silent sockets held",
+        squatters.len()
+    );
+    for path in ["/healthz", "/readyz"] {
+        let start = Instant::now();
+        let r = http_request(admin, "GET", path, &[], None)
+            .await
+            .unwrap_or_else(|e| panic!("admin {path} behind 100 silent sockets: {e}"));
+        assert_eq!(r.status, 200);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    drop(squatters);
     drop(held);
 }
