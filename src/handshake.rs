@@ -235,7 +235,14 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     // Take hyper's upgrade handle ourselves: fastwebsockets still checks the request and
     // builds the 101, but its own upgrade future would wrap the socket in a reader with an
     // 8 KiB buffer that we would drop at once (see session/conn.rs).
-    if !valid_websocket_key(req.headers().get(header::SEC_WEBSOCKET_KEY)) {
+    // Exactly one key: two (found by the red-team pass) leave which one was answered to
+    // whichever the client library picks.
+    let keys = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_KEY)
+        .iter()
+        .count();
+    if keys != 1 || !valid_websocket_key(req.headers().get(header::SEC_WEBSOCKET_KEY)) {
         // fastwebsockets only checks that the header is there (an empty one passed).
         app.hub.metrics.handshake(Handshake::BadRequest);
         return json_error(

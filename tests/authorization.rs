@@ -127,6 +127,24 @@ async fn a_narrowed_session_stops_commands_at_once_without_waiting_for_the_reche
         .await;
     assert_eq!(d.next_of_type("subscribed", T).await["project_id"], "other");
 
+    // Reading the project's state is checked the same way (red-team finding: `status`
+    // was served from a narrowed or deleted session until the periodic recheck).
+    redis
+        .set_session("s4", &json!({"user_id": "di", "projects": ["demo"]}))
+        .await;
+    let mut f = gw.ws("/ws/demo?session=s4", &[]).await;
+    assert_eq!(f.next_json(T).await["type"], "connection.established");
+    redis
+        .set_session("s4", &json!({"user_id": "di", "projects": ["other"]}))
+        .await;
+    f.skip.clear();
+    f.send_text("status").await;
+    let frames = f.expect_closed_with(4003, T).await;
+    assert!(
+        frames.iter().filter(|v| v["type"] == "status").count() <= 1,
+        "only the greeting's status: {frames:?}"
+    );
+
     // Revoked: the next command closes with 4001 and is not sent.
     redis
         .set_session("s3", &json!({"user_id": "cy", "projects": ["demo"]}))

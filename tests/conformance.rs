@@ -449,6 +449,10 @@ async fn sec_websocket_key_must_be_base64_of_16_bytes() {
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZXg=\r\n",
         ),
         ("15 bytes", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25j\r\n"),
+        (
+            "two keys",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n",
+        ),
     ] {
         let status = upgrade_status(&gw, line).await;
         assert!(status.starts_with("HTTP/1.1 400"), "{name}: {status}");

@@ -359,6 +359,17 @@ async fn status(
         }
         None => session.projects(),
     };
+    // A read of project state, so authorized like an action: against the credential now.
+    let Some(claims) = current_claims(app, session, None).await else {
+        return Ok(());
+    };
+    if let Some(p) = projects.iter().find(|p| !claims.grants(p)) {
+        return Err(Refusal {
+            code: "forbidden",
+            message: format!("your credential does not grant project {p:?}"),
+            field: Some("project_id"),
+        });
+    }
     for (i, project) in projects.iter().enumerate() {
         // The message itself paid for the first project.
         if i > 0 && !charge(session, state, 1) {
@@ -485,12 +496,34 @@ async fn authorize_now(
     project: &str,
     request_id: Option<&str>,
 ) -> Result<bool, Refusal> {
+    let Some(claims) = current_claims(app, session, request_id).await else {
+        return Ok(false);
+    };
+    if !claims.grants(project) {
+        return Err(Refusal {
+            code: "forbidden",
+            message: "your credential does not grant this project".into(),
+            field: Some("project_id"),
+        });
+    }
+    Ok(true)
+}
+
+/// The credential in force now: a session is read again (its revocation or narrowing
+/// closes the connection, 4001/4003), an expired credential closes 4004. None: the
+/// connection is closing, or the session could not be read (already answered with
+/// `broker_unavailable`).
+async fn current_claims(
+    app: &App,
+    session: &Arc<Session>,
+    request_id: Option<&str>,
+) -> Option<Arc<switchboard_middleware::Claims>> {
     if let Some(id) = session.recheck_session_id().map(str::to_owned) {
         match app.broker.session_values(&[id.as_str()]).await {
             Ok(values) => {
                 let value = values.into_iter().next().flatten();
                 if !crate::revocation::apply(session, value.as_deref()) {
-                    return Ok(false);
+                    return None;
                 }
             }
             Err(e) => {
@@ -503,7 +536,7 @@ async fn authorize_now(
                     None,
                     request_id,
                 ));
-                return Ok(false);
+                return None;
             }
         }
     }
@@ -513,16 +546,9 @@ async fn authorize_now(
         .is_some_and(|exp| exp <= crate::session::unix_millis() / 1000)
     {
         session.close(close_code::EXPIRED, "credential expired", false);
-        return Ok(false);
+        return None;
     }
-    if !claims.grants(project) {
-        return Err(Refusal {
-            code: "forbidden",
-            message: "your credential does not grant this project".into(),
-            field: Some("project_id"),
-        });
-    }
-    Ok(true)
+    Some(claims)
 }
 
 /// Relays a command to the project's workers and answers `command.accepted`, or
