@@ -13,7 +13,7 @@ var CloseCode = {
   INTERNAL_ERROR: 1011,
   RESTART: 1012,
   /** The server could not check the credential right now (session store unreachable):
-   * not a denial, reconnect with backoff (PROTOCOL §2). */
+   * not a denial, reconnect with backoff (docs/protocol.md §2). */
   TRY_AGAIN_LATER: 1013,
   /** Sent by this client when the server stayed silent for 2.5 heartbeats. */
   LIVENESS_TIMEOUT: 4e3,

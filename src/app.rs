@@ -135,7 +135,7 @@ impl App {
         self.listen_port.store(port, Ordering::Relaxed);
     }
 
-    /// `BACKEND_PORT`, defaulting to the port we listen on (PROTOCOL §8).
+    /// `BACKEND_PORT`, defaulting to the port we listen on (docs/protocol.md §8).
     pub fn backend_port(&self) -> u16 {
         self.config
             .server

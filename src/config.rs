@@ -1,7 +1,7 @@
 //! Configuration: one serde struct with documented defaults, loaded once at start.
 //!
 //! Sources, later wins: built-in defaults, `config/default.toml`-style file given with
-//! `--config`, then the environment names of PROTOCOL §1. The result is validated once
+//! `--config`, then the environment names of docs/protocol.md §1. The result is validated once
 //! ([`Config::validate`]) and passed down explicitly; nothing reads the environment later.
 //! Secrets never appear in [`Config::redacted_toml`].
 

@@ -68,7 +68,7 @@ impl EventError {
 }
 
 /// Event types whose newer instance supersedes an older queued one for the same subject,
-/// so a slow client's queue can drop the stale one (PROTOCOL §5).
+/// so a slow client's queue can drop the stale one (docs/protocol.md §5).
 const PROGRESS_TYPES: [&str; 4] = [
     "task.progress",
     "node.progress.updated",
@@ -289,7 +289,7 @@ pub fn check_envelope(project: &str, event: &Map<String, Value>) -> Result<(), E
     Ok(())
 }
 
-/// Sets `project_id` and `timestamp` where the publisher gave none (PROTOCOL §8: a
+/// Sets `project_id` and `timestamp` where the publisher gave none (docs/protocol.md §8: a
 /// publisher's timestamp is passed through as given).
 pub fn fill_envelope(event: &mut Map<String, Value>, project: &str) {
     if !event.contains_key("project_id") {

@@ -1,6 +1,6 @@
 //! `GET /ws/{project_id}` and `GET /ws/user`: from HTTP request to a running session.
 //!
-//! Order of checks (PROTOCOL §2): project id (400), Origin (403), not an upgrade (401/403,
+//! Order of checks (docs/protocol.md §2): project id (400), Origin (403), not an upgrade (401/403,
 //! or 426 with valid credentials), draining or broker down (503), connection caps (503),
 //! then the upgrade. Credential failures on an upgrade complete the upgrade and close with
 //! 4001/4003, because browsers cannot read handshake statuses.
@@ -71,7 +71,7 @@ fn resume_request(uri: &http::Uri) -> Result<Option<ResumeRequest>, &'static str
 }
 
 /// Close code 1013 (try again later): the credential could not be checked because the
-/// session store is unreachable. Not a denial (PROTOCOL §2): 503 + Retry-After before the
+/// session store is unreachable. Not a denial (docs/protocol.md §2): 503 + Retry-After before the
 /// upgrade, close 1013 after it, and clients retry with backoff. (Issue 10 item 4.)
 const TRY_AGAIN_LATER: u16 = 1013;
 

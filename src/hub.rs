@@ -442,7 +442,7 @@ impl Hub {
     }
 
     /// Parses a payload from `websocket:broadcast` and routes it as the seed's
-    /// `_handle_redis_event` does (PROTOCOL §3): an event naming a `project_id` goes to the
+    /// `_handle_redis_event` does (docs/protocol.md §3): an event naming a `project_id` goes to the
     /// connections following that project only (once each, `/ws/user` ones included) and
     /// keeps its `project_id`; one without goes to every connection, each with its own.
     pub fn broadcast_raw(&self, payload: &[u8]) -> Result<usize, event::EventError> {
@@ -461,7 +461,7 @@ impl Hub {
     }
 
     /// The checks of a global event: its project (None: every project) and its fields,
-    /// with `seq` removed (only the publish path assigns one, PROTOCOL §3) and a
+    /// with `seq` removed (only the publish path assigns one, docs/protocol.md §3) and a
     /// `timestamp` set where it had none.
     fn check_global(
         &self,
@@ -498,7 +498,7 @@ impl Hub {
 }
 
 /// The gateway's own timestamp where a global event has none, or a null or any other
-/// non-string one (PROTOCOL §8).
+/// non-string one (docs/protocol.md §8).
 fn fill_timestamp(map: &mut Map<String, Value>) {
     if !matches!(map.get("timestamp"), Some(Value::String(_))) {
         map.insert("timestamp".into(), Value::String(event::now_rfc3339()));

@@ -1,4 +1,4 @@
-//! Connection caps: global and per client IP (PROTOCOL §8 defaults 100,000 and 10,000).
+//! Connection caps: global and per client IP (docs/protocol.md §8 defaults 100,000 and 10,000).
 //!
 //! A [`ConnectionGuard`] is taken before the upgrade is answered and held by the session
 //! for its whole life; dropping it gives the slot back. Counting is lock-free for the

@@ -27,7 +27,7 @@
 //! probes and the scrape (/healthz, /readyz, /health/websocket, /metrics): none of the
 //! public port's limits or layers, so probes answer while the public port is saturated.
 //!
-//! Shutdown (PROTOCOL §5): mark draining (readyz 503, upgrades 503; the listener keeps
+//! Shutdown (docs/protocol.md §5): mark draining (readyz 503, upgrades 503; the listener keeps
 //! answering meanwhile); every session flushes its queue, then gets `container.reconnect`
 //! and close 1012; then the listener closes and plain HTTP connections finish the request
 //! they carry. We wait for sessions and requests at most `shutdown_grace_secs` in all, then
@@ -178,7 +178,7 @@ pub async fn serve(
     let (close_http, http_closing) = watch::channel(false);
     let http_connections = HttpConnections::default();
     // The listener keeps serving while draining, so /readyz and new upgrades can answer
-    // 503 (PROTOCOL §5); it closes once the drain is over.
+    // 503 (docs/protocol.md §5); it closes once the drain is over.
     let drain_app = app.clone();
     let drained = async move {
         shutdown.await;

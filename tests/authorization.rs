@@ -1,4 +1,4 @@
-//! Authorization holds on every path (issue 10, PROTOCOL §2 and §4): a command is checked
+//! Authorization holds on every path (issue 10, docs/protocol.md §2 and §4): a command is checked
 //! against the credential as it is when it is sent, not as it was at connect nor by what
 //! the connection follows; `/ws/user` obeys the project-id rule and the subscription cap.
 //! Each test attacks a running gateway the way the reviewer's repro did.

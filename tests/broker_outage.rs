@@ -1,4 +1,4 @@
-//! Broker outage (issue 2 item 10, PROTOCOL §5): Redis killed and restarted under connected
+//! Broker outage (issue 2 item 10, docs/protocol.md §5): Redis killed and restarted under connected
 //! clients, and a pub/sub connection killed behind the gateway's back.
 
 mod common;

@@ -1,4 +1,4 @@
-//! The command line (issue 2 item 2, PROTOCOL §1, §6, §8): `serve` output, `check-config`,
+//! The command line (issue 2 item 2, docs/protocol.md §1, §6, §8): `serve` output, `check-config`,
 //! `token`, `publish`, development conveniences and production safety.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Fan-out over Redis (issue 2 item 5, PROTOCOL §3, §5, §7): several instances on one
+//! Fan-out over Redis (issue 2 item 5, docs/protocol.md §3, §5, §7): several instances on one
 //! Redis, project isolation, ordering, channel lifecycle, raw PUBLISH, broadcast, slow
 //! consumers and progress conflation.
 

@@ -59,7 +59,7 @@ fn assert_recovered_within(report: &Report, bound: Duration) {
     }
 }
 
-/// Clients stay connected through a broker outage (PROTOCOL §5). The one close allowed is
+/// Clients stay connected through a broker outage (docs/protocol.md §5). The one close allowed is
 /// the slow-consumer 4500 (a replay burst bigger than the outbound queue, possible at
 /// `scripts/chaos` sizes), and then only with a resume.
 fn assert_clients_stayed(report: &Report) {

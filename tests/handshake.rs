@@ -1,4 +1,4 @@
-//! Handshake outcomes (PROTOCOL §2): credentials, 401/403/426 before the upgrade,
+//! Handshake outcomes (docs/protocol.md §2): credentials, 401/403/426 before the upgrade,
 //! 4001/4003 after it, project id validation, rate limit, connection caps, Origin,
 //! trusted proxies, key types and algorithm confusion.
 

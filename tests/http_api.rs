@@ -1,4 +1,4 @@
-//! HTTP endpoints (issue 2 item 8, PROTOCOL §6) and Redis records (item 7, §7):
+//! HTTP endpoints (issue 2 item 8, docs/protocol.md §6) and Redis records (item 7, §7):
 //! health, readiness, ws-url by environment, `ws:connection:*`, `ws:instance:*`.
 
 mod common;

@@ -1,5 +1,5 @@
-//! Observability (issue 5 item 1; PROTOCOL §6 `/metrics`, §8 metric names; DESIGN "Tracing"):
-//! the exposition is valid OpenMetrics text naming every metric of the contract, its
+//! Observability (issue 5 item 1; docs/protocol.md §6 `/metrics`, §8 metric names; DESIGN
+//! "Tracing"): the exposition is valid OpenMetrics text naming every metric of the contract, its
 //! counters move with what happens (handshakes, events, fan-out latency, resumes, resyncs,
 //! broker reconnects), and JSON logs put every line of a connection in its span and never
 //! print a credential.
@@ -325,7 +325,7 @@ async fn scrape_until(gw: &Gateway, what: &str, ok: impl Fn(&Exposition) -> bool
     }
 }
 
-/// A PROTOCOL §8 metric: family, type, one of its samples and that sample's labels.
+/// A docs/protocol.md §8 metric: family, type, one of its samples and that sample's labels.
 type Named = (
     &'static str,
     &'static str,

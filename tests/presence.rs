@@ -1,4 +1,4 @@
-//! Presence (PROTOCOL §6) across instances, from the connection records, and /metrics.
+//! Presence (docs/protocol.md §6) across instances, from the connection records, and /metrics.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! The publish path (issue 2 item 6, PROTOCOL §3, §6, §8): `POST /v1/projects/{id}/events`,
+//! The publish path (issue 2 item 6, docs/protocol.md §3, §6, §8): `POST /v1/projects/{id}/events`,
 //! seq/epoch assigned with the history append, all-or-nothing batches, refusals, and the
 //! embedded broker end to end.
 

@@ -1,5 +1,5 @@
-//! Resuming connections (PROTOCOL §2 "After a successful upgrade", §5 broker outage and slow
-//! consumers, §8): `?last_seq=N&epoch=E` gets every event with seq > N exactly once and in
+//! Resuming connections (docs/protocol.md §2 "After a successful upgrade", §5 broker outage
+//! and slow consumers, §8): `?last_seq=N&epoch=E` gets every event with seq > N exactly once and in
 //! order, then live events; otherwise `connection.resync_required` + `status`. Also the
 //! gateway's own catch-up after a pub/sub outage, and the shared history read of many
 //! clients resuming one project at once.

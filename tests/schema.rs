@@ -1,4 +1,4 @@
-//! Typed events (PROTOCOL §3): generated definitions stay in sync with the Rust types, the
+//! Typed events (docs/protocol.md §3): generated definitions stay in sync with the Rust types, the
 //! publish API refuses an invalid event of every family with 422 naming the field, and an
 //! invalid event from raw Redis is dropped without stopping the relay.
 

@@ -1,4 +1,4 @@
-//! One WebSocket session (PROTOCOL §2, §4, §5): pings, every bad input of §4, rate limit,
+//! One WebSocket session (docs/protocol.md §2, §4, §5): pings, every bad input of §4, rate limit,
 //! subscribe/unsubscribe, `/ws/user`, commands, heartbeat, idle drop, expiry, `auth.refresh`.
 
 mod common;

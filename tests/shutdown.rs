@@ -1,4 +1,4 @@
-//! Graceful shutdown (issue 2 item 9, PROTOCOL §5, §8): flush, `container.reconnect`,
+//! Graceful shutdown (issue 2 item 9, docs/protocol.md §5, §8): flush, `container.reconnect`,
 //! close 1012, `/readyz` 503 and upgrades 503 while draining, exit 0 within the grace.
 
 mod common;
@@ -129,7 +129,7 @@ async fn while_draining_readyz_and_upgrades_are_503_and_grace_bounds_a_stuck_cli
                 assert!(!(saw_503 && r.status == 200), "/readyz 200 again after 503");
                 saw_503 |= r.status == 503;
             }
-            // a closed listener cannot answer 503: PROTOCOL §2/§5 want the drain to answer
+            // a closed listener cannot answer 503: docs/protocol.md §2/§5 want the drain to answer
             Err(e) => transport_errors.push(format!("readyz: {e}")),
         }
         if let Ok(r) = http_request(gw.addr(), "GET", "/health/websocket", &[], None).await {

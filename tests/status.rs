@@ -1,4 +1,4 @@
-//! `status` snapshots (PROTOCOL §2, §4, §8): built from the project's node and task events,
+//! `status` snapshots (docs/protocol.md §2, §4, §8): built from the project's node and task events,
 //! sent after `connection.established` and on request (text or JSON), the same in Redis and
 //! embedded mode, finished tasks aging out, and one per project on `/ws/user`.
 
@@ -140,7 +140,7 @@ fn scenario() -> (Vec<Value>, Value, Value) {
     (events, nodes, tasks)
 }
 
-/// Task entries are `{status, progress?, updated_at}` (PROTOCOL §8); a `node_id` naming
+/// Task entries are `{status, progress?, updated_at}` (docs/protocol.md §8); a `node_id` naming
 /// the task's node is tolerated as an extra and removed before comparing.
 fn strip_task_node_ids(tasks: &Value, expect_node: bool) -> Value {
     let mut out = Map::new();

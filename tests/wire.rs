@@ -1,4 +1,4 @@
-//! Client frames at the byte level (RFC 6455 as PROTOCOL §4 relies on it): messages split
+//! Client frames at the byte level (RFC 6455 as docs/protocol.md §4 relies on it): messages split
 //! over continuation frames are reassembled, the size limit applies to the whole message
 //! (1009), and frames a client must not send (unmasked) close the connection (1002).
 //! Every frame costs one unit of the per-connection message budget, control frames and

@@ -11,7 +11,7 @@
 //!   its signature; it is not expired and names a subject. So `alg: none`, another key, an
 //!   HS256 token keyed with the RSA public key (algorithm confusion) or a tampered token
 //!   can never pass;
-//! - a request is authenticated from the source PROTOCOL §2 puts first (`Authorization:
+//! - a request is authenticated from the source docs/protocol.md §2 puts first (`Authorization:
 //!   Bearer`, `?token=`, cookie `session=`, `?session=`): a JWT only when a Bearer header or
 //!   a `token` parameter is present, a session only when neither is; with no source at all
 //!   (a token in `Sec-WebSocket-Protocol` is not one) the outcome is "missing";
@@ -184,7 +184,7 @@ fn query_keys(uri: &Uri) -> Vec<String> {
         .collect()
 }
 
-/// Which credential source PROTOCOL §2 says wins, from what is present (not parsed).
+/// Which credential source docs/protocol.md §2 says wins, from what is present (not parsed).
 fn first_source(headers: &HeaderMap, uri: &Uri) -> Option<Source> {
     let bearer = headers.get_all(AUTHORIZATION).iter().any(|v| {
         v.to_str().is_ok_and(|v| {

@@ -61,7 +61,7 @@ pub struct HistoryRead {
     pub truncated: bool,
 }
 
-/// `ws:connection:{client_id}` (PROTOCOL §7).
+/// `ws:connection:{client_id}` (docs/protocol.md §7).
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectionRecord {
     pub client_id: String,
@@ -253,7 +253,7 @@ impl Broker {
         }
     }
 
-    /// Where `session=` credentials are looked up (Redis only, PROTOCOL §1).
+    /// Where `session=` credentials are looked up (Redis only, docs/protocol.md §1).
     pub fn session_store(&self) -> Option<Arc<dyn SessionStore>> {
         match self {
             Broker::Memory(_) => None,

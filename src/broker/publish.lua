@@ -1,4 +1,4 @@
--- Switchboard publish script (PROTOCOL §7). The ONE place where an event gets its seq.
+-- Switchboard publish script (docs/protocol.md §7). The ONE place where an event gets its seq.
 -- Shared by the gateway, `switchboard publish` (through the gateway's HTTP API) and the
 -- publisher libraries (which EVAL this same file). Atomically, for one project:
 --   1. make sure the project has a history epoch (a new epoch wipes any stale history and

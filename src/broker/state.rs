@@ -1,4 +1,4 @@
-//! The status snapshot's state (PROTOCOL §4, §8): latest node and task states per project.
+//! The status snapshot's state (docs/protocol.md §4, §8): latest node and task states per project.
 //!
 //! In Redis the publish script keeps it (`project:{id}:state`, fields `node:<id>` and
 //! `task:<id>` holding JSON entries); [`ProjectState::apply`] is the in-process mirror of

@@ -16,7 +16,7 @@
 //! Names: OpenMetrics names a counter family without `_total` and its sample with it
 //! (`# TYPE switchboard_handshakes counter`, then `switchboard_handshakes_total{...}`), and a
 //! histogram with a unit ends in it (`switchboard_fanout_seconds_bucket`). The helpers take
-//! the exposed names of PROTOCOL §8 and derive the family names from them, so the names a
+//! the exposed names of docs/protocol.md §8 and derive the family names from them, so the names a
 //! scraper sees are exactly those in this file.
 
 use std::fmt;

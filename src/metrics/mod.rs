@@ -1,4 +1,4 @@
-//! What `GET /metrics` reports, and where it is counted (PROTOCOL §6, §8 names).
+//! What `GET /metrics` reports, and where it is counted (docs/protocol.md §6, §8 names).
 //!
 //! Counting is plain atomics bumped where things happen: [`Metrics`] here (in the hub),
 //! the hub's delivery stats and the Redis broker's stats. Nothing on the fan-out path takes

@@ -1,9 +1,9 @@
-//! The service API (PROTOCOL §6): publish, presence and broadcast, each behind a service
+//! The service API (docs/protocol.md §6): publish, presence and broadcast, each behind a service
 //! credential and the grant it carries.
 //!
 //! The publish API checks and fills every event of a batch before the broker sees any of
 //! it, so a batch is all-or-nothing. A broadcast follows the global channel's routing
-//! (PROTOCOL §3): one that names a `project_id` goes to that project only and needs a grant
+//! (docs/protocol.md §3): one that names a `project_id` goes to that project only and needs a grant
 //! for it; one without goes to every connection and needs a grant of `["*"]`. Bodies are
 //! bounded in bytes (`api.max_body_bytes`) and in time (`api.body_read_timeout_secs`).
 
@@ -257,7 +257,7 @@ pub(super) async fn publish(app: &App, project: &str, req: Request<Incoming>) ->
     }
 }
 
-/// Connected clients of a project across all instances (PROTOCOL §6).
+/// Connected clients of a project across all instances (docs/protocol.md §6).
 pub(super) async fn presence(app: &App, project: &str, req: &Request<Incoming>) -> Response {
     if !valid_project_id(project) {
         return invalid_project_id();
@@ -299,7 +299,7 @@ pub(super) async fn presence(app: &App, project: &str, req: &Request<Incoming>) 
     )
 }
 
-/// `POST /v1/broadcast`: a global event (PROTOCOL §3 routing, §6).
+/// `POST /v1/broadcast`: a global event (docs/protocol.md §3 routing, §6).
 pub(super) async fn broadcast(app: &App, req: Request<Incoming>) -> Response {
     let claims = match service_claims(&req) {
         Ok(c) => c,

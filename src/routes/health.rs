@@ -1,4 +1,4 @@
-//! Probes, metrics and ws-url: the routes that need no credential (PROTOCOL §6).
+//! Probes, metrics and ws-url: the routes that need no credential (docs/protocol.md §6).
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, StatusCode};

@@ -1,4 +1,4 @@
-//! The HTTP surface (PROTOCOL §6): routing, and the helpers every handler shares.
+//! The HTTP surface (docs/protocol.md §6): routing, and the helpers every handler shares.
 //!
 //! Routing is a [`matchit`] table (the router axum uses): a path either matches one route
 //! whole, with its parameters as borrowed segments, or it does not; no handler ever slices

@@ -120,7 +120,7 @@ fn check_bytes<T: DeserializeOwned>(kind: &str, b: &[u8]) -> Result<(), SchemaEr
 
 macro_rules! registry {
     ($( $kind:literal => $ty:ident as $name:literal, $family:ident; )*) => {
-        /// Every message type of PROTOCOL §3 and §4.
+        /// Every message type of docs/protocol.md §3 and §4.
         pub static REGISTRY: &[Entry] = &[
             $( Entry {
                 kind: $kind,

@@ -1,4 +1,4 @@
-//! The Rust types of every event and message (PROTOCOL §3, the seed's "Message Schema").
+//! The Rust types of every event and message (docs/protocol.md §3, the seed's "Message Schema").
 //!
 //! Each struct lists the fields its type REQUIRES beyond the envelope (`type`, `timestamp`,
 //! `project_id`, `seq`, which the gateway checks and fills for every event). Optional fields
@@ -78,7 +78,7 @@ pub struct StepInfo {
     pub description: String,
 }
 
-/// `task.progress.progress` (PROTOCOL §3).
+/// `task.progress.progress` (docs/protocol.md §3).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct TaskProgressInfo {
     pub percentage: f64,
@@ -148,7 +148,7 @@ pub struct CharacterInfo {
     pub triggerWord: String,
 }
 
-/// One node in a `status` snapshot (PROTOCOL §8).
+/// One node in a `status` snapshot (docs/protocol.md §8).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct NodeStatusEntry {
     pub state: Option<NodeState>,
@@ -159,7 +159,7 @@ pub struct NodeStatusEntry {
     pub updated_at: Option<String>,
 }
 
-/// One task in a `status` snapshot (PROTOCOL §8).
+/// One task in a `status` snapshot (docs/protocol.md §8).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct TaskStatusEntry {
     pub status: TaskState,

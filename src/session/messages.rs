@@ -1,4 +1,4 @@
-//! Client-to-server messages (PROTOCOL §4): parse, check, act, answer.
+//! Client-to-server messages (docs/protocol.md §4): parse, check, act, answer.
 //!
 //! [`parse`] turns one text message into a typed [`ClientMessage`] or a [`Refusal`] and
 //! touches no state (the `client_message` fuzz target drives it with arbitrary text); the
@@ -132,7 +132,7 @@ pub enum Command {
     Cancel,
 }
 
-/// One client message with its fields checked for presence and JSON type (PROTOCOL §4).
+/// One client message with its fields checked for presence and JSON type (docs/protocol.md §4).
 /// Whether this connection may act on it (granted, joined projects) is checked later.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientMessage {
@@ -206,7 +206,7 @@ pub fn parse(text: &str, max_depth: usize) -> Result<ClientMessage, Refusal> {
         }),
         "node.execute" | "task.cancel" => {
             // Checked in this order so the error names the first bad field a reader of
-            // PROTOCOL §4 would look at.
+            // docs/protocol.md §4 would look at.
             let request_id = owned(optional_string(&msg, "request_id")?);
             let project_id = owned(optional_string(&msg, "project_id")?);
             let (kind, subject, parameters) = if kind == "node.execute" {

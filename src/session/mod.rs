@@ -32,7 +32,7 @@ use outbox::{Limits, Offer, Outbox};
 /// before its socket is dropped.
 pub const CLOSE_DEADLINE: Duration = Duration::from_secs(3);
 
-/// Close codes of PROTOCOL §5.
+/// Close codes of docs/protocol.md §5.
 pub mod close_code {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;

@@ -1078,7 +1078,7 @@ impl Gateway {
 
     /// Connects to `/ws/{project}?token=...` and returns the client and its
     /// `connection.established` frame; the `status` snapshot that must follow it on a fresh
-    /// connection (PROTOCOL §2) is read and checked too.
+    /// connection (docs/protocol.md §2) is read and checked too.
     pub async fn connect(&self, project: &str, token: &str) -> (WsClient, Value) {
         let mut c = self.ws(&format!("/ws/{project}?token={token}"), &[]).await;
         let est = c.next_json(T).await;

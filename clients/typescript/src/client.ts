@@ -1,5 +1,5 @@
 // Switchboard client: one WebSocket to the gateway, typed events, auto-reconnect with
-// resume (last_seq + epoch), commands as promises. See PROTOCOL.md §2–§5 and §8.
+// resume (last_seq + epoch), commands as promises. See docs/protocol.md §2–§5 and §8.
 //
 // Only the generic shape of server frames is relied on (`type`, `timestamp`, `project_id`,
 // `seq`) plus the few fields of the connection-level and reply messages listed in the
@@ -67,7 +67,7 @@ export interface SwitchboardClientOptions {
   timers?: Timers;
 }
 
-/** Close codes of PROTOCOL §5 (plus the client's own liveness close). */
+/** Close codes of docs/protocol.md §5 (plus the client's own liveness close). */
 export const CloseCode = {
   NORMAL: 1000,
   GOING_AWAY: 1001,
@@ -79,7 +79,7 @@ export const CloseCode = {
   INTERNAL_ERROR: 1011,
   RESTART: 1012,
   /** The server could not check the credential right now (session store unreachable):
-   * not a denial, reconnect with backoff (PROTOCOL §2). */
+   * not a denial, reconnect with backoff (docs/protocol.md §2). */
   TRY_AGAIN_LATER: 1013,
   /** Sent by this client when the server stayed silent for 2.5 heartbeats. */
   LIVENESS_TIMEOUT: 4000,
@@ -103,7 +103,7 @@ export type CloseAction =
   | { kind: "stop"; reason: StopReason }
   | { kind: "reconnect"; freshToken: boolean };
 
-/** What the client does after a close with `code` (PROTOCOL §5). */
+/** What the client does after a close with `code` (docs/protocol.md §5). */
 export function closeAction(code: number, hasGetToken: boolean): CloseAction {
   switch (code) {
     case CloseCode.UNAUTHENTICATED:
@@ -749,7 +749,7 @@ export class SwitchboardClient {
     if (project !== undefined) {
       this.adoptPosition(project, msg.seq, msg.epoch, msg.resumed === true);
     }
-    // `/ws/user` (PROTOCOL §8): `positions: {project: {seq, epoch}}` instead of seq/epoch.
+    // `/ws/user` (docs/protocol.md §8): `positions: {project: {seq, epoch}}` instead of seq/epoch.
     const positions = (msg as unknown as Record<string, unknown>)["positions"];
     if (isRecord(positions)) {
       for (const [p, v] of Object.entries(positions)) {

@@ -313,7 +313,7 @@ export interface NodeStateUpdated {
   metadata?: Record<string, unknown> | null;
 }
 
-/** One node in a `status` snapshot (PROTOCOL §8). */
+/** One node in a `status` snapshot (docs/protocol.md §8). */
 export interface NodeStatusEntry {
   state?: NodeState | null;
   progress?: unknown;
@@ -549,7 +549,7 @@ export interface TaskProgress {
   metadata?: Record<string, unknown> | null;
 }
 
-/** `task.progress.progress` (PROTOCOL §3). */
+/** `task.progress.progress` (docs/protocol.md §3). */
 export interface TaskProgressInfo {
   percentage: number;
   current_step: number;
@@ -583,7 +583,7 @@ export interface TaskStarted {
 
 export type TaskState = "queued" | "started" | "running" | "success" | "failed" | "cancelled";
 
-/** One task in a `status` snapshot (PROTOCOL §8). */
+/** One task in a `status` snapshot (docs/protocol.md §8). */
 export interface TaskStatusEntry {
   status: TaskState;
   progress?: TaskProgressInfo | null;

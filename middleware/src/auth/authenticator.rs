@@ -1,6 +1,6 @@
 //! Finding a request's credential and checking it.
 //!
-//! Order, first found wins (PROTOCOL.md §2): `Authorization: Bearer <JWT>`, query
+//! Order, first found wins (docs/protocol.md §2): `Authorization: Bearer <JWT>`, query
 //! `?token=<JWT>`, cookie `session=<id>`, query `?session=<id>`. "Found" means present: a
 //! present but empty or garbled credential is refused, never skipped in favour of a later one,
 //! so a client cannot make the gateway fall through to a credential it did not mean to use.

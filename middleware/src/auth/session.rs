@@ -1,6 +1,6 @@
 //! Server-side sessions: the credential browsers carry as a cookie.
 //!
-//! The gateway looks sessions up in Redis (`session:{id}` holding JSON, see PROTOCOL.md §2)
+//! The gateway looks sessions up in Redis (`session:{id}` holding JSON, see docs/protocol.md §2)
 //! through the object-safe [`SessionStore`] trait, so this crate stays free of a Redis client
 //! and tests use [`MemorySessionStore`]. A store answers `Ok(None)` for an unknown id and
 //! `Err(AuthError::SessionStoreUnavailable)` when it cannot tell (the difference between

@@ -37,7 +37,7 @@ def load_script() -> bytes:
 
 
 def now_rfc3339() -> str:
-    """Current UTC time as RFC 3339 with millisecond precision and ``Z`` (PROTOCOL §3)."""
+    """Current UTC time as RFC 3339 with millisecond precision and ``Z`` (docs/protocol.md §3)."""
     now = datetime.now(timezone.utc)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
@@ -186,7 +186,7 @@ class FunctionRunnerEventPublisher:
 
     def commands(self, project_id: str, timeout: float | None = None) -> Iterator[dict]:
         """Commands the gateway relays from browsers for this project, as dicts
-        (``{"type": "execute_node" | "cancel_task", ...}``, PROTOCOL §4).
+        (``{"type": "execute_node" | "cancel_task", ...}``, docs/protocol.md §4).
 
         The subscription is active when this method returns (not at the first ``next``), so
         a command sent right after it is not lost and the sender's ``delivered_to`` counts

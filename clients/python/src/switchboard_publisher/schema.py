@@ -1,4 +1,4 @@
-"""The event schema of PROTOCOL §3, checked locally before anything reaches Redis.
+"""The event schema of docs/protocol.md §3, checked locally before anything reaches Redis.
 
 The fields follow the seed's "Message Schema" (TypeScript interfaces). The gateway drops an
 invalid event it receives through Redis (it can only log that, the worker never hears of
