@@ -607,6 +607,14 @@ fn redact_userinfo(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_event_policy_is_the_schema_default() {
+        assert_eq!(
+            Config::default().event_policy(),
+            crate::schema::Policy::default()
+        );
+    }
     use std::collections::HashMap;
 
     fn load(env: &[(&str, &str)]) -> Result<Config, ConfigError> {

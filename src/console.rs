@@ -17,7 +17,11 @@ use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 use http_body_util::Full;
 
-use crate::routes::{json_error, Response};
+use switchboard_middleware::json_error;
+
+/// What the console answers (the routes' response type, spelled out: the console sits below
+/// the router and does not import it).
+type Response = http::Response<Full<Bytes>>;
 
 /// What the page may do. `connect-src` allows any ws:/wss: host because the page may be
 /// pointed at another gateway than the one serving it; nothing else leaves the origin.

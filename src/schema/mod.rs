@@ -194,7 +194,7 @@ fn entry(kind: &str, families: &[Family]) -> Option<&'static Entry> {
 }
 
 /// What the gateway accepts where events come in.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     /// Let types outside the registry through (envelope checks still apply).
     pub allow_unknown_types: bool,
@@ -202,10 +202,15 @@ pub struct Policy {
     pub max_json_depth: usize,
 }
 
-/// The built-in defaults (`Config::default().event_policy()`): strict, depth 64.
+/// The built-in defaults: strict, depth 64 (the defaults of `events.allow_unknown_types`
+/// and `events.max_json_depth`; a test in `config` keeps the two equal, and schema does not
+/// import the config above it).
 impl Default for Policy {
     fn default() -> Self {
-        crate::config::Config::default().event_policy()
+        Self {
+            allow_unknown_types: false,
+            max_json_depth: 64,
+        }
     }
 }
 

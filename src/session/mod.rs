@@ -538,3 +538,31 @@ impl Session {
         self.ended.load(Ordering::Acquire)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every close code the gateway uses is one RFC 6455 §7.4 lets it send (here, not in
+    /// `frame`: the frame module must not depend on the session above it).
+    #[test]
+    fn every_close_code_we_use_may_be_sent() {
+        use super::close_code::*;
+        for c in [
+            NORMAL,
+            GOING_AWAY,
+            PROTOCOL_ERROR,
+            UNSUPPORTED,
+            INVALID_PAYLOAD,
+            POLICY,
+            TOO_BIG,
+            INTERNAL,
+            RESTART,
+            UNAUTHENTICATED,
+            FORBIDDEN,
+            EXPIRED,
+            RATE_LIMITED,
+            SLOW_CONSUMER,
+        ] {
+            assert!(crate::frame::valid_close_code(c), "{c}");
+        }
+    }
+}
