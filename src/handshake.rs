@@ -21,8 +21,9 @@ use crate::app::App;
 use crate::broker::ConnectionRecord;
 use crate::frame;
 use crate::metrics::Handshake;
+use crate::project::valid_project_id;
+use crate::response::{json_error, retry_after, Response};
 use crate::resume::ResumeRequest;
-use crate::routes::{json_error, retry_after, valid_project_id, Response};
 use crate::session::{close_code, conn, Scope, Session};
 
 fn client_ip<B>(req: &Request<B>) -> IpAddr {

@@ -483,7 +483,7 @@ impl Hub {
                 map.remove("project_id");
                 None
             }
-            Some(Value::String(p)) if crate::routes::valid_project_id(p) => Some(p.clone()),
+            Some(Value::String(p)) if crate::project::valid_project_id(p) => Some(p.clone()),
             Some(_) => return Err(event::EventError::BadProjectId),
         };
         map.remove("seq");

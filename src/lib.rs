@@ -19,11 +19,14 @@
 //! console.rs    the event console page at /console (embedded files, CSP)
 //! limits.rs     connection caps (global, per IP)
 //! json_depth.rs nesting depth of JSON text, measured flat before any parse
+//! project.rs    the project-id rule; response.rs the HTTP response helpers (both leaves)
 //! config.rs     the one config struct; app.rs the per-instance state; cli.rs the commands
 //! ```
 //!
 //! Invariants kept throughout: fan-out never awaits a socket; every queue is bounded; an
-//! event is encoded once and its frame bytes are shared by every recipient.
+//! event is encoded once and its frame bytes are shared by every recipient. Module
+//! dependencies are moving to one direction (server -> handshake -> session/hub -> stream
+//! -> broker); `tests/module_deps.rs` lists the cycles left and fails on any new one.
 
 pub mod app;
 pub mod broker;
@@ -38,6 +41,8 @@ pub mod hub;
 pub mod json_depth;
 pub mod limits;
 pub mod metrics;
+pub mod project;
+pub mod response;
 pub mod resume;
 pub mod revocation;
 pub mod routes;

@@ -15,12 +15,10 @@ use std::path::Path;
 const KNOWN_CYCLES: &[&[&str]] = &[&[
     "app",
     "broker",
-    "handshake",
     "hub",
     "metrics",
     "resume",
     "revocation",
-    "routes",
     "session",
 ]];
 

@@ -23,49 +23,15 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 
-use bytes::Bytes;
 use futures_util::FutureExt;
-use http::{header, HeaderValue, Method, Request, StatusCode};
-use http_body_util::Full;
+use http::{Method, Request, StatusCode};
+
 use hyper::body::Incoming;
-use serde_json::Value;
 
 use crate::app::App;
 
-pub type Response = http::Response<Full<Bytes>>;
-
-/// `[A-Za-z0-9_.-]{1,128}`, and not the reserved `user`, `.` or `..` (path segments with a
-/// meaning of their own: a proxy or client that normalises URLs would turn `/ws/..` into
-/// another route, and a key or log line naming `..` reads like a path traversal).
-pub fn valid_project_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id != "user"
-        && id != "."
-        && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
-pub fn json_response(status: StatusCode, value: &Value) -> Response {
-    let mut r = http::Response::new(Full::new(Bytes::from(value.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-/// The one error body shape, shared with the middleware layers.
-pub use switchboard_middleware::json_error;
-
-pub fn retry_after(mut r: Response, secs: u64) -> Response {
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    r
-}
+pub use crate::project::valid_project_id;
+pub use crate::response::{json_error, json_response, retry_after, Response};
 
 /// The routes of the table; parameters are read from the match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +165,7 @@ fn invalid_project_id() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn project_ids() {

@@ -23,7 +23,7 @@ use crate::app::App;
 use crate::config::WsConfig;
 use crate::event;
 use crate::frame;
-use crate::routes::valid_project_id;
+use crate::project::valid_project_id;
 
 /// A `status` reply costs one message of the connection's budget per project, plus one per
 /// this many bytes of snapshot beyond the first: what one connection can make the gateway
