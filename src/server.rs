@@ -44,7 +44,7 @@ use http::header;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use rand::Rng;
+use rand::RngExt;
 use switchboard_middleware::{
     AuthLayer, ClientIpLayer, HandshakeRateLimitLayer, PeerAddr, RequestIdLayer,
 };
@@ -356,10 +356,10 @@ async fn drain(app: &Arc<App>, close_http: watch::Sender<bool>) -> tokio::time::
     );
     let _ = close_http.send(true);
     {
-        let mut rng = rand::thread_rng();
+        let mut rng = rand::rng();
         for session in &sessions {
             // Jitter spreads the reconnect storm over the other instances.
-            let after = rng.gen_range(100..2_000);
+            let after = rng.random_range(100..2_000);
             session.close_for_restart(after);
         }
     }
