@@ -42,6 +42,10 @@ pub struct App {
     /// What `GET /metrics` renders.
     pub exporter: crate::metrics::Exporter,
     draining: AtomicBool,
+    /// Sessions from their registration in the hub until they leave it (a token is taken
+    /// before `hub.register` and dropped right after `hub.unregister`): what the drain
+    /// waits for.
+    pub sessions: tokio_util::task::TaskTracker,
     /// The port actually bound (the config may say 0).
     listen_port: AtomicU16,
 }
@@ -127,6 +131,7 @@ impl App {
             resumer: Default::default(),
             exporter,
             draining: AtomicBool::new(false),
+            sessions: tokio_util::task::TaskTracker::new(),
             listen_port: AtomicU16::new(0),
         }))
     }

@@ -294,6 +294,8 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     }
     // Live events wait until the greeting (snapshot or replay) is queued.
     session.close_gate();
+    // Taken before the session is in the hub, so a drain that begins meanwhile waits for it.
+    let tracked = app.sessions.token();
     app.hub.register(&session);
     for project in &projects {
         if app.join_project(project, &session).await.is_err() {
@@ -327,7 +329,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     session.span().in_scope(|| {
         tracing::debug!(request_id, user_id = %session.user_id(), "websocket connected");
     });
-    tokio::spawn(conn::task(app, session, upgrade, guard, resume));
+    tokio::spawn(conn::task(app, session, upgrade, guard, resume, tracked));
     response
 }
 

@@ -36,7 +36,6 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,12 +43,13 @@ use http::header;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use rand::Rng;
+use rand::RngExt;
 use switchboard_middleware::{
     AuthLayer, ClientIpLayer, HandshakeRateLimitLayer, PeerAddr, RequestIdLayer,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
 use tower::ServiceBuilder;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
@@ -107,30 +107,6 @@ fn is_admin_path(path: &str) -> bool {
     )
 }
 
-/// Plain HTTP connections still being served (an upgraded one leaves as soon as its
-/// session task has the socket): what the end of a drain waits for.
-#[derive(Clone, Default)]
-struct HttpConnections(Arc<AtomicUsize>);
-
-struct HttpConnection(Arc<AtomicUsize>);
-
-impl HttpConnections {
-    fn enter(&self) -> HttpConnection {
-        self.0.fetch_add(1, Ordering::AcqRel);
-        HttpConnection(self.0.clone())
-    }
-
-    fn active(&self) -> usize {
-        self.0.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for HttpConnection {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Serves until `shutdown` resolves, then drains. Returns when every connection is gone
 /// or the grace period is over.
 pub async fn serve(
@@ -176,7 +152,9 @@ pub async fn serve(
     let mut refused = Refusals::default();
 
     let (close_http, http_closing) = watch::channel(false);
-    let http_connections = HttpConnections::default();
+    // Plain HTTP connections still being served (an upgraded one leaves as soon as its
+    // session task has the socket): what the end of a drain waits for.
+    let http_connections = TaskTracker::new();
     // The listener keeps serving while draining, so /readyz and new upgrades can answer
     // 503 (docs/protocol.md §5); it closes once the drain is over.
     let drain_app = app.clone();
@@ -216,11 +194,9 @@ pub async fn serve(
             .service(stack.clone());
         let draining = app.is_draining();
         let mut closing = http_closing.clone();
-        let counted = http_connections.enter();
-        tokio::spawn(async move {
-            // Held while the connection speaks HTTP; an upgrade ends this task.
+        // The task ends when the connection stops speaking HTTP, an upgrade included.
+        http_connections.spawn(async move {
             let _permit = permit;
-            let _counted = counted;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_timeout)
@@ -253,12 +229,13 @@ pub async fn serve(
     // Requests accepted before the listener closed get their answer (found by
     // tests/faults.rs: publishes cut by the exit had been carried out by Redis, unanswered).
     // Idle keep-alive connections were told to close when the drain began.
-    while http_connections.active() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if http_connections.active() > 0 {
+    http_connections.close();
+    if tokio::time::timeout_at(deadline, http_connections.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
-            left = http_connections.active(),
+            left = http_connections.len(),
             "grace period over; dropping HTTP connections still in a request"
         );
     }
@@ -356,24 +333,28 @@ async fn drain(app: &Arc<App>, close_http: watch::Sender<bool>) -> tokio::time::
     );
     let _ = close_http.send(true);
     {
-        let mut rng = rand::thread_rng();
+        let mut rng = rand::rng();
         for session in &sessions {
             // Jitter spreads the reconnect storm over the other instances.
-            let after = rng.gen_range(100..2_000);
+            let after = rng.random_range(100..2_000);
             session.close_for_restart(after);
         }
     }
     let deadline = tokio::time::Instant::now() + grace;
-    while app.hub.session_count() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let left = app.hub.session_count();
-    if left > 0 {
+    // Closed, the tracker's wait ends once no session is left in the hub (sessions still
+    // registering hold a token already and are waited for too).
+    app.sessions.close();
+    if tokio::time::timeout_at(deadline, app.sessions.wait())
+        .await
+        .is_err()
+    {
+        let left = app.sessions.len();
         tracing::warn!(left, "grace period over; dropping remaining connections");
         for s in app.hub.sessions() {
             s.abort();
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Aborted sessions leave at their next poll; give them at most this long.
+        let _ = tokio::time::timeout(Duration::from_millis(50), app.sessions.wait()).await;
     }
     app.broker.deregister_instance(&app.instance_id).await;
     tracing::info!("drained");

@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use serde_json::Value as Json;
-use serde_yaml::Value as Yaml;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -25,42 +24,42 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
 }
 
-fn compose() -> Yaml {
-    let mut v: Yaml = serde_yaml::from_str(&read("deploy/compose.yaml"))
-        .unwrap_or_else(|e| panic!("deploy/compose.yaml is not valid YAML: {e}"));
-    // Compose resolves `<<:` merge keys; so must we, to see what each service gets.
-    v.apply_merge().expect("merge keys");
-    v
+fn compose() -> Json {
+    // serde-saphyr resolves anchors, aliases and `<<:` merge keys as compose does (an
+    // explicit key wins over a merged one), so each service is what compose gives it; it
+    // rejects duplicate keys. YAML scalars arrive as JSON strings, numbers or booleans.
+    serde_saphyr::from_str(&read("deploy/compose.yaml"))
+        .unwrap_or_else(|e| panic!("deploy/compose.yaml is not valid YAML: {e}"))
 }
 
-fn service<'a>(c: &'a Yaml, name: &str) -> &'a Yaml {
+fn service<'a>(c: &'a Json, name: &str) -> &'a Json {
     let s = &c["services"][name];
-    assert!(s.is_mapping(), "compose.yaml has no service {name}");
+    assert!(s.is_object(), "compose.yaml has no service {name}");
     s
 }
 
-fn str_of(v: &Yaml) -> String {
+fn str_of(v: &Json) -> String {
     match v {
-        Yaml::String(s) => s.clone(),
-        Yaml::Number(n) => n.to_string(),
+        Json::String(s) => s.clone(),
+        Json::Number(n) => n.to_string(),
         other => panic!("expected a string, got {other:?}"),
     }
 }
 
-fn environment(s: &Yaml) -> BTreeMap<String, String> {
+fn environment(s: &Json) -> BTreeMap<String, String> {
     s["environment"]
-        .as_mapping()
+        .as_object()
         .expect("environment as a mapping")
         .iter()
-        .map(|(k, v)| (str_of(k), str_of(v)))
+        .map(|(k, v)| (k.clone(), str_of(v)))
         .collect()
 }
 
 /// `./x:/y:ro` volume sources relative to deploy/, each checked to exist.
-fn volume_targets(s: &Yaml) -> BTreeMap<String, PathBuf> {
+fn volume_targets(s: &Json) -> BTreeMap<String, PathBuf> {
     s["volumes"]
-        .as_sequence()
-        .map(|v| v.as_slice())
+        .as_array()
+        .map(Vec::as_slice)
         .unwrap_or_default()
         .iter()
         .map(|v| {
@@ -82,10 +81,10 @@ fn volume_targets(s: &Yaml) -> BTreeMap<String, PathBuf> {
 fn compose_names_the_services_nginx_proxies_to_and_trusts_its_address() {
     let c = compose();
     let names: BTreeSet<String> = c["services"]
-        .as_mapping()
+        .as_object()
         .expect("services")
         .keys()
-        .map(str_of)
+        .cloned()
         .collect();
     let want: BTreeSet<String> = ["redis", "gateway-1", "gateway-2", "nginx"]
         .map(String::from)
@@ -129,7 +128,7 @@ fn compose_names_the_services_nginx_proxies_to_and_trusts_its_address() {
         let mounts = volume_targets(s);
         assert!(mounts.contains_key("/etc/switchboard/switchboard.toml"));
         let cmd: Vec<String> = s["command"]
-            .as_sequence()
+            .as_array()
             .unwrap()
             .iter()
             .map(str_of)

@@ -60,8 +60,7 @@ pub fn mint_token(
 
 /// A short random tag so each run uses fresh project names in a shared Redis.
 pub fn run_tag() -> String {
-    use rand::Rng;
-    let n: u32 = rand::thread_rng().gen();
+    let n: u32 = rand::random();
     format!("{n:08x}")
 }
 

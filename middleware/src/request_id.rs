@@ -8,6 +8,13 @@
 //! Invariant: the span records the URI *path* only. WebSocket clients in browsers pass their
 //! JWT as `?token=`, so logging the query (as a default HTTP trace layer does) would write
 //! credentials to the logs.
+//!
+//! Why not tower-http's `SetRequestId`/`PropagateRequestId`/`Trace` layers: `SetRequestId`
+//! keeps any incoming `x-request-id` unchecked (ours replaces a malformed or oversized one,
+//! which would otherwise go into every log line), `TraceLayer`'s default span logs the whole
+//! URI and its default failure hook logs every 5xx (readyz's 503 while draining) at ERROR,
+//! and it wraps the response body, while the stack is concrete on `Full<Bytes>`. Custom
+//! hooks plus a validating layer would be more code than this one service.
 
 use std::future::Future;
 use std::pin::Pin;

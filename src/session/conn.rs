@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::messages::{self, ClientState};
 use super::outbox::Drained;
@@ -45,8 +46,9 @@ pub fn task(
     upgrade: hyper::upgrade::OnUpgrade,
     guard: ConnectionGuard,
     resume: Option<crate::resume::ResumeRequest>,
+    tracked: TaskTrackerToken,
 ) -> impl std::future::Future<Output = ()> {
-    run(app, session, upgrade, guard, resume)
+    run(app, session, upgrade, guard, resume, tracked)
 }
 
 /// How long a connection that sent its close frame first waits for the client's reply.
@@ -68,6 +70,7 @@ pub async fn run(
     upgrade: hyper::upgrade::OnUpgrade,
     guard: ConnectionGuard,
     resume: Option<crate::resume::ResumeRequest>,
+    tracked: TaskTrackerToken,
 ) {
     // Runs while the 101 is on its way; live events wait behind the session's gate.
     Box::pin(crate::resume::greet(&app, &session, resume)).await;
@@ -113,6 +116,9 @@ pub async fn run(
         }
     }
     app.hub.unregister(&session);
+    // Out of the hub: the drain stops waiting for this session here, not after the record
+    // deletion below (which is queued to the record writer and may wait on Redis).
+    drop(tracked);
     // Boxed: a Redis call's future is large and would otherwise be part of every idle
     // connection's task.
     Box::pin(
@@ -533,7 +539,8 @@ mod tests {
         let mut req = http::Request::builder().body(()).unwrap();
         let upgrade = hyper::upgrade::on(&mut req);
         let guard = app.limits.acquire([127, 0, 0, 1].into()).unwrap();
-        let fut = task(app.clone(), session, upgrade, guard, None);
+        let tracked = app.sessions.token();
+        let fut = task(app.clone(), session, upgrade, guard, None, tracked);
         let size = std::mem::size_of_val(&fut);
         eprintln!("connection task future: {size} bytes");
         assert!(size <= 1024, "task() future is {size} bytes");
