@@ -115,6 +115,33 @@ where
     }
 }
 
+/// How many connections wait in the accept queue of the TCP listener on `addr` (IPv4, read
+/// from /proc/net/tcp); None if there is no such listener. A server that takes connections
+/// off in order, as the gateway's accept loop does, has seen every connection made so far
+/// once this is 0.
+pub fn accept_queue_len(addr: SocketAddr) -> Option<u64> {
+    let SocketAddr::V4(v4) = addr else {
+        return None;
+    };
+    // The kernel prints the address as the u32 it holds in network order, in host order.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // sl local_address rem_address st tx_queue:rx_queue ...; st 0A is LISTEN, whose
+        // rx_queue is the accept queue's length.
+        if f.len() < 5 || f[1] != local || f[3] != "0A" {
+            return None;
+        }
+        let rx = f[4].split(':').nth(1)?;
+        u64::from_str_radix(rx, 16).ok()
+    })
+}
+
 /// `s` percent-encoded for a URL query value (unreserved characters kept).
 pub fn query_escape(s: &str) -> String {
     s.bytes()
