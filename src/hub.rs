@@ -650,38 +650,79 @@ mod tests {
         assert!(hub.project_sessions("q").is_empty());
     }
 
+    /// The hub's whole conversation with the subscription manager, in order: every join
+    /// asks (Subscribe is idempotent: the manager's `wanted` set makes it one Redis
+    /// SUBSCRIBE, and each join waits for its own confirmation), and the last leave
+    /// unsubscribes exactly once, after the linger, unless someone rejoined meanwhile.
     #[tokio::test]
     async fn subscription_is_reference_counted_with_linger() {
+        const LINGER: Duration = Duration::from_millis(300);
+        const SUB: &str = "+project:p:events";
+        const UNSUB: &str = "-project:p:events";
         let (tx, mut rx) = mpsc::channel(SUB_QUEUE);
-        let hub = Hub::new(Some(tx), Duration::from_millis(50), STRICT);
-        let confirm = tokio::spawn(async move {
-            let mut log = Vec::new();
+        let hub = Hub::new(Some(tx), LINGER, STRICT);
+        let log = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+        let recorder = log.clone();
+        tokio::spawn(async move {
             while let Some(cmd) = rx.recv().await {
                 match cmd {
                     SubCommand::Subscribe { channel, done } => {
-                        log.push(format!("+{channel}"));
+                        recorder.lock().push(format!("+{channel}"));
                         let _ = done.send(true);
                     }
                     SubCommand::Unsubscribe { channel } => {
-                        log.push(format!("-{channel}"));
-                        break;
+                        recorder.lock().push(format!("-{channel}"));
                     }
                 }
             }
-            log
         });
+        let commands = || log.lock().clone();
+        // Past a linger: long enough for a wrong unsubscribe to show.
+        let window = || tokio::time::sleep(LINGER * 3 / 2);
+
         let a = session("p");
         let b = session("p");
         hub.join("p", &a).await.unwrap();
         hub.join("p", &b).await.unwrap();
+        assert_eq!(commands(), [SUB, SUB]);
+
+        // One of two leaves: no unsubscribe, however long we wait.
         hub.leave("p", &a);
+        window().await;
+        assert_eq!(commands(), [SUB, SUB], "unsubscribed while b remains");
+        assert_eq!(hub.project_count(), 1);
+
+        // The last one leaves and a session rejoins within the linger: nothing is dropped.
         hub.leave("p", &b);
+        hub.join("p", &a).await.unwrap();
+        window().await;
+        assert_eq!(
+            commands(),
+            [SUB, SUB, SUB],
+            "a rejoin within the linger must cancel the unsubscribe"
+        );
+        assert_eq!(hub.project_count(), 1);
+
+        // The last one leaves, comes back and leaves again: the linger counts from the last
+        // leave (the first one's timer must not fire for it), and exactly one unsubscribe
+        // follows.
+        hub.leave("p", &a);
+        tokio::time::sleep(LINGER / 10).await;
+        hub.join("p", &a).await.unwrap();
+        let left = std::time::Instant::now();
+        hub.leave("p", &a);
+        let deadline = left + Duration::from_secs(5);
+        while commands().len() < 5 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            left.elapsed() >= LINGER,
+            "unsubscribed {:?} after the last leave, before the linger",
+            left.elapsed()
+        );
+        window().await;
+        assert_eq!(commands(), [SUB, SUB, SUB, SUB, UNSUB]);
         assert_eq!(hub.project_count(), 0);
-        let log = tokio::time::timeout(Duration::from_secs(2), confirm)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(log.last().unwrap(), "-project:p:events");
         assert!(hub.active_projects().is_empty());
     }
 

@@ -222,7 +222,10 @@ async fn pending_connection_cap_closes_new_connections_at_accept() {
     for _ in 0..20 {
         idle.push(TcpStream::connect(addr).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Each idle connection the gateway takes off its accept queue holds a pending slot until
+    // its header timeout, and it takes them in order: once the queue is empty, all 20 do.
+    let taken = eventually(T, || async { accept_queue_len(addr) == Some(0) }).await;
+    assert!(taken, "the gateway never accepted the idle connections");
     // The 21st is accepted and closed at once, before any byte is read.
     let mut extra = TcpStream::connect(addr).await.unwrap();
     let _ = extra
@@ -299,7 +302,16 @@ async fn credentials_never_reach_the_gateway_logs() {
         .await;
     c.expect_closed_with(4001, T).await;
     drop(open);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Everything the gateway logs about a session comes before its "session ended" (the
+    // last line of its task): wait until every session that connected has ended, the
+    // closes included. (The refused ones are answered in the handshake and log nothing.)
+    let ended = eventually(T, || async {
+        let logs = gw.logs();
+        let connected = logs.matches("websocket connected").count();
+        connected > 0 && logs.matches("session ended").count() == connected
+    })
+    .await;
+    assert!(ended, "not every session ended:\n{}", gw.logs());
     let logs = gw.logs();
     assert!(
         logs.contains("authenticated"),
@@ -626,7 +638,8 @@ async fn revoked_session_closes_its_connections_with_4001() {
     let mut a2 = open("/ws/p2?session=s-a", &[]).await;
     let mut b = open("/ws/p1?session=s-b", &[]).await;
     let (mut j, _) = gw.connect("p1", &gw.token("ann", &["p1"])).await;
-    // Still there: nobody is closed by the recheck.
+    // Still there: nobody is closed by the recheck. A deliberate window (a recheck or two
+    // at 1 s) in which nothing must happen, not a wait for something.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     a1.assert_alive().await;
 
@@ -677,6 +690,7 @@ async fn session_recheck_fails_open_while_redis_is_down() {
     assert_eq!(c.next_json(T).await["type"], "connection.established");
     redis.kill();
     // Several rechecks fail meanwhile: nobody is logged out by an outage, and it is said once.
+    // A deliberate window (four rechecks at 1 s) in which nothing more must happen.
     tokio::time::sleep(Duration::from_millis(4500)).await;
     c.assert_alive().await;
     let warnings = gw

@@ -181,13 +181,27 @@ async fn project_channel_lifecycle_in_pubsub_channels() {
         eventually(Duration::from_secs(1), || has(true)).await,
         "channel subscribed while a client is connected"
     );
+    // Asserts the channel stays subscribed for all of `window` (polled): a deliberate
+    // stretch, longer than the 1 s unsubscribe linger, in which nothing must happen.
+    let stays_subscribed = |window: Duration, why: &'static str| {
+        let has = &has;
+        async move {
+            let end = Instant::now() + window;
+            while Instant::now() < end {
+                assert!(has(true).await, "{why}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     let c2 = gw.client("life").await;
     c1.close().await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(
-        has(true).await,
-        "channel dropped while a client is still connected"
-    );
+    // c1 has left the project (and its linger begun) once the gateway counts one session.
+    gw.wait_connections(1, T).await;
+    stays_subscribed(
+        Duration::from_millis(2500),
+        "channel dropped while a client is still connected",
+    )
+    .await;
 
     c2.close().await;
     let left = Instant::now();
@@ -226,7 +240,14 @@ async fn project_channel_lifecycle_in_pubsub_channels() {
     let c = gw.client("life").await;
     c.close().await;
     let mut c = gw.client("life").await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The first one has left once one session is counted; past its linger the rejoin must
+    // have kept the channel.
+    gw.wait_connections(1, T).await;
+    stays_subscribed(
+        Duration::from_millis(1500),
+        "a rejoin within the linger did not keep the channel",
+    )
+    .await;
     gw.publish("life", &ev(1)).await;
     assert_eq!(c.next_json(T).await["n"], 1);
 }
@@ -449,6 +470,8 @@ async fn progress_events_are_conflated_for_a_slow_client() {
         gw.publish("conf", &Value::Array(batch)).await;
     }
     // the progress of one task never overflows the queue: the client is still connected
+    // (a deliberate window for a slow-consumer close that must not come; reading all of
+    // them below checks it again)
     tokio::time::sleep(Duration::from_millis(500)).await;
     gw.wait_connections(1, T).await;
     let mut last = 0;

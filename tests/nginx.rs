@@ -2,8 +2,9 @@
 //!
 //! The test renders the committed config (listen port, upstream addresses, log directory;
 //! pid and temp paths added) and runs nginx with `-p` in a temp directory, `daemon off`, on
-//! a free loopback port, stopping it by PID. Every substitution must match the committed
-//! file exactly, so a change to its shape fails here instead of testing another config.
+//! a free loopback port (a fresh one if another process takes it before nginx binds it),
+//! stopping it by PID. Every substitution must match the committed file exactly, so a
+//! change to its shape fails here instead of testing another config.
 //! Three things are checked:
 //! - WebSocket upgrades, the HTTP API and the health endpoints work through the proxy;
 //! - `X-Forwarded-For` is believed from nginx only: per-IP limits see the real client
@@ -91,6 +92,8 @@ struct Nginx {
 }
 
 impl Nginx {
+    /// nginx on a free loopback port, on a fresh one if another process takes the port
+    /// between [`free_port`]'s probe and nginx's bind.
     fn start(upstreams: [SocketAddr; 2]) -> Nginx {
         let dir = std::env::temp_dir().join(format!(
             "switchboard-nginx-{}-{}",
@@ -98,14 +101,34 @@ impl Nginx {
             unique("n")
         ));
         std::fs::create_dir_all(&dir).expect("create nginx temp dir");
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut nginx = Nginx {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir,
+        };
+        for _ in 0..PORT_ATTEMPTS {
+            nginx.addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            if nginx.spawn(upstreams).is_ok() {
+                return nginx;
+            }
+        }
+        panic!("nginx: {PORT_ATTEMPTS} free ports in a row were taken before it bound them");
+    }
+
+    /// Starts nginx on `self.addr` and waits until it serves there; Err when another
+    /// process took the port first (nginx is stopped then).
+    fn spawn(&mut self, upstreams: [SocketAddr; 2]) -> Result<(), PortTaken> {
+        let dir = &self.dir;
+        for log in ["stderr.log", "error.log", "nginx.pid"] {
+            let _ = std::fs::remove_file(dir.join(log));
+        }
         let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, render(&dir, addr, upstreams)).expect("write nginx.conf");
+        std::fs::write(&conf, render(dir, self.addr, upstreams)).expect("write nginx.conf");
         let output = std::fs::File::create(dir.join("stderr.log")).expect("create stderr.log");
         let bin = nginx_bin();
         let child = Command::new(&bin)
             .arg("-p")
-            .arg(&dir)
+            .arg(dir)
             .arg("-c")
             .arg(&conf)
             .arg("-e")
@@ -117,42 +140,49 @@ impl Nginx {
             .stderr(output)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let mut nginx = Nginx {
-            child: Some(child),
-            addr,
-            dir,
-        };
-        nginx.wait_listening();
-        nginx
+        self.child = Some(child);
+        self.wait_listening()
     }
 
-    /// Until nginx answers its own health location (10 s), or panics with its error log.
-    fn wait_listening(&mut self) {
+    /// Until this nginx answers its own health location (10 s). It is this one when the
+    /// pid file names our child: nginx writes it only after binding its listener. A bind
+    /// failure (nginx retries for 2.5 s before it gives up) stops it and returns Err; any
+    /// other failure panics with its error log.
+    fn wait_listening(&mut self) -> Result<(), PortTaken> {
+        let pid = self.child.as_ref().unwrap().id();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(self.addr) {
-                use std::io::{Read, Write};
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let _ = s.write_all(
-                    b"GET /nginx-health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-                );
-                let mut buf = Vec::new();
-                let _ = s.read_to_end(&mut buf);
-                if buf.starts_with(b"HTTP/1.1 200") {
-                    return;
-                }
+            let ours = self.file("nginx.pid").trim() == pid.to_string();
+            if ours && self.health_ok() {
+                return Ok(());
+            }
+            let logs = format!("{}\n{}", self.file("stderr.log"), self.file("error.log"));
+            if logs.contains("Address already in use") {
+                self.stop();
+                return Err(PortTaken);
             }
             let exited = self.child.as_mut().unwrap().try_wait().unwrap();
             if exited.is_some() || Instant::now() > deadline {
                 panic!(
-                    "nginx did not come up on {} (exit: {exited:?})\n{}\n{}",
-                    self.addr,
-                    self.file("stderr.log"),
-                    self.file("error.log")
+                    "nginx did not come up on {} (exit: {exited:?})\n{logs}",
+                    self.addr
                 );
             }
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    fn health_ok(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(2))
+        else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = s.write_all(b"GET /nginx-health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        buf.starts_with(b"HTTP/1.1 200")
     }
 
     fn file(&self, name: &str) -> String {

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Map, Value};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn ts(i: u32) -> String {
     format!("2024-05-01T12:00:{i:02}.{:03}Z", i * 7 % 1000)
@@ -335,6 +335,8 @@ async fn terminal_tasks_age_out(gw: &Gateway, project: &str) {
         &json!({"type": "task.started", "task_id": "done", "node_id": "n", "runner_id": "r"}),
     )
     .await;
+    // Before the first task finishes: nothing may age out sooner than the TTL after this.
+    let finishing = Instant::now();
     gw.publish(project, &json!({"type": "task.success", "task_id": "done", "node_id": "n", "result": {}, "execution_time": 1}))
         .await;
     gw.publish(
@@ -349,12 +351,24 @@ async fn terminal_tasks_age_out(gw: &Gateway, project: &str) {
     assert_eq!(s["tasks"]["done"]["status"], "success", "{s}");
     assert_eq!(s["tasks"]["gone"]["status"], "cancelled", "{s}");
     assert_eq!(s["tasks"]["run"]["status"], "started", "{s}");
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    gw.publish(project, &ev(1)).await;
-    let e = c.next_json(T).await;
-    assert_eq!(e["type"], "file.changed", "{e}");
-    let s = c.call(&json!({"type": "status"})).await;
-    assert_eq!(s["type"], "status", "{s}");
+    // Ageing happens when the project's state is next written: publish until the finished
+    // tasks are gone (the TTL is 1 s), then look at the status that showed it.
+    let mut n = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        n += 1;
+        gw.publish(project, &ev(n)).await;
+        let e = c.next_json(T).await;
+        assert_eq!(e["type"], "file.changed", "{e}");
+        assert_eq!(e["n"], n, "{e}");
+        let s = c.call(&json!({"type": "status"})).await;
+        assert_eq!(s["type"], "status", "{s}");
+        let finished = ["done", "gone"].iter().any(|t| s["tasks"].get(t).is_some());
+        if !finished || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let tasks = s["tasks"].as_object().unwrap();
     let mut ids: Vec<&String> = tasks.keys().collect();
     ids.sort();
@@ -362,6 +376,12 @@ async fn terminal_tasks_age_out(gw: &Gateway, project: &str) {
         ids,
         vec!["run"],
         "finished tasks aged out, the running one stays: {s}"
+    );
+    // (50 ms of slack: the gateway stamps the finish in wall-clock milliseconds.)
+    assert!(
+        finishing.elapsed() >= Duration::from_millis(950),
+        "finished tasks aged out {:?} after finishing, with a 1 s TTL",
+        finishing.elapsed()
     );
     assert_eq!(s["tasks"]["run"]["status"], "started", "{s}");
     // a new connection's snapshot agrees

@@ -455,8 +455,17 @@ mod tests {
         assert_eq!(o.take_all().0, vec!["bye"]);
     }
 
+    /// Frame `i`: its number, then 64 KiB of a pattern of its own, so a lost, repeated,
+    /// cut or reordered frame shows in the bytes the peer reads.
+    fn numbered(i: u32) -> Bytes {
+        let mut f = i.to_be_bytes().to_vec();
+        f.extend((0..64 * 1024u32).map(|j| (i.wrapping_mul(31).wrapping_add(j) % 251) as u8));
+        Bytes::from(f)
+    }
+
     #[tokio::test]
     async fn writes_inline_when_the_socket_takes_it_and_queues_when_full() {
+        use std::time::Duration;
         use tokio::io::AsyncReadExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -473,38 +482,95 @@ mod tests {
         let mut buf = [0u8; 5];
         client.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"hello");
+        // Everything offered from here on, in offer order: what the client must read.
+        let mut expected = Vec::new();
+        let mut next = 0u32;
+        let mut offer = |o: &Outbox| {
+            let frame = numbered(next);
+            next += 1;
+            expected.extend_from_slice(&frame);
+            o.offer(frame, None)
+        };
         // Fill the socket: the client does not read, so frames end up queued.
-        let big = Bytes::from(vec![7u8; 64 * 1024]);
         let mut queued = false;
         for _ in 0..1000 {
-            if o.offer(big.clone(), None) == Offer::Queued {
+            if offer(&o) == Offer::Queued {
                 queued = true;
                 break;
             }
         }
         assert!(queued, "a full socket must make frames queue");
         assert!(o.has_pending());
-        // Reading on the client side lets drain() make progress in order.
+        // More while the queue is not empty: queued behind it, never written past it.
+        for _ in 0..8 {
+            assert_eq!(offer(&o), Offer::Queued);
+        }
+        // Reading on the client side lets drain() make progress; offers keep coming in
+        // between drains, while the socket has room again and the queue is not empty.
         let reader = tokio::spawn(async move {
-            let mut total = 0usize;
+            let mut got = Vec::new();
             let mut chunk = vec![0u8; 1 << 16];
             while let Ok(n) = client.read(&mut chunk).await {
                 if n == 0 {
                     break;
                 }
-                total += n;
+                got.extend_from_slice(&chunk[..n]);
             }
-            total
+            got
         });
-        loop {
-            match o.drain() {
-                Drained::Empty => break,
-                Drained::Blocked => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
-                other => panic!("{other:?}"),
+        let drained = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut interleaved = 0;
+            loop {
+                if interleaved < 8 && !o.is_empty() {
+                    interleaved += 1;
+                    assert_eq!(offer(&o), Offer::Queued, "written past the queue");
+                }
+                match o.drain() {
+                    Drained::Empty => break,
+                    Drained::Blocked => tokio::time::sleep(Duration::from_millis(1)).await,
+                    other => panic!("{other:?}"),
+                }
             }
-        }
+            // Queue empty again: the next frame goes inline (or queues if the socket is
+            // still full), after everything before it.
+            offer(&o);
+            loop {
+                match o.drain() {
+                    Drained::Empty => break,
+                    Drained::Blocked => tokio::time::sleep(Duration::from_millis(1)).await,
+                    other => panic!("{other:?}"),
+                }
+            }
+        })
+        .await;
+        assert!(drained.is_ok(), "the queue did not drain within 20 s");
         o.detach();
         drop(o);
-        assert!(reader.await.unwrap() > 64 * 1024);
+        let got = tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .expect("the client did not read to the end within 20 s")
+            .unwrap();
+        let frame_len = numbered(0).len();
+        if let Some(at) = got.iter().zip(&expected).position(|(g, e)| g != e) {
+            let start = at - at % frame_len;
+            let header = |b: &[u8]| {
+                b.get(start..start + 4)
+                    .map(|h| u32::from_be_bytes(h.try_into().unwrap()))
+            };
+            panic!(
+                "byte {at} differs: offset {} of frame {}; the client read a frame starting \
+                 with number {:?} there",
+                at - start,
+                at / frame_len,
+                header(&got)
+            );
+        }
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "the client read {} of the {} bytes of {next} frames",
+            got.len(),
+            expected.len()
+        );
     }
 }

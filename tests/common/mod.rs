@@ -1,6 +1,7 @@
 //! Black-box test harness: starts the real `switchboard` binary on `127.0.0.1:0` and, for
-//! Redis mode, a private `redis-server` on a free port (started and killed by PID), and
-//! gives tests small HTTP, WebSocket, Redis and token helpers.
+//! Redis mode, a private `redis-server` on a free port (started again on another one if a
+//! process takes it first; killed by PID), and gives tests small HTTP, WebSocket, Redis
+//! and token helpers.
 //!
 //! Everything here has a timeout: a broken server makes a test fail, never hang.
 //! `SWITCHBOARD_BIN` overrides the binary under test (default: this crate's `switchboard`).
@@ -34,10 +35,45 @@ pub const SECRET: &str = "switchboard-integration-test-secret-0123456789";
 // ---------------------------------------------------------------------------------------
 // small utilities
 
+/// A loopback port nobody was listening on a moment ago, for a server that cannot bind
+/// port 0 and report it (redis-server, nginx).
+///
+/// Releasing the probe before the server binds leaves a window in which another process
+/// can take the port, so every caller retries with a fresh port (or, for a restart that
+/// must keep its port, the same one) when its server fails with "Address already in use".
+/// The window is also made small: the port comes from below the kernel's ephemeral range,
+/// which the outgoing connections of the tests running in parallel (and `bind(0)`) draw
+/// from, so only another explicit pick like this one can collide.
 pub fn free_port() -> u16 {
+    let (low, _) = ephemeral_range();
+    let base = low.saturating_sub(10_000).max(1024);
+    if low.saturating_sub(base) >= 1000 {
+        for _ in 0..100 {
+            let pick = base + (uuid::Uuid::new_v4().as_u128() % u128::from(low - base)) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", pick)).is_ok() {
+                return pick;
+            }
+        }
+    }
+    // No room below the ephemeral range (or all taken): any free port the kernel picks.
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().unwrap().port()
 }
+
+/// The kernel's range for ephemeral ports (Linux defaults when it cannot be read).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// How many times a server that lost its port to another process is started again on a
+/// fresh one before the test gives up.
+pub const PORT_ATTEMPTS: usize = 5;
 
 pub fn now_secs() -> i64 {
     SystemTime::now()
@@ -77,6 +113,33 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// How many connections wait in the accept queue of the TCP listener on `addr` (IPv4, read
+/// from /proc/net/tcp); None if there is no such listener. A server that takes connections
+/// off in order, as the gateway's accept loop does, has seen every connection made so far
+/// once this is 0.
+pub fn accept_queue_len(addr: SocketAddr) -> Option<u64> {
+    let SocketAddr::V4(v4) = addr else {
+        return None;
+    };
+    // The kernel prints the address as the u32 it holds in network order, in host order.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // sl local_address rem_address st tx_queue:rx_queue ...; st 0A is LISTEN, whose
+        // rx_queue is the accept queue's length.
+        if f.len() < 5 || f[1] != local || f[3] != "0A" {
+            return None;
+        }
+        let rx = f[4].split(':').nth(1)?;
+        u64::from_str_radix(rx, 16).ok()
+    })
 }
 
 /// `s` percent-encoded for a URL query value (unreserved characters kept).
@@ -214,6 +277,10 @@ pub fn task_progress(task: &str, pct: u64) -> Value {
 // ---------------------------------------------------------------------------------------
 // redis-server
 
+/// A server failed to start because another process bound its port first.
+#[derive(Debug)]
+pub struct PortTaken;
+
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
@@ -240,20 +307,30 @@ impl RedisServer {
         std::fs::create_dir_all(&dir).expect("create redis temp dir");
         let mut r = RedisServer {
             child: None,
-            port: free_port(),
+            port: 0,
             dir,
             persistent,
         };
-        r.spawn();
-        r
+        for _ in 0..PORT_ATTEMPTS {
+            r.port = free_port();
+            if r.spawn().is_ok() {
+                return r;
+            }
+        }
+        panic!("redis-server: {PORT_ATTEMPTS} free ports in a row were taken before it bound them");
     }
 
-    fn spawn(&mut self) {
+    /// Starts redis-server on `self.port` and waits (10 s) until it answers as itself. The
+    /// error is the one a caller can retry: another process took the port first. Any other
+    /// failure panics with redis-server's log.
+    fn spawn(&mut self) -> Result<(), PortTaken> {
         let aof: &[&str] = if self.persistent {
             &["--appendonly", "yes", "--appendfsync", "always"]
         } else {
             &["--appendonly", "no"]
         };
+        let log = self.dir.join("redis.log");
+        let _ = std::fs::remove_file(&log);
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -265,6 +342,7 @@ impl RedisServer {
             ])
             .args(aof)
             .args(["--dir", self.dir.to_str().unwrap()])
+            .args(["--logfile", log.to_str().unwrap()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -277,33 +355,62 @@ impl RedisServer {
             ),
             Err(e) => panic!("cannot start redis-server: {e}"),
         };
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.ping() {
-                return;
+            if self.answers_as(pid) {
+                return Ok(());
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("redis-server on port {} exited at start: {st}", self.port);
+                self.child = None;
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                if log.contains("Address already in use") {
+                    return Err(PortTaken);
+                }
+                panic!(
+                    "redis-server on port {} exited at start: {st}\n{log}",
+                    self.port
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.kill();
         panic!(
-            "redis-server on port {} did not answer PING within 10 s",
-            self.port
+            "redis-server on port {} did not answer within 10 s\n{}",
+            self.port,
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
     }
 
-    fn ping(&self) -> bool {
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+    /// Whether the redis-server with process id `pid` answers on our port: not merely a
+    /// server, which could be another test's that took the port first.
+    fn answers_as(&self, pid: u32) -> bool {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+        else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-        if s.write_all(b"PING\r\n").is_err() {
+        if s.write_all(b"INFO server\r\n").is_err() {
             return false;
         }
-        let mut buf = [0u8; 16];
-        matches!(s.read(&mut buf), Ok(n) if n >= 5 && &buf[..5] == b"+PONG")
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        while reply.len() < 1 << 16 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => reply.extend_from_slice(&buf[..n]),
+            }
+            let text = String::from_utf8_lossy(&reply);
+            if let Some(at) = text.find("\r\nprocess_id:") {
+                let line = &text[at + 2..];
+                if let Some(end) = line.find("\r\n") {
+                    return line[..end] == format!("process_id:{pid}");
+                }
+            }
+        }
+        false
     }
 
     pub fn port(&self) -> u16 {
@@ -340,7 +447,18 @@ impl RedisServer {
     /// A new redis-server on the same port: empty, or with its data for `start_persistent`.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        // The gateway under test knows this port, so it must be this one again. What can
+        // hold it meanwhile is another test's `free_port` probe (for an instant: try again)
+        // or a server started there (then this test cannot go on).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.spawn().is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "port {} stayed taken by another process while redis-server restarted",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn client(&self) -> redis::Client {
