@@ -111,23 +111,32 @@ async fn a_snapshot_frame_is_capped_and_keeps_the_newest_entries() {
     assert!(again.len() <= 8192, "{} bytes", again.len());
 }
 
-#[tokio::test]
-async fn a_resume_replays_at_most_replay_max_bytes() {
-    let redis = RedisServer::start();
-    let gw = GatewayOpts::new()
+/// A gateway on a private Redis whose replay budget is 64 KiB (events up to 8 KiB).
+fn small_replay_budget(redis: &RedisServer) -> Gateway {
+    GatewayOpts::new()
         .redis(redis.url())
         .cfg("events", "max_event_bytes", "8192")
         .cfg("events", "replay_max_bytes", "65536")
-        .start();
-    let pad = "x".repeat(1000);
-    let batch: Vec<Value> = (1..=300)
-        .map(|n| {
-            let mut e = ev(n);
+        .start()
+}
+
+/// Events `ev(from..from + n)`, each padded with `pad_bytes` bytes.
+fn padded(from: u64, n: u64, pad_bytes: usize) -> Value {
+    let pad = "x".repeat(pad_bytes);
+    json!((from..from + n)
+        .map(|i| {
+            let mut e = ev(i);
             e["pad"] = json!(pad);
             e
         })
-        .collect();
-    let seqs = gw.publish("r", &json!(batch)).await;
+        .collect::<Vec<_>>())
+}
+
+#[tokio::test]
+async fn a_resume_replays_at_most_replay_max_bytes() {
+    let redis = RedisServer::start();
+    let gw = small_replay_budget(&redis);
+    let seqs = gw.publish("r", &padded(1, 300, 1000)).await;
     assert_eq!(seqs.len(), 300);
     let t = gw.token("ann", &["r"]);
     // ~1.1 KB each: 300 events are ~330 KB, over the 64 KiB replay budget.
@@ -154,22 +163,10 @@ async fn a_resume_replays_at_most_replay_max_bytes() {
 #[tokio::test]
 async fn a_resume_from_zero_does_not_load_the_whole_history() {
     let redis = RedisServer::start();
-    let gw = GatewayOpts::new()
-        .redis(redis.url())
-        .cfg("events", "max_event_bytes", "8192")
-        .cfg("events", "replay_max_bytes", "65536")
-        .start();
+    let gw = small_replay_budget(&redis);
     // 5,000 events of ~4 KB: a 20 MB history, the reviewer's repro at half size.
-    let pad = "y".repeat(4000);
     for chunk in 0..25u64 {
-        let batch: Vec<Value> = (0..200)
-            .map(|i| {
-                let mut e = ev(chunk * 200 + i);
-                e["pad"] = json!(pad);
-                e
-            })
-            .collect();
-        gw.publish("h", &json!(batch)).await;
+        gw.publish("h", &padded(chunk * 200, 200, 4000)).await;
     }
     let pid = gw.pid();
     let baseline = rss_kib(pid);
