@@ -458,7 +458,14 @@ pub async fn serve_admin(app: Arc<App>, listener: TcpListener) {
                 tracing::debug!(error = %e, %peer, "admin connection error");
             }
         });
-        live.lock().push_back((id, task.abort_handle()));
+        let mut live = live.lock();
+        // A connection that ended before it was listed leaves a finished entry behind (its
+        // own removal ran first): sweep those now and then, so a connect-and-close loop
+        // cannot grow the list past twice the bound.
+        if live.len() >= 2 * ADMIN_MAX_CONNECTIONS {
+            live.retain(|(_, task)| !task.is_finished());
+        }
+        live.push_back((id, task.abort_handle()));
     }
 }
 
