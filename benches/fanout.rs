@@ -3,7 +3,6 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use switchboard::event::prepare_project_event;
@@ -67,12 +66,12 @@ fn fanout(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let hub = Hub::new(None, Duration::from_secs(1), STRICT);
+    let hub = Hub::standalone(STRICT);
     let all = sessions(10_000);
     rt.block_on(async {
         for s in &all {
             hub.register(s);
-            hub.join("p", s).await.unwrap();
+            hub.join("p", s, false).await.unwrap();
         }
     });
     let prepared = prepare_project_event("p", EVENT, None).unwrap();

@@ -9,7 +9,8 @@
 #   QUICK=1 loadtest/run.sh           # short runs, fewer clients (about a minute)
 #   IDLE_HOLD=10 loadtest/run.sh idle # hold the idle connections longer before measuring
 #
-# Environment: QUICK=1; CARGO_TARGET_DIR (default ./target); GATEWAY_RUST_LOG (RUST_LOG of
+# Environment: QUICK=1; CARGO_TARGET_DIR (default ./target); GATEWAY_BIN (run this gateway
+# binary instead of building one: before/after comparisons); GATEWAY_RUST_LOG (RUST_LOG of
 # the gateway, default unset = its own default, info); NO_PIN=1 to skip taskset.
 set -euo pipefail
 
@@ -40,10 +41,17 @@ else
   echo "note: not pinning (taskset missing, NO_PIN=1 or fewer than 2 CPUs)" >&2
 fi
 
-echo "== cargo build --release (gateway and loadgen)"
-cargo build --release --quiet -p switchboard --bin switchboard
+if [ -n "${GATEWAY_BIN:-}" ]; then
+  # Another build of the gateway (e.g. an earlier commit's, for a before/after comparison).
+  GW_BIN="$GATEWAY_BIN"
+  [ -x "$GW_BIN" ] || { echo "GATEWAY_BIN=$GW_BIN is not an executable" >&2; exit 2; }
+else
+  echo "== cargo build --release (gateway)"
+  cargo build --release --quiet -p switchboard --bin switchboard
+  GW_BIN="$TARGET/release/switchboard"
+fi
+echo "== cargo build --release (loadgen)"
 cargo build --release --quiet -p switchboard-loadtest --bin loadgen
-GW_BIN="$TARGET/release/switchboard"
 LG_BIN="$TARGET/release/loadgen"
 
 ulimit -n "$(ulimit -Hn)"

@@ -14,7 +14,9 @@ use crate::broker::{memory::MemoryBroker, redis::RedisBroker, Broker, HistoryLim
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::limits::ConnectionLimits;
+use crate::metrics::Metrics;
 use crate::session::outbox::Limits;
+use crate::stream::StreamContext;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -37,10 +39,8 @@ pub struct App {
     pub limits: Arc<ConnectionLimits>,
     pub instance_id: String,
     pub started: Instant,
-    /// Shared history reads for resuming clients.
-    pub resumer: crate::resume::Resumer,
     /// What `GET /metrics` renders.
-    pub exporter: crate::metrics::Exporter,
+    pub exporter: crate::exporter::Exporter,
     draining: AtomicBool,
     /// Sessions from their registration in the hub until they leave it (a token is taken
     /// before `hub.register` and dropped right after `hub.unregister`): what the drain
@@ -68,25 +68,38 @@ impl App {
         };
         let linger = Duration::from_millis(config.redis.unsubscribe_linger_ms);
         let policy = config.event_policy();
+        let metrics = Arc::new(Metrics::default());
+        let streams = StreamContext {
+            tail_len: config.events.history_max_len,
+            tail_bytes: config.events.replay_max_bytes,
+            policy,
+            metrics: metrics.clone(),
+        };
+        // The flow is one way: the broker hands what it receives to the hub (its sink),
+        // the hub sends subscription requests to the broker's manager over a channel.
         let (hub, broker) = match &config.redis.url {
             None => {
-                let hub = Hub::new(None, linger, policy);
-                let broker = Broker::Memory(MemoryBroker::new(hub.clone(), history));
+                let hub = Hub::new(None, linger, streams);
+                let broker = Broker::Memory(MemoryBroker::new(history));
+                broker.attach_sink(hub.clone());
                 (hub, broker)
             }
             Some(url) => {
-                let (tx, rx) = tokio::sync::mpsc::channel(crate::hub::SUB_QUEUE);
-                let hub = Hub::new(Some(tx), linger, policy);
+                let (tx, rx) = tokio::sync::mpsc::channel(crate::broker::SUB_QUEUE);
+                let hub = Hub::new(Some(tx), linger, streams);
                 // Bounded: a connect storm waits here rather than growing a queue.
                 let (records_tx, records_rx) = tokio::sync::mpsc::channel(10_000);
-                let redis = RedisBroker::new(url, &config.redis, hub.clone(), history, records_tx)
-                    .map_err(|e| AppError::Broker(e.to_string()))?;
+                let redis =
+                    RedisBroker::new(url, &config.redis, history, records_tx, policy, metrics)
+                        .map_err(|e| AppError::Broker(e.to_string()))?;
+                let broker = Broker::Redis(redis.clone());
+                broker.attach_sink(hub.clone());
                 tokio::spawn(redis.clone().run_pubsub(rx));
-                tokio::spawn(redis.clone().run_records(records_rx));
-                (hub, Broker::Redis(redis))
+                tokio::spawn(redis.run_records(records_rx));
+                (hub, broker)
             }
         };
-        let exporter = crate::metrics::Exporter::new(hub.clone(), broker.clone());
+        let exporter = crate::exporter::Exporter::new(hub.clone(), broker.clone());
         let jwt_secret = config
             .auth
             .jwt_secret
@@ -128,7 +141,6 @@ impl App {
             limits,
             instance_id,
             started: Instant::now(),
-            resumer: Default::default(),
             exporter,
             draining: AtomicBool::new(false),
             sessions: tokio_util::task::TaskTracker::new(),
@@ -171,13 +183,15 @@ impl App {
     /// Joins `session` to `project`, waiting at most twice the broker's command timeout
     /// (queueing plus the SUBSCRIBE round trip): a handshake or a `subscribe` never hangs
     /// on a busy or reconnecting subscription manager.
+    /// `holding`: the session's events wait for its greeting ([`Hub::join`]).
     pub async fn join_project(
         &self,
         project: &str,
         session: &Arc<crate::session::Session>,
+        holding: bool,
     ) -> Result<(), crate::hub::HubError> {
         let wait = Duration::from_millis(self.config.redis.command_timeout_ms.max(100) * 2);
-        match tokio::time::timeout(wait, self.hub.join(project, session)).await {
+        match tokio::time::timeout(wait, self.hub.join(project, session, holding)).await {
             Ok(joined) => joined,
             Err(_) => {
                 self.hub.leave(project, session);

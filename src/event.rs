@@ -18,8 +18,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::frame;
 use crate::schema::{Policy, SchemaError};
+use crate::ws::frame;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
@@ -301,6 +301,14 @@ pub fn fill_envelope(event: &mut Map<String, Value>, project: &str) {
 }
 
 /// Current time as RFC 3339 UTC with millisecond precision, e.g. `2026-11-23T12:53:37.123Z`.
+/// Milliseconds since the UNIX epoch (0 if the clock is before it).
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 pub fn now_rfc3339() -> String {
     format_rfc3339(time::OffsetDateTime::now_utc())
 }

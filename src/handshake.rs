@@ -14,17 +14,20 @@ use std::sync::Arc;
 
 use http::{header, Request, StatusCode};
 use hyper::body::Incoming;
-use serde_json::{json, Value};
+use serde_json::json;
 use switchboard_middleware::{Authentication, Claims, ClientIp, PeerAddr, RequestId, SessionId};
 
 use crate::app::App;
 use crate::broker::ConnectionRecord;
-use crate::frame;
 use crate::metrics::Handshake;
 use crate::project::valid_project_id;
 use crate::response::{json_error, retry_after, Response};
-use crate::resume::ResumeRequest;
-use crate::session::{close_code, conn, Scope, Session};
+use crate::schema::types::ConnectionClosed;
+use crate::schema::ServerMessage;
+use crate::session::{Scope, Session};
+use crate::stream::ResumeRequest;
+use crate::ws::close_code;
+use crate::ws::{frame, upgrade};
 
 fn client_ip<B>(req: &Request<B>) -> IpAddr {
     req.extensions()
@@ -71,11 +74,6 @@ fn resume_request(uri: &http::Uri) -> Result<Option<ResumeRequest>, &'static str
     Ok(last_seq.map(|last_seq| ResumeRequest { last_seq, epoch }))
 }
 
-/// Close code 1013 (try again later): the credential could not be checked because the
-/// session store is unreachable. Not a denial (docs/protocol.md §2): 503 + Retry-After before the
-/// upgrade, close 1013 after it, and clients retry with backoff. (Issue 10 item 4.)
-const TRY_AGAIN_LATER: u16 = 1013;
-
 /// What the credential allows on this endpoint.
 enum Grant {
     Ok(Arc<Claims>, Vec<String>),
@@ -93,7 +91,7 @@ fn grant(auth: &Authentication, scope: &Scope, max_projects: usize) -> Grant {
             "a token or session is required",
         ),
         Authentication::Invalid(e) if e.is_unavailable() => {
-            Grant::Refused(TRY_AGAIN_LATER, e.code(), e.client_message())
+            Grant::Refused(close_code::TRY_AGAIN_LATER, e.code(), e.client_message())
         }
         Authentication::Invalid(e) => {
             Grant::Refused(close_code::UNAUTHENTICATED, e.code(), e.client_message())
@@ -189,7 +187,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
             Grant::Refused(close_code::FORBIDDEN, code, message) => {
                 json_error(StatusCode::FORBIDDEN, code, message)
             }
-            Grant::Refused(TRY_AGAIN_LATER, code, message) => retry_after(
+            Grant::Refused(close_code::TRY_AGAIN_LATER, code, message) => retry_after(
                 json_error(StatusCode::SERVICE_UNAVAILABLE, code, message),
                 2,
             ),
@@ -233,18 +231,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
             );
         }
     };
-    // Take hyper's upgrade handle ourselves: fastwebsockets still checks the request and
-    // builds the 101, but its own upgrade future would wrap the socket in a reader with an
-    // 8 KiB buffer that we would drop at once (see session/conn.rs).
-    // Exactly one key: two (found by the red-team pass) leave which one was answered to
-    // whichever the client library picks.
-    let keys = req
-        .headers()
-        .get_all(header::SEC_WEBSOCKET_KEY)
-        .iter()
-        .count();
-    if keys != 1 || !valid_websocket_key(req.headers().get(header::SEC_WEBSOCKET_KEY)) {
-        // fastwebsockets only checks that the header is there (an empty one passed).
+    if !upgrade::valid_key(req.headers()) {
         app.hub.metrics.handshake(Handshake::BadRequest);
         return json_error(
             StatusCode::BAD_REQUEST,
@@ -252,6 +239,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
             "Sec-WebSocket-Key must be the base64 encoding of 16 bytes",
         );
     }
+    // Our own handle on the upgrade (see `ws::upgrade`): fastwebsockets only builds the 101.
     let upgrade = hyper::upgrade::on(&mut req);
     let response = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok((response, _unused)) => response,
@@ -263,16 +251,27 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         Grant::Refused(code, reason, _) => {
             app.hub.metrics.handshake(if code == close_code::FORBIDDEN {
                 Handshake::Forbidden
-            } else if code == TRY_AGAIN_LATER {
+            } else if code == close_code::TRY_AGAIN_LATER {
                 Handshake::BrokerUnavailable
             } else {
                 Handshake::Unauthenticated
             });
-            let scope_fields = match &scope {
-                Scope::Project(p) => json!({"project_id": p}),
-                Scope::User => json!({"projects": []}),
+            let mut notice = ConnectionClosed {
+                code,
+                reason: reason.to_owned(),
+                client_id: None,
+            }
+            .to_message();
+            notice.insert("timestamp".into(), json!(crate::event::now_rfc3339()));
+            match &scope {
+                Scope::Project(p) => notice.insert("project_id".into(), json!(p)),
+                Scope::User => notice.insert("projects".into(), json!([])),
             };
-            tokio::spawn(reject_after_upgrade(upgrade, code, reason, scope_fields));
+            tokio::spawn(upgrade::refuse(
+                upgrade,
+                crate::event::server_frame(&serde_json::Value::Object(notice)),
+                frame::close(code, reason),
+            ));
             drop(guard);
             return response;
         }
@@ -292,13 +291,13 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     if let Some(SessionId(id)) = req.extensions().get::<SessionId>() {
         session.set_session_id(id);
     }
-    // Live events wait until the greeting (snapshot or replay) is queued.
-    session.close_gate();
+    // Everything offered waits until the greeting (snapshot or replay) is queued.
+    session.hold();
     // Taken before the session is in the hub, so a drain that begins meanwhile waits for it.
     let tracked = app.sessions.token();
     app.hub.register(&session);
     for project in &projects {
-        if app.join_project(project, &session).await.is_err() {
+        if app.join_project(project, &session, true).await.is_err() {
             app.hub.unregister(&session);
             return retry_after(
                 json_error(
@@ -329,54 +328,8 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     session.span().in_scope(|| {
         tracing::debug!(request_id, user_id = %session.user_id(), "websocket connected");
     });
-    tokio::spawn(conn::task(app, session, upgrade, guard, resume, tracked));
+    tokio::spawn(crate::connection::task::task(
+        app, session, upgrade, guard, resume, tracked,
+    ));
     response
-}
-
-/// RFC 6455 §4.2.1: the key is the base64 encoding of 16 bytes, which is exactly 22
-/// base64 characters and `==` (the unused low bits of the last character are not checked).
-fn valid_websocket_key(key: Option<&http::HeaderValue>) -> bool {
-    let Some(key) = key else { return false };
-    match key.as_bytes() {
-        [chars @ .., b'=', b'='] if chars.len() == 22 => chars
-            .iter()
-            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/'),
-        _ => false,
-    }
-}
-
-/// Completes an upgrade only to say why the connection cannot stay (4001/4003).
-async fn reject_after_upgrade(
-    upgrade: hyper::upgrade::OnUpgrade,
-    code: u16,
-    reason: &'static str,
-    scope_fields: Value,
-) {
-    use tokio::io::AsyncWriteExt;
-    let Ok(upgraded) = upgrade.await else { return };
-    let mut io = hyper_util::rt::TokioIo::new(upgraded);
-    let mut notice = json!({
-        "type": "connection.closed",
-        "code": code,
-        "reason": reason,
-        "timestamp": crate::event::now_rfc3339(),
-    });
-    if let (Value::Object(n), Value::Object(s)) = (&mut notice, scope_fields) {
-        n.extend(s);
-    }
-    let mut bytes = crate::event::server_frame(&notice).to_vec();
-    bytes.extend_from_slice(&frame::close(code, reason));
-    let write = async {
-        io.write_all(&bytes).await?;
-        io.flush().await?;
-        // Give the client a moment to read before the socket goes away.
-        let mut sink = [0u8; 256];
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            tokio::io::AsyncReadExt::read(&mut io, &mut sink),
-        )
-        .await;
-        io.shutdown().await
-    };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), write).await;
 }

@@ -16,9 +16,12 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::app::App;
-use crate::frame;
+use crate::event::unix_millis;
 use crate::revocation::SessionRecheck;
-use crate::session::{close_code, unix_millis, Scope};
+use crate::schema::types::SystemHeartbeat;
+use crate::session::Scope;
+use crate::ws::close_code;
+use crate::ws::frame;
 
 const SWEEP: Duration = Duration::from_secs(1);
 
@@ -48,7 +51,7 @@ pub async fn run(app: Arc<App>) {
         let ping = frame::ping(b"sb");
         let mut frames: HashMap<String, Bytes> = HashMap::new();
         for session in app.hub.sessions() {
-            if session.outbox.is_closing() || session.is_gated() {
+            if session.outbox.is_closing() || session.is_held() {
                 continue;
             }
             if session.expires_at().is_some_and(|at| at <= now_secs) {
@@ -71,7 +74,7 @@ pub async fn run(app: Arc<App>) {
                 };
                 let hb = frames
                     .entry(key)
-                    .or_insert_with(|| session.message(json!({"type": "system.heartbeat"})))
+                    .or_insert_with(|| session.encode(&SystemHeartbeat { projects: None }, None))
                     .clone();
                 session.send_control(hb);
                 session.send_control(ping.clone());

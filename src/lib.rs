@@ -1,40 +1,47 @@
 //! Switchboard: a WebSocket edge gateway that fans worker events out to browsers.
 //!
-//! Follow one event and one connection (DESIGN "Data flow"):
+//! Follow one event and one connection (docs/architecture.md). Modules are listed from the
+//! top of the flow down; each imports only modules below it (`tests/module_deps.rs`):
 //!
 //! ```text
 //! server.rs     accept loop, tower stack (middleware crate), shutdown/drain
-//! handshake.rs  GET /ws/{project}|/ws/user -> checks -> fastwebsockets upgrade -> session
-//! session/      one connection: outbox (bounded queue), conn (reader + writer tasks),
-//!               messages (client -> server: ping, commands, subscribe, auth.refresh)
-//! hub.rs        project -> sessions; reference-counted broker subscriptions; fan-out
+//! routes/       HTTP API (matchit table, catch-panic): health, readiness, publish, broadcast, ws-url
+//! handshake.rs  GET /ws/{project}|/ws/user -> checks -> upgrade -> session, holding, joined
+//! connection/   task (the one task owning a socket) and messages (client -> server: ping,
+//!               commands, subscribe, status, auth.refresh)
+//! heartbeat.rs  one shared timer: heartbeats, idle drop, expiry, record TTLs
+//! greeting.rs   first frames of a connection, from its streams' decisions; releases it
+//! revocation.rs revoked sessions: batched recheck of session:{id}, close 4001
+//! app.rs        the per-instance state, built once and passed up
+//! exporter.rs   /metrics collectors over the hub and broker
+//! hub.rs        project -> members; reference-counted subscriptions; fan-out (the broker's sink)
+//! stream/       ProjectStream: the one owner of seqs (epoch, last_seq, dedupe, resume tail,
+//!               snapshot cache, greeting decision, outage recovery)
+//! session/      one connection's state: identity, projects, credential, outbox (bounded)
 //! broker/       memory.rs (embedded default) | redis.rs (pub/sub + pool + publish.lua)
 //! event.rs      envelope checks, fill-in, encode-once framing
-//! frame.rs      server WebSocket frames as shared bytes
-//! heartbeat.rs  one shared timer: heartbeats, idle drop, expiry, record TTLs
-//! revocation.rs revoked sessions: batched recheck of session:{id}, close 4001
-//! resume.rs     greeting: snapshot or replay from history (shared reads), then live
+//! config.rs     the one config struct; cli.rs the commands
+//! ws/           RFC 6455: server frames, client frame parsing, close codes, upgrade glue
 //! schema/       typed events: registry, validation, TypeScript/JSON Schema generation
-//! routes/       HTTP API (matchit table, catch-panic): health, readiness, publish, broadcast, ws-url
+//! metrics/      counters and histograms (atomics); limits.rs connection caps
 //! console.rs    the event console page at /console (embedded files, CSP)
-//! limits.rs     connection caps (global, per IP)
-//! json_depth.rs nesting depth of JSON text, measured flat before any parse
-//! project.rs    the project-id rule; response.rs the HTTP response helpers (both leaves)
-//! config.rs     the one config struct; app.rs the per-instance state; cli.rs the commands
+//! json_depth.rs, project.rs, response.rs   small leaves: JSON depth, the project-id rule,
+//!               HTTP response helpers
 //! ```
 //!
 //! Invariants kept throughout: fan-out never awaits a socket; every queue is bounded; an
-//! event is encoded once and its frame bytes are shared by every recipient. Module
-//! dependencies are moving to one direction (server -> handshake -> session/hub -> stream
-//! -> broker); `tests/module_deps.rs` lists the cycles left and fails on any new one.
+//! event is encoded once and its frame bytes are shared by every recipient; only the
+//! project's stream decides anything about seqs.
 
 pub mod app;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod connection;
 pub mod console;
 pub mod event;
-pub mod frame;
+pub mod exporter;
+pub mod greeting;
 pub mod handshake;
 pub mod heartbeat;
 pub mod hub;
@@ -43,9 +50,10 @@ pub mod limits;
 pub mod metrics;
 pub mod project;
 pub mod response;
-pub mod resume;
 pub mod revocation;
 pub mod routes;
 pub mod schema;
 pub mod server;
 pub mod session;
+pub mod stream;
+pub mod ws;

@@ -24,7 +24,8 @@ use switchboard_middleware::{Claims, CredentialKind, SessionRecord};
 
 use crate::app::App;
 use crate::broker::BrokerError;
-use crate::session::{close_code, Session};
+use crate::session::Session;
+use crate::ws::close_code;
 
 /// Session ids per MGET round trip.
 pub const BATCH: usize = 500;

@@ -6,7 +6,7 @@
 //! (publishing assigns seqs and fans out through the hub), sessions set up as the handshake
 //! does (gate closed, registered, joined, greeted, socket attached) on real loopback
 //! sockets, subscribe/unsubscribe sent as client text messages through
-//! `session::messages::handle_text` (credential checks included), disconnects torn down as
+//! `connection::messages::handle_text` (credential checks included), disconnects torn down as
 //! the connection task does. Every frame a client socket receives is decoded and checked
 //! against a model of who was subscribed to what at the time of each publish. Connections
 //! are `/ws/{project}` (optionally with a `*` credential) or `/ws/user` (several projects);
@@ -24,7 +24,7 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 use switchboard::app::App;
 use switchboard::config::Config;
-use switchboard::session::messages::{handle_text, ClientState};
+use switchboard::connection::messages::{handle_text, ClientState};
 use switchboard::session::{Scope, Session};
 use switchboard_middleware::{Claims, CredentialKind};
 
@@ -202,12 +202,15 @@ async fn connect(app: &Arc<App>, project: Option<usize>, grants: u8, star: bool)
         None,
         app.outbox_limits(),
     );
-    session.close_gate();
+    session.hold();
     app.hub.register(&session);
     for &p in &initial {
-        app.hub.join(PROJECTS[p], &session).await.expect("join");
+        app.hub
+            .join(PROJECTS[p], &session, true)
+            .await
+            .expect("join");
     }
-    switchboard::resume::greet(app, &session, None).await;
+    switchboard::greeting::greet(app, &session, None).await;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     client.set_nonblocking(true).unwrap();

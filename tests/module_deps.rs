@@ -1,29 +1,48 @@
 //! Dependencies between the gateway's modules point one way (DESIGN "Second round", issue
 //! 11): this test reads every `crate::<module>` reference under `src/`, builds the graph
-//! of top-level modules and finds its cycles (strongly connected components).
-//!
-//! The redesign of issue 11 is under way, so the cycles that exist today are written down
-//! in [`KNOWN_CYCLES`]: the test fails when a cycle appears that is not there, when a known
-//! one grows, or when one shrinks without the list being updated (so the list only ever
-//! gets shorter). The goal is an empty list.
+//! of top-level modules, and fails on any import cycle (strongly connected component) and
+//! on any import that goes up or sideways in [`LAYERS`]: the flow from socket to broker is
+//! `server -> routes -> handshake -> connection -> greeting -> app -> hub -> stream ->
+//! broker`, with the session, events and frames below and nothing importing upwards. A
+//! new module fails the test until it is given its layer.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// The module cycles of `src/` as they stand; each entry is one strongly connected
-/// component, its modules sorted. Shrink it as the one-way flow lands; never grow it.
-const KNOWN_CYCLES: &[&[&str]] = &[&[
-    "app",
-    "broker",
-    "hub",
-    "metrics",
-    "resume",
-    "revocation",
-    "session",
-]];
+/// Every top-level module of `src/`, bottom layer first. A module may import only modules
+/// of lower layers (never its own layer, so two modules of one layer never know each other).
+const LAYERS: &[&[&str]] = &[
+    // Leaves: no `crate::` imports.
+    &[
+        "console",
+        "json_depth",
+        "limits",
+        "metrics",
+        "project",
+        "response",
+        "schema",
+        "ws",
+    ],
+    &["config", "event"],
+    // The broker (where events come from, commands go to) and one connection's state:
+    // neither knows the other, nor anything above.
+    &["broker", "cli", "session"],
+    // Sequencing: one owner per project.
+    &["stream"],
+    // Registry and fan-out.
+    &["hub"],
+    &["exporter"],
+    // The instance: built once, passed down from here up.
+    &["app"],
+    &["greeting", "revocation"],
+    &["connection", "heartbeat"],
+    &["handshake"],
+    &["routes"],
+    &["server"],
+];
 
 /// The top-level module a file under `src/` belongs to (`hub.rs` → `hub`,
-/// `session/conn.rs` → `session`); None for the crate roots.
+/// `session/outbox.rs` → `session`); None for the crate roots.
 fn module_of(rel: &Path) -> Option<String> {
     let first = rel.components().next()?.as_os_str().to_str()?;
     let name = first.strip_suffix(".rs").unwrap_or(first);
@@ -185,42 +204,60 @@ fn the_finder_sees_a_cycle_and_ignores_comments() {
     );
 }
 
+fn layer_of(module: &str) -> Option<usize> {
+    LAYERS.iter().position(|layer| layer.contains(&module))
+}
+
 #[test]
-fn no_module_cycle_beyond_the_known_ones_and_the_list_only_shrinks() {
+fn no_module_cycle_and_every_import_points_down() {
     let graph = module_graph();
     assert!(
         graph.contains_key("hub") && graph.contains_key("session"),
         "the scan found no modules: {graph:?}"
     );
     let found = cycles(&graph);
-    let known: BTreeSet<Vec<String>> = KNOWN_CYCLES
-        .iter()
-        .map(|c| c.iter().map(|s| s.to_string()).collect())
-        .collect();
-    let edges = |component: &Vec<String>| -> Vec<String> {
-        let mut out = Vec::new();
-        for from in component {
-            for to in graph.get(from).into_iter().flatten() {
-                if component.contains(to) {
-                    out.push(format!("{from} -> {to}"));
-                }
+    assert!(
+        found.is_empty(),
+        "module cycles (dependencies must point one way, DESIGN \"Second round\"): {found:?}"
+    );
+    let wrong = violations(&graph);
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// Imports that do not point down the layers, and modules with no layer.
+fn violations(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for (from, targets) in graph {
+        let Some(high) = layer_of(from) else {
+            wrong.push(format!("{from} is in no layer: add it to LAYERS"));
+            continue;
+        };
+        for to in targets {
+            match layer_of(to) {
+                Some(low) if low < high => {}
+                Some(_) => wrong.push(format!("{from} -> {to} points up or sideways")),
+                None => wrong.push(format!("{to} (imported by {from}) is in no layer")),
             }
         }
-        out
+    }
+    wrong
+}
+
+#[test]
+fn the_layer_check_refuses_upward_sideways_and_unplaced_imports() {
+    let graph = |edges: &[(&str, &str)]| {
+        let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (from, to) in edges {
+            g.entry(from.to_string())
+                .or_default()
+                .insert(to.to_string());
+        }
+        g
     };
-    for component in &found {
-        assert!(
-            known.contains(component),
-            "a module cycle that is not in KNOWN_CYCLES (dependencies must point one way, \
-             DESIGN \"Second round\"): {component:?}\nits edges: {:#?}",
-            edges(component)
-        );
-    }
-    for component in &known {
-        assert!(
-            found.contains(component),
-            "the known cycle {component:?} is gone or smaller: update KNOWN_CYCLES to what \
-             is left, {found:?}"
-        );
-    }
+    assert!(violations(&graph(&[("hub", "stream"), ("stream", "broker")])).is_empty());
+    // The edge that made the old seven-module cycle: the broker calling into the hub.
+    assert_eq!(violations(&graph(&[("broker", "hub")])).len(), 1);
+    assert_eq!(violations(&graph(&[("broker", "session")])).len(), 1);
+    assert_eq!(violations(&graph(&[("greeting", "revocation")])).len(), 1);
+    assert_eq!(violations(&graph(&[("newthing", "ws")])).len(), 1);
 }

@@ -1,7 +1,7 @@
 //! Fuzz target `client_message`: what a client can send after the upgrade.
 //!
 //! Two parsers see attacker bytes before anything else: the client frame parser
-//! (`session::wire`) and the client message parser (`session::messages::parse`). This target
+//! (`ws::wire`) and the client message parser (`connection::parse::parse`). This target
 //! feeds the input to both: the first byte picks the frame size limit and the rest is parsed
 //! frame after frame as the connection task does; every complete text frame, and the whole
 //! input when it is UTF-8, goes through the message parser. Neither may panic, and each
@@ -19,8 +19,8 @@
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 use switchboard::routes::valid_project_id;
-use switchboard::session::messages::{parse, ClientMessage, Command};
-use switchboard::session::wire::{self, Opcode, WireError};
+use switchboard::connection::parse::{parse, ClientMessage, Command};
+use switchboard::ws::wire::{self, Opcode, WireError};
 
 /// Frame limits worth exploring: around the length encodings' boundaries and the default.
 const LIMITS: [usize; 8] = [0, 1, 125, 126, 65_535, 65_536, 64 * 1024 + 1, 1 << 20];

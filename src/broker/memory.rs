@@ -2,7 +2,7 @@
 //!
 //! Per project it keeps the seq, the epoch (new per process: a restarted embedded gateway
 //! has lost its history, so clients must resync) and a bounded history ring. Publishing
-//! assigns seqs, appends to the ring and delivers into the hub under the project's lock,
+//! assigns seqs, appends to the ring and hands the events to the sink under the project's lock,
 //! which is what makes seq order and delivery order the same (the in-process equivalent of
 //! the Lua script). Delivery itself never awaits.
 
@@ -14,9 +14,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::state::{ProjectState, Snapshot};
-use super::{new_epoch, BrokerError, HistoryLimits, HistoryRead, Position};
+use super::{new_epoch, BrokerError, HistoryLimits, HistoryRead, Position, SinkSlot};
 use crate::event;
-use crate::hub::Hub;
 
 struct ProjectLog {
     seq: u64,
@@ -28,15 +27,15 @@ struct ProjectLog {
 }
 
 pub struct MemoryBroker {
-    hub: Arc<Hub>,
+    pub(super) sink: SinkSlot,
     projects: Mutex<HashMap<String, ProjectLog>>,
     history: HistoryLimits,
 }
 
 impl MemoryBroker {
-    pub fn new(hub: Arc<Hub>, history: HistoryLimits) -> Arc<Self> {
+    pub fn new(history: HistoryLimits) -> Arc<Self> {
         Arc::new(Self {
-            hub,
+            sink: SinkSlot::default(),
             projects: Mutex::new(HashMap::new()),
             history,
         })
@@ -89,16 +88,21 @@ impl MemoryBroker {
             seqs.push(log.seq);
         }
         // Still under the project lock: delivery order is seq order.
-        self.hub.deliver_batch(project, &batch);
+        if let Some(sink) = self.sink.get() {
+            sink.deliver(project, &batch);
+        }
         log.state.age_out(self.history.terminal_task_ttl);
         Ok(seqs)
     }
 
     pub fn publish_broadcast(&self, payload: &[u8]) -> Result<(), BrokerError> {
-        self.hub
-            .broadcast_raw(payload)
-            .map(|_| ())
-            .map_err(|e| BrokerError::Protocol(e.to_string()))
+        match self.sink.get() {
+            Some(sink) => sink
+                .broadcast(payload)
+                .map(|_| ())
+                .map_err(|e| BrokerError::Protocol(e.to_string())),
+            None => Ok(()),
+        }
     }
 
     /// There are no in-process workers: a command reaches nobody.
@@ -188,24 +192,13 @@ mod tests {
 
     #[tokio::test]
     async fn seqs_are_per_project_and_history_is_bounded() {
-        let hub = Hub::new(
-            None,
-            Duration::from_millis(10),
-            crate::schema::Policy {
-                allow_unknown_types: true,
-                ..Default::default()
-            },
-        );
-        let b = MemoryBroker::new(
-            hub,
-            HistoryLimits {
-                max_len: 3,
-                ttl: Duration::from_secs(60),
-                terminal_task_ttl: Duration::from_secs(60),
-                snapshot_max_bytes: 1 << 20,
-                replay_max_bytes: 1 << 20,
-            },
-        );
+        let b = MemoryBroker::new(HistoryLimits {
+            max_len: 3,
+            ttl: Duration::from_secs(60),
+            terminal_task_ttl: Duration::from_secs(60),
+            snapshot_max_bytes: 1 << 20,
+            replay_max_bytes: 1 << 20,
+        });
         let ev = || br#"{"type":"x","project_id":"p","timestamp":"t"}"#.to_vec();
         assert_eq!(b.publish_events("p", vec![ev(), ev()]).unwrap(), vec![1, 2]);
         assert_eq!(

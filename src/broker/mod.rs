@@ -2,14 +2,20 @@
 //!
 //! Two implementations behind one enum (static dispatch, no boxed futures on the hot path):
 //! - [`memory::MemoryBroker`], the embedded default: one instance, seq/epoch/history kept
-//!   in-process, publishing delivers straight into the hub;
+//!   in-process, publishing hands the events straight to the sink;
 //! - [`redis::RedisBroker`]: one shared pub/sub connection per instance (reference-counted
-//!   subscriptions driven by the hub), pooled connections for PUBLISH/EVAL/SET, the publish
-//!   Lua script ([`PUBLISH_SCRIPT`]) assigning seq atomically with the history append.
+//!   subscriptions driven by [`SubCommand`]s), pooled connections for PUBLISH/EVAL/SET, the
+//!   publish Lua script ([`PUBLISH_SCRIPT`]) assigning seq atomically with the history
+//!   append.
 //!
 //! Both give every published event a per-project `seq` and the project an `epoch`, assign
 //! them in one atomic step with the history append and the delivery, and never block the
 //! fan-out path.
+//!
+//! The broker is the bottom of the flow: it imports no module that handles sessions. What
+//! it receives goes to a [`Sink`] (the hub, attached once at start), one broker read's
+//! batch per project at a time; everything else is narrow calls (publish, history,
+//! snapshot, position, subscribe).
 
 pub mod memory;
 pub mod redis;
@@ -20,12 +26,84 @@ use std::time::Duration;
 
 use serde::Serialize;
 use switchboard_middleware::SessionStore;
+use tokio::sync::oneshot;
+
+use crate::event::{EventError, Prepared};
 
 /// The one Lua script that publishes events (seq, epoch, history, PUBLISH).
 pub const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
 
 /// Channel of global events.
 pub const BROADCAST_CHANNEL: &str = "websocket:broadcast";
+
+/// Redis channel carrying a project's live events.
+pub fn project_channel(project: &str) -> String {
+    format!("project:{project}:events")
+}
+
+/// The project of a `project:{id}:events` channel.
+pub fn channel_project(channel: &str) -> Option<&str> {
+    channel
+        .strip_prefix("project:")
+        .and_then(|rest| rest.strip_suffix(":events"))
+        .filter(|p| !p.is_empty())
+}
+
+/// Capacity of the hub → subscription manager queue. Each entry is one channel name
+/// (≤ ~150 B with the project id capped at 128) and a oneshot: at most ~2 MiB queued.
+/// In practice it holds one entry per handshake or `subscribe` in flight (each waits for its
+/// confirmation), plus one per lingering project; when it is full (the manager is stuck in
+/// a reconnect or a catch-up) a join fails at once with "broker unavailable" instead of
+/// growing a queue, and an unsubscribe is retried after another linger period.
+pub const SUB_QUEUE: usize = 8192;
+
+/// Requests to the broker's subscription manager, applied in the order they were sent.
+#[derive(Debug)]
+pub enum SubCommand {
+    /// Subscribe (idempotent); `done` is answered once the broker confirmed it.
+    Subscribe {
+        channel: String,
+        done: oneshot::Sender<bool>,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+}
+
+/// Where the broker hands what it receives. Implemented by the hub; called on the broker's
+/// own task (the pub/sub reader, or the publisher for the embedded broker), so it must
+/// never await a client and never block.
+pub trait Sink: Send + Sync {
+    /// Events of one project that arrived together (one broker read), in order. Returns
+    /// how many deliveries were made.
+    fn deliver(&self, project: &str, batch: &[Prepared]) -> usize;
+    /// A payload of the global channel ([`BROADCAST_CHANNEL`]), unchecked.
+    fn broadcast(&self, payload: &[u8]) -> Result<usize, EventError>;
+    /// After an outage, with the pub/sub connection back and live messages held: bring
+    /// every project this instance follows back in step (replay from history or resync).
+    fn recover<'a>(
+        &'a self,
+        broker: &'a Broker,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+}
+
+/// The sink slot of a broker: set once when the instance is assembled (the hub is built
+/// after the broker it subscribes through).
+#[derive(Default)]
+pub struct SinkSlot(std::sync::OnceLock<Arc<dyn Sink>>);
+
+impl SinkSlot {
+    pub fn attach(&self, sink: Arc<dyn Sink>) {
+        if self.0.set(sink).is_err() {
+            tracing::warn!("a broker sink was attached twice; the first one stays");
+        }
+    }
+
+    /// The sink, if attached (nothing is subscribed before it is).
+    pub fn get(&self) -> Option<&Arc<dyn Sink>> {
+        self.0.get()
+    }
+}
 
 pub fn commands_channel(project: &str) -> String {
     format!("project:{project}:commands")
@@ -113,6 +191,14 @@ pub enum Broker {
 }
 
 impl Broker {
+    /// Attaches where received events go (see [`Sink`]); call once, before any subscribe.
+    pub fn attach_sink(&self, sink: Arc<dyn Sink>) {
+        match self {
+            Broker::Memory(m) => m.sink.attach(sink),
+            Broker::Redis(r) => r.sink.attach(sink),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Broker::Memory(_) => "memory",
@@ -259,5 +345,17 @@ impl Broker {
             Broker::Memory(_) => None,
             Broker::Redis(r) => Some(r.clone() as Arc<dyn SessionStore>),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_round_trip() {
+        assert_eq!(channel_project(&project_channel("a.b-c")), Some("a.b-c"));
+        assert_eq!(channel_project("websocket:broadcast"), None);
+        assert_eq!(channel_project("project::events"), None);
     }
 }

@@ -1,9 +1,10 @@
 //! The Redis broker: cross-instance fan-out, command relay, history and records.
 //!
 //! One pub/sub connection per instance carries every subscribed channel. Its manager task
-//! ([`RedisBroker::run_pubsub`]) owns that connection and applies the hub's
-//! [`SubCommand`]s in order, so SUBSCRIBE/UNSUBSCRIBE follow the hub's reference counts.
-//! Messages go straight into the hub (checked, framed once, queued; never awaited).
+//! ([`RedisBroker::run_pubsub`]) owns that connection and applies the [`SubCommand`]s it
+//! is sent in order, so SUBSCRIBE/UNSUBSCRIBE follow the hub's reference counts. Messages
+//! are checked, framed once and handed to the [`super::Sink`] one read's batch per project
+//! at a time (never awaited).
 //!
 //! Outages are survivable: when the connection drops, or stops answering PING (a silently
 //! dead connection is the most reported failure of gateways like this one), `up` turns
@@ -37,12 +38,14 @@ use tokio::sync::mpsc;
 
 use super::state::Snapshot;
 use super::{
-    commands_channel, connection_key, instance_key, new_epoch, presence_key, BrokerError,
-    ConnectionRecord, HistoryLimits, HistoryRead, Position, BROADCAST_CHANNEL, PUBLISH_SCRIPT,
+    channel_project, commands_channel, connection_key, instance_key, new_epoch, presence_key,
+    project_channel, Broker, BrokerError, ConnectionRecord, HistoryLimits, HistoryRead, Position,
+    SinkSlot, SubCommand, BROADCAST_CHANNEL, PUBLISH_SCRIPT,
 };
 use crate::config::RedisConfig;
-use crate::hub::{channel_project, project_channel, Hub, SubCommand};
 use crate::metrics::histogram::{self, DurationHistogram};
+use crate::metrics::Metrics;
+use crate::schema::Policy;
 
 pub struct RedisStats {
     pub reconnects: AtomicU64,
@@ -75,7 +78,10 @@ pub struct RedisBroker {
     client: redis::Client,
     pool: Pool,
     script: redis::Script,
-    hub: Arc<Hub>,
+    pub(super) sink: SinkSlot,
+    /// Checks for events arriving on the pub/sub connection.
+    policy: Policy,
+    metrics: Arc<Metrics>,
     up: AtomicBool,
     timeout: Duration,
     ping_interval: Duration,
@@ -91,14 +97,16 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 }
 
 impl RedisBroker {
-    /// Creates the broker; call [`RedisBroker::run_pubsub`] to start the subscription
-    /// manager with the hub's command receiver.
+    /// Creates the broker; attach a sink ([`Broker::attach_sink`]), then call
+    /// [`RedisBroker::run_pubsub`] to start the subscription manager with the receiver of
+    /// the subscription requests.
     pub fn new(
         url: &str,
         config: &RedisConfig,
-        hub: Arc<Hub>,
         history: HistoryLimits,
         records: mpsc::Sender<RecordOp>,
+        policy: Policy,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, BrokerError> {
         let client = redis::Client::open(url).map_err(|e| BrokerError::Protocol(e.to_string()))?;
         let timeout = Duration::from_millis(config.command_timeout_ms.max(100));
@@ -118,7 +126,9 @@ impl RedisBroker {
             client,
             pool,
             script: redis::Script::new(PUBLISH_SCRIPT),
-            hub,
+            sink: SinkSlot::default(),
+            policy,
+            metrics,
             up: AtomicBool::new(false),
             timeout,
             ping_interval: Duration::from_millis(config.pubsub_ping_interval_ms.max(100)),
@@ -169,7 +179,7 @@ impl RedisBroker {
             .arg(new_epoch())
             .arg(self.history.max_len)
             .arg(self.history.ttl.as_secs())
-            .arg(crate::session::unix_millis())
+            .arg(crate::event::unix_millis())
             .arg(self.history.terminal_task_ttl.as_millis() as u64);
         for ev in events {
             invocation.arg(ev);
@@ -400,7 +410,7 @@ impl RedisBroker {
 
     async fn write_records(&self, batch: Vec<RecordOp>) {
         let mut pipe = redis::pipe();
-        let now = crate::session::unix_millis();
+        let now = crate::event::unix_millis();
         for op in &batch {
             match op {
                 RecordOp::Put(record, ttl) => {
@@ -437,7 +447,7 @@ impl RedisBroker {
             .with_conn(|mut conn| async move {
                 match ttl {
                     Some(ttl) => {
-                        let until = crate::session::unix_millis() + ttl.as_millis() as u64;
+                        let until = crate::event::unix_millis() + ttl.as_millis() as u64;
                         conn.zadd::<_, _, _, ()>(key, client_id, until).await
                     }
                     None => conn.zrem::<_, _, ()>(key, client_id).await,
@@ -457,7 +467,7 @@ impl RedisBroker {
         ttl: Duration,
     ) {
         let secs = ttl.as_secs().max(1);
-        let until = crate::session::unix_millis() + secs * 1000;
+        let until = crate::event::unix_millis() + secs * 1000;
         let info = info.to_string();
         let key = instance_key(instance_id);
         // One round trip per chunk of records, whatever the number of connections.
@@ -490,7 +500,7 @@ impl RedisBroker {
     /// Live connection records of `project` across all instances.
     pub async fn presence(&self, project: &str) -> Result<Vec<serde_json::Value>, BrokerError> {
         let key = presence_key(project);
-        let now = crate::session::unix_millis();
+        let now = crate::event::unix_millis();
         let (_, ids): ((), Vec<String>) = self
             .with_conn(|mut conn| async move {
                 redis::pipe()
@@ -555,7 +565,7 @@ impl RedisBroker {
     /// Logs a dropped event at most once per reason per minute; always counts it.
     fn note_dropped(&self, channel: &str, reason: &'static str, detail: &str) {
         self.stats.dropped_events.fetch_add(1, Ordering::Relaxed);
-        self.hub.metrics.rejected(reason);
+        self.metrics.rejected(reason);
         let mut log = self.drop_log.lock();
         let now = Instant::now();
         match log.iter_mut().find(|(r, _)| *r == reason) {
@@ -576,21 +586,22 @@ impl RedisBroker {
     /// Consecutive events of a project are checked one by one and fanned out together (one
     /// write per session); each run's fan-out time is observed once, for all its events.
     fn on_messages(&self, msgs: &[redis::Msg], read_at: Instant) {
-        let metrics = &self.hub.metrics;
+        let metrics = &self.metrics;
+        let Some(sink) = self.sink.get() else { return };
         // `source="redis"` counts what only pub/sub brought: raw publishes (and broadcasts).
         // An event with a seq came through a publish path, which counted it where it came
         // in (`source="api"` for ours); counting its pub/sub copy too counted it twice.
         let mut raw = 0u64;
         let received = SystemTime::now();
         let fan_out = |project: &str, run: &[crate::event::Prepared]| {
-            self.hub.deliver_batch(project, run);
+            sink.deliver(project, run);
             metrics
                 .fanout
                 .observe_n(read_at.elapsed(), run.len() as u64);
         };
         let mut run: Vec<crate::event::Prepared> = Vec::new();
         let mut run_project: Option<&str> = None;
-        let policy = *self.hub.policy();
+        let policy = self.policy;
         for msg in msgs {
             let channel = msg.get_channel_name();
             let payload = msg.get_payload_bytes();
@@ -604,7 +615,7 @@ impl RedisBroker {
             }
             if channel == BROADCAST_CHANNEL {
                 raw += 1;
-                match self.hub.broadcast_raw(payload) {
+                match sink.broadcast(payload) {
                     Ok(_) => metrics.fanout.observe(read_at.elapsed()),
                     Err(e) => self.note_dropped(channel, e.reason(), &e.to_string()),
                 }
@@ -634,69 +645,17 @@ impl RedisBroker {
         metrics.events_from_redis.fetch_add(raw, Ordering::Relaxed);
     }
 
-    /// After an outage: replay from history what each active project missed (the live
-    /// messages arriving meanwhile wait in the pub/sub stream and are deduplicated by seq),
-    /// or tell its clients to resync when the history no longer covers the gap or started
-    /// over (a new epoch: Redis came back empty).
-    async fn catch_up(&self) {
-        self.hub.invalidate_tails();
-        for project in self.hub.active_projects() {
-            let last = self.hub.last_seq(&project);
-            let known = self.hub.epoch(&project);
-            // Pooled connections may have died with the pub/sub one: a few tries.
-            let mut read = Err(BrokerError::Unavailable("not tried".into()));
-            for _ in 0..3 {
-                read = self.history_after(&project, last).await;
-                if read.is_ok() {
-                    break;
-                }
-            }
-            let read = match read {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(%project, error = %e, "catch-up read failed: clients of this project may have missed events");
-                    continue;
-                }
-            };
-            let covered =
-                read.position.seq == last || read.events.first().map(|(s, _)| *s) == Some(last + 1);
-            let same_epoch = known.as_deref().is_none_or(|e| e == read.position.epoch);
-            if same_epoch && covered && !read.truncated && last <= read.position.seq {
-                let policy = *self.hub.policy();
-                let mut replayed = 0;
-                for (_, bytes) in &read.events {
-                    if let Ok(p) =
-                        crate::event::prepare_project_event(&project, bytes, Some(&policy))
-                    {
-                        self.hub.deliver(&project, &p);
-                        replayed += 1;
-                    }
-                }
-                self.hub.dedupe_until(&project, read.position.seq);
-                if replayed > 0 {
-                    tracing::info!(%project, replayed, "replayed events missed during the outage");
-                }
-            } else {
-                match self.snapshot(&project).await {
-                    Ok(snap) => {
-                        tracing::warn!(%project, from_seq = last, epoch = %snap.epoch, "history does not cover the outage: clients must resync");
-                        crate::resume::resync_sessions(&self.hub, &project, last, &snap);
-                    }
-                    Err(e) => tracing::warn!(%project, error = %e, "resync snapshot failed"),
-                }
-            }
-        }
-    }
-
     /// The subscription manager: owns the pub/sub connection for the life of the process.
     pub async fn run_pubsub(self: Arc<Self>, mut commands: mpsc::Receiver<SubCommand>) {
+        // What the sink reads history through while it catches up after an outage.
+        let broker = Broker::Redis(self.clone());
         let mut wanted: HashSet<String> = HashSet::from([BROADCAST_CHANNEL.to_owned()]);
         let mut backoff =
             next_backoff(BACKOFF_BASE, BACKOFF_BASE, self.max_backoff, rand::random());
         let mut down_since: Option<Instant> = None;
         loop {
             match self
-                .connect_and_serve(&mut wanted, &mut commands, &mut down_since)
+                .connect_and_serve(&broker, &mut wanted, &mut commands, &mut down_since)
                 .await
             {
                 Serve::Stop => return,
@@ -738,8 +697,18 @@ impl RedisBroker {
         }
     }
 
-    async fn connect_and_serve(
-        &self,
+    /// After an outage: the sink brings every project back in step (replay from history,
+    /// or a resync where the history no longer covers the gap).
+    fn catch_up<'a>(&'a self, broker: &'a Broker) -> CatchUp<'a> {
+        match self.sink.get() {
+            Some(sink) => sink.recover(broker),
+            None => Box::pin(async {}),
+        }
+    }
+
+    async fn connect_and_serve<'a>(
+        &'a self,
+        broker: &'a Broker,
         wanted: &mut HashSet<String>,
         commands: &mut mpsc::Receiver<SubCommand>,
         down_since: &mut Option<Instant>,
@@ -763,7 +732,7 @@ impl RedisBroker {
         // `down_since` is cleared only once a catch-up completed, so a connection lost
         // during one leads to another.
         let since = *down_since;
-        let mut catch_up: Option<CatchUp<'_>> = since.map(|_| Box::pin(self.catch_up()) as _);
+        let mut catch_up: Option<CatchUp<'a>> = since.map(|_| self.catch_up(broker));
         let mut held = Held::default();
         let mut rounds = 1;
         if since.is_none() {
@@ -791,7 +760,7 @@ impl RedisBroker {
                         }
                         rounds += 1;
                         held = Held::default();
-                        catch_up = Some(Box::pin(self.catch_up()));
+                        catch_up = Some(self.catch_up(broker));
                         continue;
                     }
                     catch_up = None;

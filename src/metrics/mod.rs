@@ -3,16 +3,14 @@
 //! Counting is plain atomics bumped where things happen: [`Metrics`] here (in the hub),
 //! the hub's delivery stats and the Redis broker's stats. Nothing on the fan-out path takes
 //! a lock; latencies go into [`histogram::DurationHistogram`], atomics too. A scrape reads
-//! them all through prometheus-client collectors ([`exposition`]), which write the
+//! them all through prometheus-client collectors ([`crate::exporter`]), which write the
 //! Prometheus text format 0.0.4, or OpenMetrics for scrapers that ask for it. Labelled counters have a fixed set of labels, so the output (and
 //! memory) is bounded whatever clients send.
 
-pub mod exposition;
 pub mod histogram;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use exposition::{Exporter, Format, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
 use histogram::DurationHistogram;
 
 /// Handshake results (label `result`).
@@ -53,6 +51,17 @@ pub(crate) const REJECT_LABELS: [&str; 11] = [
     "invalid_field",
     "other",
 ];
+
+/// What fan-out did with the frames it was handed, bumped by the sessions' outboxes.
+#[derive(Default)]
+pub struct DeliveryStats {
+    /// Frames handed to sessions (one per event per session).
+    pub delivered: AtomicU64,
+    /// Queued progress events dropped because a newer one superseded them.
+    pub conflated: AtomicU64,
+    /// Connections closed with 4500 because their outbound queue was full.
+    pub slow_closes: AtomicU64,
+}
 
 pub struct Metrics {
     pub(crate) handshakes: [AtomicU64; 8],

@@ -59,7 +59,7 @@ pub(super) fn metrics<B>(app: &App, req: &Request<B>) -> Response {
         .headers()
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok());
-    let format = crate::metrics::Format::negotiate(accept);
+    let format = crate::exporter::Format::negotiate(accept);
     let mut r = http::Response::new(Full::new(Bytes::from(app.exporter.render_as(format))));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

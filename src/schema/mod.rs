@@ -187,6 +187,51 @@ registry! {
     "auth.refresh" => AuthRefresh as "AuthRefresh", Client;
 }
 
+/// A message the gateway itself sends, built from its registry struct: a field renamed in
+/// `types` is renamed in every frame that carries it (and in the generated TypeScript), and a
+/// field missing from a frame is a compile error, not a silent protocol change.
+pub trait ServerMessage: serde::Serialize {
+    /// The `type` the frame carries (registered with the same struct in [`REGISTRY`]).
+    const TYPE: &'static str;
+
+    /// The frame's JSON object: `type` and the struct's fields. Scope (`project_id` or
+    /// `projects`) and `timestamp` are filled in by whoever sends it to whom.
+    fn to_message(&self) -> serde_json::Map<String, Value> {
+        let mut map = match serde_json::to_value(self) {
+            Ok(Value::Object(map)) => map,
+            // Every ServerMessage is a struct of plain fields: it always serializes to an
+            // object (the test below serializes each one).
+            _ => serde_json::Map::new(),
+        };
+        map.insert("type".into(), Value::String(Self::TYPE.into()));
+        map
+    }
+}
+
+macro_rules! server_messages {
+    ($( $ty:ident => $kind:literal, )*) => {
+        $( impl ServerMessage for $ty { const TYPE: &'static str = $kind; } )*
+
+        /// The server message types and their TypeScript names (checked against the registry).
+        #[cfg(test)]
+        const SERVER_MESSAGES: &[(&str, &str)] = &[$( ($kind, stringify!($ty)), )*];
+    };
+}
+
+server_messages! {
+    ConnectionEstablished => "connection.established",
+    ConnectionClosed => "connection.closed",
+    ConnectionResyncRequired => "connection.resync_required",
+    SystemHeartbeat => "system.heartbeat",
+    ContainerReconnect => "container.reconnect",
+    Pong => "pong",
+    CommandAccepted => "command.accepted",
+    Subscribed => "subscribed",
+    Unsubscribed => "unsubscribed",
+    AuthRefreshed => "auth.refreshed",
+    ServerError => "error",
+}
+
 fn entry(kind: &str, families: &[Family]) -> Option<&'static Entry> {
     REGISTRY
         .iter()
@@ -338,6 +383,39 @@ mod tests {
                 &json!({"type":"container.reconnect"})
             )
             .is_ok());
+    }
+
+    #[test]
+    fn server_messages_are_the_registered_server_types() {
+        for (kind, name) in SERVER_MESSAGES {
+            let e = entry(kind, &[Family::Server, Family::Global])
+                .unwrap_or_else(|| panic!("{kind} is not a registered server type"));
+            assert_eq!(e.name, *name, "{kind} is registered with another struct");
+        }
+        let m = CommandAccepted {
+            command: "node.execute".into(),
+            request_id: "r".into(),
+            delivered_to: 2,
+        }
+        .to_message();
+        assert_eq!(
+            Value::Object(m),
+            json!({"type": "command.accepted", "command": "node.execute", "request_id": "r", "delivered_to": 2})
+        );
+        // What a typed frame carries passes the registry's own check of that type.
+        let hello = ConnectionEstablished {
+            client_id: "c".into(),
+            user_id: "u".into(),
+            instance_id: "i".into(),
+            seq: Some(3),
+            epoch: Some("e".into()),
+            heartbeat_interval: 30,
+            resumed: false,
+            projects: None,
+            positions: None,
+        };
+        let e = entry("connection.established", &[Family::Server]).unwrap();
+        (e.check)("connection.established", &Value::Object(hello.to_message())).unwrap();
     }
 
     #[test]

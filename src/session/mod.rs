@@ -8,15 +8,12 @@
 //! closing frames ([`Session::close`]), let them drain, and drop the socket if the client
 //! does not finish the close within [`CLOSE_DEADLINE`].
 
-pub mod conn;
-pub mod messages;
 pub mod outbox;
-pub mod wire;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -24,31 +21,16 @@ use serde_json::{json, Map, Value};
 use switchboard_middleware::Claims;
 
 use crate::event;
-use crate::frame;
-use crate::hub::HubStats;
+use crate::metrics::DeliveryStats;
+use crate::schema::types::{ConnectionClosed, ContainerReconnect};
+use crate::schema::ServerMessage;
+use crate::ws::close_code;
+use crate::ws::frame;
 use outbox::{Limits, Offer, Outbox};
 
 /// How long a closing connection may take to flush and finish the close handshake
 /// before its socket is dropped.
 pub const CLOSE_DEADLINE: Duration = Duration::from_secs(3);
-
-/// Close codes of docs/protocol.md §5.
-pub mod close_code {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    pub const UNSUPPORTED: u16 = 1003;
-    pub const INVALID_PAYLOAD: u16 = 1007;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
-    pub const INTERNAL: u16 = 1011;
-    pub const RESTART: u16 = 1012;
-    pub const UNAUTHENTICATED: u16 = 4001;
-    pub const FORBIDDEN: u16 = 4003;
-    pub const EXPIRED: u16 = 4004;
-    pub const RATE_LIMITED: u16 = 4029;
-    pub const SLOW_CONSUMER: u16 = 4500;
-}
 
 /// The span of one connection: `client_id`, `project_id` (or `projects` on `/ws/user`, as
 /// granted at connect), `peer` (the TCP peer, `ip:port`) and, behind a trusted proxy,
@@ -120,17 +102,11 @@ pub struct Session {
     expires_at: AtomicU64,
     /// Set when the connection must end at once (abort) or has ended.
     ended: AtomicBool,
-    /// While the greeting (snapshot or replay) is being prepared, live events wait here so
-    /// they can follow it in order and without duplicates. None once open.
+    /// While the greeting is being prepared, frames offered to the session (global events)
+    /// wait here so the greeting is the first thing the client reads. None once greeted.
+    /// (Project events wait in the hub, which knows which of them the greeting covers.)
     gate: Mutex<Option<Vec<Gated>>>,
     gated: AtomicBool,
-    /// The seq of its own project the greeting covered (snapshot or replay), until the first
-    /// newer live event; 0 = none. Live copies of covered events can still be on their way
-    /// when the gate opens: the resume tail records an event before the hub fans it out, and
-    /// a history or snapshot read can get ahead of this instance's pub/sub stream. They are
-    /// dropped here, after the gate as before it (found by tests/faults.rs: a client resuming
-    /// during a publish burst got seqs it had already been replayed).
-    greeted_upto: AtomicU64,
 }
 
 impl Session {
@@ -163,18 +139,10 @@ impl Session {
 #[error("this connection follows as many projects as it may")]
 pub struct ProjectsFull;
 
-/// A live event held back while the session's greeting is prepared.
+/// A frame held back while the session's greeting is prepared.
 struct Gated {
     frame: Bytes,
     conflate: Option<u64>,
-    seq: Option<u64>,
-}
-
-pub fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Session {
@@ -192,78 +160,43 @@ impl Session {
             scope,
             ip,
             peer,
-            connected_at_ms: unix_millis(),
+            connected_at_ms: event::unix_millis(),
             projects: Mutex::new(projects),
             outbox: Outbox::new(limits),
-            last_seen_ms: AtomicU64::new(unix_millis()),
+            last_seen_ms: AtomicU64::new(event::unix_millis()),
             expires_at: AtomicU64::new(claims.expires_at().unwrap_or(0)),
             claims: Mutex::new(claims),
             session_id: OnceLock::new(),
             ended: AtomicBool::new(false),
             gate: Mutex::new(None),
             gated: AtomicBool::new(false),
-            greeted_upto: AtomicU64::new(0),
         })
     }
 
-    /// Holds live events back until [`Session::open_gate`]. Call before joining projects.
-    pub fn close_gate(&self) {
+    /// Holds what is offered back until [`Session::greet`]. Call before joining projects.
+    pub fn hold(&self) {
         *self.gate.lock() = Some(Vec::new());
         self.gated.store(true, Ordering::Release);
     }
 
-    pub fn is_gated(&self) -> bool {
+    /// Whether the greeting is not out yet.
+    pub fn is_held(&self) -> bool {
         self.gated.load(Ordering::Acquire)
     }
 
-    /// Queues the greeting `front` frames, then the held-back live events except those with
-    /// a seq the greeting already covered (`covered_up_to`), and lets events flow directly
-    /// (still dropping covered seqs that arrive late, see `greeted_upto`).
-    pub fn open_gate(&self, front: Vec<Bytes>, covered_up_to: u64, stats: &HubStats) {
+    /// Queues the greeting's frames first, then what was held, and lets frames flow.
+    pub fn greet(&self, front: Vec<Bytes>, stats: &DeliveryStats) {
         let mut gate = self.gate.lock();
         let held = gate.take().unwrap_or_default();
-        // Before `gated` turns false (Release): whoever sees the gate open sees this too.
-        self.greeted_upto.store(covered_up_to, Ordering::Release);
-        // Straight into the outbox: the gate lock is held, so new live events wait and
-        // land after these.
+        // Straight into the outbox: the gate lock is held, so newly offered frames wait
+        // and land after these.
         for frame in front {
             self.outbox.offer_exempt(frame);
         }
         for g in held {
-            if g.seq.is_some_and(|s| !self.past_greeting(s)) {
-                continue;
-            }
-            self.offer_direct(g.frame, g.conflate, stats);
+            self.offer_direct(g.frame, g.conflate, Some(stats));
         }
         self.gated.store(false, Ordering::Release);
-    }
-
-    /// Whether the greeting may still cover some live events (see `greeted_upto`); while it
-    /// does, the hub offers this session its events one by one, with their seqs.
-    pub fn greeting_pending(&self) -> bool {
-        self.greeted_upto.load(Ordering::Acquire) != 0
-    }
-
-    /// The project whose seqs the greeting covered (not one added later by `subscribe`).
-    pub fn greeted_project(&self, project: &str) -> bool {
-        matches!(&self.scope, Scope::Project(p) if p == project)
-    }
-
-    /// False for a live copy of an event the greeting already covered. The live stream of a
-    /// project is in seq order, so the first newer event ends the check for good (and a
-    /// history that started over cannot be held back for long).
-    fn past_greeting(&self, seq: u64) -> bool {
-        let covered = self.greeted_upto.load(Ordering::Acquire);
-        if covered == 0 {
-            return true;
-        }
-        if seq <= covered {
-            return false;
-        }
-        let _ = self
-            .greeted_upto
-            .compare_exchange(covered, 0, Ordering::AcqRel, Ordering::Relaxed);
-        true
     }
 
     #[cfg(test)]
@@ -359,6 +292,22 @@ impl Session {
         }
     }
 
+    /// Encodes a typed server message for this connection: `project` names the project it
+    /// is about when that is not simply the connection's own scope (filled in otherwise),
+    /// and the timestamp is set.
+    pub fn encode<M: ServerMessage>(&self, m: &M, project: Option<&str>) -> Bytes {
+        let mut map = m.to_message();
+        if let Some(p) = project {
+            map.insert("project_id".into(), Value::String(p.to_owned()));
+        }
+        self.message(Value::Object(map))
+    }
+
+    /// Queues a typed server message (see [`Session::encode`]), bounded like events.
+    pub fn send<M: ServerMessage>(&self, m: &M, project: Option<&str>) {
+        self.send_frame(self.encode(m, project));
+    }
+
     /// Encodes a server message for this connection, with scope and timestamp filled in.
     pub fn message(&self, mut value: Value) -> Bytes {
         if let Value::Object(map) = &mut value {
@@ -373,7 +322,8 @@ impl Session {
     }
 
     pub fn touch(&self) {
-        self.last_seen_ms.store(unix_millis(), Ordering::Relaxed);
+        self.last_seen_ms
+            .store(event::unix_millis(), Ordering::Relaxed);
     }
 
     pub fn idle_for(&self, now_ms: u64) -> Duration {
@@ -391,68 +341,62 @@ impl Session {
         self.expires_at.store(at.unwrap_or(0), Ordering::Relaxed);
     }
 
-    /// Queues an event frame; closes the connection as a slow consumer on overflow. `seq`
-    /// is the event's seq if it belongs to the project the greeting covered (None for
-    /// others, and for frames joining several events).
-    pub fn offer_event(
-        &self,
-        frame: Bytes,
-        conflate: Option<u64>,
-        seq: Option<u64>,
-        stats: &HubStats,
-    ) {
+    /// Queues an event frame (held until the greeting while [`Session::hold`]ing); closes
+    /// the connection as a slow consumer on overflow.
+    pub fn offer_event(&self, frame: Bytes, conflate: Option<u64>, stats: &DeliveryStats) {
         if self.gated.load(Ordering::Acquire) {
             let mut gate = self.gate.lock();
             if let Some(held) = gate.as_mut() {
                 if held.len() < self.outbox.limits().messages {
-                    held.push(Gated {
-                        frame,
-                        conflate,
-                        seq,
-                    });
+                    held.push(Gated { frame, conflate });
                 } else {
-                    // Too much arrived before the greeting was ready: behave like a full queue.
+                    // Too much arrived before the greeting was ready: like a full queue.
                     *gate = None;
                     self.gated.store(false, Ordering::Release);
                     drop(gate);
-                    if self.close(
-                        close_code::SLOW_CONSUMER,
-                        "slow consumer: outbound queue full",
-                        true,
-                    ) {
-                        stats.slow_closes.fetch_add(1, Ordering::Relaxed);
-                    }
+                    self.close_slow(stats);
                 }
                 return;
             }
         }
-        if seq.is_some_and(|s| !self.past_greeting(s)) {
-            return;
-        }
-        self.offer_direct(frame, conflate, stats);
+        self.offer_direct(frame, conflate, Some(stats));
     }
 
-    fn offer_direct(&self, frame: Bytes, conflate: Option<u64>, stats: &HubStats) {
+    /// Closes the connection as a slow consumer (4500), counted once.
+    pub fn close_slow(&self, stats: &DeliveryStats) {
+        if self.close(
+            close_code::SLOW_CONSUMER,
+            "slow consumer: outbound queue full",
+            true,
+        ) {
+            stats.slow_closes.fetch_add(1, Ordering::Relaxed);
+            // Logged from the fan-out's task, in the connection's span; client_id is
+            // repeated for filters above the span's level (warn), where the span is
+            // disabled.
+            self.span().in_scope(|| {
+                tracing::warn!(client_id = %self.client_id, "slow consumer closed (4500)");
+            });
+        }
+    }
+
+    fn offer_direct(&self, frame: Bytes, conflate: Option<u64>, stats: Option<&DeliveryStats>) {
         match self.outbox.offer(frame, conflate) {
             Offer::Written | Offer::Queued | Offer::Closed => {}
             Offer::Conflated => {
-                stats.conflated.fetch_add(1, Ordering::Relaxed);
-            }
-            Offer::Overflow => {
-                if self.close(
-                    close_code::SLOW_CONSUMER,
-                    "slow consumer: outbound queue full",
-                    true,
-                ) {
-                    stats.slow_closes.fetch_add(1, Ordering::Relaxed);
-                    // Logged from the fan-out's task, in the connection's span; client_id is
-                    // repeated for filters above the span's level (warn), where the span is
-                    // disabled.
-                    self.span().in_scope(|| {
-                        tracing::warn!(client_id = %self.client_id, "slow consumer closed (4500)");
-                    });
+                if let Some(stats) = stats {
+                    stats.conflated.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            Offer::Overflow => match stats {
+                Some(stats) => self.close_slow(stats),
+                None => {
+                    self.close(
+                        close_code::SLOW_CONSUMER,
+                        "slow consumer: outbound queue full",
+                        true,
+                    );
+                }
+            },
         }
     }
 
@@ -487,22 +431,26 @@ impl Session {
     /// events first (a slow consumer resumes from history). Returns false if the session
     /// was already closing.
     pub fn close(&self, code: u16, reason: &str, discard_pending: bool) -> bool {
-        let notice = self.message(json!({
-            "type": "connection.closed",
-            "code": code,
-            "reason": reason,
-            "client_id": self.client_id,
-        }));
+        let notice = self.encode(
+            &ConnectionClosed {
+                code,
+                reason: reason.to_owned(),
+                client_id: Some(self.client_id.clone()),
+            },
+            None,
+        );
         self.finish(&[notice, frame::close(code, reason)], discard_pending)
     }
 
     /// Shutdown path: flush what is queued, then `container.reconnect`, then close 1012.
     pub fn close_for_restart(&self, reconnect_after_ms: u64) -> bool {
-        let notice = self.message(json!({
-            "type": "container.reconnect",
-            "message": "this gateway instance is restarting; reconnect and resume",
-            "reconnect_after_ms": reconnect_after_ms,
-        }));
+        let notice = self.encode(
+            &ContainerReconnect {
+                message: Some("this gateway instance is restarting; reconnect and resume".into()),
+                reconnect_after_ms: Some(reconnect_after_ms),
+            },
+            None,
+        );
         self.finish(
             &[notice, frame::close(close_code::RESTART, "server restart")],
             false,
@@ -515,10 +463,10 @@ impl Session {
     /// echoed, so the gateway never sends a code it may not send. No `connection.closed`
     /// notice: the client has already said it is leaving.
     pub fn close_echo(&self, payload: &[u8]) -> bool {
-        let reply = match wire::close_request(payload) {
-            wire::CloseRequest::Empty => frame::close_empty(),
-            wire::CloseRequest::Code(code) => frame::close(code, ""),
-            wire::CloseRequest::Invalid(code, reason) => frame::close(code, reason),
+        let reply = match crate::ws::wire::close_request(payload) {
+            crate::ws::wire::CloseRequest::Empty => frame::close_empty(),
+            crate::ws::wire::CloseRequest::Code(code) => frame::close(code, ""),
+            crate::ws::wire::CloseRequest::Invalid(code, reason) => frame::close(code, reason),
         };
         self.finish(&[reply], false)
     }
@@ -536,33 +484,5 @@ impl Session {
 
     pub fn is_ended(&self) -> bool {
         self.ended.load(Ordering::Acquire)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    /// Every close code the gateway uses is one RFC 6455 §7.4 lets it send (here, not in
-    /// `frame`: the frame module must not depend on the session above it).
-    #[test]
-    fn every_close_code_we_use_may_be_sent() {
-        use super::close_code::*;
-        for c in [
-            NORMAL,
-            GOING_AWAY,
-            PROTOCOL_ERROR,
-            UNSUPPORTED,
-            INVALID_PAYLOAD,
-            POLICY,
-            TOO_BIG,
-            INTERNAL,
-            RESTART,
-            UNAUTHENTICATED,
-            FORBIDDEN,
-            EXPIRED,
-            RATE_LIMITED,
-            SLOW_CONSUMER,
-        ] {
-            assert!(crate::frame::valid_close_code(c), "{c}");
-        }
     }
 }

@@ -165,7 +165,7 @@ pub fn close_request(payload: &[u8]) -> CloseRequest {
         [_] => return CloseRequest::Invalid(1002, "close frame with a 1-byte body"),
         [hi, lo, reason @ ..] => (u16::from_be_bytes([*hi, *lo]), reason),
     };
-    if !crate::frame::valid_close_code(code) {
+    if !crate::ws::frame::valid_close_code(code) {
         return CloseRequest::Invalid(1002, "invalid close code");
     }
     if std::str::from_utf8(reason).is_err() {

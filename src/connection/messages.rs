@@ -18,12 +18,14 @@ use std::time::{Duration, Instant};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::{json, Map, Value};
 
-use super::{close_code, Session};
+pub use super::parse::{parse, ClientMessage, Command, Refusal};
 use crate::app::App;
 use crate::config::WsConfig;
 use crate::event;
-use crate::frame;
-use crate::project::valid_project_id;
+use crate::schema::types;
+use crate::session::Session;
+use crate::ws::close_code;
+use crate::ws::frame;
 
 /// A `status` reply costs one message of the connection's budget per project, plus one per
 /// this many bytes of snapshot beyond the first: what one connection can make the gateway
@@ -93,179 +95,18 @@ impl ClientState {
     }
 }
 
-/// Why one client message was refused; answered as an `error` frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    /// `invalid_json`, `invalid_message` or `unknown_type` (from [`parse`]), or
-    /// `forbidden` (from the checks against the connection).
-    pub code: &'static str,
-    /// Human text for the client; quotes at most 64 bytes of the client's own input.
-    pub message: String,
-    /// The offending field, when there is one.
-    pub field: Option<&'static str>,
-}
-
-impl Refusal {
-    fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            code: "invalid_message",
-            message: message.into(),
-            field: Some(field),
-        }
+fn error_frame(
+    code: &str,
+    message: &str,
+    field: Option<&str>,
+    request_id: Option<&str>,
+) -> types::ServerError {
+    types::ServerError {
+        code: code.to_owned(),
+        message: message.to_owned(),
+        field: field.map(str::to_owned),
+        request_id: request_id.map(str::to_owned),
     }
-
-    /// Whether the refusal counts toward the invalid-message streak (close 1008).
-    pub fn is_invalid_input(&self) -> bool {
-        matches!(
-            self.code,
-            "invalid_json" | "invalid_message" | "unknown_type"
-        )
-    }
-}
-
-/// Which relayed command a [`ClientMessage::Command`] is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
-    /// `node.execute`, relayed as `execute_node`.
-    Execute,
-    /// `task.cancel`, relayed as `cancel_task`.
-    Cancel,
-}
-
-/// One client message with its fields checked for presence and JSON type (docs/protocol.md §4).
-/// Whether this connection may act on it (granted, joined projects) is checked later.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ClientMessage {
-    /// Text `ping`: answered with text `pong`.
-    TextPing,
-    /// `{"type":"ping"}`: answered with `{"type":"pong"}`.
-    Ping,
-    /// Text `status` or `{"type":"status"}`: the named project, or every project of the
-    /// connection.
-    Status { project_id: Option<String> },
-    /// `node.execute` / `task.cancel`. `subject` is the non-empty `node_id` / `task_id`;
-    /// `parameters` is `{}` when absent or null, and always `{}` for a cancel.
-    Command {
-        kind: Command,
-        subject: String,
-        parameters: Map<String, Value>,
-        request_id: Option<String>,
-        project_id: Option<String>,
-    },
-    /// `project_id` is a valid project id (`[A-Za-z0-9_.-]{1,128}`, not `user`).
-    Subscribe { project_id: String },
-    /// Any non-empty `project_id`: dropping a project the connection does not have is a
-    /// no-op that is still answered.
-    Unsubscribe { project_id: String },
-    /// `token` is non-empty; it is verified when acted on.
-    AuthRefresh { token: String },
-}
-
-/// Parses one complete text message. Never panics, whatever the text.
-pub fn parse(text: &str, max_depth: usize) -> Result<ClientMessage, Refusal> {
-    match text {
-        "ping" => return Ok(ClientMessage::TextPing),
-        "status" => return Ok(ClientMessage::Status { project_id: None }),
-        _ => {}
-    }
-    // Before parsing: a deeply nested message costs the parser one recursion and one
-    // allocation per level, and past its own limit it would only say "not JSON".
-    if crate::json_depth::exceeds(text.as_bytes(), max_depth) {
-        return Err(Refusal {
-            code: "invalid_message",
-            message: format!("message nests JSON deeper than {max_depth} levels"),
-            field: None,
-        });
-    }
-    let value: Value = serde_json::from_str(text).map_err(|_| Refusal {
-        code: "invalid_json",
-        message: "message is not valid JSON".into(),
-        field: None,
-    })?;
-    let Value::Object(mut msg) = value else {
-        return Err(Refusal {
-            code: "invalid_message",
-            message: "message must be a JSON object".into(),
-            field: None,
-        });
-    };
-    let kind = match msg.get("type") {
-        Some(Value::String(kind)) => kind.clone(),
-        _ => {
-            return Err(Refusal::invalid(
-                "type",
-                "field `type` is required and must be a string",
-            ))
-        }
-    };
-    let owned = |s: Option<&str>| s.map(str::to_owned);
-    match kind.as_str() {
-        "ping" => Ok(ClientMessage::Ping),
-        "status" => Ok(ClientMessage::Status {
-            project_id: owned(optional_string(&msg, "project_id")?),
-        }),
-        "node.execute" | "task.cancel" => {
-            // Checked in this order so the error names the first bad field a reader of
-            // docs/protocol.md §4 would look at.
-            let request_id = owned(optional_string(&msg, "request_id")?);
-            let project_id = owned(optional_string(&msg, "project_id")?);
-            let (kind, subject, parameters) = if kind == "node.execute" {
-                let node_id = required_string(&msg, "node_id")?.to_owned();
-                let parameters = match msg.remove("parameters") {
-                    None | Some(Value::Null) => Map::new(),
-                    Some(Value::Object(p)) => p,
-                    Some(_) => {
-                        return Err(Refusal::invalid(
-                            "parameters",
-                            "field `parameters` must be an object",
-                        ))
-                    }
-                };
-                (Command::Execute, node_id, parameters)
-            } else {
-                let task_id = required_string(&msg, "task_id")?.to_owned();
-                (Command::Cancel, task_id, Map::new())
-            };
-            Ok(ClientMessage::Command {
-                kind,
-                subject,
-                parameters,
-                request_id,
-                project_id,
-            })
-        }
-        "subscribe" => {
-            let project = required_string(&msg, "project_id")?;
-            if !valid_project_id(project) {
-                return Err(Refusal::invalid("project_id", "invalid project id"));
-            }
-            Ok(ClientMessage::Subscribe {
-                project_id: project.to_owned(),
-            })
-        }
-        "unsubscribe" => Ok(ClientMessage::Unsubscribe {
-            project_id: required_string(&msg, "project_id")?.to_owned(),
-        }),
-        "auth.refresh" => Ok(ClientMessage::AuthRefresh {
-            token: required_string(&msg, "token")?.to_owned(),
-        }),
-        other => Err(Refusal {
-            code: "unknown_type",
-            message: format!("unknown message type {:?}", truncate(other, 64)),
-            field: Some("type"),
-        }),
-    }
-}
-
-fn error_frame(code: &str, message: &str, field: Option<&str>, request_id: Option<&str>) -> Value {
-    let mut v = json!({"type": "error", "code": code, "message": message});
-    if let Some(f) = field {
-        v["field"] = json!(f);
-    }
-    if let Some(r) = request_id {
-        v["request_id"] = json!(r);
-    }
-    v
 }
 
 /// Handles one complete text message from the client.
@@ -278,12 +119,10 @@ pub async fn handle_text(app: &App, session: &Arc<Session>, state: &mut ClientSt
         Ok(()) => state.invalid_in_row = 0,
         Err(refusal) => {
             let counts = refusal.is_invalid_input();
-            session.reply(error_frame(
-                refusal.code,
-                &refusal.message,
-                refusal.field,
+            session.send(
+                &error_frame(refusal.code, &refusal.message, refusal.field, None),
                 None,
-            ));
+            );
             if counts {
                 state.invalid_in_row += 1;
                 if state.invalid_in_row >= state.max_invalid_in_row {
@@ -308,7 +147,7 @@ async fn dispatch(
             Ok(())
         }
         ClientMessage::Ping => {
-            session.reply(json!({"type": "pong"}));
+            session.send(&types::Pong { projects: None }, None);
             Ok(())
         }
         ClientMessage::Status { project_id } => {
@@ -375,7 +214,7 @@ async fn status(
         if i > 0 && !charge(session, state, 1) {
             return Ok(());
         }
-        match crate::resume::current_snapshot(app, project).await {
+        match crate::greeting::current_snapshot(app, project).await {
             Ok(snap) => {
                 let frame = session.message(snap.message(project));
                 let extra = (frame.len() / STATUS_BYTES_PER_TOKEN) as u32;
@@ -388,12 +227,15 @@ async fn status(
                 session
                     .span()
                     .in_scope(|| tracing::warn!(error = %e, project, "status snapshot failed"));
-                session.reply(error_frame(
-                    "broker_unavailable",
-                    "the status snapshot is not available right now; retry later",
+                session.send(
+                    &error_frame(
+                        "broker_unavailable",
+                        "the status snapshot is not available right now; retry later",
+                        None,
+                        None,
+                    ),
                     None,
-                    None,
-                ));
+                );
             }
         }
     }
@@ -406,55 +248,15 @@ fn charge(session: &Session, state: &mut ClientState, n: u32) -> bool {
     match state.admit_n(n) {
         Ok(()) => true,
         Err(close) => {
-            session.reply(error_frame(
-                "rate_limited",
-                "too many messages; slow down",
+            session.send(
+                &error_frame("rate_limited", "too many messages; slow down", None, None),
                 None,
-                None,
-            ));
+            );
             if close {
                 session.close(close_code::RATE_LIMITED, "rate limited", false);
             }
             false
         }
-    }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut cut = max;
-    while !s.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    &s[..cut]
-}
-
-fn optional_string<'a>(
-    msg: &'a Map<String, Value>,
-    field: &'static str,
-) -> Result<Option<&'a str>, Refusal> {
-    match msg.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(Refusal::invalid(
-            field,
-            format!("field `{field}` must be a string"),
-        )),
-    }
-}
-
-fn required_string<'a>(
-    msg: &'a Map<String, Value>,
-    field: &'static str,
-) -> Result<&'a str, Refusal> {
-    match optional_string(msg, field)? {
-        Some(s) if !s.is_empty() => Ok(s),
-        _ => Err(Refusal::invalid(
-            field,
-            format!("field `{field}` is required and must be a non-empty string"),
-        )),
     }
 }
 
@@ -530,12 +332,12 @@ async fn current_claims(
                 session.span().in_scope(|| {
                     tracing::warn!(error = %e, "session lookup for an action failed");
                 });
-                session.reply(error_frame(
+                session.send(&error_frame(
                     "broker_unavailable",
                     "your session could not be checked right now; nothing was done, retry later",
                     None,
                     request_id,
-                ));
+                ), None);
                 return None;
             }
         }
@@ -543,7 +345,7 @@ async fn current_claims(
     let claims = session.claims();
     if claims
         .expires_at()
-        .is_some_and(|exp| exp <= crate::session::unix_millis() / 1000)
+        .is_some_and(|exp| exp <= crate::event::unix_millis() / 1000)
     {
         session.close(close_code::EXPIRED, "credential expired", false);
         return None;
@@ -579,12 +381,15 @@ async fn command(
     payload["request_id"] = json!(request_id);
     payload["timestamp"] = json!(event::now_rfc3339());
     let unavailable = || {
-        session.reply(error_frame(
-            "broker_unavailable",
-            "the command could not be relayed right now; it was not sent, retry later",
+        session.send(
+            &error_frame(
+                "broker_unavailable",
+                "the command could not be relayed right now; it was not sent, retry later",
+                None,
+                Some(&request_id),
+            ),
             None,
-            Some(&request_id),
-        ));
+        );
     };
     if !app.broker.is_up() {
         unavailable();
@@ -598,13 +403,12 @@ async fn command(
                 Command::Cancel => &app.hub.metrics.commands_cancel,
             };
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            session.reply(json!({
-                "type": "command.accepted",
-                "command": name,
-                "request_id": request_id,
-                "project_id": project,
-                "delivered_to": delivered_to,
-            }));
+            let accepted = types::CommandAccepted {
+                command: name.to_owned(),
+                request_id,
+                delivered_to,
+            };
+            session.send(&accepted, Some(&project));
         }
         Err(e) => {
             session
@@ -630,26 +434,28 @@ async fn subscribe(app: &App, session: &Arc<Session>, project: &str) -> Result<(
             field: Some("project_id"),
         });
     };
-    if added && app.join_project(project, session).await.is_err() {
+    if added && app.join_project(project, session, false).await.is_err() {
         session.remove_project(project);
-        session.reply(error_frame(
-            "broker_unavailable",
-            "cannot subscribe right now; retry later",
+        session.send(
+            &error_frame(
+                "broker_unavailable",
+                "cannot subscribe right now; retry later",
+                None,
+                None,
+            ),
             None,
-            None,
-        ));
+        );
         return Ok(());
     }
     app.broker
         .presence_update(project, &session.client_id, Some(app.record_ttl()))
         .await;
     let position = app.broker.position(project).await.ok();
-    let mut reply = json!({"type": "subscribed", "project_id": project});
-    if let Some(p) = position {
-        reply["seq"] = json!(p.seq);
-        reply["epoch"] = json!(p.epoch);
-    }
-    session.reply(reply);
+    let reply = types::Subscribed {
+        seq: position.as_ref().map(|p| p.seq),
+        epoch: position.map(|p| p.epoch),
+    };
+    session.send(&reply, Some(project));
     Ok(())
 }
 
@@ -660,7 +466,7 @@ async fn unsubscribe(app: &App, session: &Arc<Session>, project: &str) {
             .presence_update(project, &session.client_id, None)
             .await;
     }
-    session.reply(json!({"type": "unsubscribed", "project_id": project}));
+    session.send(&types::Unsubscribed {}, Some(project));
 }
 
 /// Replaces the connection's credential; a bad one ends the connection (4001/4003).
@@ -694,101 +500,5 @@ fn refresh(app: &App, session: &Arc<Session>, token: &str) {
     }
     let expires_at = claims.expires_at();
     session.set_claims(Arc::new(claims));
-    session.reply(json!({"type": "auth.refreshed", "expires_at": expires_at}));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// [`super::parse`] with the default depth limit.
-    fn parse(text: &str) -> Result<ClientMessage, Refusal> {
-        super::parse(text, 32)
-    }
-
-    fn refused(text: &str) -> Refusal {
-        parse(text).expect_err(text)
-    }
-
-    #[test]
-    fn text_shortcuts_and_typed_messages() {
-        assert_eq!(parse("ping").unwrap(), ClientMessage::TextPing);
-        assert_eq!(
-            parse("status").unwrap(),
-            ClientMessage::Status { project_id: None }
-        );
-        assert_eq!(parse(r#"{"type":"ping"}"#).unwrap(), ClientMessage::Ping);
-        assert_eq!(
-            parse(r#"{"type":"node.execute","node_id":"n","request_id":"r"}"#).unwrap(),
-            ClientMessage::Command {
-                kind: Command::Execute,
-                subject: "n".into(),
-                parameters: Map::new(),
-                request_id: Some("r".into()),
-                project_id: None,
-            }
-        );
-        let ClientMessage::Command { parameters, .. } =
-            parse(r#"{"type":"node.execute","node_id":"n","parameters":{"a":1}}"#).unwrap()
-        else {
-            panic!("not a command")
-        };
-        assert_eq!(Value::Object(parameters), json!({"a": 1}));
-        assert_eq!(
-            parse(r#"{"type":"task.cancel","task_id":"t","project_id":"p"}"#).unwrap(),
-            ClientMessage::Command {
-                kind: Command::Cancel,
-                subject: "t".into(),
-                parameters: Map::new(),
-                request_id: None,
-                project_id: Some("p".into()),
-            }
-        );
-        assert_eq!(
-            parse(r#"{"type":"subscribe","project_id":"a.b-c"}"#).unwrap(),
-            ClientMessage::Subscribe {
-                project_id: "a.b-c".into()
-            }
-        );
-        assert_eq!(
-            parse(r#"{"type":"auth.refresh","token":"x.y.z"}"#).unwrap(),
-            ClientMessage::AuthRefresh {
-                token: "x.y.z".into()
-            }
-        );
-    }
-
-    #[test]
-    fn refusals_name_code_and_field() {
-        assert_eq!(refused("pong").code, "invalid_json");
-        assert_eq!(refused("[1]").code, "invalid_message");
-        assert_eq!(refused(r#"{"type":1}"#).field, Some("type"));
-        let r = refused(r#"{"type":"node.execute","node_id":"n","parameters":[]}"#);
-        assert_eq!((r.code, r.field), ("invalid_message", Some("parameters")));
-        assert_eq!(
-            refused(r#"{"type":"task.cancel","task_id":""}"#).field,
-            Some("task_id")
-        );
-        assert_eq!(
-            refused(r#"{"type":"subscribe","project_id":"user"}"#).field,
-            Some("project_id")
-        );
-        assert_eq!(
-            refused(r#"{"type":"auth.refresh","token":7}"#).field,
-            Some("token")
-        );
-        for r in [refused("pong"), refused(r#"{"type":"made.up"}"#)] {
-            assert!(r.is_invalid_input());
-        }
-    }
-
-    #[test]
-    fn an_unknown_type_is_quoted_at_most_64_bytes_on_a_char_boundary() {
-        // 63 ASCII bytes then a 2-byte character straddling the cut.
-        let kind = format!("{}é{}", "a".repeat(63), "b".repeat(500));
-        let r = refused(&json!({ "type": kind }).to_string());
-        assert_eq!(r.code, "unknown_type");
-        assert!(r.message.contains(&"a".repeat(63)) && !r.message.contains('é'));
-        assert!(r.message.len() < 100, "{}", r.message);
-    }
+    session.send(&types::AuthRefreshed { expires_at }, None);
 }

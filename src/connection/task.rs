@@ -3,7 +3,7 @@
 //! After the upgrade (fastwebsockets checks the request and builds the 101) we take the raw
 //! `TcpStream` back from hyper, so we can write to it without a task and read it without a
 //! buffer, and run one loop:
-//! - readable: read what is there into a stack buffer, parse client frames ([`super::wire`]),
+//! - readable: read what is there into a stack buffer, parse client frames ([`crate::ws::wire`]),
 //!   handle them ([`super::messages`]); only an incomplete frame's bytes are kept;
 //! - writable (only while the outbox has a backlog): drain it with vectored writes;
 //! - woken by the outbox: a backlog appeared, closing began, or the session was aborted.
@@ -22,17 +22,18 @@
 use std::io::ErrorKind;
 use std::sync::Arc;
 
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::messages::{self, ClientState};
-use super::outbox::Drained;
-use super::wire::{self, Opcode, WireError};
-use super::{close_code, unix_millis, Session, CLOSE_DEADLINE};
 use crate::app::App;
-use crate::frame;
+use crate::event::unix_millis;
 use crate::limits::ConnectionGuard;
+use crate::session::outbox::Drained;
+use crate::session::{Session, CLOSE_DEADLINE};
+use crate::ws::close_code;
+use crate::ws::frame;
+use crate::ws::wire::{self, Opcode, WireError};
 
 /// Bytes read per readiness event (on the stack, copied out only if a frame is incomplete).
 const READ_CHUNK: usize = 4096;
@@ -45,7 +46,7 @@ pub fn task(
     session: Arc<Session>,
     upgrade: hyper::upgrade::OnUpgrade,
     guard: ConnectionGuard,
-    resume: Option<crate::resume::ResumeRequest>,
+    resume: Option<crate::stream::ResumeRequest>,
     tracked: TaskTrackerToken,
 ) -> impl std::future::Future<Output = ()> {
     run(app, session, upgrade, guard, resume, tracked)
@@ -69,28 +70,15 @@ pub async fn run(
     session: Arc<Session>,
     upgrade: hyper::upgrade::OnUpgrade,
     guard: ConnectionGuard,
-    resume: Option<crate::resume::ResumeRequest>,
+    resume: Option<crate::stream::ResumeRequest>,
     tracked: TaskTrackerToken,
 ) {
     // Runs while the 101 is on its way; live events wait behind the session's gate.
-    Box::pin(crate::resume::greet(&app, &session, resume)).await;
+    Box::pin(crate::greeting::greet(&app, &session, resume)).await;
     // Only the socket and the bytes the client already sent survive past this block: the
     // upgrade's own buffers are dropped before the long-lived loop below.
-    let attached = match upgrade.await {
-        Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                // `read_buf` may be a slice of hyper's whole read buffer: copy what the client
-                // already sent and let that buffer go now.
-                let early = parts.read_buf.to_vec();
-                Some((Arc::new(parts.io.into_inner()), early))
-            }
-            Err(_) => {
-                session.span().in_scope(|| {
-                    tracing::error!("upgraded connection is not a TCP stream");
-                });
-                None
-            }
-        },
+    let attached = match crate::ws::upgrade::into_tcp(upgrade).await {
+        Ok((socket, early)) => Some((Arc::new(socket), early)),
         Err(e) => {
             if tracing::enabled!(tracing::Level::DEBUG) {
                 session.span().in_scope(|| {

@@ -28,10 +28,10 @@ use prometheus_client::encoding::{text, DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use super::histogram::DurationHistogram;
-use super::{HANDSHAKE_LABELS, REJECT_LABELS};
 use crate::broker::Broker;
 use crate::hub::Hub;
+use crate::metrics::histogram::DurationHistogram;
+use crate::metrics::{HANDSHAKE_LABELS, REJECT_LABELS};
 
 /// The media type of OpenMetrics text 1.0.0 ([`Exporter::render`]).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -246,7 +246,7 @@ fn seconds_histogram(
         .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
 }
 
-/// Connections, handshakes, events and fan-out: what the hub and its [`super::Metrics`] count.
+/// Connections, handshakes, events and fan-out: what the hub and its [`crate::metrics::Metrics`] count.
 struct HubCollector(Arc<Hub>);
 
 impl fmt::Debug for HubCollector {
@@ -433,16 +433,11 @@ mod tests {
     use std::time::Duration;
 
     fn exporter() -> (Arc<Hub>, Exporter) {
-        let hub = Hub::new(
-            None,
-            Duration::from_millis(10),
-            Policy {
-                allow_unknown_types: true,
-                ..Policy::default()
-            },
-        );
+        let hub = Hub::standalone(Policy {
+            allow_unknown_types: true,
+            ..Policy::default()
+        });
         let broker = Broker::Memory(crate::broker::memory::MemoryBroker::new(
-            hub.clone(),
             crate::broker::HistoryLimits {
                 max_len: 10,
                 ttl: Duration::from_secs(60),
@@ -482,7 +477,7 @@ mod tests {
     #[tokio::test]
     async fn the_default_format_is_prometheus_text_0_0_4() {
         let (hub, exporter) = exporter();
-        hub.metrics.handshake(super::super::Handshake::Accepted);
+        hub.metrics.handshake(crate::metrics::Handshake::Accepted);
         hub.metrics.fanout.observe(Duration::from_micros(30));
         let text = exporter.render_as(Format::Prometheus);
         for line in [
@@ -530,7 +525,7 @@ mod tests {
     #[tokio::test]
     async fn samples_carry_the_protocol_names() {
         let (hub, exporter) = exporter();
-        hub.metrics.handshake(super::super::Handshake::Accepted);
+        hub.metrics.handshake(crate::metrics::Handshake::Accepted);
         hub.metrics.rejected("invalid_field");
         hub.metrics.fanout.observe_n(Duration::from_micros(30), 2);
         let text = exporter.render();

@@ -3,7 +3,7 @@
 //! Server frames are never masked, so the bytes of one frame are identical for every
 //! recipient: an event is framed once here and the same [`Bytes`] is shared by every
 //! outbound queue (DESIGN "Encode once, write many"). Client frames are parsed in
-//! [`crate::session::wire`]; writing is a plain byte copy of these prebuilt frames.
+//! [`crate::ws::wire`]; writing is a plain byte copy of these prebuilt frames.
 
 use bytes::{BufMut, Bytes, BytesMut};
 

@@ -1,0 +1,122 @@
+//! Global events (`websocket:broadcast`, the broadcast API): routed as the seed's
+//! `_handle_redis_event` does (docs/protocol.md §3). One naming a `project_id` goes to that
+//! project's followers only and keeps its `project_id`; one without goes to every
+//! connection, each with its own scope, encoded once per distinct scope. A raw `seq` is
+//! never passed on: only the publish path assigns one.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use super::Hub;
+use crate::event::{self, Prepared};
+use crate::session::{Scope, Session};
+
+impl Hub {
+    /// Sends a global event to every session, with each session's own project filled in.
+    /// The frame is encoded once per distinct scope, not once per session.
+    pub fn broadcast(&self, event: &Map<String, Value>) -> usize {
+        let sessions = self.sessions();
+        let mut frames: HashMap<String, Bytes> = HashMap::new();
+        for session in &sessions {
+            let key = session.scope_key();
+            let frame = frames
+                .entry(key)
+                .or_insert_with(|| {
+                    let mut ev = event.clone();
+                    session.fill_scope(&mut ev);
+                    fill_timestamp(&mut ev);
+                    event::server_frame(&Value::Object(ev))
+                })
+                .clone();
+            session.offer_event(frame, None, &self.stats);
+        }
+        self.stats
+            .delivered
+            .fetch_add(sessions.len() as u64, Ordering::Relaxed);
+        sessions.len()
+    }
+
+    /// Parses a payload from `websocket:broadcast` and routes it as the seed's
+    /// `_handle_redis_event` does (docs/protocol.md §3): an event naming a `project_id` goes to the
+    /// connections following that project only (once each, `/ws/user` ones included) and
+    /// keeps its `project_id`; one without goes to every connection, each with its own.
+    pub fn broadcast_raw(&self, payload: &[u8]) -> Result<usize, event::EventError> {
+        let (target, map) = self.check_global(payload)?;
+        Ok(match target {
+            None => self.broadcast(&map),
+            Some(project) => {
+                let prepared = Prepared {
+                    frame: event::server_frame(&Value::Object(map)),
+                    conflate: None,
+                    seq: None,
+                };
+                self.deliver(&project, &prepared)
+            }
+        })
+    }
+
+    /// The checks of a global event: its project (None: every project) and its fields,
+    /// with `seq` removed (only the publish path assigns one, docs/protocol.md §3) and a
+    /// `timestamp` set where it had none.
+    fn check_global(
+        &self,
+        payload: &[u8],
+    ) -> Result<(Option<String>, Map<String, Value>), event::EventError> {
+        event::check_depth(payload, &self.policy)?;
+        let value: Value =
+            serde_json::from_slice(payload).map_err(|_| event::EventError::NotJson)?;
+        let Value::Object(mut map) = value else {
+            return Err(event::EventError::NotObject);
+        };
+        let Some(Value::String(kind)) = map.get("type") else {
+            return Err(event::EventError::MissingType);
+        };
+        let kind = kind.clone();
+        let target = match map.get("project_id") {
+            None => None,
+            Some(Value::Null) => {
+                map.remove("project_id");
+                None
+            }
+            Some(Value::String(p)) if crate::project::valid_project_id(p) => Some(p.clone()),
+            Some(_) => return Err(event::EventError::BadProjectId),
+        };
+        map.remove("seq");
+        let value = Value::Object(map);
+        self.policy.check_global_value(&kind, &value)?;
+        let Value::Object(mut map) = value else {
+            return Err(event::EventError::NotObject);
+        };
+        fill_timestamp(&mut map);
+        Ok((target, map))
+    }
+}
+
+/// The gateway's own timestamp where a global event has none, or a null or any other
+/// non-string one (docs/protocol.md §8).
+fn fill_timestamp(map: &mut Map<String, Value>) {
+    if !matches!(map.get("timestamp"), Some(Value::String(_))) {
+        map.insert("timestamp".into(), Value::String(event::now_rfc3339()));
+    }
+}
+
+impl Scope {
+    fn key(&self) -> String {
+        match self {
+            Scope::Project(p) => p.clone(),
+            Scope::User => String::from("\0user"),
+        }
+    }
+}
+
+impl Session {
+    fn scope_key(&self) -> String {
+        match &self.scope {
+            Scope::User => format!("\0user:{}", self.projects().join(",")),
+            s => s.key(),
+        }
+    }
+}

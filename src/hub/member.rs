@@ -1,0 +1,117 @@
+//! One session's membership in one project: the hold before its greeting and the filter
+//! of covered seqs after it.
+//!
+//! A member joins either open or holding. Holding, it keeps the project's live events
+//! (seqs and all) until [`Member::release`] gives it the seq its greeting covered: held
+//! events at or below it are dropped, the rest are offered in order, and later live copies
+//! at or below it are dropped until the first newer event. Invariants: nothing of a holding
+//! member reaches its session's outbox before the release; the release and a concurrent
+//! fan-out are ordered by the hold's lock; a hold is bounded by the session's outbound
+//! message limit (past it the session is closed as a slow consumer, like a full queue).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::event::Prepared;
+use crate::metrics::DeliveryStats;
+use crate::session::Session;
+
+/// `Member::state` while the member holds live events for its greeting.
+pub(super) const HOLDING: u64 = u64::MAX;
+
+/// One session in one project.
+pub(super) struct Member {
+    pub(super) session: Arc<Session>,
+    /// [`HOLDING`]; or the seq its greeting covered, until the first newer live event
+    /// (live copies of covered events can still be on their way when the greeting is out:
+    /// the resume tail records an event before the hub fans it out, and a history or
+    /// snapshot read can get ahead of this instance's pub/sub stream; found by
+    /// tests/faults.rs, a client resuming during a publish burst); 0 = nothing to drop.
+    state: AtomicU64,
+    /// The live events held while [`HOLDING`]; None once released.
+    hold: Mutex<Option<Vec<Prepared>>>,
+}
+
+impl Member {
+    pub(super) fn new(session: Arc<Session>, holding: bool) -> Self {
+        Self {
+            session,
+            state: AtomicU64::new(if holding { HOLDING } else { 0 }),
+            hold: Mutex::new(holding.then(Vec::new)),
+        }
+    }
+
+    /// False for a live copy of an event the greeting covered. The live stream of a
+    /// project is in seq order, so the first newer event ends the check for good (and a
+    /// history that started over cannot be held back for long).
+    fn past_cover(&self, seq: u64) -> bool {
+        let covered = self.state.load(Ordering::Acquire);
+        if covered == 0 {
+            return true;
+        }
+        if seq <= covered {
+            return false;
+        }
+        let _ = self
+            .state
+            .compare_exchange(covered, 0, Ordering::AcqRel, Ordering::Relaxed);
+        true
+    }
+
+    /// Offers one batch's admitted events (and their frames joined, when several).
+    pub(super) fn offer(
+        &self,
+        events: &[&Prepared],
+        joined: Option<&Bytes>,
+        stats: &DeliveryStats,
+    ) {
+        if self.state.load(Ordering::Acquire) == HOLDING {
+            let mut hold = self.hold.lock();
+            if let Some(held) = hold.as_mut() {
+                if held.len() + events.len() <= self.session.outbox.limits().messages {
+                    held.extend(events.iter().map(|p| (*p).clone()));
+                } else {
+                    // Too much arrived before the greeting was ready: like a full queue.
+                    *hold = None;
+                    self.state.store(0, Ordering::Release);
+                    drop(hold);
+                    self.session.close_slow(stats);
+                }
+                return;
+            }
+        }
+        // Joined frames only go to a member with nothing to filter and a session with
+        // nothing queued (they will most likely be written at once); otherwise one by one,
+        // so progress events stay conflatable and covered copies can be dropped.
+        let direct = self.state.load(Ordering::Acquire) == 0 && self.session.outbox.is_empty();
+        match (joined, direct) {
+            (Some(frames), true) => self.session.offer_event(frames.clone(), None, stats),
+            _ => {
+                for p in events {
+                    if p.seq.is_some_and(|s| !self.past_cover(s)) {
+                        continue;
+                    }
+                    self.session.offer_event(p.frame.clone(), p.conflate, stats);
+                }
+            }
+        }
+    }
+
+    /// Ends the hold: drops what `covered` includes and offers the rest, in order.
+    pub(super) fn release(&self, covered: u64, stats: &DeliveryStats) {
+        let mut hold = self.hold.lock();
+        let held = hold.take().unwrap_or_default();
+        // Under the hold lock: a fan-out that saw HOLDING waits for it, then finds the hold
+        // gone and offers directly, after these.
+        self.state.store(covered, Ordering::Release);
+        for p in held {
+            if p.seq.is_some_and(|s| !self.past_cover(s)) {
+                continue;
+            }
+            self.session.offer_event(p.frame, p.conflate, stats);
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! The hub: which sessions of this instance follow which project, and fan-out. Nothing else.
+//!
+//! Each active project has one slot: its members (sessions) and its
+//! [`ProjectStream`](crate::stream::ProjectStream), which owns everything about seqs. The
+//! first member of a project asks the broker to subscribe to `project:{id}:events`; when
+//! the last one leaves, the subscription lingers for `redis.unsubscribe_linger_ms` (a page
+//! reload must not churn SUBSCRIBE/UNSUBSCRIBE) and is then dropped. Subscription requests
+//! are sent in the same critical section that changes the slot, so the broker sees
+//! subscribe and unsubscribe for a channel in the order the hub decided them.
+//!
+//! Fan-out ([`Hub::deliver_batch`], the broker's [`Sink`]) admits a batch through the
+//! project's stream and hands the prebuilt frames to every member. It never awaits and
+//! never touches a socket; a session whose outbox overflows is told to close with 4500.
+//!
+//! A member joins either open or holding. A holding member (a new connection whose
+//! greeting is being prepared) keeps the project's live events, seqs and all, until
+//! [`Hub::release`] gives it the seq its greeting covered: the held events at or below it
+//! are dropped, the rest follow the greeting in order, and later live copies at or below it
+//! are dropped until the first newer event. That per-member filter is the hub's only use of
+//! seqs; what the seq means is the stream's business.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::broker::state::Snapshot;
+use crate::broker::{project_channel, Broker, Sink, SubCommand};
+use crate::event::{self, Prepared};
+use crate::metrics::{DeliveryStats, Metrics};
+use crate::schema::types::ConnectionResyncRequired;
+use crate::schema::Policy;
+use crate::session::Session;
+use crate::stream::{ProjectStream, Recovery, StreamContext};
+use member::Member;
+
+mod global;
+mod member;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("the broker could not subscribe to the project channel")]
+    SubscribeFailed,
+}
+
+struct Slot {
+    members: Vec<Member>,
+    /// Bumped on every join, so a pending linger timer knows it is stale.
+    generation: u64,
+    stream: Arc<ProjectStream>,
+}
+
+impl Slot {
+    fn member(&self, session: &Arc<Session>) -> Option<&Member> {
+        self.members
+            .iter()
+            .find(|m| Arc::ptr_eq(&m.session, session))
+    }
+}
+
+pub struct Hub {
+    projects: RwLock<HashMap<String, Slot>>,
+    sessions: RwLock<HashMap<String, Arc<Session>>>,
+    subs: Option<mpsc::Sender<SubCommand>>,
+    linger: Duration,
+    /// Typed checks for global events.
+    policy: Policy,
+    /// What every project stream shares (bounds, policy, metrics).
+    streams: Arc<StreamContext>,
+    pub stats: DeliveryStats,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    /// `subs` is the broker's subscription manager (None for the in-memory broker, which
+    /// delivers every project's events without subscriptions).
+    pub fn new(
+        subs: Option<mpsc::Sender<SubCommand>>,
+        linger: Duration,
+        streams: StreamContext,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            projects: RwLock::new(HashMap::new()),
+            sessions: RwLock::new(HashMap::new()),
+            subs,
+            linger,
+            policy: streams.policy,
+            metrics: streams.metrics.clone(),
+            streams: Arc::new(streams),
+            stats: DeliveryStats::default(),
+        })
+    }
+
+    /// A hub with default stream bounds and its own metrics (tests, benches).
+    pub fn standalone(policy: Policy) -> Arc<Self> {
+        Self::new(
+            None,
+            Duration::from_millis(10),
+            StreamContext {
+                tail_len: 10_000,
+                tail_bytes: 16 << 20,
+                policy,
+                metrics: Default::default(),
+            },
+        )
+    }
+
+    /// Registers a session (for heartbeats, broadcast and shutdown).
+    pub fn register(&self, session: &Arc<Session>) {
+        self.sessions
+            .write()
+            .insert(session.client_id.clone(), session.clone());
+    }
+
+    /// Adds `session` to `project` and waits until this instance receives the project's
+    /// events. A `holding` member keeps them until [`Hub::release`]. On error the session
+    /// is not in the project. Callers bound the wait (`App::join_project`): the manager may
+    /// be busy reconnecting.
+    pub async fn join(
+        self: &Arc<Self>,
+        project: &str,
+        session: &Arc<Session>,
+        holding: bool,
+    ) -> Result<(), HubError> {
+        let confirmed = {
+            let mut projects = self.projects.write();
+            let slot = projects.entry(project.to_owned()).or_insert_with(|| Slot {
+                members: Vec::new(),
+                generation: 0,
+                stream: Arc::new(ProjectStream::new(project, self.streams.clone())),
+            });
+            if slot.member(session).is_none() {
+                slot.members.push(Member::new(session.clone(), holding));
+            }
+            slot.generation += 1;
+            match &self.subs {
+                None => None,
+                Some(tx) => {
+                    let (done, rx) = oneshot::channel();
+                    // try_send under the lock keeps the manager's view in decision order;
+                    // a full queue fails this join now (dropping `done` answers "no").
+                    let _ = tx.try_send(SubCommand::Subscribe {
+                        channel: project_channel(project),
+                        done,
+                    });
+                    Some(rx)
+                }
+            }
+        };
+        if let Some(rx) = confirmed {
+            if !rx.await.unwrap_or(false) {
+                self.leave(project, session);
+                return Err(HubError::SubscribeFailed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the holds of `session`'s memberships after its greeting: `front` (the
+    /// greeting's frames) goes out first, then each project's held events except those at
+    /// or below `covered(project)`.
+    pub fn release(
+        &self,
+        session: &Arc<Session>,
+        front: Vec<Bytes>,
+        covered: impl Fn(&str) -> u64,
+    ) {
+        // Nothing of a holding membership reaches the outbox before its release, so the
+        // greeting is first whatever fan-out does meanwhile.
+        session.greet(front, &self.stats);
+        let projects = self.projects.read();
+        for project in session.projects() {
+            if let Some(member) = projects.get(&project).and_then(|s| s.member(session)) {
+                member.release(covered(&project), &self.stats);
+            }
+        }
+    }
+
+    /// Removes `session` from `project`; the channel is dropped after the linger time if
+    /// nobody rejoined.
+    pub fn leave(self: &Arc<Self>, project: &str, session: &Arc<Session>) {
+        let generation = {
+            let mut projects = self.projects.write();
+            let Some(slot) = projects.get_mut(project) else {
+                return;
+            };
+            slot.members.retain(|m| !Arc::ptr_eq(&m.session, session));
+            if !slot.members.is_empty() {
+                return;
+            }
+            slot.generation
+        };
+        let hub = self.clone();
+        let project = project.to_owned();
+        let linger = self.linger;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(linger).await;
+                if hub.reap(&project, generation) {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Drops an idle project's slot and channel. Returns false when the unsubscribe could
+    /// not be queued (queue full): the slot stays, and the caller tries again later.
+    fn reap(&self, project: &str, generation: u64) -> bool {
+        let mut projects = self.projects.write();
+        let idle = projects
+            .get(project)
+            .is_some_and(|s| s.members.is_empty() && s.generation == generation);
+        if !idle {
+            return true;
+        }
+        if let Some(tx) = &self.subs {
+            let queued = tx.try_send(SubCommand::Unsubscribe {
+                channel: project_channel(project),
+            });
+            if let Err(mpsc::error::TrySendError::Full(_)) = queued {
+                return false;
+            }
+        }
+        projects.remove(project);
+        true
+    }
+
+    /// Forgets a session entirely (after it ended).
+    pub fn unregister(self: &Arc<Self>, session: &Arc<Session>) {
+        for project in session.projects() {
+            self.leave(&project, session);
+        }
+        self.sessions.write().remove(&session.client_id);
+    }
+
+    /// The stream of a project this instance follows.
+    pub fn stream(&self, project: &str) -> Option<Arc<ProjectStream>> {
+        self.projects.read().get(project).map(|s| s.stream.clone())
+    }
+
+    /// Highest seq delivered for `project` (0 if none).
+    pub fn last_seq(&self, project: &str) -> u64 {
+        self.stream(project).map_or(0, |s| s.last_seq())
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Sessions currently in `project`.
+    pub fn project_sessions(&self, project: &str) -> Vec<Arc<Session>> {
+        self.projects
+            .read()
+            .get(project)
+            .map(|s| s.members.iter().map(|m| m.session.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Projects this instance is subscribed to, with their streams.
+    fn streams(&self) -> Vec<(String, Arc<ProjectStream>)> {
+        self.projects
+            .read()
+            .iter()
+            .map(|(p, s)| (p.clone(), s.stream.clone()))
+            .collect()
+    }
+
+    /// Projects this instance is subscribed to.
+    pub fn active_projects(&self) -> Vec<String> {
+        self.projects.read().keys().cloned().collect()
+    }
+
+    /// Projects with at least one connected client.
+    pub fn project_count(&self) -> usize {
+        self.projects
+            .read()
+            .values()
+            .filter(|s| !s.members.is_empty())
+            .count()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.read().len()
+    }
+
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions.read().values().cloned().collect()
+    }
+
+    /// Fans one prepared event out to every session of `project`. Never awaits.
+    pub fn deliver(&self, project: &str, prepared: &Prepared) -> usize {
+        self.deliver_batch(project, std::slice::from_ref(prepared))
+    }
+
+    /// Fans out events of one project that arrived together (one broker read), in order.
+    /// Their frames are joined into one buffer, so each session gets one write (one
+    /// syscall) for the whole batch rather than one per event.
+    pub fn deliver_batch(&self, project: &str, batch: &[Prepared]) -> usize {
+        let projects = self.projects.read();
+        let Some(slot) = projects.get(project) else {
+            return 0;
+        };
+        // Holds the stream's tail until every member has been offered the batch (see
+        // `stream`): a resume served from the tail must find these in its hold.
+        let admitted = slot.stream.admit(batch);
+        let joined = match admitted.events.as_slice() {
+            [] => return 0,
+            [_] => None,
+            many => {
+                let mut buf =
+                    bytes::BytesMut::with_capacity(many.iter().map(|p| p.frame.len()).sum());
+                for p in many {
+                    buf.extend_from_slice(&p.frame);
+                }
+                Some(buf.freeze())
+            }
+        };
+        for member in &slot.members {
+            member.offer(&admitted.events, joined.as_ref(), &self.stats);
+        }
+        let n = slot.members.len() * admitted.events.len();
+        drop(admitted);
+        self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    /// Checks and fans out a raw payload from a project channel.
+    pub fn deliver_raw(&self, project: &str, payload: &[u8]) -> Result<usize, event::EventError> {
+        let prepared = event::prepare_project_event(project, payload, Some(&self.policy))?;
+        Ok(self.deliver(project, &prepared))
+    }
+
+    /// Tells every session of `project` to resync: `connection.resync_required` and a
+    /// fresh `status` (its history started over, or was trimmed past, while they were
+    /// connected).
+    fn resync(&self, project: &str, from_seq: u64, snap: &Snapshot) {
+        let sessions = self.project_sessions(project);
+        for session in &sessions {
+            let resync = ConnectionResyncRequired {
+                from_seq,
+                earliest_seq: snap.seq + 1,
+                epoch: snap.epoch.clone(),
+            };
+            session.send(&resync, Some(project));
+            session.reply(snap.message(project));
+        }
+        self.metrics
+            .resyncs
+            .fetch_add(sessions.len() as u64, Ordering::Relaxed);
+    }
+
+    /// After a broker outage: each stream decides what its project missed; the hub
+    /// delivers the replay, or tells the sessions to resync.
+    async fn recover_all(&self, broker: &Broker) {
+        for (_, stream) in self.streams() {
+            stream.invalidate_tail();
+        }
+        for (project, stream) in self.streams() {
+            let recovery = stream.recover(broker).await;
+            match &recovery {
+                Recovery::Replay { events, .. } => {
+                    if !events.is_empty() {
+                        self.deliver_batch(&project, events);
+                    }
+                }
+                Recovery::Resync { snapshot, from_seq } => {
+                    self.resync(&project, *from_seq, snapshot)
+                }
+                Recovery::Failed => {}
+            }
+            stream.recovered(&recovery);
+        }
+    }
+}
+
+impl Sink for Hub {
+    fn deliver(&self, project: &str, batch: &[Prepared]) -> usize {
+        self.deliver_batch(project, batch)
+    }
+
+    fn broadcast(&self, payload: &[u8]) -> Result<usize, event::EventError> {
+        self.broadcast_raw(payload)
+    }
+
+    fn recover<'a>(&'a self, broker: &'a Broker) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(self.recover_all(broker))
+    }
+}
+
+#[cfg(test)]
+mod tests;
