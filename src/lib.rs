@@ -1,7 +1,7 @@
 //! Switchboard: a WebSocket edge gateway that fans worker events out to browsers.
 //!
 //! Follow one event and one connection (docs/architecture.md). Modules are listed from the
-//! top of the flow down; each imports only modules below it (`tests/module_deps.rs`):
+//! top of the flow down; each imports only modules below it (`tests/it/module_deps.rs`):
 //!
 //! ```text
 //! server.rs     accept loop, tower stack (middleware crate), shutdown/drain

@@ -227,7 +227,7 @@ pub async fn serve(
     };
     drop(listener);
     // Requests accepted before the listener closed get their answer (found by
-    // tests/faults.rs: publishes cut by the exit had been carried out by Redis, unanswered).
+    // tests/it/faults.rs: publishes cut by the exit had been carried out by Redis, unanswered).
     // Idle keep-alive connections were told to close when the drain began.
     http_connections.close();
     if tokio::time::timeout_at(deadline, http_connections.wait())

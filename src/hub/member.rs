@@ -29,7 +29,7 @@ pub(super) struct Member {
     /// (live copies of covered events can still be on their way when the greeting is out:
     /// the resume tail records an event before the hub fans it out, and a history or
     /// snapshot read can get ahead of this instance's pub/sub stream; found by
-    /// tests/faults.rs, a client resuming during a publish burst); 0 = nothing to drop.
+    /// tests/it/faults.rs, a client resuming during a publish burst); 0 = nothing to drop.
     state: AtomicU64,
     /// The live events held while [`HOLDING`]; None once released.
     hold: Mutex<Option<Vec<Prepared>>>,

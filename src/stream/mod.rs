@@ -397,7 +397,7 @@ impl ProjectStream {
                 // Live events of the new epoch published between our resubscription and
                 // the snapshot read are still waiting in the pub/sub stream; the snapshot
                 // already reflects them, so delivering them after it would show those
-                // clients seqs at or below the snapshot's (found by tests/faults.rs, Redis
+                // clients seqs at or below the snapshot's (found by tests/it/faults.rs, Redis
                 // restarted empty). Dropped like the duplicates of a catch-up.
                 self.dedupe_upto.store(snapshot.seq, Ordering::Release);
                 *self.epoch.lock() = Some(snapshot.epoch.clone());

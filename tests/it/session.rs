@@ -1,9 +1,7 @@
 //! One WebSocket session (docs/protocol.md §2, §4, §5): pings, every bad input of §4, rate limit,
 //! subscribe/unsubscribe, `/ws/user`, commands, heartbeat, idle drop, expiry, `auth.refresh`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 

@@ -2,9 +2,7 @@
 //! sent after `connection.established` and on request (text or JSON), the same in Redis and
 //! embedded mode, finished tasks aging out, and one per project on `/ws/user`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Map, Value};
 use std::time::{Duration, Instant};
 

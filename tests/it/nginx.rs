@@ -16,8 +16,6 @@
 //! nginx must be installed (`scripts/test` installs it; `NGINX_BIN` overrides the path):
 //! without it the tests fail saying so, they never pass silently.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -26,12 +24,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 /// The file under test, as committed.
-const CONF: &str = include_str!("../deploy/nginx.conf");
+const CONF: &str = include_str!("../../deploy/nginx.conf");
 
 // ---------------------------------------------------------------------------------------
 // nginx

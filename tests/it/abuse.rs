@@ -9,13 +9,11 @@
 //! (`origin_must_match_allowed_origins`), message rate 4029, 1009 and 1008
 //! (`session.rs`).
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

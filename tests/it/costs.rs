@@ -3,9 +3,7 @@
 //! a snapshot frame has a size cap, and a resume replays at most `events.replay_max_bytes`
 //! (further behind: `connection.resync_required`). Attacked on a running gateway.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 

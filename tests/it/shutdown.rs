@@ -1,9 +1,7 @@
 //! Graceful shutdown (issue 2 item 9, docs/protocol.md §5, §8): flush, `container.reconnect`,
 //! close 1012, `/readyz` 503 and upgrades 503 while draining, exit 0 within the grace.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 

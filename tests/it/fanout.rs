@@ -2,9 +2,7 @@
 //! Redis, project isolation, ordering, channel lifecycle, raw PUBLISH, broadcast, slow
 //! consumers and progress conflation.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 

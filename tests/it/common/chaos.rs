@@ -1,4 +1,4 @@
-//! Load and accounting for the fault tests (`tests/faults.rs`, `scripts/chaos`): a paced
+//! Load and accounting for the fault tests (`faults.rs`, `scripts/chaos`): a paced
 //! publisher, a fleet of resuming WebSocket clients, and the loss report that compares
 //! what the publisher was told was accepted with what every client received.
 //!
@@ -36,12 +36,12 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::common::{query_escape, redis, token, ws_connect, Gateway};
 
 /// The gateway's publish script: the Lua publisher path runs exactly what workers run.
-const PUBLISH_SCRIPT: &str = include_str!("../../src/broker/publish.lua");
+const PUBLISH_SCRIPT: &str = include_str!("../../../src/broker/publish.lua");
 
 // ---------------------------------------------------------------------------------------
 // scale
 
-/// How big a fault run is. Defaults keep each test of `tests/faults.rs` within ~15 s on a
+/// How big a fault run is. Defaults keep each test of `faults.rs` within ~15 s on a
 /// loaded 2-core machine; `FAULTS_SCALE=k` multiplies clients, rate and durations, and
 /// `FAULTS_CLIENTS`, `FAULTS_RATE`, `FAULTS_SECS`, `FAULTS_PROJECTS` set one each.
 #[derive(Debug, Clone)]

@@ -2,11 +2,9 @@
 //! publish API refuses an invalid event of every family with 422 naming the field, and an
 //! invalid event from raw Redis is dropped without stopping the relay.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(10);

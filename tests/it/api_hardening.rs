@@ -2,9 +2,7 @@
 //! did, against the real gateway (and a private Redis where Redis is involved):
 //! broadcast grants and routing, `.`/`..` as project ids, panicking paths, trickled bodies.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -6,15 +6,11 @@
 //! answering our heartbeat pings is never charged for it). The gateway parses client
 //! frames itself, so these go over a raw socket.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
-use rawws::{frame, masked, Raw, Server};
+use crate::common::*;
+use crate::rawws::{frame, masked, Raw, Server};
 use serde_json::Value;
-
-mod rawws;
 
 #[tokio::test]
 async fn fragmented_message_is_reassembled_and_frames_may_straddle_reads() {

@@ -2,9 +2,7 @@
 //! 4001/4003 after it, project id validation, rate limit, connection caps, Origin,
 //! trusted proxies, key types and algorithm confusion.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 

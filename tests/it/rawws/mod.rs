@@ -1,11 +1,9 @@
-//! A raw WebSocket client for byte-level tests (tests/wire.rs, tests/conformance.rs).
+//! A raw WebSocket client for byte-level tests (`wire.rs`, `conformance.rs`).
 //!
 //! The gateway parses client frames itself, so these tests write exact bytes (frames a
 //! library client would refuse to send, several frames in one write, frames split across
 //! writes) and read the server's frames and the end of the TCP stream as they arrive. The
 //! socket is split so a test can write a flood while it reads the answers.
-
-#![allow(dead_code)] // each test binary uses part of it
 
 use std::time::{Duration, Instant};
 

@@ -1,9 +1,7 @@
 //! The command line (issue 2 item 2, docs/protocol.md §1, §6, §8): `serve` output, `check-config`,
 //! `token`, `publish`, development conveniences and production safety.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 

@@ -3,9 +3,7 @@
 //! the connection follows; `/ws/user` obeys the project-id rule and the subscription cap.
 //! Each test attacks a running gateway the way the reviewer's repro did.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 

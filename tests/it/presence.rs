@@ -1,10 +1,8 @@
 //! Presence (docs/protocol.md §6) across instances, from the connection records, and /metrics.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn client_ids(v: &Value) -> Vec<String> {

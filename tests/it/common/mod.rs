@@ -5,7 +5,8 @@
 //!
 //! Everything here has a timeout: a broken server makes a test fail, never hang.
 //! `SWITCHBOARD_BIN` overrides the binary under test (default: this crate's `switchboard`).
-#![allow(dead_code)]
+
+pub mod chaos;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -22,7 +23,6 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
@@ -263,10 +263,6 @@ pub fn rss_sampler(
 /// A schema-valid event with a sequence marker `n` (file events have no required fields).
 pub fn ev(n: u64) -> Value {
     json!({"type": "file.changed", "file_path": format!("/w/{n}.txt"), "change_type": "modified", "n": n})
-}
-
-pub fn task_started(task: &str) -> Value {
-    json!({"type": "task.started", "task_id": task, "node_id": "n1", "runner_id": "r1"})
 }
 
 pub fn task_progress(task: &str, pct: u64) -> Value {
@@ -653,7 +649,6 @@ pub struct GatewayOpts {
     pub rust_log: String,
     /// section -> key -> TOML literal
     pub toml: BTreeMap<String, BTreeMap<String, String>>,
-    pub raw_toml: String,
     pub env: Vec<(String, String)>,
     pub subcommand: Option<String>,
     /// Wait for `/readyz` 200 before `start` returns (the listening line may come before the
@@ -676,7 +671,6 @@ impl Default for GatewayOpts {
             grace: Some(5),
             rust_log: "info".into(),
             toml: BTreeMap::new(),
-            raw_toml: String::new(),
             env: Vec::new(),
             subcommand: Some("serve".into()),
             wait_ready: true,
@@ -731,12 +725,6 @@ impl GatewayOpts {
             .insert(key.to_string(), toml_literal.to_string());
         self
     }
-    /// Extra TOML appended verbatim (must not repeat a section set with `cfg`).
-    pub fn toml(mut self, extra: &str) -> Self {
-        self.raw_toml.push_str(extra);
-        self.raw_toml.push('\n');
-        self
-    }
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.to_string(), v.to_string()));
         self
@@ -765,7 +753,6 @@ impl GatewayOpts {
             }
             s.push('\n');
         }
-        s.push_str(&self.raw_toml);
         s
     }
 
@@ -841,7 +828,6 @@ pub struct Gateway {
     pub secret: String,
     pub instance_id: String,
     pub first_stdout_line: String,
-    pub opts: GatewayOpts,
     config_path: Option<PathBuf>,
 }
 
@@ -964,7 +950,6 @@ impl Gateway {
             secret: opts.secret.clone().unwrap_or_default(),
             instance_id: opts.instance_id.clone(),
             first_stdout_line: first.to_string(),
-            opts,
             config_path,
         }
     }
@@ -1172,10 +1157,6 @@ impl Gateway {
     }
 
     // ---- WebSocket
-
-    pub fn ws_url(&self, path_and_query: &str) -> String {
-        format!("ws://{}{}", self.addr, path_and_query)
-    }
 
     /// Opens a WebSocket; Err carries the HTTP refusal.
     pub async fn ws_try(
@@ -1472,7 +1453,8 @@ pub async fn ws_connect_from(
 #[derive(Debug)]
 pub enum Frame {
     Text(String),
-    Binary(Vec<u8>),
+    // Read only through Debug: a test that expected text prints what came instead.
+    Binary(#[allow(dead_code)] Vec<u8>),
     Ping,
     Pong,
     Close(Option<(u16, String)>),
@@ -1738,10 +1720,6 @@ impl WsClient {
         let _ = self.ws.get_ref().set_linger(Some(Duration::ZERO));
         drop(self);
     }
-}
-
-pub fn close_code(c: u16) -> CloseCode {
-    CloseCode::from(c)
 }
 
 // ---------------------------------------------------------------------------------------

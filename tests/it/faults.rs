@@ -19,14 +19,12 @@
 //!
 //! The tests take the machine one at a time (a shared lock): their timing assertions
 //! (detection, recovery) are about the gateway, not about CPU contention between them.
+//! The lock orders these tests only: a test of another module of the `it` binary may run
+//! beside one (libtest starts tests in name order, so mostly beside the last).
 //! Sizes scale with `FAULTS_SCALE` and friends (`scripts/chaos` runs them bigger).
 
-#[path = "common/chaos.rs"]
-mod chaos;
-mod common;
-
-use chaos::*;
-use common::*;
+use crate::common::chaos::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -5,15 +5,13 @@
 //! the trusted proxy in switchboard.toml (which `switchboard check-config` accepts with the
 //! compose environment), the Dockerfile builds and copies the binary cargo produces, and
 //! every metric the Grafana dashboard queries is one a running gateway exposes.
-//! (deploy/nginx.conf itself runs for real in tests/nginx.rs.)
-
-mod common;
+//! (deploy/nginx.conf itself runs for real in `nginx.rs`.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value as Json;
 
 fn repo() -> PathBuf {

@@ -3,9 +3,7 @@
 //! startup line that points a developer at it. What the page does in a browser is tested
 //! by clients/typescript/browser/console.test.mjs.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 const FILES: &[(&str, &str)] = &[
     ("/console", "text/html; charset=utf-8"),

@@ -1,9 +1,7 @@
 //! HTTP endpoints (issue 2 item 8, docs/protocol.md §6) and Redis records (item 7, §7):
 //! health, readiness, ws-url by environment, `ws:connection:*`, `ws:instance:*`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::time::Duration;
 

@@ -4,9 +4,7 @@
 //! gateway's own catch-up after a pub/sub outage, and the shared history read of many
 //! clients resuming one project at once.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 

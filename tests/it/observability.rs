@@ -4,13 +4,11 @@
 //! broker reconnects), and JSON logs put every line of a connection in its span and never
 //! print a credential.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------

@@ -1,9 +1,7 @@
 //! Broker outage (issue 2 item 10, docs/protocol.md §5): Redis killed and restarted under connected
 //! clients, and a pub/sub connection killed behind the gateway's back.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 

@@ -2,9 +2,7 @@
 //! seq/epoch assigned with the history append, all-or-nothing batches, refusals, and the
 //! embedded broker end to end.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 

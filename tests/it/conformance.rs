@@ -9,13 +9,10 @@
 //! one (1002, or 1007 for a reason that is not UTF-8), only sends valid codes, sends
 //! nothing after its Close, and ends TCP promptly once both Close frames have crossed.
 
-mod common;
-mod rawws;
-
 use std::time::Duration;
 
-use common::*;
-use rawws::{close_body, frame, masked, Raw, Server};
+use crate::common::*;
+use crate::rawws::{close_body, frame, masked, Raw, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLOSE: u8 = 0x8;
