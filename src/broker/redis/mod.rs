@@ -1,0 +1,406 @@
+//! The Redis broker: cross-instance fan-out, command relay, history and records.
+//!
+//! One pub/sub connection per instance carries every subscribed channel. Its manager task
+//! ([`RedisBroker::run_pubsub`]) owns that connection and applies the [`SubCommand`]s it
+//! is sent in order, so SUBSCRIBE/UNSUBSCRIBE follow the hub's reference counts. Messages
+//! are checked, framed once and handed to the [`super::Sink`] one read's batch per project
+//! at a time (never awaited).
+//!
+//! Outages are survivable ([`pubsub`]): when the connection drops, or stops answering PING
+//! (a silently dead connection is the most reported failure of gateways like this one), `up`
+//! turns false, the manager reconnects with capped, jittered backoff ([`pubsub::next_backoff`]:
+//! decorrelated jitter, so instances that lost Redis together do not all come back in the
+//! same millisecond), resubscribes every
+//! channel the hub still wants, and logs the outage's length. Sessions stay connected
+//! throughout. Everything else (PUBLISH, EVAL, SET) uses a deadpool pool with timeouts, so
+//! a dead Redis gives quick `Unavailable` errors rather than hung requests. Connection
+//! records, presence and the instance registry are written in batches ([`records`]).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_redis::redis::{self, AsyncCommands};
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+
+/// History entries per XRANGE page: a page of the largest events allowed (256 KiB) is at
+/// most 8 MiB, and a history read stops at `events.replay_max_bytes`.
+const HISTORY_PAGE: usize = 32;
+use parking_lot::Mutex;
+use switchboard_middleware::{AuthError, SessionRecord, SessionStore};
+
+mod pubsub;
+mod records;
+
+pub use records::RecordOp;
+use tokio::sync::mpsc;
+
+use super::state::Snapshot;
+use super::{
+    commands_channel, new_epoch, project_channel, BrokerError, HistoryLimits, HistoryRead,
+    Position, SinkSlot, BROADCAST_CHANNEL, PUBLISH_SCRIPT,
+};
+use crate::config::RedisConfig;
+use crate::metrics::histogram::{self, DurationHistogram};
+use crate::metrics::Metrics;
+use crate::schema::Policy;
+
+pub struct RedisStats {
+    pub reconnects: AtomicU64,
+    pub dead_pubsub_detected: AtomicU64,
+    pub dropped_events: AtomicU64,
+    /// From an event's own `timestamp` to its arrival on the pub/sub connection.
+    pub pubsub_lag: DurationHistogram,
+}
+
+impl Default for RedisStats {
+    fn default() -> Self {
+        Self {
+            reconnects: AtomicU64::new(0),
+            dead_pubsub_detected: AtomicU64::new(0),
+            dropped_events: AtomicU64::new(0),
+            pubsub_lag: DurationHistogram::new(histogram::LAG_BUCKETS),
+        }
+    }
+}
+
+pub struct RedisBroker {
+    records: mpsc::Sender<RecordOp>,
+    client: redis::Client,
+    pool: Pool,
+    script: redis::Script,
+    pub(super) sink: SinkSlot,
+    /// Checks for events arriving on the pub/sub connection.
+    policy: Policy,
+    metrics: Arc<Metrics>,
+    up: AtomicBool,
+    timeout: Duration,
+    ping_interval: Duration,
+    max_backoff: Duration,
+    history: HistoryLimits,
+    pub stats: RedisStats,
+    /// Rate limit for "dropped event" logs: reason -> last time logged.
+    drop_log: Mutex<Vec<(&'static str, Instant)>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+impl RedisBroker {
+    /// Creates the broker; attach a sink ([`Broker::attach_sink`]), then call
+    /// [`RedisBroker::run_pubsub`] to start the subscription manager with the receiver of
+    /// the subscription requests.
+    pub fn new(
+        url: &str,
+        config: &RedisConfig,
+        history: HistoryLimits,
+        records: mpsc::Sender<RecordOp>,
+        policy: Policy,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let client = redis::Client::open(url).map_err(|e| BrokerError::Protocol(e.to_string()))?;
+        let timeout = Duration::from_millis(config.command_timeout_ms.max(100));
+        let mut pool_config = PoolConfig::new(config.pool_size.max(1));
+        pool_config.timeouts = Timeouts {
+            wait: Some(timeout),
+            create: Some(timeout),
+            recycle: Some(timeout),
+        };
+        let mut cfg = deadpool_redis::Config::from_url(url);
+        cfg.pool = Some(pool_config);
+        let pool = cfg
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| BrokerError::Protocol(e.to_string()))?;
+        Ok(Arc::new(Self {
+            records,
+            client,
+            pool,
+            script: redis::Script::new(PUBLISH_SCRIPT),
+            sink: SinkSlot::default(),
+            policy,
+            metrics,
+            up: AtomicBool::new(false),
+            timeout,
+            ping_interval: Duration::from_millis(config.pubsub_ping_interval_ms.max(100)),
+            max_backoff: Duration::from_millis(config.reconnect_max_backoff_ms.max(100)),
+            history,
+            stats: RedisStats::default(),
+            drop_log: Mutex::new(Vec::new()),
+        }))
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Runs a pooled command with the command timeout.
+    async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let work = async {
+            let conn = self.pool.get().await.map_err(unavailable)?;
+            f(conn).await.map_err(|e| {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                    unavailable(e)
+                } else {
+                    BrokerError::Protocol(e.to_string())
+                }
+            })
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| unavailable("timed out"))?
+    }
+
+    async fn run_script(
+        &self,
+        project: &str,
+        events: Vec<Vec<u8>>,
+    ) -> Result<(String, Vec<u64>, u64), BrokerError> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(format!("project:{project}:seq"))
+            .key(format!("project:{project}:history"))
+            .key(project_channel(project))
+            .key(format!("project:{project}:state"))
+            .key(format!("project:{project}:state:terminal"))
+            .arg(new_epoch())
+            .arg(self.history.max_len)
+            .arg(self.history.ttl.as_secs())
+            .arg(crate::event::unix_millis())
+            .arg(self.history.terminal_task_ttl.as_millis() as u64);
+        for ev in events {
+            invocation.arg(ev);
+        }
+        self.with_conn(|mut conn| async move {
+            invocation
+                .invoke_async::<(String, Vec<u64>, u64)>(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    pub async fn publish_events(
+        &self,
+        project: &str,
+        events: Vec<Vec<u8>>,
+    ) -> Result<Vec<u64>, BrokerError> {
+        let (_, seqs, _) = self.run_script(project, events).await?;
+        Ok(seqs)
+    }
+
+    pub async fn position(&self, project: &str) -> Result<Position, BrokerError> {
+        let (epoch, _, seq) = self.run_script(project, Vec::new()).await?;
+        Ok(Position { seq, epoch })
+    }
+
+    pub async fn snapshot(&self, project: &str) -> Result<Snapshot, BrokerError> {
+        for _ in 0..2 {
+            let seq_key = format!("project:{project}:seq");
+            let state_key = format!("project:{project}:state");
+            let (seq, epoch, fields): (Option<u64>, Option<String>, Vec<(String, String)>) = self
+                .with_conn(|mut conn| async move {
+                    redis::pipe()
+                        .atomic()
+                        .hget(&seq_key, "seq")
+                        .hget(&seq_key, "epoch")
+                        .hgetall(&state_key)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            match epoch {
+                Some(epoch) => {
+                    return Ok(Snapshot::from_fields(seq.unwrap_or(0), epoch, fields)
+                        .bounded(self.history.snapshot_max_bytes))
+                }
+                // A project nobody published to yet: give it an epoch, then read again.
+                None => {
+                    self.position(project).await?;
+                }
+            }
+        }
+        Err(BrokerError::Protocol(
+            "project epoch vanished while reading".into(),
+        ))
+    }
+
+    pub async fn history_after(
+        &self,
+        project: &str,
+        after: u64,
+    ) -> Result<HistoryRead, BrokerError> {
+        for _ in 0..2 {
+            let seq_key = format!("project:{project}:seq");
+            let history_key = format!("project:{project}:history");
+            let page_key = history_key.clone();
+            let start = format!("{}-0", after.saturating_add(1));
+            let first_start = start.clone();
+            type Entries = Vec<(String, Vec<Vec<u8>>)>;
+            let (seq, epoch, first, entries): (Option<u64>, Option<String>, Entries, Entries) =
+                self.with_conn(|mut conn| async move {
+                    redis::pipe()
+                        .atomic()
+                        .hget(&seq_key, "seq")
+                        .hget(&seq_key, "epoch")
+                        .cmd("XRANGE")
+                        .arg(&history_key)
+                        .arg("-")
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(1)
+                        .cmd("XREVRANGE")
+                        .arg(&history_key)
+                        .arg("+")
+                        .arg(&first_start)
+                        .arg("COUNT")
+                        .arg(HISTORY_PAGE)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            let Some(epoch) = epoch else {
+                self.position(project).await?;
+                continue;
+            };
+            let parse = |(id, fields): (String, Vec<Vec<u8>>)| -> Option<(u64, bytes::Bytes)> {
+                let seq = id.split('-').next()?.parse().ok()?;
+                let mut it = fields.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    if k == b"event" {
+                        return Some((seq, bytes::Bytes::from(v)));
+                    }
+                }
+                None
+            };
+            let position = Position {
+                seq: seq.unwrap_or(0),
+                epoch,
+            };
+            let earliest = first
+                .into_iter()
+                .next()
+                .and_then(|e| parse(e).map(|(s, _)| s));
+            // Newest first, page by page down to `after + 1`, and never more than the replay
+            // budget in bytes: what is kept is the newest contiguous run, the part a resume
+            // tail serves. The first page was read with the position (atomically); later
+            // pages only go older, so nothing past the position is ever included.
+            let mut events = Vec::new();
+            let mut bytes = 0;
+            let mut truncated = false;
+            let mut page = entries;
+            loop {
+                let full = page.len() >= HISTORY_PAGE;
+                let mut last_id = None;
+                for entry in page {
+                    last_id = Some(entry.0.clone());
+                    let Some((s, event)) = parse(entry) else {
+                        continue;
+                    };
+                    if s > position.seq {
+                        continue;
+                    }
+                    bytes += event.len();
+                    if bytes > self.history.replay_max_bytes {
+                        truncated = true;
+                        break;
+                    }
+                    events.push((s, event));
+                }
+                let (Some(last_id), true, false) = (last_id, full, truncated) else {
+                    break;
+                };
+                let (history_key, start) = (page_key.clone(), start.clone());
+                page = self
+                    .with_conn(|mut conn| async move {
+                        redis::cmd("XREVRANGE")
+                            .arg(&history_key)
+                            .arg(format!("({last_id}"))
+                            .arg(&start)
+                            .arg("COUNT")
+                            .arg(HISTORY_PAGE)
+                            .query_async(&mut conn)
+                            .await
+                    })
+                    .await?;
+            }
+            events.reverse();
+            return Ok(HistoryRead {
+                position,
+                earliest,
+                events,
+                truncated,
+            });
+        }
+        Err(BrokerError::Protocol(
+            "project epoch vanished while reading".into(),
+        ))
+    }
+
+    pub async fn publish_broadcast(&self, payload: Vec<u8>) -> Result<(), BrokerError> {
+        self.with_conn(|mut conn| async move {
+            conn.publish::<_, _, i64>(BROADCAST_CHANNEL, payload).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn publish_command(
+        &self,
+        project: &str,
+        payload: Vec<u8>,
+    ) -> Result<u64, BrokerError> {
+        let channel = commands_channel(project);
+        let n = self
+            .with_conn(|mut conn| async move { conn.publish::<_, _, i64>(channel, payload).await })
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// The raw `session:{id}` values of `ids`, in order, in one MGET (None: no such key).
+    pub async fn session_values(&self, ids: &[&str]) -> Result<Vec<Option<String>>, BrokerError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| format!("session:{id}")).collect();
+        let values: Vec<Option<String>> = self
+            .with_conn(|mut conn| async move {
+                redis::cmd("MGET").arg(keys).query_async(&mut conn).await
+            })
+            .await?;
+        if values.len() != ids.len() {
+            return Err(BrokerError::Protocol(format!(
+                "MGET of {} keys answered {} values",
+                ids.len(),
+                values.len()
+            )));
+        }
+        Ok(values)
+    }
+}
+
+impl SessionStore for RedisBroker {
+    fn load<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<SessionRecord>, AuthError>> + Send + 'a>> {
+        Box::pin(async move {
+            let key = format!("session:{id}");
+            let raw: Option<String> = self
+                .with_conn(|mut conn| async move { conn.get(key).await })
+                .await
+                .map_err(|_| AuthError::SessionStoreUnavailable)?;
+            match raw {
+                None => Ok(None),
+                Some(text) => serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|_| AuthError::SessionNotFound),
+            }
+        })
+    }
+}

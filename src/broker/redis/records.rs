@@ -1,0 +1,196 @@
+//! Connection records (`ws:connection:{id}`), project presence and the instance registry:
+//! queued by handshakes and disconnects, written in batches by one writer task (one
+//! pipeline per batch instead of a round trip per connection, for connect storms), in order
+//! with their deletions. Every write is bounded by the command timeout; a record that
+//! cannot be written is skipped (the heartbeat's refresh writes it again, and a skipped
+//! delete expires with its TTL).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_redis::redis::{self, AsyncCommands};
+use tokio::sync::mpsc;
+
+use super::RedisBroker;
+use crate::broker::{connection_key, instance_key, presence_key, BrokerError, ConnectionRecord};
+
+/// A queued change to the connection records.
+#[derive(Debug)]
+pub enum RecordOp {
+    Put(ConnectionRecord, Duration),
+    Delete(String, Vec<String>),
+}
+
+impl RedisBroker {
+    /// Queues a connection record write; records are written in batches, in order with
+    /// their deletions, by [`RedisBroker::run_records`] (one pipeline per batch instead of
+    /// a round trip per connection: connect storms).
+    pub async fn put_connection(&self, record: &ConnectionRecord, ttl: Duration) {
+        self.record_op(RecordOp::Put(record.clone(), ttl)).await;
+    }
+
+    pub async fn delete_connection(&self, client_id: &str, projects: &[String]) {
+        self.record_op(RecordOp::Delete(client_id.to_owned(), projects.to_vec()))
+            .await;
+    }
+
+    /// Queues a record write. Bounded in time as well as size: when the writer is stuck
+    /// behind an unreachable Redis, the handshake that queues a put must not hang (the
+    /// record is skipped; the heartbeat's refresh writes it again, and a skipped delete
+    /// expires with its TTL).
+    async fn record_op(&self, op: RecordOp) {
+        match tokio::time::timeout(self.timeout, self.records.send(op)).await {
+            Ok(Ok(())) => {}
+            // The writer is gone (shutting down): write this one directly.
+            Ok(Err(e)) => self.write_records(vec![e.0]).await,
+            Err(_) => tracing::debug!("connection record queue stuck: record skipped"),
+        }
+    }
+
+    /// The record writer: drains queued puts/deletes and writes each batch as one pipeline.
+    pub async fn run_records(self: Arc<Self>, mut ops: mpsc::Receiver<RecordOp>) {
+        while let Some(op) = ops.recv().await {
+            let mut batch = vec![op];
+            while batch.len() < 1000 {
+                match ops.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.write_records(batch).await;
+        }
+    }
+
+    async fn write_records(&self, batch: Vec<RecordOp>) {
+        let mut pipe = redis::pipe();
+        let now = crate::event::unix_millis();
+        for op in &batch {
+            match op {
+                RecordOp::Put(record, ttl) => {
+                    let secs = ttl.as_secs().max(1);
+                    let value = serde_json::to_string(record).unwrap_or_default();
+                    pipe.set_ex(connection_key(&record.client_id), value, secs)
+                        .ignore();
+                    for project in &record.projects {
+                        pipe.zadd(presence_key(project), &record.client_id, now + secs * 1000)
+                            .ignore();
+                        pipe.expire(presence_key(project), secs as i64 * 2).ignore();
+                    }
+                }
+                RecordOp::Delete(client_id, projects) => {
+                    pipe.del(connection_key(client_id)).ignore();
+                    for project in projects {
+                        pipe.zrem(presence_key(project), client_id).ignore();
+                    }
+                }
+            }
+        }
+        if let Err(e) = self
+            .with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
+            .await
+        {
+            tracing::warn!(error = %e, ops = batch.len(), "could not write connection records");
+        }
+    }
+
+    pub async fn presence_update(&self, project: &str, client_id: &str, ttl: Option<Duration>) {
+        let key = presence_key(project);
+        let client_id = client_id.to_owned();
+        let result = self
+            .with_conn(|mut conn| async move {
+                match ttl {
+                    Some(ttl) => {
+                        let until = crate::event::unix_millis() + ttl.as_millis() as u64;
+                        conn.zadd::<_, _, _, ()>(key, client_id, until).await
+                    }
+                    None => conn.zrem::<_, _, ()>(key, client_id).await,
+                }
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, project, "could not update presence");
+        }
+    }
+
+    pub async fn refresh_instance(
+        &self,
+        instance_id: &str,
+        info: &serde_json::Value,
+        connections: &[(String, Vec<String>)],
+        ttl: Duration,
+    ) {
+        let secs = ttl.as_secs().max(1);
+        let until = crate::event::unix_millis() + secs * 1000;
+        let info = info.to_string();
+        let key = instance_key(instance_id);
+        // One round trip per chunk of records, whatever the number of connections.
+        let mut chunks: Vec<&[(String, Vec<String>)]> = connections.chunks(500).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut pipe = redis::pipe();
+            if i == 0 {
+                pipe.set_ex(&key, &info, secs).ignore();
+            }
+            for (id, projects) in chunk {
+                pipe.expire(connection_key(id), secs as i64).ignore();
+                for project in projects {
+                    pipe.zadd(presence_key(project), id, until).ignore();
+                    pipe.expire(presence_key(project), secs as i64 * 2).ignore();
+                }
+            }
+            if let Err(e) = self
+                .with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
+                .await
+            {
+                tracing::warn!(error = %e, "could not refresh instance registry");
+                return;
+            }
+        }
+    }
+
+    /// Live connection records of `project` across all instances.
+    pub async fn presence(&self, project: &str) -> Result<Vec<serde_json::Value>, BrokerError> {
+        let key = presence_key(project);
+        let now = crate::event::unix_millis();
+        let (_, ids): ((), Vec<String>) = self
+            .with_conn(|mut conn| async move {
+                redis::pipe()
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(&key)
+                    .arg("-inf")
+                    .arg(now)
+                    .ignore()
+                    .cmd("ZRANGEBYSCORE")
+                    .arg(&key)
+                    .arg(now)
+                    .arg("+inf")
+                    .query_async(&mut conn)
+                    .await
+                    .map(|(ids,): (Vec<String>,)| ((), ids))
+            })
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| connection_key(id)).collect();
+        let raw: Vec<Option<String>> = self
+            .with_conn(|mut conn| async move {
+                redis::cmd("MGET").arg(keys).query_async(&mut conn).await
+            })
+            .await?;
+        Ok(raw
+            .into_iter()
+            .flatten()
+            .filter_map(|r| serde_json::from_str(&r).ok())
+            .collect())
+    }
+
+    pub async fn deregister_instance(&self, instance_id: &str) {
+        let key = instance_key(instance_id);
+        let _ = self
+            .with_conn(|mut conn| async move { conn.del::<_, ()>(key).await })
+            .await;
+    }
+}
