@@ -31,7 +31,8 @@ pub(super) struct Member {
     /// snapshot read can get ahead of this instance's pub/sub stream; found by
     /// tests/it/faults.rs, a client resuming during a publish burst); 0 = nothing to drop.
     state: AtomicU64,
-    /// The live events held while [`HOLDING`]; None once released.
+    /// The live events held while [`HOLDING`] (None until the first one arrives, and once
+    /// released).
     /// Boxed: a member lives as long as its connection, the hold only for its greeting
     /// (a member is 32 bytes instead of 48): the box is the point, hence the allow.
     #[allow(clippy::box_collection)]
@@ -43,7 +44,7 @@ impl Member {
         Self {
             session,
             state: AtomicU64::new(if holding { HOLDING } else { 0 }),
-            hold: Mutex::new(holding.then(Box::default)),
+            hold: Mutex::new(None),
         }
     }
 
@@ -73,7 +74,11 @@ impl Member {
     ) {
         if self.state.load(Ordering::Acquire) == HOLDING {
             let mut hold = self.hold.lock();
-            if let Some(held) = hold.as_mut() {
+            // Again under the lock: the release changes the state while holding it.
+            if self.state.load(Ordering::Acquire) == HOLDING {
+                // Allocated on the first held event only: most greetings hold nothing, and
+                // a short-lived allocation per connection fragments the long-lived ones.
+                let held = hold.get_or_insert_with(Box::default);
                 if held.len() + events.len() <= self.session.outbox.limits().messages {
                     held.extend(events.iter().map(|p| (*p).clone()));
                 } else {
@@ -107,8 +112,8 @@ impl Member {
     pub(super) fn release(&self, covered: u64, stats: &DeliveryStats) {
         let mut hold = self.hold.lock();
         let held = hold.take().map(|b| *b).unwrap_or_default();
-        // Under the hold lock: a fan-out that saw HOLDING waits for it, then finds the hold
-        // gone and offers directly, after these.
+        // Under the hold lock: a fan-out that saw HOLDING waits for it, then finds the
+        // state changed and offers directly, after these.
         self.state.store(covered, Ordering::Release);
         for p in held {
             if p.seq.is_some_and(|s| !self.past_cover(s)) {

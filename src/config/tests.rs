@@ -1,0 +1,167 @@
+//! Config sources, precedence, validation and redaction, checked on real files and env.
+
+use super::*;
+
+#[test]
+fn the_default_event_policy_is_the_schema_default() {
+    assert_eq!(
+        Config::default().event_policy(),
+        crate::schema::Policy::default()
+    );
+}
+use std::collections::HashMap;
+
+fn load(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let map: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::load_with(None, &move |k: &str| map.get(k).cloned())
+}
+
+#[test]
+fn production_example_is_valid_and_sets_the_admin_listener() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/production.example.toml");
+    let env = |k: &str| (k == "SWITCHBOARD_JWT_SECRET").then(|| "x".repeat(32));
+    let c = Config::load_with(Some(&path), &env).unwrap();
+    assert_eq!(c.server.environment, Environment::Production);
+    assert_eq!(
+        c.admin_listen_addr().map(|a| a.unwrap()),
+        Some("10.0.0.5:9090".parse().unwrap())
+    );
+    assert_eq!(c.server.max_pending_per_ip, 256);
+}
+
+#[test]
+fn admin_listen_and_ipv6_prefix_are_checked() {
+    assert!(load(&[]).unwrap().admin_listen_addr().is_none());
+    let c = load(&[("SWITCHBOARD_ADMIN_LISTEN", "127.0.0.1:0")]).unwrap();
+    assert!(c.admin_listen_addr().is_some_and(|a| a.is_ok()));
+    assert!(load(&[("SWITCHBOARD_ADMIN_LISTEN", "")])
+        .unwrap()
+        .admin_listen_addr()
+        .is_none());
+    assert!(load(&[("SWITCHBOARD_ADMIN_LISTEN", "not an address")]).is_err());
+    let mut c = Config::default();
+    c.server.ipv6_prefix_len = 0;
+    assert!(c.validate().is_err());
+    c.server.ipv6_prefix_len = 129;
+    assert!(c.validate().is_err());
+}
+
+#[test]
+fn shipped_default_toml_matches_built_in_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+    let file = Config::load_with(Some(&path), &|_: &str| None).unwrap();
+    assert_eq!(
+        toml::to_string(&file).unwrap(),
+        toml::to_string(&Config::default()).unwrap()
+    );
+}
+
+#[test]
+fn env_overrides_defaults() {
+    let c = load(&[
+        ("SWITCHBOARD_LISTEN", "127.0.0.1:0"),
+        ("WS_HEARTBEAT_INTERVAL", "5"),
+        ("CONTAINER_ID", "gw-1"),
+    ])
+    .unwrap();
+    assert_eq!(c.server.listen, "127.0.0.1:0");
+    assert_eq!(c.ws.heartbeat_interval_secs, 5);
+    assert_eq!(c.server.instance_id.as_deref(), Some("gw-1"));
+}
+
+#[test]
+fn unknown_environment_is_an_error() {
+    assert!(load(&[("ENVIRONMENT", "staging")]).is_err());
+}
+
+#[test]
+fn production_needs_a_secret() {
+    let err = load(&[("ENVIRONMENT", "production")]).unwrap_err();
+    assert!(err.to_string().contains("SWITCHBOARD_JWT_SECRET"));
+    assert!(load(&[
+        ("ENVIRONMENT", "production"),
+        ("SWITCHBOARD_JWT_SECRET", "0123456789abcdef0123456789abcdef")
+    ])
+    .is_ok());
+}
+
+#[test]
+fn redaction_hides_passwords() {
+    assert_eq!(
+        redact_url_password("redis://:hunter2@host:6379/0"),
+        "redis://:<redacted>@host:6379/0"
+    );
+    assert_eq!(
+        redact_url_password("redis://u:p@h"),
+        "redis://u:<redacted>@h"
+    );
+    assert_eq!(redact_url_password("redis://h:1"), "redis://h:1");
+    assert_eq!(
+        redact_url_password("unix:///tmp/r.sock?db=1&pass=s3cret&user=u"),
+        "unix:///tmp/r.sock?db=1&pass=<redacted>&user=u"
+    );
+    assert_eq!(
+        redact_url_password("redis://u:p@h/0?password=x"),
+        "redis://u:<redacted>@h/0?password=<redacted>"
+    );
+    let c = load(&[
+        ("REDIS_URL", "redis://:hunter2@127.0.0.1:1"),
+        ("SWITCHBOARD_JWT_SECRET", "topsecret"),
+    ])
+    .unwrap();
+    let text = c.redacted_toml();
+    assert!(
+        !text.contains("hunter2") && !text.contains("topsecret"),
+        "{text}"
+    );
+}
+
+#[test]
+fn console_default_follows_the_environment() {
+    let secret = ("SWITCHBOARD_JWT_SECRET", "0123456789abcdef0123456789abcdef");
+    assert!(load(&[]).unwrap().console_enabled());
+    assert!(load(&[("ENVIRONMENT", "docker")])
+        .unwrap()
+        .console_enabled());
+    assert!(!load(&[("ENVIRONMENT", "production"), secret])
+        .unwrap()
+        .console_enabled());
+    assert!(load(&[
+        ("ENVIRONMENT", "production"),
+        secret,
+        ("SWITCHBOARD_CONSOLE", "on")
+    ])
+    .unwrap()
+    .console_enabled());
+    assert!(!load(&[("SWITCHBOARD_CONSOLE", "0")])
+        .unwrap()
+        .console_enabled());
+    assert!(load(&[("SWITCHBOARD_CONSOLE", "maybe")]).is_err());
+
+    let mut c = Config::default();
+    c.server.environment = Environment::Production;
+    assert!(
+        c.redacted_toml().contains("[console]\nenabled = false\n"),
+        "check-config shows the effective value:\n{}",
+        c.redacted_toml()
+    );
+    c.console.enabled = Some(true);
+    assert!(
+        c.console_enabled(),
+        "an explicit key wins over the environment"
+    );
+}
+
+#[test]
+fn production_origin_default_is_the_domain() {
+    let c = load(&[
+        ("ENVIRONMENT", "production"),
+        ("DOMAIN", "app.example.com"),
+        ("SWITCHBOARD_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+    ])
+    .unwrap();
+    assert_eq!(c.allowed_origins(), vec!["https://app.example.com"]);
+}
