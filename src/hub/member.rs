@@ -6,9 +6,15 @@
 //! events at or below it are dropped, the rest are offered in order, and later live copies
 //! at or below it are dropped until the first newer event. Invariants: nothing of a holding
 //! member reaches its session's outbox before the release; the release and a concurrent
-//! fan-out are ordered by the hold's lock; a hold is bounded by the session's outbound
-//! message limit (past it the session is closed as a slow consumer, like a full queue).
+//! fan-out are ordered by the project's [`Holds`] lock; a hold is bounded by the session's
+//! outbound message limit (past it the session is closed as a slow consumer, like a full
+//! queue).
+//!
+//! Every connection carries one member per project it follows for its whole life, so a
+//! member is two words; what only a greeting needs (the held events) lives in the
+//! project's [`Holds`], keyed by session, for the few members holding at any moment.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -22,6 +28,9 @@ use crate::session::Session;
 /// `Member::state` while the member holds live events for its greeting.
 pub(super) const HOLDING: u64 = u64::MAX;
 
+/// The live events held for the members of one project that are holding, by session.
+pub(super) type Holds = Mutex<HashMap<usize, Vec<Prepared>>>;
+
 /// One session in one project.
 pub(super) struct Member {
     pub(super) session: Arc<Session>,
@@ -31,12 +40,6 @@ pub(super) struct Member {
     /// snapshot read can get ahead of this instance's pub/sub stream; found by
     /// tests/it/faults.rs, a client resuming during a publish burst); 0 = nothing to drop.
     state: AtomicU64,
-    /// The live events held while [`HOLDING`] (None until the first one arrives, and once
-    /// released).
-    /// Boxed: a member lives as long as its connection, the hold only for its greeting
-    /// (a member is 32 bytes instead of 48): the box is the point, hence the allow.
-    #[allow(clippy::box_collection)]
-    hold: Mutex<Option<Box<Vec<Prepared>>>>,
 }
 
 impl Member {
@@ -44,8 +47,12 @@ impl Member {
         Self {
             session,
             state: AtomicU64::new(if holding { HOLDING } else { 0 }),
-            hold: Mutex::new(None),
         }
+    }
+
+    /// This member's key in the project's [`Holds`].
+    pub(super) fn key(&self) -> usize {
+        Arc::as_ptr(&self.session) as usize
     }
 
     /// False for a live copy of an event the greeting covered. The live stream of a
@@ -70,22 +77,21 @@ impl Member {
         &self,
         events: &[&Prepared],
         joined: Option<&Bytes>,
+        holds: &Holds,
         stats: &DeliveryStats,
     ) {
         if self.state.load(Ordering::Acquire) == HOLDING {
-            let mut hold = self.hold.lock();
+            let mut holds = holds.lock();
             // Again under the lock: the release changes the state while holding it.
             if self.state.load(Ordering::Acquire) == HOLDING {
-                // Allocated on the first held event only: most greetings hold nothing, and
-                // a short-lived allocation per connection fragments the long-lived ones.
-                let held = hold.get_or_insert_with(Box::default);
+                let held = holds.entry(self.key()).or_default();
                 if held.len() + events.len() <= self.session.outbox.limits().messages {
                     held.extend(events.iter().map(|p| (*p).clone()));
                 } else {
                     // Too much arrived before the greeting was ready: like a full queue.
-                    *hold = None;
+                    holds.remove(&self.key());
                     self.state.store(0, Ordering::Release);
-                    drop(hold);
+                    drop(holds);
                     self.session.close_slow(stats);
                 }
                 return;
@@ -109,10 +115,10 @@ impl Member {
     }
 
     /// Ends the hold: drops what `covered` includes and offers the rest, in order.
-    pub(super) fn release(&self, covered: u64, stats: &DeliveryStats) {
-        let mut hold = self.hold.lock();
-        let held = hold.take().map(|b| *b).unwrap_or_default();
-        // Under the hold lock: a fan-out that saw HOLDING waits for it, then finds the
+    pub(super) fn release(&self, covered: u64, holds: &Holds, stats: &DeliveryStats) {
+        let mut holds = holds.lock();
+        let held = holds.remove(&self.key()).unwrap_or_default();
+        // Under the holds lock: a fan-out that saw HOLDING waits for it, then finds the
         // state changed and offers directly, after these.
         self.state.store(covered, Ordering::Release);
         for p in held {
@@ -128,7 +134,7 @@ impl Member {
 mod tests {
     /// Every connection carries one member per project it follows: keep it small.
     #[test]
-    fn a_member_is_four_words() {
-        assert_eq!(std::mem::size_of::<super::Member>(), 32);
+    fn a_member_is_two_words() {
+        assert_eq!(std::mem::size_of::<super::Member>(), 16);
     }
 }

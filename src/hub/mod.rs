@@ -38,7 +38,7 @@ use crate::schema::types::ConnectionResyncRequired;
 use crate::schema::Policy;
 use crate::session::Session;
 use crate::stream::{ProjectStream, Recovery, StreamContext};
-use member::Member;
+use member::{Holds, Member};
 
 mod global;
 mod member;
@@ -51,15 +51,20 @@ pub enum HubError {
 
 struct Slot {
     members: Vec<Member>,
+    /// What the members still greeting hold (see `member`).
+    holds: Holds,
     /// Bumped on every join, so a pending linger timer knows it is stale.
     generation: u64,
     stream: Arc<ProjectStream>,
 }
 
 impl Slot {
+    /// The member of `session`, searched from the newest: a greeting releases a member
+    /// that joined moments ago (in a connect storm, one of the last few of thousands).
     fn member(&self, session: &Arc<Session>) -> Option<&Member> {
         self.members
             .iter()
+            .rev()
             .find(|m| Arc::ptr_eq(&m.session, session))
     }
 }
@@ -132,12 +137,15 @@ impl Hub {
             let mut projects = self.projects.write();
             let slot = projects.entry(project.to_owned()).or_insert_with(|| Slot {
                 members: Vec::new(),
+                holds: Holds::default(),
                 generation: 0,
                 stream: Arc::new(ProjectStream::new(project, self.streams.clone())),
             });
-            if slot.member(session).is_none() {
-                slot.members.push(Member::new(session.clone(), holding));
-            }
+            // Callers join a session to a project once: the session's own project list is
+            // the guard (the handshake joins distinct projects, `subscribe` only a project
+            // it added). No scan here: in a connect storm it made every join O(members).
+            debug_assert!(slot.member(session).is_none(), "joined {project} twice");
+            slot.members.push(Member::new(session.clone(), holding));
             slot.generation += 1;
             match &self.subs {
                 None => None,
@@ -176,8 +184,10 @@ impl Hub {
         session.greet(front, &self.stats);
         let projects = self.projects.read();
         for project in session.projects() {
-            if let Some(member) = projects.get(&project).and_then(|s| s.member(session)) {
-                member.release(covered(&project), &self.stats);
+            if let Some(slot) = projects.get(&project) {
+                if let Some(member) = slot.member(session) {
+                    member.release(covered(&project), &slot.holds, &self.stats);
+                }
             }
         }
     }
@@ -191,6 +201,8 @@ impl Hub {
                 return;
             };
             slot.members.retain(|m| !Arc::ptr_eq(&m.session, session));
+            // Left before its greeting was out (a failed handshake): nothing to keep.
+            slot.holds.lock().remove(&(Arc::as_ptr(session) as usize));
             if !slot.members.is_empty() {
                 return;
             }
@@ -322,7 +334,7 @@ impl Hub {
             }
         };
         for member in &slot.members {
-            member.offer(&admitted.events, joined.as_ref(), &self.stats);
+            member.offer(&admitted.events, joined.as_ref(), &slot.holds, &self.stats);
         }
         let n = slot.members.len() * admitted.events.len();
         drop(admitted);

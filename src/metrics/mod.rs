@@ -1,11 +1,12 @@
 //! What `GET /metrics` reports, and where it is counted (docs/protocol.md §6, §8 names).
 //!
-//! Counting is plain atomics bumped where things happen: [`Metrics`] here (in the hub),
-//! the hub's delivery stats and the Redis broker's stats. Nothing on the fan-out path takes
-//! a lock; latencies go into [`histogram::DurationHistogram`], atomics too. A scrape reads
-//! them all through prometheus-client collectors ([`crate::exporter`]), which write the
-//! Prometheus text format 0.0.4, or OpenMetrics for scrapers that ask for it. Labelled counters have a fixed set of labels, so the output (and
-//! memory) is bounded whatever clients send.
+//! Counting is plain atomics bumped where things happen: [`Metrics`] here (one per
+//! instance, shared by the hub, the streams and the broker), [`DeliveryStats`] (the hub's
+//! fan-out) and the Redis broker's stats. Nothing on the fan-out path takes a lock;
+//! latencies go into [`histogram::DurationHistogram`], atomics too. A scrape reads them all
+//! through prometheus-client collectors ([`crate::exporter`]), which write the Prometheus
+//! text format 0.0.4, or OpenMetrics for scrapers that ask for it. Labelled counters have a
+//! fixed set of labels, so the output (and memory) is bounded whatever clients send.
 
 pub mod histogram;
 

@@ -1,12 +1,18 @@
-//! One WebSocket connection after the upgrade.
+//! One WebSocket connection's state after the upgrade.
 //!
 //! A [`Session`] is the part of a connection the rest of the gateway may touch: its
-//! identity, its projects, its [`outbox::Outbox`] (inline writes, then a bounded queue),
-//! its liveness clock and its end flag. One task per connection ([`conn::run`]) reads client
-//! frames ([`wire`], [`messages`]) and drains the outbox when the socket was full; nobody
-//! ever awaits the socket on the fan-out path. Closing is always the same path: queue the
-//! closing frames ([`Session::close`]), let them drain, and drop the socket if the client
-//! does not finish the close within [`CLOSE_DEADLINE`].
+//! identity, its projects, its credential, its [`outbox::Outbox`] (inline writes, then a
+//! bounded queue), its liveness clock and its end flag. The one task per connection
+//! (`connection::task`) reads client frames and drains the outbox when the socket was
+//! full; nobody ever awaits the socket on the fan-out path. Closing is always the same path:
+//! queue the closing frames ([`Session::close`]), let them drain, and drop the socket if the
+//! client does not finish the close within [`CLOSE_DEADLINE`].
+//!
+//! Invariants: until [`Session::greet`], whatever is offered waits, so the greeting is
+//! the first thing the client reads; a session deals in frames only: which events it gets,
+//! and which of them a greeting covered, is decided by the hub and the project's stream
+//! (it knows nothing about seqs); server messages are built from the typed registry
+//! ([`Session::encode`]).
 
 pub mod outbox;
 
