@@ -1,7 +1,7 @@
 //! The hub: which sessions of this instance follow which project, and fan-out. Nothing else.
 //!
 //! Each active project has one slot: its members (sessions) and its
-//! [`ProjectStream`](crate::stream::ProjectStream), which owns everything about seqs. The
+//! [`ProjectStream`], which owns everything about seqs. The
 //! first member of a project asks the broker to subscribe to `project:{id}:events`; when
 //! the last one leaves, the subscription lingers for `redis.unsubscribe_linger_ms` (a page
 //! reload must not churn SUBSCRIBE/UNSUBSCRIBE) and is then dropped. Subscription requests

@@ -4,11 +4,11 @@
 //! whole, with its parameters as borrowed segments, or it does not; no handler ever slices
 //! a path by hand (the string router it replaced panicked on `/v1/projects/events`). A
 //! matching path with a method the route does not serve is 405, anything else 404, both as
-//! JSON. Handlers live in [`api`] (publish, presence, broadcast) and [`health`] (probes,
+//! JSON. Handlers live in `api.rs` (publish, presence, broadcast) and `health.rs` (probes,
 //! metrics, ws-url); `/ws/…` goes to [`crate::handshake`] and `/console` to
 //! [`crate::console`].
 //!
-//! Every request runs under [`catch_panics`]: a panic in a handler becomes a 500
+//! Every request runs under `catch_panics`: a panic in a handler becomes a 500
 //! `{"error": "internal"}` (logged with the path, never shown to the client) instead of a
 //! dropped connection, and the connection's task lives on.
 //!

@@ -198,7 +198,7 @@ impl ProjectStream {
     }
 
     /// The project's status snapshot, from the cache while it is current (no event with a
-    /// newer seq admitted since it was read, and younger than [`SNAPSHOT_CACHE`]): a connect
+    /// newer seq admitted since it was read, and younger than `SNAPSHOT_CACHE`): a connect
     /// storm, or a client asking `status` in a loop, costs one broker read per project and
     /// period, not one per request.
     pub async fn snapshot(&self, broker: &Broker) -> Result<Arc<Snapshot>, BrokerError> {

@@ -34,7 +34,7 @@ pub struct JwtConfig {
     pub audience: Option<String>,
     pub leeway_secs: u64,
     /// Refuse ES256 signatures in high-S form instead of normalising them (see
-    /// [`es256_canonical`]). Only for issuers known to sign low-S: most signers (OpenSSL,
+    /// `es256_canonical`). Only for issuers known to sign low-S: most signers (OpenSSL,
     /// Go, Java, RustCrypto) emit high-S for about half their tokens.
     pub es256_require_low_s: bool,
 }

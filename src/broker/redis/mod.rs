@@ -1,20 +1,20 @@
 //! The Redis broker: cross-instance fan-out, command relay, history and records.
 //!
 //! One pub/sub connection per instance carries every subscribed channel. Its manager task
-//! ([`RedisBroker::run_pubsub`]) owns that connection and applies the [`SubCommand`]s it
+//! ([`RedisBroker::run_pubsub`]) owns that connection and applies the [`super::SubCommand`]s it
 //! is sent in order, so SUBSCRIBE/UNSUBSCRIBE follow the hub's reference counts. Messages
 //! are checked, framed once and handed to the [`super::Sink`] one read's batch per project
 //! at a time (never awaited).
 //!
-//! Outages are survivable ([`pubsub`]): when the connection drops, or stops answering PING
+//! Outages are survivable (`pubsub.rs`): when the connection drops, or stops answering PING
 //! (a silently dead connection is the most reported failure of gateways like this one), `up`
-//! turns false, the manager reconnects with capped, jittered backoff ([`pubsub::next_backoff`]:
+//! turns false, the manager reconnects with capped, jittered backoff (`next_backoff`:
 //! decorrelated jitter, so instances that lost Redis together do not all come back in the
 //! same millisecond), resubscribes every
 //! channel the hub still wants, and logs the outage's length. Sessions stay connected
 //! throughout. Everything else (PUBLISH, EVAL, SET) uses a deadpool pool with timeouts, so
 //! a dead Redis gives quick `Unavailable` errors rather than hung requests. Connection
-//! records, presence and the instance registry are written in batches ([`records`]).
+//! records, presence and the instance registry are written in batches (`records.rs`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -90,7 +90,7 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 }
 
 impl RedisBroker {
-    /// Creates the broker; attach a sink ([`Broker::attach_sink`]), then call
+    /// Creates the broker; attach a sink ([`super::Broker::attach_sink`]), then call
     /// [`RedisBroker::run_pubsub`] to start the subscription manager with the receiver of
     /// the subscription requests.
     pub fn new(
