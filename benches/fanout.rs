@@ -24,6 +24,7 @@ fn sessions(n: usize) -> Vec<Arc<Session>> {
     let claims = Arc::new(Claims {
         sub: "bench".into(),
         projects: vec!["p".into()],
+        stories: Default::default(),
         role: None,
         exp: None,
         kind: CredentialKind::Jwt,

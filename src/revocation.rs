@@ -181,6 +181,7 @@ pub fn apply(session: &Session, value: Option<&str>) -> bool {
                 session.set_claims(Arc::new(Claims {
                     sub: record.user_id,
                     projects: record.projects,
+                    stories: Default::default(),
                     role: None,
                     exp: record.expires_at,
                     kind: CredentialKind::Session,
@@ -199,6 +200,7 @@ mod tests {
         let claims = Claims {
             sub: user.into(),
             projects: vec!["*".into()],
+            stories: Default::default(),
             role: None,
             exp: None,
             kind: CredentialKind::Session,
@@ -265,6 +267,7 @@ mod tests {
         s.set_claims(Arc::new(Claims {
             sub: "u".into(),
             projects: vec!["a".into()],
+            stories: Default::default(),
             role: None,
             exp: None,
             kind: CredentialKind::Jwt,

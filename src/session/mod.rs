@@ -210,6 +210,7 @@ impl Session {
         let claims = Claims {
             sub: "u".into(),
             projects: vec![project.into()],
+            stories: Default::default(),
             role: None,
             exp: None,
             kind: switchboard_middleware::CredentialKind::Jwt,

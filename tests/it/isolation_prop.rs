@@ -184,6 +184,7 @@ async fn connect(app: &Arc<App>, project: Option<usize>, grants: u8, star: bool)
     let claims = Arc::new(Claims {
         sub: "prop-user".into(),
         projects: claim_projects,
+        stories: Default::default(),
         role: None,
         exp: None,
         kind: CredentialKind::Jwt,

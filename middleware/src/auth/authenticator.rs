@@ -115,6 +115,7 @@ impl Authenticator {
         Ok(Claims {
             sub: record.user_id,
             projects: super::jwt::shrunk(record.projects),
+            stories: record.stories.into_boxed_slice(),
             role: None,
             exp: record.expires_at,
             kind: CredentialKind::Session,
@@ -250,6 +251,7 @@ mod tests {
             SessionRecord {
                 user_id: "cookie-user".into(),
                 projects: vec!["p".into()],
+                stories: Vec::new(),
                 expires_at: Some(now() + 300),
             },
         );
@@ -258,6 +260,7 @@ mod tests {
             SessionRecord {
                 user_id: "query-user".into(),
                 projects: vec!["*".into()],
+                stories: Vec::new(),
                 expires_at: None,
             },
         );
@@ -266,6 +269,7 @@ mod tests {
             SessionRecord {
                 user_id: "old-user".into(),
                 projects: vec![],
+                stories: Vec::new(),
                 expires_at: Some(now() - 1),
             },
         );
@@ -426,6 +430,7 @@ mod tests {
             SessionRecord {
                 user_id: "encoded".into(),
                 projects: vec![],
+                stories: Vec::new(),
                 expires_at: None,
             },
         );

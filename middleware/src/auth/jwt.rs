@@ -150,6 +150,7 @@ impl JwtVerifier {
             // Exact capacity: the claims live as long as the connection (serde grows the Vec
             // to 4 slots for one project).
             projects: raw.projects.map(shrunk).unwrap_or_default(),
+            stories: raw.stories.unwrap_or_default().into_boxed_slice(),
             role: raw.role,
             exp: raw.exp,
             kind: CredentialKind::Jwt,
@@ -255,6 +256,7 @@ fn header_alg(token: &str) -> Result<String, AuthError> {
 struct RawClaims {
     sub: Option<String>,
     projects: Option<Vec<String>>,
+    stories: Option<Vec<String>>,
     role: Option<String>,
     exp: Option<u64>,
 }

@@ -36,6 +36,9 @@ pub struct Claims {
     pub sub: String,
     /// Project ids granted; `"*"` grants every project.
     pub projects: Vec<String>,
+    /// Story ids granted (docs/protocol.md §9, claim `stories`); `"*"` grants every story.
+    /// A boxed slice: every connection carries its claims, and most have no stories.
+    pub stories: Box<[String]>,
     /// `"service"` marks a backend caller of the HTTP API.
     pub role: Option<String>,
     /// Unix seconds after which the credential is no longer valid, if it has an end.
@@ -46,6 +49,17 @@ pub struct Claims {
 impl Claims {
     pub fn grants(&self, project: &str) -> bool {
         self.projects.iter().any(|p| p == project || p == "*")
+    }
+
+    /// Whether the credential itself grants story `story` (its `stories` claim, or a
+    /// `projects` claim of `"*"`, which grants everything).
+    pub fn grants_story(&self, story: &str) -> bool {
+        self.stories.iter().any(|s| s == story || s == "*") || self.grants_all()
+    }
+
+    /// The explicitly named stories (what `/ws/user/stories` follows without a hook).
+    pub fn named_stories(&self) -> Vec<String> {
+        self.stories.iter().filter(|s| *s != "*").cloned().collect()
     }
 
     pub fn grants_all(&self) -> bool {
@@ -190,6 +204,7 @@ mod tests {
         Claims {
             sub: "u".into(),
             projects: projects.iter().map(|s| s.to_string()).collect(),
+            stories: Default::default(),
             role: role.map(str::to_owned),
             exp: Some(42),
             kind: CredentialKind::Jwt,

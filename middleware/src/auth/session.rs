@@ -22,6 +22,9 @@ pub struct SessionRecord {
     pub user_id: String,
     #[serde(default)]
     pub projects: Vec<String>,
+    /// Story ids granted (docs/protocol.md §9).
+    #[serde(default)]
+    pub stories: Vec<String>,
     #[serde(default)]
     pub expires_at: Option<u64>,
 }
@@ -99,6 +102,7 @@ mod tests {
             SessionRecord {
                 user_id: "u1".into(),
                 projects: vec!["a".into(), "*".into()],
+                stories: Vec::new(),
                 expires_at: Some(1_700_000_000),
             }
         );
@@ -114,6 +118,7 @@ mod tests {
         let record = SessionRecord {
             user_id: "u".into(),
             projects: vec![],
+            stories: Vec::new(),
             expires_at: None,
         };
         store.insert("s", record.clone());
