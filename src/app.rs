@@ -65,6 +65,7 @@ impl App {
             terminal_task_ttl: Duration::from_secs(config.events.terminal_task_ttl_secs),
             snapshot_max_bytes: config.events.snapshot_max_bytes,
             replay_max_bytes: config.events.replay_max_bytes,
+            story_ttl: Duration::from_secs(config.stories.progress_ttl_secs),
         };
         let linger = Duration::from_millis(config.redis.unsubscribe_linger_ms);
         let policy = config.event_policy();
@@ -190,11 +191,18 @@ impl App {
         session: &Arc<crate::session::Session>,
         holding: bool,
     ) -> Result<(), crate::hub::HubError> {
+        // A story session's ids are stories: the same join, in the story family.
+        let family = if session.is_story() {
+            crate::broker::Family::Story
+        } else {
+            crate::broker::Family::Project
+        };
         let wait = Duration::from_millis(self.config.redis.command_timeout_ms.max(100) * 2);
-        match tokio::time::timeout(wait, self.hub.join(project, session, holding)).await {
+        let joining = self.hub.join_in(family, project, session, holding);
+        match tokio::time::timeout(wait, joining).await {
             Ok(joined) => joined,
             Err(_) => {
-                self.hub.leave(project, session);
+                self.hub.leave_in(family, project, session);
                 Err(crate::hub::HubError::SubscribeFailed)
             }
         }

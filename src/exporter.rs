@@ -444,6 +444,7 @@ mod tests {
                 terminal_task_ttl: Duration::from_secs(60),
                 snapshot_max_bytes: 1 << 20,
                 replay_max_bytes: 1 << 20,
+                story_ttl: Duration::from_secs(60),
             },
         ));
         let exporter = Exporter::new(hub.clone(), broker);

@@ -53,6 +53,7 @@ pub async fn greet(app: &App, session: &Arc<Session>, resume: Option<ResumeReque
     let result = match &session.scope {
         Scope::Project(project) => greet_project(app, session, project, resume.as_ref()).await,
         Scope::User => greet_user(app, session).await,
+        Scope::Story(_) | Scope::UserStories => greet_story(app, session).await,
     };
     if let Err(e) = result {
         session.span().in_scope(|| {
@@ -136,6 +137,19 @@ async fn greet_project(
     };
     app.hub
         .release(session, frames, |p| if p == project { covered } else { 0 });
+    Ok(())
+}
+
+/// A story socket starts with each story's latest progress, if any (the seed sends it
+/// before any live frame; there is no `connection.established`).
+async fn greet_story(app: &App, session: &Arc<Session>) -> Result<(), BrokerError> {
+    let mut frames = Vec::new();
+    for story in session.projects() {
+        if let Some(progress) = app.broker.story_progress(&story).await? {
+            frames.push(crate::ws::frame::text(&progress));
+        }
+    }
+    app.hub.release(session, frames, |_| 0);
     Ok(())
 }
 

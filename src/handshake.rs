@@ -84,6 +84,9 @@ enum Grant {
 /// credential names, so it obeys the same project-id rule and cap as `subscribe` (a token
 /// naming `x:commands`, `../..` or a thousand projects must not join any of them).
 fn grant(auth: &Authentication, scope: &Scope, max_projects: usize) -> Grant {
+    if matches!(scope, Scope::Story(_) | Scope::UserStories) {
+        return grant_story(auth, scope, max_projects);
+    }
     match auth {
         Authentication::Missing => Grant::Refused(
             close_code::UNAUTHENTICATED,
@@ -127,13 +130,55 @@ fn grant(auth: &Authentication, scope: &Scope, max_projects: usize) -> Grant {
     }
 }
 
+/// Story sockets (docs/protocol.md §9) answer as seed 003 does: a missing or bad credential
+/// is 4001 `Invalid token`, a story not granted is 4003 `Access denied`; a session store
+/// that cannot be reached is still 1013 (not a denial). Grants come from the credential's
+/// `stories` claim (or `projects: ["*"]`); the app-backend hook is not built yet.
+fn grant_story(auth: &Authentication, scope: &Scope, max_stories: usize) -> Grant {
+    const INVALID: &str = "Invalid token";
+    const DENIED: &str = "Access denied";
+    let claims = match auth {
+        Authentication::Authenticated(claims) => claims,
+        Authentication::Invalid(e) if e.is_unavailable() => {
+            return Grant::Refused(close_code::TRY_AGAIN_LATER, e.code(), e.client_message())
+        }
+        _ => return Grant::Refused(close_code::UNAUTHENTICATED, INVALID, INVALID),
+    };
+    match scope {
+        Scope::Story(s) if claims.grants_story(s) => Grant::Ok(claims.clone(), vec![s.clone()]),
+        Scope::Story(_) => Grant::Refused(close_code::FORBIDDEN, DENIED, DENIED),
+        _ => {
+            // `/ws/user/stories`: the stories the credential names (none is not an error:
+            // the seed's dashboard socket opens for a user without stories too).
+            let mut seen = std::collections::HashSet::new();
+            let mut stories = claims.named_stories();
+            stories.retain(|s| valid_project_id(s) && seen.insert(s.clone()));
+            stories.truncate(max_stories);
+            Grant::Ok(claims.clone(), stories)
+        }
+    }
+}
+
+/// The target of `/ws/{target}`: a project, `user`, `user/stories` or
+/// `stories/{id}/progress`; None for anything else.
+fn scope_of(target: &str) -> Option<Scope> {
+    match target {
+        "user" => return Some(Scope::User),
+        "user/stories" => return Some(Scope::UserStories),
+        _ => {}
+    }
+    if let Some(story) = target
+        .strip_prefix("stories/")
+        .and_then(|rest| rest.strip_suffix("/progress"))
+    {
+        return valid_project_id(story).then(|| Scope::Story(story.to_owned()));
+    }
+    valid_project_id(target).then(|| Scope::Project(target.to_owned()))
+}
+
 pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     let target = req.uri().path().trim_start_matches("/ws/").to_owned();
-    let scope = if target == "user" {
-        Scope::User
-    } else if valid_project_id(&target) {
-        Scope::Project(target)
-    } else {
+    let Some(scope) = scope_of(&target) else {
         app.hub.metrics.handshake(Handshake::BadRequest);
         return json_error(
             StatusCode::BAD_REQUEST,
@@ -263,15 +308,19 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
             }
             .to_message();
             notice.insert("timestamp".into(), json!(crate::event::now_rfc3339()));
-            match &scope {
-                Scope::Project(p) => notice.insert("project_id".into(), json!(p)),
-                Scope::User => notice.insert("projects".into(), json!([])),
+            let notice = match &scope {
+                Scope::Project(p) => {
+                    notice.insert("project_id".into(), json!(p));
+                    crate::event::server_frame(&serde_json::Value::Object(notice))
+                }
+                Scope::User => {
+                    notice.insert("projects".into(), json!([]));
+                    crate::event::server_frame(&serde_json::Value::Object(notice))
+                }
+                // The seed's frontend reads every text frame as progress: close frame only.
+                Scope::Story(_) | Scope::UserStories => bytes::Bytes::new(),
             };
-            tokio::spawn(upgrade::refuse(
-                upgrade,
-                crate::event::server_frame(&serde_json::Value::Object(notice)),
-                frame::close(code, reason),
-            ));
+            tokio::spawn(upgrade::refuse(upgrade, notice, frame::close(code, reason)));
             drop(guard);
             return response;
         }
@@ -314,7 +363,12 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         client_id: session.client_id.clone(),
         user_id: session.user_id(),
         project_id: session.primary_project(),
-        projects,
+        // A story connection's ids are stories: no project presence for them.
+        projects: if session.is_story() {
+            Vec::new()
+        } else {
+            projects
+        },
         instance_id: app.instance_id.clone(),
         connected_at: session.connected_at(),
     };

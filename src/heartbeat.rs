@@ -28,6 +28,7 @@ const SWEEP: Duration = Duration::from_secs(1);
 pub async fn run(app: Arc<App>) {
     let interval = Duration::from_secs(app.config.ws.heartbeat_interval_secs);
     let idle_limit = Duration::from_secs(app.config.ws.idle_timeout_secs);
+    let keepalive = app.config.stories.keepalive_secs.max(1);
     let mut ticker = tokio::time::interval(SWEEP.min(interval));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Beats are scheduled on a fixed grid, so sweep jitter never stretches the interval.
@@ -49,6 +50,7 @@ pub async fn run(app: Arc<App>) {
             }
         }
         let ping = frame::ping(b"sb");
+        let story_ping = frame::text(b"ping");
         let mut frames: HashMap<String, Bytes> = HashMap::new();
         for session in app.hub.sessions() {
             if session.outbox.is_closing() || session.is_held() {
@@ -67,10 +69,25 @@ pub async fn run(app: Arc<App>) {
                 session.close(close_code::GOING_AWAY, "idle timeout", true);
                 continue;
             }
+            if session.is_story() {
+                // The seed's keepalive: its text `ping` once per `stories.keepalive_secs` of
+                // client silence (the sweep runs every second: one window, one ping), and
+                // WebSocket pings on the beat; never a gateway message.
+                let idle = session.idle_for(now_ms).as_secs();
+                if idle >= keepalive && idle % keepalive == 0 {
+                    session.send_control(story_ping.clone());
+                }
+                if beat {
+                    session.send_control(ping.clone());
+                }
+                continue;
+            }
             if beat {
                 let key = match &session.scope {
                     Scope::Project(p) => p.clone(),
-                    Scope::User => format!("\0{}", session.client_id),
+                    Scope::User | Scope::Story(_) | Scope::UserStories => {
+                        format!("\0{}", session.client_id)
+                    }
                 };
                 let hb = frames
                     .entry(key)
@@ -97,7 +114,7 @@ async fn refresh_records(app: &App) {
         .hub
         .sessions()
         .iter()
-        .map(|s| (s.client_id.clone(), s.projects()))
+        .map(|s| (s.client_id.clone(), s.presence_projects()))
         .collect();
     let info = json!({
         "instance_id": app.instance_id,

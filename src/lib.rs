@@ -20,6 +20,7 @@
 //! session/      one connection's state: identity, projects, credential, outbox (bounded)
 //! broker/       memory.rs (embedded default) | redis.rs (pub/sub + pool + publish.lua)
 //! event.rs      envelope checks, fill-in, encode-once framing
+//! story.rs      story progress (seed 003): channel and key names, checks, frames
 //! config.rs     the one config struct; cli.rs the commands
 //! ws/           RFC 6455: server frames, client frame parsing, close codes, upgrade glue
 //! schema/       typed events: registry, validation, TypeScript/JSON Schema generation
@@ -55,5 +56,6 @@ pub mod routes;
 pub mod schema;
 pub mod server;
 pub mod session;
+pub mod story;
 pub mod stream;
 pub mod ws;

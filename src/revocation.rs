@@ -140,7 +140,14 @@ fn verdict(session: &Session, value: Option<&str>) -> Verdict {
     if record.user_id != session.user_id() {
         return Verdict::Revoked;
     }
-    let grants = |p: &String| record.projects.iter().any(|g| g == p || g == "*");
+    let all = record.projects.iter().any(|g| g == "*");
+    // A story connection's ids are stories (docs/protocol.md §9): granted by `stories`.
+    let granted = if session.is_story() {
+        &record.stories
+    } else {
+        &record.projects
+    };
+    let grants = |p: &String| all || granted.iter().any(|g| g == p || g == "*");
     if !session.projects().iter().all(grants) {
         return Verdict::Narrowed;
     }
@@ -177,11 +184,14 @@ pub fn apply(session: &Session, value: Option<&str>) -> bool {
         }
         Verdict::Keep(record) => {
             let current = session.claims();
-            if current.projects != record.projects || current.exp != record.expires_at {
+            if current.projects != record.projects
+                || *current.stories != *record.stories
+                || current.exp != record.expires_at
+            {
                 session.set_claims(Arc::new(Claims {
                     sub: record.user_id,
                     projects: record.projects,
-                    stories: Default::default(),
+                    stories: record.stories.into_boxed_slice(),
                     role: None,
                     exp: record.expires_at,
                     kind: CredentialKind::Session,

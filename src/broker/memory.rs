@@ -28,6 +28,8 @@ struct ProjectLog {
 
 pub struct MemoryBroker {
     pub(super) sink: SinkSlot,
+    /// The latest progress of each story (the published JSON) and when it was stored.
+    stories: Mutex<HashMap<String, (Instant, Bytes)>>,
     projects: Mutex<HashMap<String, ProjectLog>>,
     history: HistoryLimits,
 }
@@ -36,6 +38,7 @@ impl MemoryBroker {
     pub fn new(history: HistoryLimits) -> Arc<Self> {
         Arc::new(Self {
             sink: SinkSlot::default(),
+            stories: Mutex::new(HashMap::new()),
             projects: Mutex::new(HashMap::new()),
             history,
         })
@@ -103,6 +106,32 @@ impl MemoryBroker {
                 .map_err(|e| BrokerError::Protocol(e.to_string())),
             None => Ok(()),
         }
+    }
+
+    /// The story's latest progress, while younger than `stories.progress_ttl_secs`.
+    pub fn story_progress(&self, story: &str) -> Option<Bytes> {
+        let stories = self.stories.lock();
+        let (at, payload) = stories.get(story)?;
+        (at.elapsed() < self.history.story_ttl).then(|| payload.clone())
+    }
+
+    /// Stores the (checked) progress as the story's latest and delivers it, under one lock
+    /// so the stored and the delivered order are the same.
+    pub fn publish_story(&self, story: &str, payload: Vec<u8>) -> u64 {
+        let mut stories = self.stories.lock();
+        // Bounded like the broker's other per-id state: forget what has expired when the
+        // map has grown (stories come and go; a TTL'd key is what Redis would keep).
+        if stories.len() >= 4096 {
+            let ttl = self.history.story_ttl;
+            stories.retain(|_, (at, _)| at.elapsed() < ttl);
+        }
+        let frame = crate::ws::frame::text(&payload);
+        stories.insert(story.to_owned(), (Instant::now(), Bytes::from(payload)));
+        let delivered = self
+            .sink
+            .get()
+            .map_or(0, |s| s.deliver_story(story, &frame));
+        delivered as u64
     }
 
     /// There are no in-process workers: a command reaches nobody.
@@ -198,6 +227,7 @@ mod tests {
             terminal_task_ttl: Duration::from_secs(60),
             snapshot_max_bytes: 1 << 20,
             replay_max_bytes: 1 << 20,
+            story_ttl: Duration::from_secs(60),
         });
         let ev = || br#"{"type":"x","project_id":"p","timestamp":"t"}"#.to_vec();
         assert_eq!(b.publish_events("p", vec![ev(), ev()]).unwrap(), vec![1, 2]);

@@ -29,12 +29,42 @@ use switchboard_middleware::SessionStore;
 use tokio::sync::oneshot;
 
 use crate::event::{EventError, Prepared};
+use crate::story;
 
 /// The one Lua script that publishes events (seq, epoch, history, PUBLISH).
 pub const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
 
+/// The script that stores a story's latest progress, and publishes it (docs/protocol.md §9).
+pub const STORY_SCRIPT: &str = include_str!("story.lua");
+
 /// Channel of global events.
 pub const BROADCAST_CHANNEL: &str = "websocket:broadcast";
+
+/// The channel families the gateway serves: a project's events (seed 000) and a story's
+/// progress (seed 003, docs/protocol.md §9). Each id lives in its family's namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    Project,
+    Story,
+}
+
+impl Family {
+    /// The Redis channel of `id` in this family.
+    pub fn channel(self, id: &str) -> String {
+        match self {
+            Family::Project => project_channel(id),
+            Family::Story => story::channel(id),
+        }
+    }
+
+    /// The `kind` label of metrics and of the authorization hook.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Family::Project => "project",
+            Family::Story => "story",
+        }
+    }
+}
 
 /// Redis channel carrying a project's live events.
 pub fn project_channel(project: &str) -> String {
@@ -77,6 +107,8 @@ pub trait Sink: Send + Sync {
     /// Events of one project that arrived together (one broker read), in order. Returns
     /// how many deliveries were made.
     fn deliver(&self, project: &str, batch: &[Prepared]) -> usize;
+    /// One checked progress message of a story (its frame: the published bytes).
+    fn deliver_story(&self, story: &str, frame: &bytes::Bytes) -> usize;
     /// A payload of the global channel ([`BROADCAST_CHANNEL`]), unchecked.
     fn broadcast(&self, payload: &[u8]) -> Result<usize, EventError>;
     /// After an outage, with the pub/sub connection back and live messages held: bring
@@ -174,6 +206,8 @@ pub struct HistoryLimits {
     pub terminal_task_ttl: Duration,
     /// Largest `status` frame a snapshot may become ([`state::Snapshot::bounded`]).
     pub snapshot_max_bytes: usize,
+    /// How long a story's latest progress is kept (`stories.progress_ttl_secs`).
+    pub story_ttl: Duration,
     /// Most event bytes one history read returns (`events.replay_max_bytes`): a `?last_seq=0`
     /// resume of a 10,000-event history must not load all of it (it is answered with a
     /// resync anyway).
@@ -244,6 +278,23 @@ impl Broker {
         match self {
             Broker::Memory(m) => m.publish_command(project, payload),
             Broker::Redis(r) => r.publish_command(project, payload).await,
+        }
+    }
+
+    /// The latest progress of a story (the published JSON), if any is kept.
+    pub async fn story_progress(&self, story: &str) -> Result<Option<bytes::Bytes>, BrokerError> {
+        match self {
+            Broker::Memory(m) => Ok(m.story_progress(story)),
+            Broker::Redis(r) => r.story_progress(story).await,
+        }
+    }
+
+    /// Stores a checked progress message as the story's latest and publishes it, in one
+    /// atomic step; returns how many received it (instances, or local sessions embedded).
+    pub async fn publish_story(&self, story: &str, payload: Vec<u8>) -> Result<u64, BrokerError> {
+        match self {
+            Broker::Memory(m) => Ok(m.publish_story(story, payload)),
+            Broker::Redis(r) => r.publish_story(story, payload).await,
         }
     }
 

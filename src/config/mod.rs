@@ -62,6 +62,26 @@ pub struct Config {
     pub api: ApiConfig,
     pub log: LogConfig,
     pub console: ConsoleConfig,
+    pub stories: StoriesConfig,
+}
+
+/// Story progress sockets (docs/protocol.md §9).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoriesConfig {
+    /// How long a story's latest progress is kept (`story:{id}:progress`).
+    pub progress_ttl_secs: u64,
+    /// After this long without a client message, the server sends the text `ping`.
+    pub keepalive_secs: u64,
+}
+
+impl Default for StoriesConfig {
+    fn default() -> Self {
+        Self {
+            progress_ttl_secs: 86_400,
+            keepalive_secs: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -111,6 +111,10 @@ fn error_frame(
 
 /// Handles one complete text message from the client.
 pub async fn handle_text(app: &App, session: &Arc<Session>, state: &mut ClientState, text: &str) {
+    if session.is_story() {
+        story_text(app, session, state, text).await;
+        return;
+    }
     if !charge(session, state, 1) {
         return;
     }
@@ -176,6 +180,35 @@ async fn dispatch(
             refresh(app, session, &token);
             Ok(())
         }
+    }
+}
+
+/// A story socket's client text, as seed 003 reads it: `ping` → `pong`, `status` → each
+/// story's latest progress (nothing when there is none); anything else is ignored, with no
+/// error frame (the seed's frontend does not expect one). Each message still costs one
+/// unit of the connection's budget; over it, messages are dropped, and persistent abuse
+/// closes 4029.
+async fn story_text(app: &App, session: &Arc<Session>, state: &mut ClientState, text: &str) {
+    if let Err(close) = state.admit_n(1) {
+        if close {
+            session.close(close_code::RATE_LIMITED, "rate limited", false);
+        }
+        return;
+    }
+    match text {
+        "ping" => session.send_control(frame::text(b"pong")),
+        "status" => {
+            for story in session.projects() {
+                match app.broker.story_progress(&story).await {
+                    Ok(Some(progress)) => session.send_frame(frame::text(&progress)),
+                    Ok(None) => {}
+                    Err(e) => session.span().in_scope(
+                        || tracing::warn!(error = %e, story, "story progress read failed"),
+                    ),
+                }
+            }
+        }
+        _ => {}
     }
 }
 

@@ -111,7 +111,7 @@ pub async fn run(
     // connection's task.
     Box::pin(
         app.broker
-            .delete_connection(&session.client_id, &session.projects()),
+            .delete_connection(&session.client_id, &session.presence_projects()),
     )
     .await;
     drop(guard);

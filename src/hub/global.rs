@@ -18,7 +18,10 @@ impl Hub {
     /// Sends a global event to every session, with each session's own project filled in.
     /// The frame is encoded once per distinct scope, not once per session.
     pub fn broadcast(&self, event: &Map<String, Value>) -> usize {
-        let sessions = self.sessions();
+        let mut sessions = self.sessions();
+        // Global events belong to the project service: a story socket carries the seed's
+        // progress objects only (docs/protocol.md §9).
+        sessions.retain(|s| !s.is_story());
         let mut frames: HashMap<String, Bytes> = HashMap::new();
         for session in &sessions {
             let key = session.scope_key();
@@ -103,20 +106,14 @@ fn fill_timestamp(map: &mut Map<String, Value>) {
     }
 }
 
-impl Scope {
-    fn key(&self) -> String {
-        match self {
-            Scope::Project(p) => p.clone(),
-            Scope::User => String::from("\0user"),
-        }
-    }
-}
-
 impl Session {
+    /// Sessions with the same key get the same frame (their scope fields are equal).
     fn scope_key(&self) -> String {
         match &self.scope {
+            Scope::Project(p) => p.clone(),
             Scope::User => format!("\0user:{}", self.projects().join(",")),
-            s => s.key(),
+            // Never sent global events (see `broadcast`); one key for all.
+            Scope::Story(_) | Scope::UserStories => String::from("\0story"),
         }
     }
 }

@@ -31,7 +31,7 @@ use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::state::Snapshot;
-use crate::broker::{project_channel, Broker, Sink, SubCommand};
+use crate::broker::{Broker, Family, Sink, SubCommand};
 use crate::event::{self, Prepared};
 use crate::metrics::{DeliveryStats, Metrics};
 use crate::schema::types::ConnectionResyncRequired;
@@ -49,13 +49,24 @@ pub enum HubError {
     SubscribeFailed,
 }
 
+/// The channel family a session's ids belong to.
+fn family_of(session: &Session) -> Family {
+    if session.is_story() {
+        Family::Story
+    } else {
+        Family::Project
+    }
+}
+
 struct Slot {
     members: Vec<Member>,
     /// What the members still greeting hold (see `member`).
     holds: Holds,
     /// Bumped on every join, so a pending linger timer knows it is stale.
     generation: u64,
-    stream: Arc<ProjectStream>,
+    /// The project's stream; None for a story (its progress has no seq: the latest is
+    /// read from the broker when a connection starts).
+    stream: Option<Arc<ProjectStream>>,
 }
 
 impl Slot {
@@ -71,6 +82,8 @@ impl Slot {
 
 pub struct Hub {
     projects: RwLock<HashMap<String, Slot>>,
+    /// Story progress slots (docs/protocol.md §9): the same registry, another family.
+    stories: RwLock<HashMap<String, Slot>>,
     sessions: RwLock<HashMap<String, Arc<Session>>>,
     subs: Option<mpsc::Sender<SubCommand>>,
     linger: Duration,
@@ -92,6 +105,7 @@ impl Hub {
     ) -> Arc<Self> {
         Arc::new(Self {
             projects: RwLock::new(HashMap::new()),
+            stories: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
             subs,
             linger,
@@ -123,23 +137,44 @@ impl Hub {
             .insert(session.client_id.clone(), session.clone());
     }
 
-    /// Adds `session` to `project` and waits until this instance receives the project's
-    /// events. A `holding` member keeps them until [`Hub::release`]. On error the session
-    /// is not in the project. Callers bound the wait (`App::join_project`): the manager may
-    /// be busy reconnecting.
+    /// The slots of one channel family (each family has its own id namespace).
+    fn slots(&self, family: Family) -> &RwLock<HashMap<String, Slot>> {
+        match family {
+            Family::Project => &self.projects,
+            Family::Story => &self.stories,
+        }
+    }
+
+    /// Adds `session` to `project` (see [`Hub::join_in`]).
     pub async fn join(
         self: &Arc<Self>,
         project: &str,
         session: &Arc<Session>,
         holding: bool,
     ) -> Result<(), HubError> {
+        self.join_in(Family::Project, project, session, holding)
+            .await
+    }
+
+    /// Adds `session` to `id` of `family` and waits until this instance receives its
+    /// channel. A `holding` member keeps what arrives until [`Hub::release`]. On error the
+    /// session is not in it. Callers bound the wait (`App::join_project`): the manager may
+    /// be busy reconnecting.
+    pub async fn join_in(
+        self: &Arc<Self>,
+        family: Family,
+        project: &str,
+        session: &Arc<Session>,
+        holding: bool,
+    ) -> Result<(), HubError> {
         let confirmed = {
-            let mut projects = self.projects.write();
+            let mut projects = self.slots(family).write();
             let slot = projects.entry(project.to_owned()).or_insert_with(|| Slot {
                 members: Vec::new(),
                 holds: Holds::default(),
                 generation: 0,
-                stream: Arc::new(ProjectStream::new(project, self.streams.clone())),
+                stream: (family == Family::Project)
+                    .then(|| Arc::new(ProjectStream::new(project, self.streams.clone()))),
             });
             // Callers join a session to a project once: the session's own project list is
             // the guard (the handshake joins distinct projects, `subscribe` only a project
@@ -154,7 +189,7 @@ impl Hub {
                     // try_send under the lock keeps the manager's view in decision order;
                     // a full queue fails this join now (dropping `done` answers "no").
                     let _ = tx.try_send(SubCommand::Subscribe {
-                        channel: project_channel(project),
+                        channel: family.channel(project),
                         done,
                     });
                     Some(rx)
@@ -163,7 +198,7 @@ impl Hub {
         };
         if let Some(rx) = confirmed {
             if !rx.await.unwrap_or(false) {
-                self.leave(project, session);
+                self.leave_in(family, project, session);
                 return Err(HubError::SubscribeFailed);
             }
         }
@@ -182,7 +217,7 @@ impl Hub {
         // Nothing of a holding membership reaches the outbox before its release, so the
         // greeting is first whatever fan-out does meanwhile.
         session.greet(front, &self.stats);
-        let projects = self.projects.read();
+        let projects = self.slots(family_of(session)).read();
         for project in session.projects() {
             if let Some(slot) = projects.get(&project) {
                 if let Some(member) = slot.member(session) {
@@ -192,11 +227,16 @@ impl Hub {
         }
     }
 
-    /// Removes `session` from `project`; the channel is dropped after the linger time if
-    /// nobody rejoined.
+    /// Removes `session` from `project` (see [`Hub::leave_in`]).
     pub fn leave(self: &Arc<Self>, project: &str, session: &Arc<Session>) {
+        self.leave_in(Family::Project, project, session)
+    }
+
+    /// Removes `session` from `id` of `family`; the channel is dropped after the linger
+    /// time if nobody rejoined.
+    pub fn leave_in(self: &Arc<Self>, family: Family, project: &str, session: &Arc<Session>) {
         let generation = {
-            let mut projects = self.projects.write();
+            let mut projects = self.slots(family).write();
             let Some(slot) = projects.get_mut(project) else {
                 return;
             };
@@ -214,7 +254,7 @@ impl Hub {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(linger).await;
-                if hub.reap(&project, generation) {
+                if hub.reap(family, &project, generation) {
                     break;
                 }
             }
@@ -223,8 +263,8 @@ impl Hub {
 
     /// Drops an idle project's slot and channel. Returns false when the unsubscribe could
     /// not be queued (queue full): the slot stays, and the caller tries again later.
-    fn reap(&self, project: &str, generation: u64) -> bool {
-        let mut projects = self.projects.write();
+    fn reap(&self, family: Family, project: &str, generation: u64) -> bool {
+        let mut projects = self.slots(family).write();
         let idle = projects
             .get(project)
             .is_some_and(|s| s.members.is_empty() && s.generation == generation);
@@ -233,7 +273,7 @@ impl Hub {
         }
         if let Some(tx) = &self.subs {
             let queued = tx.try_send(SubCommand::Unsubscribe {
-                channel: project_channel(project),
+                channel: family.channel(project),
             });
             if let Err(mpsc::error::TrySendError::Full(_)) = queued {
                 return false;
@@ -245,15 +285,19 @@ impl Hub {
 
     /// Forgets a session entirely (after it ended).
     pub fn unregister(self: &Arc<Self>, session: &Arc<Session>) {
-        for project in session.projects() {
-            self.leave(&project, session);
+        let family = family_of(session);
+        for id in session.projects() {
+            self.leave_in(family, &id, session);
         }
         self.sessions.write().remove(&session.client_id);
     }
 
     /// The stream of a project this instance follows.
     pub fn stream(&self, project: &str) -> Option<Arc<ProjectStream>> {
-        self.projects.read().get(project).map(|s| s.stream.clone())
+        self.projects
+            .read()
+            .get(project)
+            .and_then(|s| s.stream.clone())
     }
 
     /// Highest seq delivered for `project` (0 if none).
@@ -279,7 +323,7 @@ impl Hub {
         self.projects
             .read()
             .iter()
-            .map(|(p, s)| (p.clone(), s.stream.clone()))
+            .filter_map(|(p, s)| Some((p.clone(), s.stream.clone()?)))
             .collect()
     }
 
@@ -315,12 +359,15 @@ impl Hub {
     /// syscall) for the whole batch rather than one per event.
     pub fn deliver_batch(&self, project: &str, batch: &[Prepared]) -> usize {
         let projects = self.projects.read();
-        let Some(slot) = projects.get(project) else {
+        let Some((slot, stream)) = projects
+            .get(project)
+            .and_then(|slot| Some((slot, slot.stream.as_ref()?)))
+        else {
             return 0;
         };
         // Holds the stream's tail until every member has been offered the batch (see
         // `stream`): a resume served from the tail must find these in its hold.
-        let admitted = slot.stream.admit(batch);
+        let admitted = stream.admit(batch);
         let joined = match admitted.events.as_slice() {
             [] => return 0,
             [_] => None,
@@ -340,6 +387,27 @@ impl Hub {
         drop(admitted);
         self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
         n
+    }
+
+    /// Fans one story progress frame out to the story's members (no seq, no stream: the
+    /// published bytes, framed once). Never awaits.
+    pub fn deliver_story(&self, story: &str, frame: &Bytes) -> usize {
+        let stories = self.stories.read();
+        let Some(slot) = stories.get(story) else {
+            return 0;
+        };
+        let progress = Prepared {
+            frame: frame.clone(),
+            conflate: None,
+            seq: None,
+        };
+        for member in &slot.members {
+            member.offer(&[&progress], None, &slot.holds, &self.stats);
+        }
+        self.stats
+            .delivered
+            .fetch_add(slot.members.len() as u64, Ordering::Relaxed);
+        slot.members.len()
     }
 
     /// Checks and fans out a raw payload from a project channel.
@@ -394,6 +462,10 @@ impl Hub {
 impl Sink for Hub {
     fn deliver(&self, project: &str, batch: &[Prepared]) -> usize {
         self.deliver_batch(project, batch)
+    }
+
+    fn deliver_story(&self, story: &str, frame: &Bytes) -> usize {
+        Hub::deliver_story(self, story, frame)
     }
 
     fn broadcast(&self, payload: &[u8]) -> Result<usize, event::EventError> {

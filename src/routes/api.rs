@@ -379,3 +379,48 @@ fn refuse_broadcast(app: &App, e: &event::EventError) -> Response {
 fn forbidden(message: &str) -> Response {
     json_error(StatusCode::FORBIDDEN, "forbidden", message)
 }
+
+/// `POST /v1/stories/{id}/progress` (docs/protocol.md §9): a service credential whose
+/// `stories` or `projects` claim lists the story (or is `["*"]`) stores the progress as the
+/// story's latest and publishes it on `story:{id}`, in one atomic step, so a socket that
+/// connects afterwards starts from it. Invalid progress is 400 naming the field.
+pub async fn story_progress(app: &App, story: &str, req: Request<Incoming>) -> Response {
+    if !valid_project_id(story) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_story_id",
+            "story_id must match [A-Za-z0-9_.-]{1,128}",
+        );
+    }
+    let claims = match service_claims(&req) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if !(claims.grants_story(story) || claims.grants(story)) {
+        return forbidden("your credential does not grant this story");
+    }
+    let value = match read_json(app, req).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let bytes = serde_json::to_vec(&value).unwrap_or_default();
+    let depth = app.config.events.max_json_depth;
+    if let Err(e) = crate::story::check(&bytes, app.config.events.max_event_bytes, depth) {
+        app.hub.metrics.rejected(e.reason());
+        let mut body = json!({"error": "invalid_progress", "message": e.to_string()});
+        if let Some(field) = e.field() {
+            body["field"] = json!(field);
+        }
+        return json_response(StatusCode::BAD_REQUEST, &body);
+    }
+    if !app.broker.is_up() {
+        return broker_failure(BrokerError::Unavailable("pub/sub down".into()));
+    }
+    match app.broker.publish_story(story, bytes).await {
+        Ok(delivered_to) => json_response(
+            StatusCode::ACCEPTED,
+            &json!({"status": "accepted", "delivered_to": delivered_to}),
+        ),
+        Err(e) => broker_failure(e),
+    }
+}

@@ -46,12 +46,15 @@ enum Route {
     Broadcast,
     ProjectEvents,
     ProjectPresence,
+    StoryProgress,
 }
 
 impl Route {
     fn allows(self, method: &Method) -> bool {
         match self {
-            Route::Broadcast | Route::ProjectEvents => method == Method::POST,
+            Route::Broadcast | Route::ProjectEvents | Route::StoryProgress => {
+                method == Method::POST
+            }
             _ => method == Method::GET,
         }
     }
@@ -72,6 +75,7 @@ fn table() -> &'static matchit::Router<Route> {
             ("/v1/broadcast", Route::Broadcast),
             ("/v1/projects/{project}/events", Route::ProjectEvents),
             ("/v1/projects/{project}/presence", Route::ProjectPresence),
+            ("/v1/stories/{story}/progress", Route::StoryProgress),
         ] {
             // A fixed table: a conflict here is a programming error caught by the tests.
             if let Err(e) = t.insert(path, route) {
@@ -131,7 +135,11 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response {
         return method_not_allowed();
     }
     // Owned before `req` moves into a handler.
-    let project = matched.params.get("project").map(str::to_owned);
+    let project = matched
+        .params
+        .get("project")
+        .or_else(|| matched.params.get("story"))
+        .map(str::to_owned);
     let project = project.as_deref().unwrap_or_default();
     match route {
         Route::Healthz => health::healthz(),
@@ -143,6 +151,7 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response {
         Route::Broadcast => api::broadcast(&app, req).await,
         Route::ProjectEvents => api::publish(&app, project, req).await,
         Route::ProjectPresence => api::presence(&app, project, &req).await,
+        Route::StoryProgress => api::story_progress(&app, project, req).await,
     }
 }
 

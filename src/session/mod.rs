@@ -55,12 +55,16 @@ pub fn connection_span(
         client_id,
         project_id = tracing::field::Empty,
         projects = tracing::field::Empty,
+        story_id = tracing::field::Empty,
+        stories = tracing::field::Empty,
         peer = tracing::field::Empty,
         client_ip = tracing::field::Empty,
     );
     match scope {
         Scope::Project(p) => span.record("project_id", p.as_str()),
         Scope::User => span.record("projects", projects.join(",")),
+        Scope::Story(s) => span.record("story_id", s.as_str()),
+        Scope::UserStories => span.record("stories", projects.join(",")),
     };
     match peer {
         Some(peer) => {
@@ -83,6 +87,10 @@ pub enum Scope {
     Project(String),
     /// `/ws/user`: every project of the credential.
     User,
+    /// `/ws/stories/{story_id}/progress` (docs/protocol.md §9).
+    Story(String),
+    /// `/ws/user/stories`: every story of the user.
+    UserStories,
 }
 
 pub struct Session {
@@ -283,7 +291,7 @@ impl Session {
     pub fn primary_project(&self) -> Option<String> {
         match &self.scope {
             Scope::Project(p) => Some(p.clone()),
-            Scope::User => None,
+            Scope::User | Scope::Story(_) | Scope::UserStories => None,
         }
     }
 
@@ -296,6 +304,26 @@ impl Session {
             Scope::User => {
                 map.insert("projects".into(), json!(self.projects()));
             }
+            // Story sockets carry the seed's progress objects only, never gateway
+            // messages; nothing to fill.
+            Scope::Story(_) | Scope::UserStories => {}
+        }
+    }
+
+    /// A story progress connection (docs/protocol.md §9): its ids are story ids, it is
+    /// sent the published progress objects only (no gateway message, not even on close),
+    /// and it reads the seed's text `ping` / `status`.
+    pub fn is_story(&self) -> bool {
+        matches!(self.scope, Scope::Story(_) | Scope::UserStories)
+    }
+
+    /// The projects this connection is present in (`project:{id}:presence`): none for a
+    /// story connection, whose ids are stories.
+    pub fn presence_projects(&self) -> Vec<String> {
+        if self.is_story() {
+            Vec::new()
+        } else {
+            self.projects()
         }
     }
 
@@ -438,6 +466,11 @@ impl Session {
     /// events first (a slow consumer resumes from history). Returns false if the session
     /// was already closing.
     pub fn close(&self, code: u16, reason: &str, discard_pending: bool) -> bool {
+        if self.is_story() {
+            // The seed's frontend reads every text frame as progress: the close frame
+            // alone says why.
+            return self.finish(&[frame::close(code, reason)], discard_pending);
+        }
         let notice = self.encode(
             &ConnectionClosed {
                 code,
@@ -451,6 +484,12 @@ impl Session {
 
     /// Shutdown path: flush what is queued, then `container.reconnect`, then close 1012.
     pub fn close_for_restart(&self, reconnect_after_ms: u64) -> bool {
+        if self.is_story() {
+            return self.finish(
+                &[frame::close(close_code::RESTART, "server restart")],
+                false,
+            );
+        }
         let notice = self.encode(
             &ContainerReconnect {
                 message: Some("this gateway instance is restarting; reconnect and resume".into()),

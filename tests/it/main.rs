@@ -38,4 +38,5 @@ mod schema;
 mod session;
 mod shutdown;
 mod status;
+mod stories;
 mod wire;

@@ -23,7 +23,7 @@ const LAYERS: &[&[&str]] = &[
         "schema",
         "ws",
     ],
-    &["config", "event"],
+    &["config", "event", "story"],
     // The broker (where events come from, commands go to) and one connection's state:
     // neither knows the other, nor anything above.
     &["broker", "cli", "session"],

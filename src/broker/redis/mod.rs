@@ -40,12 +40,13 @@ use tokio::sync::mpsc;
 use super::state::Snapshot;
 use super::{
     commands_channel, new_epoch, project_channel, BrokerError, HistoryLimits, HistoryRead,
-    Position, SinkSlot, BROADCAST_CHANNEL, PUBLISH_SCRIPT,
+    Position, SinkSlot, BROADCAST_CHANNEL, PUBLISH_SCRIPT, STORY_SCRIPT,
 };
 use crate::config::RedisConfig;
 use crate::metrics::histogram::{self, DurationHistogram};
 use crate::metrics::Metrics;
 use crate::schema::Policy;
+use crate::story;
 
 pub struct RedisStats {
     pub reconnects: AtomicU64,
@@ -71,6 +72,7 @@ pub struct RedisBroker {
     client: redis::Client,
     pool: Pool,
     script: redis::Script,
+    story_script: redis::Script,
     pub(super) sink: SinkSlot,
     /// Checks for events arriving on the pub/sub connection.
     policy: Policy,
@@ -119,6 +121,7 @@ impl RedisBroker {
             client,
             pool,
             script: redis::Script::new(PUBLISH_SCRIPT),
+            story_script: redis::Script::new(STORY_SCRIPT),
             sink: SinkSlot::default(),
             policy,
             metrics,
@@ -340,6 +343,41 @@ impl RedisBroker {
         Err(BrokerError::Protocol(
             "project epoch vanished while reading".into(),
         ))
+    }
+
+    /// The story's latest progress (`story:{id}:progress`), if kept.
+    pub async fn story_progress(&self, story: &str) -> Result<Option<bytes::Bytes>, BrokerError> {
+        let key = story::progress_key(story);
+        let raw: Option<Vec<u8>> = self
+            .with_conn(|mut conn| async move { conn.get(key).await })
+            .await?;
+        Ok(raw.map(bytes::Bytes::from))
+    }
+
+    /// Runs the story script: `publish` stores and PUBLISHes (returns the receivers),
+    /// `relay` stores what a raw PUBLISH carried unless the stored one is newer.
+    async fn story_script(
+        &self,
+        story: &str,
+        payload: Vec<u8>,
+        mode: &str,
+        updated_at: &str,
+    ) -> Result<i64, BrokerError> {
+        let mut invocation = self.story_script.prepare_invoke();
+        invocation
+            .key(story::progress_key(story))
+            .key(story::channel(story))
+            .arg(payload)
+            .arg(self.history.story_ttl.as_secs().max(1))
+            .arg(mode)
+            .arg(updated_at);
+        self.with_conn(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .await
+    }
+
+    pub async fn publish_story(&self, story: &str, payload: Vec<u8>) -> Result<u64, BrokerError> {
+        let n = self.story_script(story, payload, "publish", "").await?;
+        Ok(n.max(0) as u64)
     }
 
     pub async fn publish_broadcast(&self, payload: Vec<u8>) -> Result<(), BrokerError> {

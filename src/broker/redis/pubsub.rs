@@ -22,6 +22,9 @@ use tokio::sync::mpsc;
 use super::RedisBroker;
 use crate::broker::{channel_project, Broker, SubCommand, BROADCAST_CHANNEL};
 
+/// Largest story progress message relayed (seed 003's are a few hundred bytes).
+const STORY_MAX_BYTES: usize = 64 * 1024;
+
 /// Most pub/sub messages handled as one batch.
 const MAX_READ_BATCH: usize = 512;
 
@@ -81,6 +84,22 @@ impl RedisBroker {
                 raw += 1;
                 match sink.broadcast(payload) {
                     Ok(_) => metrics.fanout.observe(read_at.elapsed()),
+                    Err(e) => self.note_dropped(channel, e.reason(), &e.to_string()),
+                }
+                continue;
+            }
+            if let Some(story) = crate::story::channel_story(channel) {
+                raw += 1;
+                match crate::story::check(payload, STORY_MAX_BYTES, policy.max_json_depth) {
+                    Ok(p) => {
+                        sink.deliver_story(story, &p.frame);
+                        metrics.fanout.observe(read_at.elapsed());
+                        self.queue_story(
+                            story,
+                            bytes::Bytes::copy_from_slice(payload),
+                            p.updated_at,
+                        );
+                    }
                     Err(e) => self.note_dropped(channel, e.reason(), &e.to_string()),
                 }
                 continue;

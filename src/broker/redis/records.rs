@@ -14,9 +14,16 @@ use tokio::sync::mpsc;
 use super::RedisBroker;
 use crate::broker::{connection_key, instance_key, presence_key, BrokerError, ConnectionRecord};
 
-/// A queued change to the connection records.
+/// A queued change to the connection records (or a story's stored progress).
 #[derive(Debug)]
 pub enum RecordOp {
+    /// A raw PUBLISH on `story:{id}` was relayed: keep it as the story's latest unless
+    /// the stored one is newer (`updated_at`).
+    StoryProgress {
+        story: String,
+        payload: bytes::Bytes,
+        updated_at: Option<String>,
+    },
     Put(ConnectionRecord, Duration),
     Delete(String, Vec<String>),
 }
@@ -61,12 +68,39 @@ impl RedisBroker {
         }
     }
 
+    /// Queues the store of a relayed story progress without waiting: called from the
+    /// pub/sub loop, which must never block (a full queue skips it; the next message
+    /// stores again, and a publisher using the API stores atomically anyway).
+    pub(super) fn queue_story(
+        &self,
+        story: &str,
+        payload: bytes::Bytes,
+        updated_at: Option<String>,
+    ) {
+        let op = RecordOp::StoryProgress {
+            story: story.to_owned(),
+            payload,
+            updated_at,
+        };
+        if self.records.try_send(op).is_err() {
+            tracing::debug!(story, "record queue full: relayed progress not stored");
+        }
+    }
+
     async fn write_records(&self, batch: Vec<RecordOp>) {
         let mut pipe = redis::pipe();
         let now = crate::event::unix_millis();
+        let mut stories = Vec::new();
+        let mut records = 0;
         for op in &batch {
             match op {
+                RecordOp::StoryProgress {
+                    story,
+                    payload,
+                    updated_at,
+                } => stories.push((story, payload, updated_at)),
                 RecordOp::Put(record, ttl) => {
+                    records += 1;
                     let secs = ttl.as_secs().max(1);
                     let value = serde_json::to_string(record).unwrap_or_default();
                     pipe.set_ex(connection_key(&record.client_id), value, secs)
@@ -78,6 +112,7 @@ impl RedisBroker {
                     }
                 }
                 RecordOp::Delete(client_id, projects) => {
+                    records += 1;
                     pipe.del(connection_key(client_id)).ignore();
                     for project in projects {
                         pipe.zrem(presence_key(project), client_id).ignore();
@@ -85,11 +120,22 @@ impl RedisBroker {
                 }
             }
         }
-        if let Err(e) = self
-            .with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
-            .await
-        {
-            tracing::warn!(error = %e, ops = batch.len(), "could not write connection records");
+        if records > 0 {
+            if let Err(e) = self
+                .with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
+                .await
+            {
+                tracing::warn!(error = %e, ops = records, "could not write connection records");
+            }
+        }
+        for (story, payload, updated_at) in stories {
+            let updated = updated_at.as_deref().unwrap_or("");
+            if let Err(e) = self
+                .story_script(story, payload.to_vec(), "relay", updated)
+                .await
+            {
+                tracing::warn!(error = %e, story, "could not store relayed story progress");
+            }
         }
     }
 
