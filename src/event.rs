@@ -37,6 +37,8 @@ pub enum EventError {
     TooLarge { size: usize, limit: usize },
     #[error("event nests JSON deeper than {limit} levels")]
     TooDeep { limit: usize },
+    #[error("field `timestamp` must be an ISO 8601 date-time")]
+    BadTimestamp,
     #[error("{0}")]
     Schema(#[from] SchemaError),
 }
@@ -52,6 +54,7 @@ impl EventError {
             EventError::ProjectMismatch { .. } => "project_mismatch",
             EventError::TooLarge { .. } => "too_large",
             EventError::TooDeep { .. } => "too_deep",
+            EventError::BadTimestamp => "invalid_field",
             EventError::Schema(e) => e.reason(),
         }
     }
@@ -61,6 +64,7 @@ impl EventError {
         match self {
             EventError::MissingType => Some("type"),
             EventError::BadProjectId | EventError::ProjectMismatch { .. } => Some("project_id"),
+            EventError::BadTimestamp => Some("timestamp"),
             EventError::Schema(e) => e.field(),
             _ => None,
         }
@@ -220,7 +224,10 @@ fn prepare(
         policy.check_project_bytes(kind, payload)?;
     }
     let conflate = conflation_key(kind, &head);
-    if let (Some(_), Some(raw)) = (&head.project_id, head.timestamp) {
+    if let (Some(_), Some(raw)) = (
+        &head.project_id,
+        head.timestamp.filter(|r| raw_is_date_time(r)),
+    ) {
         let published = if want_time { raw_timestamp(raw) } else { None };
         let prepared = Prepared {
             frame: frame::text(payload),
@@ -269,11 +276,74 @@ fn prepare_slow(
     Ok((prepared, published))
 }
 
-/// Checks an already-parsed event object for publishing into `project`.
+/// A raw JSON value that is a string holding a date-time (see [`is_date_time`]).
+fn raw_is_date_time(raw: &serde_json::value::RawValue) -> bool {
+    raw.get()
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .is_some_and(|s| !s.contains('\\') && is_date_time(s))
+}
+
+/// Whether `s` is an ISO 8601 date-time: `YYYY-MM-DDTHH:MM:SS`, optionally with a fraction
+/// of a second, and `Z` or an offset. The seed's publishers send Python's
+/// `datetime.utcnow().isoformat()`, which has no offset; RFC 3339 times have one; both are
+/// date-times (docs/protocol.md §8). A space may stand for the `T` (Python's `str()`).
+pub fn is_date_time(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+        let part = b.get(r)?;
+        if !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(part).ok()?.parse().ok()
+    };
+    let fields = (|| {
+        let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+        let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
+        let seps = [b.get(4), b.get(7), b.get(13), b.get(16)];
+        if seps != [Some(&b'-'), Some(&b'-'), Some(&b':'), Some(&b':')] {
+            return None;
+        }
+        if !matches!(b.get(10), Some(b'T' | b't' | b' ')) {
+            return None;
+        }
+        let month = time::Month::try_from(u8::try_from(month).ok()?).ok()?;
+        time::Date::from_calendar_date(i32::try_from(year).ok()?, month, u8::try_from(day).ok()?)
+            .ok()?;
+        // 60: a leap second.
+        (hour < 24 && minute < 60 && second <= 60).then_some(())
+    })();
+    if fields.is_none() {
+        return false;
+    }
+    let mut rest = &s[19..];
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let n = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if n == 0 {
+            return false;
+        }
+        rest = &fraction[n..];
+    }
+    match rest.as_bytes() {
+        [] | [b'Z' | b'z'] => true,
+        [b'+' | b'-', h1, h2, b':', m1, m2] => [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()),
+        [b'+' | b'-', h1, h2, m1, m2] => [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()),
+        _ => false,
+    }
+}
+
+/// Checks an already-parsed event object for publishing into `project`: its `type`, its
+/// `project_id`, and a `timestamp` string that must be a date-time (a null or non-string
+/// one is replaced by [`fill_envelope`], docs/protocol.md §8).
 pub fn check_envelope(project: &str, event: &Map<String, Value>) -> Result<(), EventError> {
     match event.get("type") {
         Some(Value::String(_)) => {}
         _ => return Err(EventError::MissingType),
+    }
+    if let Some(Value::String(t)) = event.get("timestamp") {
+        if !is_date_time(t) {
+            return Err(EventError::BadTimestamp);
+        }
     }
     match event.get("project_id") {
         None => {}
@@ -289,13 +359,15 @@ pub fn check_envelope(project: &str, event: &Map<String, Value>) -> Result<(), E
     Ok(())
 }
 
-/// Sets `project_id` and `timestamp` where the publisher gave none (docs/protocol.md §8: a
-/// publisher's timestamp is passed through as given).
+/// Sets `project_id` where the publisher gave none, and `timestamp` where it gave none, or
+/// a null or non-string one (docs/protocol.md §8: a publisher's date-time string is passed
+/// through as given; [`check_envelope`] refuses any other string).
 pub fn fill_envelope(event: &mut Map<String, Value>, project: &str) {
     if !event.contains_key("project_id") {
         event.insert("project_id".into(), Value::String(project.to_owned()));
     }
-    if !event.contains_key("timestamp") {
+    // Null or any other non-string: the gateway's own (docs/protocol.md §8).
+    if !matches!(event.get("timestamp"), Some(Value::String(_))) {
         event.insert("timestamp".into(), Value::String(now_rfc3339()));
     }
 }
@@ -339,6 +411,54 @@ pub fn server_frame(value: &Value) -> Bytes {
 mod tests {
     use super::*;
 
+    #[test]
+    fn timestamps_must_be_date_times_and_non_strings_are_replaced() {
+        for ok in [
+            "2026-12-03T10:00:00Z",
+            "2026-12-03T10:00:00.123456",
+            "2026-12-03 10:00:00",
+            "2026-12-03T10:00:00+01:00",
+            "2026-12-03T10:00:00.5-0530",
+            "2016-12-31T23:59:60Z",
+        ] {
+            assert!(is_date_time(ok), "{ok}");
+        }
+        for bad in [
+            "not-a-date",
+            "2026-13-03T10:00:00",
+            "2026-02-30T10:00:00",
+            "2026-12-03",
+            "2026-12-03T25:00:00",
+            "2026-12-03T10:00:00.",
+            "2026-12-03T10:00:00+1",
+            "1700000000",
+            "",
+        ] {
+            assert!(!is_date_time(bad), "{bad}");
+        }
+        let ev =
+            |ts: &str| format!(r#"{{"type":"file.changed","project_id":"p","timestamp":{ts}}}"#);
+        for replaced in ["null", "1700000000", "{}", "[]", "true"] {
+            let (p, _) = prepare_received("p", ev(replaced).as_bytes(), None).unwrap();
+            let text = std::str::from_utf8(&p.frame[2..]).unwrap();
+            let v: Value = serde_json::from_str(text).unwrap();
+            assert!(
+                v["timestamp"].as_str().is_some_and(is_date_time),
+                "{replaced} -> {v}"
+            );
+        }
+        assert_eq!(
+            prepare_received("p", ev("\"not-a-date\"").as_bytes(), None).unwrap_err(),
+            EventError::BadTimestamp
+        );
+        let kept = ev("\"2026-12-03T10:00:00.123456\"");
+        let (p, _) = prepare_received("p", kept.as_bytes(), None).unwrap();
+        assert!(
+            p.frame.ends_with(kept.as_bytes()),
+            "a date-time is passed through as given"
+        );
+    }
+
     fn payload_of(p: &Prepared) -> Value {
         let f = &p.frame;
         let start = match f[1] & 0x7f {
@@ -351,7 +471,7 @@ mod tests {
 
     #[test]
     fn complete_event_passes_through_byte_for_byte() {
-        let raw = br#"{"type":"file.changed","project_id":"p1","timestamp":"t","x":1.5e300}"#;
+        let raw = br#"{"type":"file.changed","project_id":"p1","timestamp":"2026-01-01T00:00:00Z","x":1.5e300}"#;
         let p = prepare_project_event("p1", raw, None).unwrap();
         assert_eq!(&p.frame[2..], &raw[..]);
     }
@@ -476,7 +596,8 @@ mod tests {
             "stamped here"
         );
         assert_eq!(
-            at(br#"{"type":"x","project_id":"p","timestamp":"t"}"#),
+            // A date-time without an offset (the seed's Python) is valid but has no instant.
+            at(br#"{"type":"x","project_id":"p","timestamp":"2026-11-23T12:00:00"}"#),
             None
         );
         assert_eq!(at(br#"{"type":"x","project_id":"p","timestamp":17}"#), None);

@@ -229,7 +229,7 @@ mod tests {
             replay_max_bytes: 1 << 20,
             story_ttl: Duration::from_secs(60),
         });
-        let ev = || br#"{"type":"x","project_id":"p","timestamp":"t"}"#.to_vec();
+        let ev = || br#"{"type":"x","project_id":"p","timestamp":"2026-01-01T00:00:00Z"}"#.to_vec();
         assert_eq!(b.publish_events("p", vec![ev(), ev()]).unwrap(), vec![1, 2]);
         assert_eq!(
             b.publish_events("q", vec![br#"{"type":"x"}"#.to_vec()])

@@ -88,6 +88,11 @@ impl Hub {
             Some(_) => return Err(event::EventError::BadProjectId),
         };
         map.remove("seq");
+        if let Some(Value::String(t)) = map.get("timestamp") {
+            if !event::is_date_time(t) {
+                return Err(event::EventError::BadTimestamp);
+            }
+        }
         let value = Value::Object(map);
         self.policy.check_global_value(&kind, &value)?;
         let Value::Object(mut map) = value else {

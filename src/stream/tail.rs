@@ -178,7 +178,7 @@ mod tests {
     fn prepared(seq: u64) -> Prepared {
         crate::event::prepare_project_event(
             "p",
-            format!(r#"{{"type":"file.changed","project_id":"p","timestamp":"t","seq":{seq}}}"#)
+            format!(r#"{{"type":"file.changed","project_id":"p","timestamp":"2026-01-01T00:00:00Z","seq":{seq}}}"#)
                 .as_bytes(),
             None,
         )

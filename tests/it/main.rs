@@ -39,4 +39,5 @@ mod session;
 mod shutdown;
 mod status;
 mod stories;
+mod timestamps;
 mod wire;
