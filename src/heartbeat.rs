@@ -29,6 +29,7 @@ pub async fn run(app: Arc<App>) {
     let interval = Duration::from_secs(app.config.ws.heartbeat_interval_secs);
     let idle_limit = Duration::from_secs(app.config.ws.idle_timeout_secs);
     let keepalive = app.config.stories.keepalive_secs.max(1);
+    let max_age = Duration::from_secs(app.config.ws.max_connection_secs);
     let mut ticker = tokio::time::interval(SWEEP.min(interval));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Beats are scheduled on a fixed grid, so sweep jitter never stretches the interval.
@@ -58,6 +59,12 @@ pub async fn run(app: Arc<App>) {
             }
             if session.expires_at().is_some_and(|at| at <= now_secs) {
                 session.close(close_code::EXPIRED, "credential expired", false);
+                continue;
+            }
+            if !max_age.is_zero() && session.age(now_ms) >= max_age {
+                // The seed's WS_CONNECTION_TIMEOUT: a connection's longest life. 1001:
+                // clients reconnect (and resume) as after any going-away.
+                session.close(close_code::GOING_AWAY, "connection timeout", false);
                 continue;
             }
             if session.idle_for(now_ms) >= idle_limit {

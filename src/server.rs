@@ -130,6 +130,9 @@ pub async fn serve(
         }
     });
     let heartbeat = tokio::spawn(crate::heartbeat::run(app.clone()));
+    if app.config.server.container_restart {
+        tokio::spawn(announce_restart(app.clone()));
+    }
     let route_app = app.clone();
     let stack = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new([
@@ -493,6 +496,33 @@ async fn admin_route(
             "not_found",
             "the admin listener serves /healthz, /readyz, /health/websocket and /metrics only",
         ))
+    }
+}
+
+/// The seed's `CONTAINER_RESTART=true`: once the broker is up (at most 30 s after start),
+/// broadcast `container.reconnect` on the global channel, so every connection of every
+/// instance is told to reconnect, as the seed's startup hook does. Once per start.
+async fn announce_restart(app: Arc<App>) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !app.broker.is_up() {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("CONTAINER_RESTART: the broker never came up; no reconnect broadcast");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let notice = serde_json::json!({
+        "type": "container.reconnect",
+        "message": "Server restarted, please reconnect",
+        "timestamp": crate::event::now_rfc3339(),
+    });
+    match app
+        .broker
+        .publish_broadcast(notice.to_string().into_bytes())
+        .await
+    {
+        Ok(()) => tracing::info!("CONTAINER_RESTART: container.reconnect broadcast"),
+        Err(e) => tracing::warn!(error = %e, "CONTAINER_RESTART: broadcast failed"),
     }
 }
 

@@ -37,9 +37,6 @@ pub const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
 /// The script that stores a story's latest progress, and publishes it (docs/protocol.md §9).
 pub const STORY_SCRIPT: &str = include_str!("story.lua");
 
-/// Channel of global events.
-pub const BROADCAST_CHANNEL: &str = "websocket:broadcast";
-
 /// The channel families the gateway serves: a project's events (seed 000) and a story's
 /// progress (seed 003, docs/protocol.md §9). Each id lives in its family's namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -109,7 +106,7 @@ pub trait Sink: Send + Sync {
     fn deliver(&self, project: &str, batch: &[Prepared]) -> usize;
     /// One checked progress message of a story (its frame: the published bytes).
     fn deliver_story(&self, story: &str, frame: &bytes::Bytes) -> usize;
-    /// A payload of the global channel ([`BROADCAST_CHANNEL`]), unchecked.
+    /// A payload of the global channel (`redis.broadcast_channel`), unchecked.
     fn broadcast(&self, payload: &[u8]) -> Result<usize, EventError>;
     /// After an outage, with the pub/sub connection back and live messages held: bring
     /// every project this instance follows back in step (replay from history or resync).

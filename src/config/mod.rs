@@ -114,6 +114,9 @@ pub struct ServerConfig {
     /// Optional second listener (host:port) serving only /healthz, /readyz,
     /// /health/websocket and /metrics, outside the public port's limits.
     pub admin_listen: Option<String>,
+    /// The seed's `CONTAINER_RESTART`: at start, once the broker is up, broadcast
+    /// `container.reconnect` to every connection of every instance.
+    pub container_restart: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,6 +129,8 @@ pub struct RedisConfig {
     pub reconnect_max_backoff_ms: u64,
     pub unsubscribe_linger_ms: u64,
     pub connection_ttl_secs: u64,
+    /// The global channel (the seed's `REDIS_CHANNEL`, default `websocket:broadcast`).
+    pub broadcast_channel: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -156,6 +161,10 @@ pub struct WsConfig {
     pub max_invalid_in_row: u32,
     pub max_json_depth: usize,
     pub max_subscriptions_per_connection: usize,
+    /// A connection's longest life, seconds (the seed's `WS_CONNECTION_TIMEOUT`); 0: none.
+    /// Past it the connection is closed 1001 `connection timeout` and clients reconnect
+    /// (and resume).
+    pub max_connection_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -222,6 +231,7 @@ impl Default for ServerConfig {
             max_pending_per_ip: 256,
             ipv6_prefix_len: 64,
             admin_listen: None,
+            container_restart: false,
         }
     }
 }
@@ -236,6 +246,7 @@ impl Default for RedisConfig {
             reconnect_max_backoff_ms: 5_000,
             unsubscribe_linger_ms: 1_000,
             connection_ttl_secs: 0,
+            broadcast_channel: String::from("websocket:broadcast"),
         }
     }
 }
@@ -268,6 +279,7 @@ impl Default for WsConfig {
             max_invalid_in_row: 10,
             max_json_depth: 32,
             max_subscriptions_per_connection: 100,
+            max_connection_secs: 0,
         }
     }
 }
@@ -367,6 +379,19 @@ impl Config {
         if let Some(v) = num(env, "WS_IDLE_TIMEOUT")? {
             self.ws.idle_timeout_secs = v;
         }
+        // The seed's other settings (docs/protocol.md §1): honoured, not ignored.
+        if let Some(v) = num(env, "WS_CONNECTION_TIMEOUT")? {
+            self.ws.max_connection_secs = v;
+        }
+        if let Some(v) = env("REDIS_CHANNEL") {
+            self.redis.broadcast_channel = v;
+        }
+        if let Some(v) = env("CONTAINER_RESTART") {
+            self.server.container_restart = parse_bool(&v).ok_or_else(|| ConfigError::Env {
+                name: "CONTAINER_RESTART",
+                message: format!("{v:?} is not a boolean (true/false, 1/0, on/off)"),
+            })?;
+        }
         if let Some(v) = env("ENVIRONMENT") {
             self.server.environment = v.parse().map_err(|message| ConfigError::Env {
                 name: "ENVIRONMENT",
@@ -415,6 +440,18 @@ impl Config {
                     "server.trusted_proxies: {cidr:?} is not an IP or CIDR"
                 ));
             }
+        }
+        let channel = &self.redis.broadcast_channel;
+        if channel.is_empty()
+            || channel.starts_with("project:")
+            || channel.starts_with("story:")
+            || channel.starts_with("ws:")
+            || channel.starts_with("session:")
+        {
+            return bad(format!(
+                "redis.broadcast_channel (REDIS_CHANNEL) {channel:?} must be non-empty and outside \
+                 the gateway's own namespaces (project:, story:, ws:, session:)"
+            ));
         }
         if let Some(url) = &self.redis.url {
             if !(url.starts_with("redis://")

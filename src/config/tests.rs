@@ -165,3 +165,37 @@ fn production_origin_default_is_the_domain() {
     .unwrap();
     assert_eq!(c.allowed_origins(), vec!["https://app.example.com"]);
 }
+
+#[test]
+fn the_seeds_other_settings_are_honoured_or_refused_with_a_reason() {
+    let c = load(&[
+        ("WS_CONNECTION_TIMEOUT", "3600"),
+        ("REDIS_CHANNEL", "app:broadcast"),
+        ("CONTAINER_RESTART", "true"),
+    ])
+    .unwrap();
+    assert_eq!(c.ws.max_connection_secs, 3600);
+    assert_eq!(c.redis.broadcast_channel, "app:broadcast");
+    assert!(c.server.container_restart);
+    let d = load(&[]).unwrap();
+    assert_eq!(
+        (
+            d.ws.max_connection_secs,
+            d.redis.broadcast_channel.as_str(),
+            d.server.container_restart
+        ),
+        (0, "websocket:broadcast", false)
+    );
+    for (k, v) in [
+        ("WS_CONNECTION_TIMEOUT", "an hour"),
+        ("CONTAINER_RESTART", "maybe"),
+        ("REDIS_CHANNEL", "project:p:events"),
+        ("REDIS_CHANNEL", "story:s"),
+    ] {
+        let err = load(&[(k, v)]).unwrap_err().to_string();
+        assert!(
+            err.contains(k) || err.contains("REDIS_CHANNEL"),
+            "{k}={v}: {err}"
+        );
+    }
+}

@@ -356,6 +356,11 @@ impl Session {
         event::server_frame(&value)
     }
 
+    /// How long the connection has been open at `now_ms` (UNIX milliseconds).
+    pub fn age(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(now_ms.saturating_sub(self.connected_at_ms))
+    }
+
     pub fn touch(&self) {
         self.last_seen_ms
             .store(event::unix_millis(), Ordering::Relaxed);

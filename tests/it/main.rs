@@ -35,6 +35,7 @@ mod presence;
 mod publish_api;
 mod resume;
 mod schema;
+mod seed_settings;
 mod session;
 mod shutdown;
 mod status;

@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 use super::state::Snapshot;
 use super::{
     commands_channel, new_epoch, project_channel, BrokerError, HistoryLimits, HistoryRead,
-    Position, SinkSlot, BROADCAST_CHANNEL, PUBLISH_SCRIPT, STORY_SCRIPT,
+    Position, SinkSlot, PUBLISH_SCRIPT, STORY_SCRIPT,
 };
 use crate::config::RedisConfig;
 use crate::metrics::histogram::{self, DurationHistogram};
@@ -73,6 +73,8 @@ pub struct RedisBroker {
     pool: Pool,
     script: redis::Script,
     story_script: redis::Script,
+    /// The global channel (`redis.broadcast_channel`, the seed's `REDIS_CHANNEL`).
+    broadcast_channel: String,
     pub(super) sink: SinkSlot,
     /// Checks for events arriving on the pub/sub connection.
     policy: Policy,
@@ -122,6 +124,7 @@ impl RedisBroker {
             pool,
             script: redis::Script::new(PUBLISH_SCRIPT),
             story_script: redis::Script::new(STORY_SCRIPT),
+            broadcast_channel: config.broadcast_channel.clone(),
             sink: SinkSlot::default(),
             policy,
             metrics,
@@ -382,7 +385,8 @@ impl RedisBroker {
 
     pub async fn publish_broadcast(&self, payload: Vec<u8>) -> Result<(), BrokerError> {
         self.with_conn(|mut conn| async move {
-            conn.publish::<_, _, i64>(BROADCAST_CHANNEL, payload).await
+            conn.publish::<_, _, i64>(&self.broadcast_channel, payload)
+                .await
         })
         .await
         .map(|_| ())

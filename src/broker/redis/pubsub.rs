@@ -20,7 +20,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
 use super::RedisBroker;
-use crate::broker::{channel_project, Broker, SubCommand, BROADCAST_CHANNEL};
+use crate::broker::{channel_project, Broker, SubCommand};
 
 /// Largest story progress message relayed (seed 003's are a few hundred bytes).
 const STORY_MAX_BYTES: usize = 64 * 1024;
@@ -80,7 +80,7 @@ impl RedisBroker {
                 run.clear();
                 run_project = None;
             }
-            if channel == BROADCAST_CHANNEL {
+            if channel == self.broadcast_channel {
                 raw += 1;
                 match sink.broadcast(payload) {
                     Ok(_) => metrics.fanout.observe(read_at.elapsed()),
@@ -132,7 +132,7 @@ impl RedisBroker {
     pub async fn run_pubsub(self: Arc<Self>, mut commands: mpsc::Receiver<SubCommand>) {
         // What the sink reads history through while it catches up after an outage.
         let broker = Broker::Redis(self.clone());
-        let mut wanted: HashSet<String> = HashSet::from([BROADCAST_CHANNEL.to_owned()]);
+        let mut wanted: HashSet<String> = HashSet::from([self.broadcast_channel.clone()]);
         let mut backoff =
             next_backoff(BACKOFF_BASE, BACKOFF_BASE, self.max_backoff, rand::random());
         let mut down_since: Option<Instant> = None;
