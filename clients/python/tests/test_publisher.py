@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import threading
 from pathlib import Path
 
 import pytest
 import redis
+from websockets.sync.client import connect
 
 from switchboard_publisher import (
     FunctionRunnerEventPublisher,
@@ -470,3 +472,40 @@ def test_packaged_script_is_the_gateways_script():
         "publish.lua must be a symlink to src/broker/publish.lua, not a copy"
     )
     assert load_script() == (REPO / "src" / "broker" / "publish.lua").read_bytes()
+
+
+def test_story_progress_is_stored_and_reaches_a_story_socket(gateway, publisher, r):
+    story = "story-" + secrets.token_hex(4)
+    # Published before anyone connects: stored, so a socket starts from it.
+    assert publisher.story_progress(story, "generating", 40, "Writing chapter 2") == 0
+    stored = json.loads(r.get(f"story:{story}:progress"))
+    assert stored["status"] == "generating" and stored["progress_percent"] == 40
+    assert 0 < r.ttl(f"story:{story}:progress") <= 86400
+    url = f"ws://127.0.0.1:{gateway.port}/ws/stories/{story}/progress?token={gateway.token('*')}"
+    with connect(url, open_timeout=10, close_timeout=2) as ws:
+        first = json.loads(ws.recv(timeout=10))
+        assert first == stored, "the seed's object, no envelope"
+        assert publisher.story_progress(story, "complete", 100, "Done") == 1
+        live = json.loads(ws.recv(timeout=10))
+        assert (live["status"], live["progress_percent"], live["current_step"]) == (
+            "complete",
+            100,
+            "Done",
+        )
+        ws.send("ping")
+        assert ws.recv(timeout=10) == "pong"
+    for bad in [
+        dict(status="done", progress_percent=1),
+        dict(status="failed", progress_percent=101),
+        dict(status="failed", progress_percent=True),
+    ]:
+        with pytest.raises(InvalidEvent):
+            publisher.story_progress(story, current_step="x", **bad)
+    with pytest.raises(InvalidEvent):
+        publisher.story_progress("bad/id", "failed", 1, "x")
+
+
+def test_story_lua_is_the_gateways_own():
+    shipped = Path(__file__).resolve().parents[1] / "src" / "switchboard_publisher" / "story.lua"
+    assert shipped.is_symlink()
+    assert shipped.read_bytes() == (REPO / "src" / "broker" / "story.lua").read_bytes()

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 _PROJECT_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
+#: The statuses of seed 003's story progress messages.
+STORY_STATUSES = ("analyzing", "generating", "synthesizing", "complete", "failed")
+
 
 def load_script() -> bytes:
     """The bytes of the packaged ``publish.lua`` (identical to the gateway's copy)."""
@@ -88,6 +91,8 @@ class FunctionRunnerEventPublisher:
         self.terminal_task_ttl_ms = int(terminal_task_ttl_secs) * 1000
         self._script = load_script()
         self._sha: str | None = None
+        self._story_script = resources.files(__package__).joinpath("story.lua").read_bytes()
+        self._story_sha: str | None = None
 
     # ------------------------------------------------------------------ core publishing
 
@@ -181,6 +186,62 @@ class FunctionRunnerEventPublisher:
             raise PublishError(f"publishing to project {project_id!r} failed: {e}") from e
         epoch, seqs, last = reply
         return _text(epoch), [int(s) for s in seqs], int(last)
+
+    # ------------------------------------------------------------------ story progress
+
+    def story_progress(
+        self,
+        story_id: str,
+        status: str,
+        progress_percent: float,
+        current_step: str,
+        *,
+        updated_at: str | None = None,
+        progress_ttl_secs: int = 86400,
+    ) -> int:
+        """Publish a Code Story progress update (docs/protocol.md §9) and return how many
+        gateway instances received it.
+
+        The message is seed 003's own object (``story_id``, ``status``,
+        ``progress_percent``, ``current_step``, ``updated_at``), stored as the story's latest
+        progress (``story:{id}:progress``, so a socket that connects later starts from it)
+        and published on ``story:{id}`` in one atomic script call (``story.lua``, the
+        gateway's own). ``progress_ttl_secs`` must match the gateway's
+        ``stories.progress_ttl_secs``.
+        """
+        if not isinstance(story_id, str) or not _PROJECT_ID.fullmatch(story_id):
+            raise InvalidEvent(f"story_id {story_id!r} must match [A-Za-z0-9_.-]{{1,128}}")
+        if status not in STORY_STATUSES:
+            raise InvalidEvent(f"status {status!r} must be one of {', '.join(STORY_STATUSES)}")
+        if (
+            isinstance(progress_percent, bool)
+            or not isinstance(progress_percent, (int, float))
+            or not 0 <= progress_percent <= 100
+        ):
+            raise InvalidEvent(f"progress_percent {progress_percent!r} must be a number from 0 to 100")
+        if not isinstance(current_step, str):
+            raise InvalidEvent("current_step must be a string")
+        message = {
+            "story_id": story_id,
+            "status": status,
+            "progress_percent": progress_percent,
+            "current_step": current_step,
+            "updated_at": updated_at or datetime.now(timezone.utc).isoformat(),
+        }
+        payload = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+        keys = [f"story:{story_id}:progress", f"story:{story_id}"]
+        args = [payload, int(progress_ttl_secs), "publish", ""]
+        try:
+            if self._story_sha is None:
+                self._story_sha = _text(self._redis.script_load(self._story_script))
+            try:
+                reply = self._redis.evalsha(self._story_sha, len(keys), *keys, *args)
+            except NoScriptError:
+                self._story_sha = _text(self._redis.script_load(self._story_script))
+                reply = self._redis.evalsha(self._story_sha, len(keys), *keys, *args)
+        except RedisError as e:
+            raise PublishError(f"publishing progress of story {story_id!r} failed: {e}") from e
+        return int(reply)
 
     # ------------------------------------------------------------------ commands
 

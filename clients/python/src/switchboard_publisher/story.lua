@@ -1,0 +1,1 @@
+../../../../src/broker/story.lua
