@@ -212,6 +212,21 @@ mod tests {
     }
 
     #[test]
+    fn story_grants_come_from_stories_or_a_wildcard_project_grant() {
+        let mut c = claims(&["s1"], None);
+        assert!(
+            !c.grants_story("s1"),
+            "a project grant is not a story grant"
+        );
+        c.stories = vec!["s1".to_owned(), "*".to_owned()].into_boxed_slice();
+        assert!(c.grants_story("s1") && c.grants_story("anything"));
+        assert_eq!(c.named_stories(), vec!["s1".to_owned()]);
+        c.stories = vec!["s2".to_owned()].into_boxed_slice();
+        assert!(c.grants_story("s2") && !c.grants_story("s1"));
+        assert!(claims(&["*"], None).grants_story("s9"));
+    }
+
+    #[test]
     fn grants() {
         let c = claims(&["a", "b"], None);
         assert!(c.grants("a") && c.grants("b") && !c.grants("c"));
