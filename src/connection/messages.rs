@@ -198,7 +198,31 @@ async fn story_text(app: &App, session: &Arc<Session>, state: &mut ClientState, 
     match text {
         "ping" => session.send_control(frame::text(b"pong")),
         "status" => {
-            for story in session.projects() {
+            // A read of a story's state, so authorized like the project `status`: against
+            // the credential as it is now (a session is read again; a revoked or narrowed
+            // one is closed by `revocation::apply`). No error frame on failure (the seed's
+            // frontend expects none): nothing is sent.
+            if let Some(id) = session.recheck_session_id().map(str::to_owned) {
+                match app.broker.session_values(&[id.as_str()]).await {
+                    Ok(values) => {
+                        let value = values.into_iter().next().flatten();
+                        if !crate::revocation::apply(session, value.as_deref()) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            let claims = session.claims();
+            for (i, story) in session.projects().into_iter().enumerate() {
+                // One read per story: each one past the first costs a unit of the budget,
+                // as a project `status` does per project.
+                if i > 0 && state.admit_n(1).is_err() {
+                    return;
+                }
+                if !claims.grants_story(&story) {
+                    continue;
+                }
                 match app.broker.story_progress(&story).await {
                     Ok(Some(progress)) => session.send_frame(frame::text(&progress)),
                     Ok(None) => {}

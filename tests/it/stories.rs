@@ -248,3 +248,32 @@ async fn the_user_stories_socket_follows_every_granted_story() {
     c.send_text("ping").await;
     assert_eq!(c.next_text(T).await, "pong", "c3 is not this user's story");
 }
+
+#[tokio::test]
+async fn status_is_authorized_against_the_session_as_it_is_now() {
+    let redis = RedisServer::start();
+    // The periodic recheck is far away: only the status-time check can stop the read.
+    let gw = GatewayOpts::new()
+        .redis(redis.url())
+        .cfg("auth", "session_recheck_secs", "3600")
+        .start();
+    redis
+        .set_session("s1", &json!({"user_id": "ann", "stories": ["st"]}))
+        .await;
+    let p = progress("st", "generating", 20, "Draft");
+    assert_eq!(post_progress(&gw, "st", &p).await.status, 202);
+    let mut c = gw.ws("/ws/stories/st/progress?session=s1", &[]).await;
+    let first: Value = serde_json::from_str(&c.next_text(T).await).unwrap();
+    assert_eq!(first, p);
+    // Narrowed to another story: `status` reads nothing and the socket is closed 4003.
+    redis
+        .set_session("s1", &json!({"user_id": "ann", "stories": ["other"]}))
+        .await;
+    c.send_text("status").await;
+    let (texts, close) = close_of(&mut c).await;
+    assert!(
+        texts.is_empty(),
+        "no progress after the grant is gone: {texts:?}"
+    );
+    assert_eq!(close.map(|c| c.0), Some(4003));
+}
