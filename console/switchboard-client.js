@@ -707,9 +707,108 @@ function isLifecycle(name) {
 function requestExtra(p) {
   return p.requestId !== void 0 ? { requestId: p.requestId } : {};
 }
+
+// clients/typescript/src/story.ts
+var STATUSES = ["analyzing", "generating", "synthesizing", "complete", "failed"];
+function isStoryProgress(v) {
+  if (typeof v !== "object" || v === null || Array.isArray(v)) return false;
+  const o = v;
+  return typeof o.status === "string" && STATUSES.includes(o.status) && typeof o.progress_percent === "number" && o.progress_percent >= 0 && o.progress_percent <= 100;
+}
+var StoryProgressSocket = class {
+  opts;
+  WS;
+  timers;
+  random;
+  ws = null;
+  attempt = 0;
+  stopped = false;
+  retry = null;
+  constructor(opts) {
+    this.opts = opts;
+    const WS = opts.WebSocket ?? globalThis.WebSocket;
+    if (!WS) throw new Error("No WebSocket implementation: pass options.WebSocket");
+    this.WS = WS;
+    this.timers = opts.timers ?? {
+      setTimeout: (f, ms) => setTimeout(f, ms),
+      clearTimeout: (h) => clearTimeout(h)
+    };
+    this.random = opts.random ?? Math.random;
+  }
+  /** The socket URL: `/ws/stories/{id}/progress?token=` or `/ws/user/stories?token=`. */
+  get socketUrl() {
+    const base = this.opts.url.replace(/\/+$/, "");
+    const path = this.opts.storyId === null ? "/ws/user/stories" : `/ws/stories/${encodeURIComponent(this.opts.storyId)}/progress`;
+    return `${base}${path}?token=${encodeURIComponent(this.opts.token)}`;
+  }
+  connect() {
+    if (this.stopped || this.ws) return;
+    const ws = new this.WS(this.socketUrl);
+    this.ws = ws;
+    ws.onopen = () => {
+      this.attempt = 0;
+    };
+    ws.onmessage = (ev) => {
+      if (typeof ev.data !== "string" || ev.data === "ping" || ev.data === "pong") return;
+      let parsed;
+      try {
+        parsed = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      if (isStoryProgress(parsed)) this.opts.onProgress(parsed);
+    };
+    ws.onclose = (ev) => {
+      this.ws = null;
+      if (this.stopped) return;
+      if (ev.code === 4001 || ev.code === 4003) {
+        this.stop(ev.code, ev.reason);
+        return;
+      }
+      const initial = this.opts.backoff?.initialMs ?? 500;
+      const max = this.opts.backoff?.maxMs ?? 3e4;
+      const delay = Math.floor(this.random() * Math.min(max, initial * 2 ** this.attempt));
+      this.attempt += 1;
+      this.retry = this.timers.setTimeout(() => {
+        this.retry = null;
+        this.connect();
+      }, delay);
+    };
+  }
+  /** Asks for the current progress again (the text `status`). False when not open. */
+  requestStatus() {
+    return this.sendText("status");
+  }
+  /** The seed's text `ping`; the gateway answers `pong`. False when not open. */
+  ping() {
+    return this.sendText("ping");
+  }
+  /** Closes for good. */
+  close() {
+    this.stop(1e3, "closed by the client");
+  }
+  sendText(text) {
+    try {
+      this.ws?.send(text);
+      return this.ws !== null;
+    } catch {
+      return false;
+    }
+  }
+  stop(code, reason) {
+    if (this.stopped) return;
+    this.stopped = true;
+    if (this.retry !== null) this.timers.clearTimeout(this.retry);
+    this.ws?.close(1e3);
+    this.ws = null;
+    this.opts.onStop?.({ code, reason });
+  }
+};
 export {
   CloseCode,
+  StoryProgressSocket,
   SwitchboardClient,
   SwitchboardError,
-  closeAction
+  closeAction,
+  isStoryProgress
 };

@@ -19,3 +19,5 @@ export type {
   ClientErrorCode,
 } from "./client.js";
 export type * from "./events.js";
+export { StoryProgressSocket, isStoryProgress } from "./story.js";
+export type { StoryProgress, StoryProgressOptions, StoryStatus } from "./story.js";
