@@ -31,7 +31,7 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::broker::Broker;
 use crate::hub::Hub;
 use crate::metrics::histogram::DurationHistogram;
-use crate::metrics::{HANDSHAKE_LABELS, REJECT_LABELS};
+use crate::metrics::{HANDSHAKE_LABELS, KIND_LABELS, REJECT_LABELS};
 
 /// The media type of OpenMetrics text 1.0.0 ([`Exporter::render`]).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -261,27 +261,41 @@ impl Collector for HubCollector {
         let m = &hub.metrics;
         let stats = &hub.stats;
         let e = &mut enc;
-        gauge(
-            e,
+        let stories = hub.story_session_count() as u64;
+        let all = hub.session_count() as u64;
+        let mut connections = e.encode_descriptor(
             "switchboard_connections",
-            "Open WebSocket connections.",
-            hub.session_count() as u64,
+            "Open WebSocket connections, by kind (project or story).",
+            None,
+            MetricType::Gauge,
         )?;
+        for (kind, n) in KIND_LABELS
+            .into_iter()
+            .zip([all.saturating_sub(stories), stories])
+        {
+            connections
+                .encode_family(&[("kind", kind)])?
+                .encode_gauge(&n)?;
+        }
         gauge(
             e,
             "switchboard_projects",
             "Projects with at least one client here.",
             hub.project_count() as u64,
         )?;
-        labelled_counter(
-            e,
-            "switchboard_handshakes_total",
-            "WebSocket handshakes by result.",
-            "result",
-            HANDSHAKE_LABELS
-                .into_iter()
-                .zip(m.handshakes.iter().map(load)),
+        let mut handshakes = e.encode_descriptor(
+            counter_family("switchboard_handshakes_total"),
+            "WebSocket handshakes by result and kind (project or story).",
+            None,
+            MetricType::Counter,
         )?;
+        for (kind, by_result) in KIND_LABELS.into_iter().zip(&m.handshakes) {
+            for (result, n) in HANDSHAKE_LABELS.into_iter().zip(by_result.iter().map(load)) {
+                handshakes
+                    .encode_family(&[("result", result), ("kind", kind)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
         counter(
             e,
             "switchboard_messages_delivered_total",
@@ -482,9 +496,9 @@ mod tests {
         hub.metrics.fanout.observe(Duration::from_micros(30));
         let text = exporter.render_as(Format::Prometheus);
         for line in [
-            "# HELP switchboard_handshakes_total WebSocket handshakes by result.",
+            "# HELP switchboard_handshakes_total WebSocket handshakes by result and kind (project or story).",
             "# TYPE switchboard_handshakes_total counter",
-            "switchboard_handshakes_total{result=\"accepted\"} 1",
+            "switchboard_handshakes_total{result=\"accepted\",kind=\"project\"} 1",
             "# TYPE switchboard_connections gauge",
             "# TYPE switchboard_fanout_seconds histogram",
             "switchboard_fanout_seconds_count 1",
@@ -532,10 +546,12 @@ mod tests {
         let text = exporter.render();
         for line in [
             "# TYPE switchboard_connections gauge",
-            "switchboard_connections 0",
+            "switchboard_connections{kind=\"project\"} 0",
+            "switchboard_connections{kind=\"story\"} 0",
             "# TYPE switchboard_handshakes counter",
-            "switchboard_handshakes_total{result=\"accepted\"} 1",
-            "switchboard_handshakes_total{result=\"forbidden\"} 0",
+            "switchboard_handshakes_total{result=\"accepted\",kind=\"project\"} 1",
+            "switchboard_handshakes_total{result=\"forbidden\",kind=\"project\"} 0",
+            "switchboard_handshakes_total{result=\"accepted\",kind=\"story\"} 0",
             "switchboard_broker_up 1",
             "switchboard_messages_delivered_total 0",
             "switchboard_messages_dropped_total{reason=\"conflated\"} 0",

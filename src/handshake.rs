@@ -186,13 +186,17 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
             "project_id must match [A-Za-z0-9_.-]{1,128}",
         );
     };
+    // The `kind` label of the handshake metrics (docs/protocol.md §9).
+    let story = matches!(scope, Scope::Story(_) | Scope::UserStories);
     if let Some(origin) = req.headers().get(header::ORIGIN) {
         let allowed = origin
             .to_str()
             .map(|o| origin_allowed(&app, o))
             .unwrap_or(false);
         if !allowed {
-            app.hub.metrics.handshake(Handshake::OriginRefused);
+            app.hub
+                .metrics
+                .handshake_of(story, Handshake::OriginRefused);
             return json_error(
                 StatusCode::FORBIDDEN,
                 "origin_not_allowed",
@@ -203,7 +207,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     let resume = match resume_request(req.uri()) {
         Ok(r) => r,
         Err(message) => {
-            app.hub.metrics.handshake(Handshake::BadRequest);
+            app.hub.metrics.handshake_of(story, Handshake::BadRequest);
             return json_error(StatusCode::BAD_REQUEST, "invalid_resume", message);
         }
     };
@@ -240,7 +244,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         };
     }
     if app.is_draining() {
-        app.hub.metrics.handshake(Handshake::Draining);
+        app.hub.metrics.handshake_of(story, Handshake::Draining);
         return retry_after(
             json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -251,7 +255,9 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         );
     }
     if !app.broker.is_up() {
-        app.hub.metrics.handshake(Handshake::BrokerUnavailable);
+        app.hub
+            .metrics
+            .handshake_of(story, Handshake::BrokerUnavailable);
         return retry_after(
             json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -265,7 +271,9 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     let guard = match app.limits.acquire(ip) {
         Ok(g) => g,
         Err(e) => {
-            app.hub.metrics.handshake(Handshake::TooManyConnections);
+            app.hub
+                .metrics
+                .handshake_of(story, Handshake::TooManyConnections);
             return retry_after(
                 json_error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -277,7 +285,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         }
     };
     if !upgrade::valid_key(req.headers()) {
-        app.hub.metrics.handshake(Handshake::BadRequest);
+        app.hub.metrics.handshake_of(story, Handshake::BadRequest);
         return json_error(
             StatusCode::BAD_REQUEST,
             "bad_upgrade",
@@ -294,13 +302,16 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     let (claims, projects) = match granted {
         Grant::Ok(claims, projects) => (claims, projects),
         Grant::Refused(code, reason, _) => {
-            app.hub.metrics.handshake(if code == close_code::FORBIDDEN {
-                Handshake::Forbidden
-            } else if code == close_code::TRY_AGAIN_LATER {
-                Handshake::BrokerUnavailable
-            } else {
-                Handshake::Unauthenticated
-            });
+            app.hub.metrics.handshake_of(
+                story,
+                if code == close_code::FORBIDDEN {
+                    Handshake::Forbidden
+                } else if code == close_code::TRY_AGAIN_LATER {
+                    Handshake::BrokerUnavailable
+                } else {
+                    Handshake::Unauthenticated
+                },
+            );
             let mut notice = ConnectionClosed {
                 code,
                 reason: reason.to_owned(),
@@ -375,7 +386,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     let ttl = app.record_ttl();
     // Queued for the batched record writer, ahead of this session's own deletion.
     app.broker.put_connection(&record, ttl).await;
-    app.hub.metrics.handshake(Handshake::Accepted);
+    app.hub.metrics.handshake_of(story, Handshake::Accepted);
     // In the connection's span (entered, not named as parent: a JSON line's span list is
     // the entered scope), with the request id linking it to the handshake's request line.
     let request_id = req.extensions().get::<RequestId>().map(|r| r.0.as_str());

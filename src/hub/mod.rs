@@ -84,6 +84,8 @@ pub struct Hub {
     projects: RwLock<HashMap<String, Slot>>,
     /// Story progress slots (docs/protocol.md §9): the same registry, another family.
     stories: RwLock<HashMap<String, Slot>>,
+    /// Registered sessions that are story connections (for the `kind` metric label).
+    story_sessions: std::sync::atomic::AtomicUsize,
     sessions: RwLock<HashMap<String, Arc<Session>>>,
     subs: Option<mpsc::Sender<SubCommand>>,
     linger: Duration,
@@ -106,6 +108,7 @@ impl Hub {
         Arc::new(Self {
             projects: RwLock::new(HashMap::new()),
             stories: RwLock::new(HashMap::new()),
+            story_sessions: std::sync::atomic::AtomicUsize::new(0),
             sessions: RwLock::new(HashMap::new()),
             subs,
             linger,
@@ -132,9 +135,14 @@ impl Hub {
 
     /// Registers a session (for heartbeats, broadcast and shutdown).
     pub fn register(&self, session: &Arc<Session>) {
-        self.sessions
+        let fresh = self
+            .sessions
             .write()
-            .insert(session.client_id.clone(), session.clone());
+            .insert(session.client_id.clone(), session.clone())
+            .is_none();
+        if fresh && session.is_story() {
+            self.story_sessions.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The slots of one channel family (each family has its own id namespace).
@@ -289,7 +297,10 @@ impl Hub {
         for id in session.projects() {
             self.leave_in(family, &id, session);
         }
-        self.sessions.write().remove(&session.client_id);
+        let removed = self.sessions.write().remove(&session.client_id).is_some();
+        if removed && session.is_story() {
+            self.story_sessions.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// The stream of a project this instance follows.
@@ -339,6 +350,11 @@ impl Hub {
             .values()
             .filter(|s| !s.members.is_empty())
             .count()
+    }
+
+    /// Story progress connections among [`Hub::session_count`] (the `kind` label).
+    pub fn story_session_count(&self) -> usize {
+        self.story_sessions.load(Ordering::Relaxed)
     }
 
     pub fn session_count(&self) -> usize {

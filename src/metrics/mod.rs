@@ -38,6 +38,10 @@ pub(crate) const HANDSHAKE_LABELS: [&str; 8] = [
     "too_many_connections",
 ];
 
+/// Connection kinds (label `kind`, docs/protocol.md §9): the project service (seed 000) and
+/// story progress (seed 003).
+pub(crate) const KIND_LABELS: [&str; 2] = ["project", "story"];
+
 /// Reasons an incoming event is rejected (label `reason`).
 pub(crate) const REJECT_LABELS: [&str; 11] = [
     "invalid_json",
@@ -65,7 +69,8 @@ pub struct DeliveryStats {
 }
 
 pub struct Metrics {
-    pub(crate) handshakes: [AtomicU64; 8],
+    /// By kind ([`KIND_LABELS`]), then result ([`HANDSHAKE_LABELS`]).
+    pub(crate) handshakes: [[AtomicU64; 8]; 2],
     pub(crate) rejected: [AtomicU64; 11],
     pub events_from_api: AtomicU64,
     pub events_from_redis: AtomicU64,
@@ -99,8 +104,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A handshake of a project connection.
     pub fn handshake(&self, result: Handshake) {
-        self.handshakes[result as usize].fetch_add(1, Ordering::Relaxed);
+        self.handshake_of(false, result);
+    }
+
+    /// A handshake of a project (`story` false) or story connection.
+    pub fn handshake_of(&self, story: bool, result: Handshake) {
+        self.handshakes[usize::from(story)][result as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn rejected(&self, reason: &str) {

@@ -336,13 +336,13 @@ const PROTOCOL_METRICS: &[Named] = &[
         "switchboard_connections",
         "gauge",
         "switchboard_connections",
-        &[],
+        &[("kind", "project")],
     ),
     (
         "switchboard_handshakes",
         "counter",
         "switchboard_handshakes_total",
-        &[("result", "accepted")],
+        &[("result", "accepted"), ("kind", "project")],
     ),
     (
         "switchboard_broker_up",
@@ -489,9 +489,15 @@ async fn the_exposition_is_valid_and_moves_with_inline_fan_out() {
 
     // The embedded broker fans out before the publish call returns: exact counts.
     let m = scrape(&gw).await;
-    assert_eq!(m.value("switchboard_connections", &[]), 1.0);
     assert_eq!(
-        m.value("switchboard_handshakes_total", &[("result", "accepted")]),
+        m.value("switchboard_connections", &[("kind", "project")]),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "switchboard_handshakes_total",
+            &[("result", "accepted"), ("kind", "project")],
+        ),
         1.0
     );
     assert_eq!(
@@ -604,7 +610,10 @@ async fn counters_move_with_redis_events_resumes_resyncs_and_reconnects() {
     })
     .await;
     assert_eq!(
-        m1.value("switchboard_handshakes_total", &[("result", "accepted")]),
+        m1.value(
+            "switchboard_handshakes_total",
+            &[("result", "accepted"), ("kind", "project")],
+        ),
         1.0
     );
     assert_eq!(

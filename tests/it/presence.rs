@@ -156,8 +156,9 @@ async fn metrics_count_what_happens() {
     assert_eq!(m.status, 200);
     let text = m.text();
     for line in [
-        "switchboard_connections 1",
-        "switchboard_handshakes_total{result=\"accepted\"} 1",
+        "switchboard_connections{kind=\"project\"} 1",
+        "switchboard_connections{kind=\"story\"} 0",
+        "switchboard_handshakes_total{result=\"accepted\",kind=\"project\"} 1",
         "switchboard_broker_up 1",
         "switchboard_events_received_total{source=\"api\"} 1",
         "switchboard_events_rejected_total{reason=\"invalid_field\"} 1",
