@@ -202,16 +202,15 @@ async fn story_text(app: &App, session: &Arc<Session>, state: &mut ClientState, 
             // the credential as it is now (a session is read again; a revoked or narrowed
             // one is closed by `revocation::apply`). No error frame on failure (the seed's
             // frontend expects none): nothing is sent.
-            if let Some(id) = session.recheck_session_id().map(str::to_owned) {
-                match app.broker.session_values(&[id.as_str()]).await {
-                    Ok(values) => {
-                        let value = values.into_iter().next().flatten();
-                        if !crate::revocation::apply(session, value.as_deref()) {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
-                }
+            if !matches!(recheck_session(app, session).await, Ok(true)) {
+                return;
+            }
+            if session
+                .expires_at()
+                .is_some_and(|exp| exp <= crate::event::unix_millis() / 1000)
+            {
+                session.close(close_code::EXPIRED, "credential expired", false);
+                return;
             }
             let claims = session.claims();
             for (i, story) in session.projects().into_iter().enumerate() {
@@ -368,6 +367,21 @@ async fn authorize_now(
     Ok(true)
 }
 
+/// Reads the connection's session again, when a session is the credential in force, and
+/// applies it (`revocation::apply`): Ok(false) when that closed the connection (revoked,
+/// narrowed), Err when the store could not be read (nothing was decided).
+async fn recheck_session(
+    app: &App,
+    session: &Arc<Session>,
+) -> Result<bool, crate::broker::BrokerError> {
+    let Some(id) = session.recheck_session_id().map(str::to_owned) else {
+        return Ok(true);
+    };
+    let values = app.broker.session_values(&[id.as_str()]).await?;
+    let value = values.into_iter().next().flatten();
+    Ok(crate::revocation::apply(session, value.as_deref()))
+}
+
 /// The credential in force now: a session is read again (its revocation or narrowing
 /// closes the connection, 4001/4003), an expired credential closes 4004. None: the
 /// connection is closing, or the session could not be read (already answered with
@@ -377,26 +391,23 @@ async fn current_claims(
     session: &Arc<Session>,
     request_id: Option<&str>,
 ) -> Option<Arc<switchboard_middleware::Claims>> {
-    if let Some(id) = session.recheck_session_id().map(str::to_owned) {
-        match app.broker.session_values(&[id.as_str()]).await {
-            Ok(values) => {
-                let value = values.into_iter().next().flatten();
-                if !crate::revocation::apply(session, value.as_deref()) {
-                    return None;
-                }
-            }
-            Err(e) => {
-                session.span().in_scope(|| {
-                    tracing::warn!(error = %e, "session lookup for an action failed");
-                });
-                session.send(&error_frame(
+    match recheck_session(app, session).await {
+        Ok(true) => {}
+        Ok(false) => return None,
+        Err(e) => {
+            session.span().in_scope(|| {
+                tracing::warn!(error = %e, "session lookup for an action failed");
+            });
+            session.send(
+                &error_frame(
                     "broker_unavailable",
                     "your session could not be checked right now; nothing was done, retry later",
                     None,
                     request_id,
-                ), None);
-                return None;
-            }
+                ),
+                None,
+            );
+            return None;
         }
     }
     let claims = session.claims();
