@@ -17,6 +17,16 @@ use super::state::{ProjectState, Snapshot};
 use super::{new_epoch, BrokerError, HistoryLimits, HistoryRead, Position, SinkSlot};
 use crate::event;
 
+/// Most bytes of story progress the embedded broker keeps (oldest forgotten first).
+const STORY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Most stories it keeps progress for (each publish past 4,096 prunes, so keep it cheap).
+const STORY_COUNT: usize = 16_384;
+
+fn held_bytes(stories: &HashMap<String, (Instant, Bytes)>) -> usize {
+    stories.values().map(|(_, p)| p.len()).sum()
+}
+
 struct ProjectLog {
     seq: u64,
     epoch: String,
@@ -119,11 +129,25 @@ impl MemoryBroker {
     /// so the stored and the delivered order are the same.
     pub fn publish_story(&self, story: &str, payload: Vec<u8>) -> u64 {
         let mut stories = self.stories.lock();
-        // Bounded like the broker's other per-id state: forget what has expired when the
-        // map has grown (stories come and go; a TTL'd key is what Redis would keep).
-        if stories.len() >= 4096 {
+        // Bounded in bytes: forget what has expired once the map holds many stories, and
+        // if the live ones still exceed STORY_BYTES, the oldest (a TTL'd key is what Redis
+        // would keep; the embedded broker has no eviction of its own).
+        if stories.len() >= 4096 || held_bytes(&stories) + payload.len() > STORY_BYTES {
             let ttl = self.history.story_ttl;
             stories.retain(|_, (at, _)| at.elapsed() < ttl);
+            while !stories.is_empty()
+                && (stories.len() >= STORY_COUNT
+                    || held_bytes(&stories) + payload.len() > STORY_BYTES)
+            {
+                let oldest = stories
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(k, _)| k.clone());
+                match oldest {
+                    Some(k) => stories.remove(&k),
+                    None => break,
+                };
+            }
         }
         let frame = crate::ws::frame::text(&payload);
         stories.insert(story.to_owned(), (Instant::now(), Bytes::from(payload)));
@@ -217,6 +241,25 @@ mod tests {
         );
         assert_eq!(with_seq(b"{ }", 1).unwrap(), br#"{"seq":1}"#);
         assert!(with_seq(b"[1]", 1).is_err());
+    }
+
+    #[test]
+    fn story_progress_is_bounded_in_bytes_keeping_the_newest() {
+        let b = MemoryBroker::new(HistoryLimits {
+            max_len: 3,
+            ttl: Duration::from_secs(60),
+            terminal_task_ttl: Duration::from_secs(60),
+            snapshot_max_bytes: 1 << 20,
+            story_ttl: Duration::from_secs(60),
+            replay_max_bytes: 1 << 20,
+        });
+        let big = STORY_BYTES / 4 + 1;
+        for i in 0..6 {
+            b.publish_story(&format!("s{i}"), vec![b'x'; big]);
+        }
+        assert!(held_bytes(&b.stories.lock()) <= STORY_BYTES);
+        assert!(b.story_progress("s5").is_some(), "the newest is kept");
+        assert!(b.story_progress("s0").is_none(), "the oldest went first");
     }
 
     #[tokio::test]
