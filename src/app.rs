@@ -36,6 +36,8 @@ pub struct App {
     pub hub: Arc<Hub>,
     pub broker: Broker,
     pub auth: Arc<Authenticator>,
+    /// Who may follow what: the credential's grants, then the app backend's hook (§10).
+    pub authz: crate::authz::Authorizer,
     pub limits: Arc<ConnectionLimits>,
     pub instance_id: String,
     pub started: Instant,
@@ -129,6 +131,11 @@ impl App {
             None
         };
         let auth = Arc::new(Authenticator::new(jwt, broker.session_store()));
+        let authz = crate::authz::Authorizer::new(
+            &config.auth,
+            config.ws.max_subscriptions_per_connection,
+            hub.metrics.clone(),
+        );
         let limits = ConnectionLimits::keyed(
             config.server.max_connections,
             config.server.max_connections_per_ip,
@@ -139,6 +146,7 @@ impl App {
             hub,
             broker,
             auth,
+            authz,
             limits,
             instance_id,
             started: Instant::now(),

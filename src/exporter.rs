@@ -31,7 +31,7 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::broker::Broker;
 use crate::hub::Hub;
 use crate::metrics::histogram::DurationHistogram;
-use crate::metrics::{HANDSHAKE_LABELS, KIND_LABELS, REJECT_LABELS};
+use crate::metrics::{HANDSHAKE_LABELS, HOOK_FAILURE_LABELS, KIND_LABELS, REJECT_LABELS};
 
 /// The media type of OpenMetrics text 1.0.0 ([`Exporter::render`]).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -325,6 +325,15 @@ impl Collector for HubCollector {
             "Events refused or dropped, by reason.",
             "reason",
             REJECT_LABELS.into_iter().zip(m.rejected.iter().map(load)),
+        )?;
+        labelled_counter(
+            e,
+            "switchboard_auth_hook_failures_total",
+            "Authorization-hook calls that failed (connections closed 1013, not denied), by reason.",
+            "reason",
+            HOOK_FAILURE_LABELS
+                .into_iter()
+                .zip(m.hook_failures.iter().map(load)),
         )?;
         labelled_counter(
             e,

@@ -2,8 +2,10 @@
 //!
 //! Order of checks (docs/protocol.md §2): project id (400), Origin (403), not an upgrade (401/403,
 //! or 426 with valid credentials), draining or broker down (503), connection caps (503),
-//! then the upgrade. Credential failures on an upgrade complete the upgrade and close with
-//! 4001/4003, because browsers cannot read handshake statuses.
+//! then the authorization hook when the credential alone does not decide (docs/protocol.md
+//! §10; never asked for a request refused before), then the upgrade. Credential failures on
+//! an upgrade complete the upgrade and close with 4001/4003 (1013 when the session store or
+//! the hook cannot answer), because browsers cannot read handshake statuses.
 //!
 //! The session is registered in the hub and subscribed to its projects BEFORE the 101 is
 //! returned, and its greeting is put in front of its outbox: nothing published after the
@@ -77,85 +79,147 @@ fn resume_request(uri: &http::Uri) -> Result<Option<ResumeRequest>, &'static str
 /// What the credential allows on this endpoint.
 enum Grant {
     Ok(Arc<Claims>, Vec<String>),
+    /// The credential alone does not decide and a hook is configured: asked ([`resolve`])
+    /// only once the rate limit and the connection caps let the request through.
+    Ask(Arc<Claims>),
     Refused(u16, &'static str, &'static str),
 }
+
+const STORY_INVALID: &str = "Invalid token";
+const STORY_DENIED: &str = "Access denied";
 
 /// `max_projects` is `ws.max_subscriptions_per_connection`: `/ws/user` joins what the
 /// credential names, so it obeys the same project-id rule and cap as `subscribe` (a token
 /// naming `x:commands`, `../..` or a thousand projects must not join any of them).
-fn grant(auth: &Authentication, scope: &Scope, max_projects: usize) -> Grant {
-    if matches!(scope, Scope::Story(_) | Scope::UserStories) {
-        return grant_story(auth, scope, max_projects);
-    }
-    match auth {
-        Authentication::Missing => Grant::Refused(
-            close_code::UNAUTHENTICATED,
-            "missing_credentials",
-            "a token or session is required",
-        ),
-        Authentication::Invalid(e) if e.is_unavailable() => {
-            Grant::Refused(close_code::TRY_AGAIN_LATER, e.code(), e.client_message())
-        }
-        Authentication::Invalid(e) => {
-            Grant::Refused(close_code::UNAUTHENTICATED, e.code(), e.client_message())
-        }
-        Authentication::Authenticated(claims) => match scope {
-            Scope::Project(p) if claims.grants(p) => Grant::Ok(claims.clone(), vec![p.clone()]),
-            Scope::User => {
-                let mut seen = std::collections::HashSet::new();
-                let mut projects = claims.named_projects();
-                projects.retain(|p| valid_project_id(p) && seen.insert(p.clone()));
-                if projects.is_empty() {
-                    Grant::Refused(
-                        close_code::FORBIDDEN,
-                        "forbidden",
-                        "your credential names no valid project for /ws/user",
-                    )
-                } else if projects.len() > max_projects {
-                    Grant::Refused(
-                        close_code::FORBIDDEN,
-                        "too_many_projects",
-                        "your credential names more projects than one connection may follow",
-                    )
-                } else {
-                    Grant::Ok(claims.clone(), projects)
-                }
-            }
-            _ => Grant::Refused(
-                close_code::FORBIDDEN,
-                "forbidden",
-                "your credential does not grant this project",
-            ),
-        },
-    }
-}
-
-/// Story sockets (docs/protocol.md §9) answer as seed 003 does: a missing or bad credential
-/// is 4001 `Invalid token`, a story not granted is 4003 `Access denied`; a session store
-/// that cannot be reached is still 1013 (not a denial). Grants come from the credential's
-/// `stories` claim (or `projects: ["*"]`); the app-backend hook is not built yet.
-fn grant_story(auth: &Authentication, scope: &Scope, max_stories: usize) -> Grant {
-    const INVALID: &str = "Invalid token";
-    const DENIED: &str = "Access denied";
+/// `hook`: an authorization hook is configured, so what the credential does not grant is
+/// [`Grant::Ask`] rather than refused (docs/protocol.md §10).
+fn grant(auth: &Authentication, scope: &Scope, max_projects: usize, hook: bool) -> Grant {
+    let story = matches!(scope, Scope::Story(_) | Scope::UserStories);
     let claims = match auth {
         Authentication::Authenticated(claims) => claims,
         Authentication::Invalid(e) if e.is_unavailable() => {
             return Grant::Refused(close_code::TRY_AGAIN_LATER, e.code(), e.client_message())
         }
-        _ => return Grant::Refused(close_code::UNAUTHENTICATED, INVALID, INVALID),
+        // Story sockets answer as seed 003 does (docs/protocol.md §9).
+        _ if story => {
+            return Grant::Refused(close_code::UNAUTHENTICATED, STORY_INVALID, STORY_INVALID)
+        }
+        Authentication::Missing => {
+            return Grant::Refused(
+                close_code::UNAUTHENTICATED,
+                "missing_credentials",
+                "a token or session is required",
+            )
+        }
+        Authentication::Invalid(e) => {
+            return Grant::Refused(close_code::UNAUTHENTICATED, e.code(), e.client_message())
+        }
+    };
+    let ask_or = |refusal: Grant| {
+        if hook {
+            Grant::Ask(claims.clone())
+        } else {
+            refusal
+        }
     };
     match scope {
+        Scope::Project(p) if claims.grants(p) => Grant::Ok(claims.clone(), vec![p.clone()]),
+        Scope::Project(_) => ask_or(Grant::Refused(
+            close_code::FORBIDDEN,
+            "forbidden",
+            "your credential does not grant this project",
+        )),
         Scope::Story(s) if claims.grants_story(s) => Grant::Ok(claims.clone(), vec![s.clone()]),
-        Scope::Story(_) => Grant::Refused(close_code::FORBIDDEN, DENIED, DENIED),
-        _ => {
-            // `/ws/user/stories`: the stories the credential names (none is not an error:
-            // the seed's dashboard socket opens for a user without stories too).
-            let mut seen = std::collections::HashSet::new();
-            let mut stories = claims.named_stories();
-            stories.retain(|s| valid_project_id(s) && seen.insert(s.clone()));
-            stories.truncate(max_stories);
+        Scope::Story(_) => ask_or(Grant::Refused(
+            close_code::FORBIDDEN,
+            STORY_DENIED,
+            STORY_DENIED,
+        )),
+        Scope::User => {
+            let projects = dedupe_valid(claims.named_projects());
+            if projects.is_empty() {
+                ask_or(no_user_projects())
+            } else if projects.len() > max_projects {
+                Grant::Refused(
+                    close_code::FORBIDDEN,
+                    "too_many_projects",
+                    "your credential names more projects than one connection may follow",
+                )
+            } else {
+                Grant::Ok(claims.clone(), projects)
+            }
+        }
+        Scope::UserStories => {
+            // The stories the credential names (none is not an error: the seed's
+            // dashboard socket opens for a user without stories too).
+            let mut stories = dedupe_valid(claims.named_stories());
+            if stories.is_empty() {
+                return ask_or(Grant::Ok(claims.clone(), stories));
+            }
+            stories.truncate(max_projects);
             Grant::Ok(claims.clone(), stories)
         }
+    }
+}
+
+fn no_user_projects() -> Grant {
+    Grant::Refused(
+        close_code::FORBIDDEN,
+        "forbidden",
+        "your credential names no valid project for /ws/user",
+    )
+}
+
+fn dedupe_valid(mut ids: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| valid_project_id(id) && seen.insert(id.clone()));
+    ids
+}
+
+/// Asks the app backend's hook what the credential did not decide (docs/protocol.md §10):
+/// allowed, denied (4003, `Access denied` on story sockets), or, when the hook fails,
+/// 1013 "try again": a failing hook is never a denial.
+async fn resolve(app: &App, claims: Arc<Claims>, scope: &Scope) -> Grant {
+    use crate::authz::Kind;
+    let unavailable = |e: crate::authz::HookError| {
+        tracing::warn!(error = %e, "authorization hook failed: refusing with 1013");
+        Grant::Refused(
+            close_code::TRY_AGAIN_LATER,
+            "authorization_unavailable",
+            "your access could not be checked right now; retry shortly",
+        )
+    };
+    match scope {
+        Scope::Project(id) | Scope::Story(id) => {
+            let (kind, denied) = match scope {
+                Scope::Story(_) => (
+                    Kind::Story,
+                    Grant::Refused(close_code::FORBIDDEN, STORY_DENIED, STORY_DENIED),
+                ),
+                _ => (
+                    Kind::Project,
+                    Grant::Refused(
+                        close_code::FORBIDDEN,
+                        "forbidden",
+                        "your credential does not grant this project",
+                    ),
+                ),
+            };
+            match app.authz.allows(&claims, kind, id).await {
+                Ok(true) => Grant::Ok(claims, vec![id.clone()]),
+                Ok(false) => denied,
+                Err(e) => unavailable(e),
+            }
+        }
+        Scope::User => match app.authz.list(&claims, Kind::Project).await {
+            Ok(ids) if ids.is_empty() => no_user_projects(),
+            Ok(ids) => Grant::Ok(claims, ids),
+            Err(e) => unavailable(e),
+        },
+        Scope::UserStories => match app.authz.list(&claims, Kind::Story).await {
+            Ok(ids) => Grant::Ok(claims, ids),
+            Err(e) => unavailable(e),
+        },
     }
 }
 
@@ -220,10 +284,13 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         &auth,
         &scope,
         app.config.ws.max_subscriptions_per_connection,
+        app.authz.has_hook(),
     );
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return match granted {
-            Grant::Ok(..) => {
+            // A valid credential whose grant the hook would decide: not asked for a
+            // request that cannot become a connection anyway.
+            Grant::Ok(..) | Grant::Ask(_) => {
                 let mut r = json_error(
                     StatusCode::UPGRADE_REQUIRED,
                     "upgrade_required",
@@ -292,6 +359,12 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
             "Sec-WebSocket-Key must be the base64 encoding of 16 bytes",
         );
     }
+    // The hook is asked only now, past the rate limit, the caps and the key check, while
+    // this request holds its connection slot.
+    let granted = match granted {
+        Grant::Ask(claims) => resolve(&app, claims, &scope).await,
+        decided => decided,
+    };
     // Our own handle on the upgrade (see `ws::upgrade`): fastwebsockets only builds the 101.
     let upgrade = hyper::upgrade::on(&mut req);
     let response = match fastwebsockets::upgrade::upgrade(&mut req) {
@@ -301,13 +374,18 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     let response = response.map(|_| Default::default());
     let (claims, projects) = match granted {
         Grant::Ok(claims, projects) => (claims, projects),
-        Grant::Refused(code, reason, _) => {
+        refused => {
+            let (code, reason) = match refused {
+                Grant::Refused(code, reason, _) => (code, reason),
+                // Resolved above; were it not, "try again" is the answer that denies nobody.
+                _ => (close_code::TRY_AGAIN_LATER, "authorization_unavailable"),
+            };
             app.hub.metrics.handshake_of(
                 story,
                 if code == close_code::FORBIDDEN {
                     Handshake::Forbidden
                 } else if code == close_code::TRY_AGAIN_LATER {
-                    Handshake::BrokerUnavailable
+                    Handshake::AuthUnavailable
                 } else {
                     Handshake::Unauthenticated
                 },

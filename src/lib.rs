@@ -17,6 +17,8 @@
 //! hub.rs        project -> members; reference-counted subscriptions; fan-out (the broker's sink)
 //! stream/       ProjectStream: the one owner of seqs (epoch, last_seq, dedupe, resume tail,
 //!               snapshot cache, greeting decision, outage recovery)
+//! authz/        who may follow what: the credential's grants, then the app backend's hook
+//!               (cached, bounded, timed out; a failure is "try again", never "no")
 //! session/      one connection's state: identity, projects, credential, outbox (bounded)
 //! broker/       memory.rs (embedded default) | redis.rs (pub/sub + pool + publish.lua)
 //! event.rs      envelope checks, fill-in, encode-once framing
@@ -35,6 +37,7 @@
 //! project's stream decides anything about seqs.
 
 pub mod app;
+pub mod authz;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -7,7 +7,8 @@
 //! connections are read with one MGET per [`BATCH`] ids, never one timer or one Redis call
 //! per connection. Then, per connection:
 //! - key gone, unreadable, or for another user: `connection.closed` and close 4001;
-//! - the session no longer grants one of the connection's projects: close 4003;
+//! - the session no longer grants one of the connection's projects, and the authorization
+//!   hook (if any, docs/protocol.md §10) does not allow it either: close 4003;
 //! - otherwise the connection adopts the stored grants and `expires_at` (the sweep closes
 //!   with 4004 at that time; an extended session extends the connection).
 //!
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use switchboard_middleware::{Claims, CredentialKind, SessionRecord};
 
 use crate::app::App;
+use crate::authz::{Authorizer, Kind};
 use crate::broker::BrokerError;
 use crate::session::Session;
 use crate::ws::close_code;
@@ -95,7 +97,7 @@ async fn check(app: &App, failing: &AtomicBool) {
             Ok(values) => {
                 for (id, value) in chunk.iter().zip(values) {
                     for session in &by_id[*id] {
-                        apply(session, value.as_deref());
+                        apply(&app.authz, session, value.as_deref()).await;
                     }
                 }
             }
@@ -129,8 +131,9 @@ enum Verdict {
     Keep(SessionRecord),
     /// Gone, unreadable or not this user's any more: 4001.
     Revoked,
-    /// Valid but no longer grants one of the connection's projects: 4003.
-    Narrowed,
+    /// Valid but does not grant one of the connection's projects (or stories): 4003,
+    /// unless the authorization hook allows them (docs/protocol.md §10).
+    Narrowed(SessionRecord),
 }
 
 fn verdict(session: &Session, value: Option<&str>) -> Verdict {
@@ -149,7 +152,7 @@ fn verdict(session: &Session, value: Option<&str>) -> Verdict {
     };
     let grants = |p: &String| all || granted.iter().any(|g| g == p || g == "*");
     if !session.projects().iter().all(grants) {
-        return Verdict::Narrowed;
+        return Verdict::Narrowed(record);
     }
     Verdict::Keep(record)
 }
@@ -157,48 +160,77 @@ fn verdict(session: &Session, value: Option<&str>) -> Verdict {
 /// Applies the stored value of the connection's session: closes it (4001/4003) or adopts
 /// the stored grants. Also used by the command path, which reads the session again before
 /// relaying. Returns whether the connection stays open.
-pub fn apply(session: &Session, value: Option<&str>) -> bool {
+///
+/// What the stored session does not grant, the authorization hook may (a connection the
+/// hook let in is not "narrowed" by a session that never named its project): those ids
+/// are asked through `authz` (cached). A hook that fails closes nobody, as an unreachable
+/// Redis does not.
+pub async fn apply(authz: &Authorizer, session: &Session, value: Option<&str>) -> bool {
     // The check ran concurrently with the connection: it may have refreshed to a JWT since.
     if session.recheck_session_id().is_none() {
         return true;
     }
-    match verdict(session, value) {
+    let record = match verdict(session, value) {
         Verdict::Revoked => {
             // In the connection's span, like everything logged about a connection.
             session.span().in_scope(|| {
                 tracing::info!(client_id = %session.client_id, "session revoked: closing (4001)");
             });
             session.close(close_code::UNAUTHENTICATED, "session revoked", false);
-            false
+            return false;
         }
-        Verdict::Narrowed => {
-            session.span().in_scope(|| {
-                tracing::info!(client_id = %session.client_id, "session narrowed: closing (4003)");
-            });
-            session.close(
-                close_code::FORBIDDEN,
-                "session no longer grants this project",
-                false,
-            );
-            false
-        }
-        Verdict::Keep(record) => {
-            let current = session.claims();
-            if current.projects != record.projects
-                || *current.stories != *record.stories
-                || current.exp != record.expires_at
-            {
-                session.set_claims(Arc::new(Claims {
-                    sub: record.user_id,
-                    projects: record.projects,
-                    stories: record.stories.into_boxed_slice(),
-                    role: None,
-                    exp: record.expires_at,
-                    kind: CredentialKind::Session,
-                }));
+        Verdict::Keep(record) => record,
+        Verdict::Narrowed(record) => {
+            let claims = claims_of(&record);
+            let kind = if session.is_story() {
+                Kind::Story
+            } else {
+                Kind::Project
+            };
+            match authz.allows_all(&claims, kind, &session.projects()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    session.span().in_scope(|| {
+                        tracing::info!(client_id = %session.client_id, "session narrowed: closing (4003)");
+                    });
+                    session.close(
+                        close_code::FORBIDDEN,
+                        "session no longer grants this project",
+                        false,
+                    );
+                    return false;
+                }
+                Err(e) => {
+                    session.span().in_scope(|| {
+                        tracing::warn!(error = %e, "session recheck: the hook failed; connection kept");
+                    });
+                }
             }
-            true
+            // Refreshed to a JWT while the hook answered: that credential stays.
+            if session.recheck_session_id().is_none() {
+                return true;
+            }
+            record
         }
+    };
+    let current = session.claims();
+    if current.projects != record.projects
+        || *current.stories != *record.stories
+        || current.exp != record.expires_at
+    {
+        session.set_claims(Arc::new(claims_of(&record)));
+    }
+    true
+}
+
+fn claims_of(record: &SessionRecord) -> Claims {
+    Claims {
+        sub: record.user_id.clone(),
+        projects: record.projects.clone(),
+        stories: record.stories.clone().into_boxed_slice(),
+        role: None,
+        exp: record.expires_at,
+        kind: CredentialKind::Session,
     }
 }
 
@@ -240,10 +272,10 @@ mod tests {
             verdict(&s, Some(r#"{"user_id":"other","projects":["*"]}"#)),
             Verdict::Revoked
         );
-        assert_eq!(
+        assert!(matches!(
             verdict(&s, Some(r#"{"user_id":"u","projects":["a"]}"#)),
-            Verdict::Narrowed
-        );
+            Verdict::Narrowed(_)
+        ));
         assert!(matches!(
             verdict(&s, Some(r#"{"user_id":"u","projects":["a","b","c"]}"#)),
             Verdict::Keep(_)
@@ -254,25 +286,38 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn kept_sessions_adopt_the_stored_grants_and_expiry() {
+    fn no_hook() -> Authorizer {
+        Authorizer::without_hook(100)
+    }
+
+    #[tokio::test]
+    async fn kept_sessions_adopt_the_stored_grants_and_expiry() {
         let s = session_of("u", &["a"]);
         apply(
+            &no_hook(),
             &s,
             Some(r#"{"user_id":"u","projects":["a","b"],"expires_at":4102444800}"#),
-        );
+        )
+        .await;
         assert!(!s.outbox.is_closing());
         assert_eq!(s.claims().projects, vec!["a", "b"]);
         assert_eq!(s.expires_at(), Some(4_102_444_800));
-        apply(&s, None);
+        apply(&no_hook(), &s, None).await;
         assert!(
             s.outbox.is_closing(),
             "a deleted session closes the connection"
         );
     }
 
-    #[test]
-    fn a_connection_refreshed_to_a_jwt_is_not_rechecked() {
+    #[tokio::test]
+    async fn a_narrowed_session_closes_4003_without_a_hook() {
+        let s = session_of("u", &["a", "b"]);
+        assert!(!apply(&no_hook(), &s, Some(r#"{"user_id":"u","projects":["a"]}"#)).await);
+        assert!(s.outbox.is_closing());
+    }
+
+    #[tokio::test]
+    async fn a_connection_refreshed_to_a_jwt_is_not_rechecked() {
         let s = session_of("u", &["a"]);
         s.set_claims(Arc::new(Claims {
             sub: "u".into(),
@@ -283,7 +328,7 @@ mod tests {
             kind: CredentialKind::Jwt,
         }));
         assert_eq!(s.recheck_session_id(), None);
-        apply(&s, None);
+        apply(&no_hook(), &s, None).await;
         assert!(!s.outbox.is_closing());
     }
 }

@@ -145,6 +145,18 @@ pub struct AuthConfig {
     // --- issue 10 (edge)
     /// Refuse ES256 signatures in high-S form (default: normalise them to low-S).
     pub es256_require_low_s: bool,
+    // --- issue 12 (authorization hook, docs/protocol.md §10)
+    /// The app backend asked when the credential grants nothing (env
+    /// `SWITCHBOARD_AUTH_HOOK_URL`); None: no hook, the credential alone decides.
+    pub hook_url: Option<String>,
+    /// Sent as `Authorization: Bearer <secret>` (env `SWITCHBOARD_AUTH_HOOK_SECRET`).
+    pub hook_secret: Option<String>,
+    /// One hook call's whole budget, waiting for a free slot included (milliseconds).
+    pub hook_timeout_ms: u64,
+    /// How long an answer (allow, deny or a list) is reused; 0: never cached.
+    pub hook_cache_secs: u64,
+    /// Hook calls in flight at once; more wait (within their timeout).
+    pub hook_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -261,6 +273,11 @@ impl Default for AuthConfig {
             leeway_secs: 0,
             session_recheck_secs: 30,
             es256_require_low_s: false,
+            hook_url: None,
+            hook_secret: None,
+            hook_timeout_ms: 1000,
+            hook_cache_secs: 30,
+            hook_concurrency: 64,
         }
     }
 }
@@ -373,6 +390,12 @@ impl Config {
         if let Some(v) = env("SWITCHBOARD_JWT_PUBLIC_KEY_FILE") {
             self.auth.jwt_public_key_file = Some(v.into());
         }
+        if let Some(v) = env("SWITCHBOARD_AUTH_HOOK_URL") {
+            self.auth.hook_url = Some(v);
+        }
+        if let Some(v) = env("SWITCHBOARD_AUTH_HOOK_SECRET") {
+            self.auth.hook_secret = Some(v);
+        }
         if let Some(v) = num(env, "WS_HEARTBEAT_INTERVAL")? {
             self.ws.heartbeat_interval_secs = v;
         }
@@ -459,6 +482,22 @@ impl Config {
                 || url.starts_with("unix://"))
             {
                 return bad("redis.url must start with redis://, rediss:// or unix://".into());
+            }
+        }
+        if let Some(url) = &self.auth.hook_url {
+            if let Err(why) = hook_url_problem(url) {
+                return bad(format!("auth.hook_url (SWITCHBOARD_AUTH_HOOK_URL) {why}"));
+            }
+        }
+        if self.auth.hook_timeout_ms == 0 || self.auth.hook_concurrency == 0 {
+            return bad("auth.hook_timeout_ms and auth.hook_concurrency must be at least 1".into());
+        }
+        if let Some(secret) = &self.auth.hook_secret {
+            if http::HeaderValue::from_str(&format!("Bearer {secret}")).is_err() {
+                return bad(
+                    "auth.hook_secret (SWITCHBOARD_AUTH_HOOK_SECRET) must be printable ASCII"
+                        .into(),
+                );
             }
         }
         if self.ws.heartbeat_interval_secs == 0 {
@@ -593,6 +632,12 @@ impl Config {
         if copy.auth.jwt_secret.is_some() {
             copy.auth.jwt_secret = Some("<redacted>".into());
         }
+        if copy.auth.hook_secret.is_some() {
+            copy.auth.hook_secret = Some("<redacted>".into());
+        }
+        if let Some(url) = &copy.auth.hook_url {
+            copy.auth.hook_url = Some(redact_url_password(url));
+        }
         if let Some(url) = &copy.redis.url {
             copy.redis.url = Some(redact_url_password(url));
         }
@@ -614,6 +659,32 @@ fn parse_cidr(s: &str) -> Option<ipnet::IpNet> {
     s.parse::<ipnet::IpNet>()
         .ok()
         .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+/// Why `url` cannot be the authorization hook's address, if it cannot: the hook is an
+/// app backend beside the gateway, reached over plain HTTP/1.1 (no TLS client is built in;
+/// an `https://` backend is reached through a local TLS sidecar).
+fn hook_url_problem(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "{url:?}: https is not supported; point it at an http:// address (a local TLS \
+                 sidecar for a remote backend)"
+            ))
+        }
+        _ => return Err(format!("{url:?} must start with http://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{url:?} has no host"));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!(
+            "{url:?}: credentials in the URL are not sent; use auth.hook_secret"
+        ));
+    }
+    Ok(())
 }
 
 /// `redis://user:secret@host` becomes `redis://user:<redacted>@host`, and a `pass=` or

@@ -199,3 +199,44 @@ fn the_seeds_other_settings_are_honoured_or_refused_with_a_reason() {
         );
     }
 }
+
+#[test]
+fn the_authorization_hook_is_read_from_the_environment_checked_and_redacted() {
+    let c = load(&[
+        (
+            "SWITCHBOARD_AUTH_HOOK_URL",
+            "http://app:8000/internal/ws-authz",
+        ),
+        ("SWITCHBOARD_AUTH_HOOK_SECRET", "hook-s3cret"),
+    ])
+    .unwrap();
+    c.validate().unwrap();
+    assert_eq!(
+        c.auth.hook_url.as_deref(),
+        Some("http://app:8000/internal/ws-authz")
+    );
+    assert_eq!(c.auth.hook_secret.as_deref(), Some("hook-s3cret"));
+    assert_eq!(
+        (
+            c.auth.hook_timeout_ms,
+            c.auth.hook_cache_secs,
+            c.auth.hook_concurrency
+        ),
+        (1000, 30, 64)
+    );
+    assert!(!c.redacted_toml().contains("hook-s3cret"));
+    for (url, why) in [
+        ("https://app/authz", "https is not supported"),
+        ("ftp://app/authz", "must start with http://"),
+        ("http://user:pw@app/authz", "credentials in the URL"),
+        ("not a url", "is not a URL"),
+    ] {
+        let err = load(&[("SWITCHBOARD_AUTH_HOOK_URL", url)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(why), "{url}: {err}");
+    }
+    let mut c = load(&[]).unwrap();
+    c.auth.hook_concurrency = 0;
+    assert!(c.validate().is_err());
+}

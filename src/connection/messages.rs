@@ -20,6 +20,7 @@ use serde_json::{json, Map, Value};
 
 pub use super::parse::{parse, ClientMessage, Command, Refusal};
 use crate::app::App;
+use crate::authz::Kind;
 use crate::config::WsConfig;
 use crate::event;
 use crate::schema::types;
@@ -177,7 +178,7 @@ async fn dispatch(
             Ok(())
         }
         ClientMessage::AuthRefresh { token } => {
-            refresh(app, session, &token);
+            refresh(app, session, &token).await;
             Ok(())
         }
     }
@@ -219,7 +220,12 @@ async fn story_text(app: &App, session: &Arc<Session>, state: &mut ClientState, 
                 if i > 0 && state.admit_n(1).is_err() {
                     return;
                 }
-                if !claims.grants_story(&story) {
+                // The credential's grant, else the hook's (cached) answer; a hook failure
+                // sends nothing for that story (not a denial, and no error frame).
+                if !matches!(
+                    app.authz.allows(&claims, Kind::Story, &story).await,
+                    Ok(true)
+                ) {
                     continue;
                 }
                 match app.broker.story_progress(&story).await {
@@ -258,12 +264,21 @@ async fn status(
     let Some(claims) = current_claims(app, session, None).await else {
         return Ok(());
     };
-    if let Some(p) = projects.iter().find(|p| !claims.grants(p)) {
-        return Err(Refusal {
-            code: "forbidden",
-            message: format!("your credential does not grant project {p:?}"),
-            field: Some("project_id"),
-        });
+    for p in &projects {
+        match app.authz.allows(&claims, Kind::Project, p).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Refusal {
+                    code: "forbidden",
+                    message: format!("your credential does not grant project {p:?}"),
+                    field: Some("project_id"),
+                })
+            }
+            Err(e) => {
+                hook_unavailable(session, e, None);
+                return Ok(());
+            }
+        }
     }
     for (i, project) in projects.iter().enumerate() {
         // The message itself paid for the first project.
@@ -357,14 +372,35 @@ async fn authorize_now(
     let Some(claims) = current_claims(app, session, request_id).await else {
         return Ok(false);
     };
-    if !claims.grants(project) {
-        return Err(Refusal {
+    match app.authz.allows(&claims, Kind::Project, project).await {
+        Ok(true) => Ok(true),
+        Ok(false) => Err(Refusal {
             code: "forbidden",
             message: "your credential does not grant this project".into(),
             field: Some("project_id"),
-        });
+        }),
+        Err(e) => {
+            hook_unavailable(session, e, request_id);
+            Ok(false)
+        }
     }
-    Ok(true)
+}
+
+/// The authorization hook could not answer (docs/protocol.md §10): not a denial. The
+/// action is not taken and the client is told to retry; the connection stays.
+fn hook_unavailable(session: &Session, e: crate::authz::HookError, request_id: Option<&str>) {
+    session.span().in_scope(|| {
+        tracing::warn!(error = %e, "authorization hook failed for an action");
+    });
+    session.send(
+        &error_frame(
+            "authorization_unavailable",
+            "your access could not be checked right now; nothing was done, retry later",
+            None,
+            request_id,
+        ),
+        None,
+    );
 }
 
 /// Reads the connection's session again, when a session is the credential in force, and
@@ -379,7 +415,7 @@ async fn recheck_session(
     };
     let values = app.broker.session_values(&[id.as_str()]).await?;
     let value = values.into_iter().next().flatten();
-    Ok(crate::revocation::apply(session, value.as_deref()))
+    Ok(crate::revocation::apply(&app.authz, session, value.as_deref()).await)
 }
 
 /// The credential in force now: a session is read again (its revocation or narrowing
@@ -537,8 +573,10 @@ async fn unsubscribe(app: &App, session: &Arc<Session>, project: &str) {
     session.send(&types::Unsubscribed {}, Some(project));
 }
 
-/// Replaces the connection's credential; a bad one ends the connection (4001/4003).
-fn refresh(app: &App, session: &Arc<Session>, token: &str) {
+/// Replaces the connection's credential; a bad one ends the connection (4001/4003). What
+/// the new token does not grant, the authorization hook may; a hook that cannot answer
+/// keeps the credential in force and says so (`authorization_unavailable`).
+async fn refresh(app: &App, session: &Arc<Session>, token: &str) {
     let verified = match app.auth.jwt() {
         Some(jwt) => jwt.verify(token),
         None => Err(switchboard_middleware::AuthError::NotConfigured),
@@ -558,13 +596,24 @@ fn refresh(app: &App, session: &Arc<Session>, token: &str) {
         );
         return;
     }
-    if !session.projects().iter().all(|p| claims.grants(p)) {
-        session.close(
-            close_code::FORBIDDEN,
-            "token does not grant this connection's projects",
-            false,
-        );
-        return;
+    match app
+        .authz
+        .allows_all(&claims, Kind::Project, &session.projects())
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            session.close(
+                close_code::FORBIDDEN,
+                "token does not grant this connection's projects",
+                false,
+            );
+            return;
+        }
+        Err(e) => {
+            hook_unavailable(session, e, None);
+            return;
+        }
     }
     let expires_at = claims.expires_at();
     session.set_claims(Arc::new(claims));

@@ -25,9 +25,11 @@ pub enum Handshake {
     Draining,
     BrokerUnavailable,
     TooManyConnections,
+    /// The session store or the authorization hook could not answer: closed 1013.
+    AuthUnavailable,
 }
 
-pub(crate) const HANDSHAKE_LABELS: [&str; 8] = [
+pub(crate) const HANDSHAKE_LABELS: [&str; 9] = [
     "accepted",
     "unauthenticated",
     "forbidden",
@@ -36,6 +38,7 @@ pub(crate) const HANDSHAKE_LABELS: [&str; 8] = [
     "draining",
     "broker_unavailable",
     "too_many_connections",
+    "auth_unavailable",
 ];
 
 /// Connection kinds (label `kind`, docs/protocol.md §9): the project service (seed 000) and
@@ -57,6 +60,12 @@ pub(crate) const REJECT_LABELS: [&str; 11] = [
     "other",
 ];
 
+/// Why an authorization-hook call failed (label `reason` of
+/// `switchboard_auth_hook_failures_total`, docs/protocol.md §10). Indexed by
+/// `authz::HookError::label`'s position here.
+pub(crate) const HOOK_FAILURE_LABELS: [&str; 5] =
+    ["timeout", "unreachable", "status", "bad_response", "busy"];
+
 /// What fan-out did with the frames it was handed, bumped by the sessions' outboxes.
 #[derive(Default)]
 pub struct DeliveryStats {
@@ -70,8 +79,10 @@ pub struct DeliveryStats {
 
 pub struct Metrics {
     /// By kind ([`KIND_LABELS`]), then result ([`HANDSHAKE_LABELS`]).
-    pub(crate) handshakes: [[AtomicU64; 8]; 2],
+    pub(crate) handshakes: [[AtomicU64; 9]; 2],
     pub(crate) rejected: [AtomicU64; 11],
+    /// Authorization-hook failures by [`HOOK_FAILURE_LABELS`] reason.
+    pub(crate) hook_failures: [AtomicU64; 5],
     pub events_from_api: AtomicU64,
     pub events_from_redis: AtomicU64,
     pub commands_execute: AtomicU64,
@@ -91,6 +102,7 @@ impl Default for Metrics {
         Self {
             handshakes: Default::default(),
             rejected: Default::default(),
+            hook_failures: Default::default(),
             events_from_api: AtomicU64::new(0),
             events_from_redis: AtomicU64::new(0),
             commands_execute: AtomicU64::new(0),
@@ -112,6 +124,23 @@ impl Metrics {
     /// A handshake of a project (`story` false) or story connection.
     pub fn handshake_of(&self, story: bool, result: Handshake) {
         self.handshakes[usize::from(story)][result as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An authorization-hook call failed for `reason` (one of `HOOK_FAILURE_LABELS`).
+    pub fn hook_failed(&self, reason: &str) {
+        let i = HOOK_FAILURE_LABELS
+            .iter()
+            .position(|l| *l == reason)
+            .unwrap_or(HOOK_FAILURE_LABELS.len() - 1);
+        self.hook_failures[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Authorization-hook failures so far, all reasons.
+    pub fn hook_failures(&self) -> u64 {
+        self.hook_failures
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub fn rejected(&self, reason: &str) {

@@ -26,6 +26,7 @@ mod deploy;
 mod fanout;
 mod faults;
 mod handshake;
+mod hook;
 mod http_api;
 mod isolation_prop;
 mod module_deps;

@@ -26,7 +26,9 @@ const LAYERS: &[&[&str]] = &[
     &["config", "event", "story"],
     // The broker (where events come from, commands go to) and one connection's state:
     // neither knows the other, nor anything above.
-    &["broker", "cli", "session"],
+    // Authorization (the credential's grants, then the app backend's hook) sits beside
+    // them: it knows config and metrics only.
+    &["authz", "broker", "cli", "session"],
     // Sequencing: one owner per project.
     &["stream"],
     // Registry and fan-out.

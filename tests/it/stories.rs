@@ -30,34 +30,11 @@ fn progress(story: &str, status: &str, percent: u64, step: &str) -> Value {
     })
 }
 
-async fn post_progress(gw: &Gateway, story: &str, body: &Value) -> HttpResponse {
-    let service = gw.service_token();
-    gw.post_json(
-        &format!("/v1/stories/{story}/progress"),
-        Some(&service),
-        body,
-    )
-    .await
-}
-
-/// The close code and reason of the next close frame, with the text frames before it.
-async fn close_of(c: &mut WsClient) -> (Vec<String>, Option<(u16, String)>) {
-    let mut texts = Vec::new();
-    loop {
-        match c.next_frame(T).await {
-            Some(Frame::Text(t)) => texts.push(t),
-            Some(Frame::Close(c)) => return (texts, c),
-            Some(Frame::Ping) | Some(Frame::Pong) | Some(Frame::Binary(_)) => {}
-            Some(Frame::End(_)) | None => return (texts, None),
-        }
-    }
-}
-
 async fn the_seed_gate(gw: &Gateway) {
     let story = "4f1c2a9e-story";
     // Progress published before anyone connects is what a new socket starts from.
     let first = progress(story, "generating", 40, "Writing chapter 2");
-    let r = post_progress(gw, story, &first).await;
+    let r = gw.post_progress(story, &first).await;
     assert_eq!(r.status, 202, "{}", r.text());
     let token = story_token(gw, "user-1", &[story]);
     let mut c = gw
@@ -75,7 +52,7 @@ async fn the_seed_gate(gw: &Gateway) {
     assert_eq!(c.next_text(T).await, "pong");
     // Live progress, then `status` answers the latest.
     let next = progress(story, "synthesizing", 80, "Narration");
-    assert_eq!(post_progress(gw, story, &next).await.status, 202);
+    assert_eq!(gw.post_progress(story, &next).await.status, 202);
     let live: Value = serde_json::from_str(&c.next_text(T).await).unwrap();
     assert_eq!(live, next);
     c.send_text("status").await;
@@ -197,7 +174,9 @@ async fn bad_credentials_and_other_stories_close_with_the_seeds_reasons() {
         )
         .await;
     assert_eq!(r.status, 403, "{}", r.text());
-    let r = post_progress(&gw, "s1", &json!({"status": "nope", "progress_percent": 1})).await;
+    let r = gw
+        .post_progress("s1", &json!({"status": "nope", "progress_percent": 1}))
+        .await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("status"), "{}", r.text());
 }
@@ -235,7 +214,9 @@ async fn the_user_stories_socket_follows_every_granted_story() {
     let token = story_token(&gw, "user-1", &["a1", "b2"]);
     let mut c = gw.ws(&format!("/ws/user/stories?token={token}"), &[]).await;
     for story in ["a1", "b2", "c3"] {
-        let r = post_progress(&gw, story, &progress(story, "generating", 10, "s")).await;
+        let r = gw
+            .post_progress(story, &progress(story, "generating", 10, "s"))
+            .await;
         assert_eq!(r.status, 202, "{}", r.text());
     }
     let mut got = Vec::new();
@@ -261,7 +242,7 @@ async fn status_is_authorized_against_the_session_as_it_is_now() {
         .set_session("s1", &json!({"user_id": "ann", "stories": ["st"]}))
         .await;
     let p = progress("st", "generating", 20, "Draft");
-    assert_eq!(post_progress(&gw, "st", &p).await.status, 202);
+    assert_eq!(gw.post_progress("st", &p).await.status, 202);
     let mut c = gw.ws("/ws/stories/st/progress?session=s1", &[]).await;
     let first: Value = serde_json::from_str(&c.next_text(T).await).unwrap();
     assert_eq!(first, p);

@@ -7,6 +7,7 @@
 //! `SWITCHBOARD_BIN` overrides the binary under test (default: this crate's `switchboard`).
 
 pub mod chaos;
+pub mod hook;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -1080,6 +1081,16 @@ impl Gateway {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.logs()))
     }
 
+    /// `POST /v1/stories/{story}/progress` with a service token (docs/protocol.md §9).
+    pub async fn post_progress(&self, story: &str, body: &Value) -> HttpResponse {
+        self.post_json(
+            &format!("/v1/stories/{story}/progress"),
+            Some(&self.service_token()),
+            body,
+        )
+        .await
+    }
+
     /// Publishes through the HTTP API with a service token; asserts 202 and returns the seqs.
     pub async fn publish(&self, project: &str, body: &Value) -> Vec<u64> {
         let r = self
@@ -1813,5 +1824,19 @@ impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// The close code and reason of the next close frame, with the text frames before it (None
+/// when the connection ended without one).
+pub async fn close_of(c: &mut WsClient) -> (Vec<String>, Option<(u16, String)>) {
+    let mut texts = Vec::new();
+    loop {
+        match c.next_frame(T).await {
+            Some(Frame::Text(t)) => texts.push(t),
+            Some(Frame::Close(c)) => return (texts, c),
+            Some(Frame::Ping) | Some(Frame::Pong) | Some(Frame::Binary(_)) => {}
+            Some(Frame::End(_)) | None => return (texts, None),
+        }
     }
 }
