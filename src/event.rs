@@ -87,6 +87,75 @@ pub struct Prepared {
     /// Set for progress events: equal keys mean "the newer one replaces the older".
     pub conflate: Option<u64>,
     pub seq: Option<u64>,
+    /// For an event received from pub/sub: [`epoch_hash`] of the epoch its publish-path
+    /// mark named (docs/protocol.md §3). Its `seq` counts only within that epoch: the
+    /// project's stream strips it when the epoch is not the one it knows. None: the seq
+    /// (if any) was assigned here (embedded broker, history).
+    pub epoch: Option<u64>,
+}
+
+/// A compact stand-in for an epoch string, compared on the fan-out path (never 0).
+pub fn epoch_hash(epoch: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    epoch.hash(&mut h);
+    h.finish().max(1)
+}
+
+/// The mark the publish script appends to the copy it PUBLISHes (not to history):
+/// `...,"seq":N,"epoch":"E"}`. Returns the event as history holds it (`...,"seq":N}`),
+/// N and E; None when `payload` does not end that way.
+fn publish_mark(payload: &[u8]) -> Option<(Vec<u8>, u64, &str)> {
+    const EPOCH: &[u8] = b",\"epoch\":\"";
+    const SEQ: &[u8] = b",\"seq\":";
+    let rest = payload.strip_suffix(b"\"}")?;
+    let at = rest.windows(EPOCH.len()).rposition(|w| w == EPOCH)?;
+    let epoch = std::str::from_utf8(&rest[at + EPOCH.len()..]).ok()?;
+    if epoch.is_empty()
+        || epoch.len() > 64
+        || !epoch
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return None;
+    }
+    let body = &rest[..at];
+    let digits = body.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    let seq_at = body.len() - digits;
+    if digits == 0 || digits > 19 || !body[..seq_at].ends_with(SEQ) {
+        return None;
+    }
+    let seq = std::str::from_utf8(&body[seq_at..]).ok()?.parse().ok()?;
+    let mut history = Vec::with_capacity(body.len() + 1);
+    history.extend_from_slice(body);
+    history.push(b'}');
+    Some((history, seq, epoch))
+}
+
+/// `payload` without its `seq` field, when it has one (None otherwise or when it is not a
+/// JSON object).
+fn without_seq_field(payload: &[u8]) -> Option<Vec<u8>> {
+    if !payload.windows(5).any(|w| w == b"\"seq\"") {
+        return None;
+    }
+    let mut map: Map<String, Value> = serde_json::from_slice(payload).ok()?;
+    map.remove("seq")?;
+    serde_json::to_vec(&map).ok()
+}
+
+/// The event with its seq removed, frame and all: what clients get when the seq cannot be
+/// trusted. Rare (a forged or stale mark), so it pays a parse.
+pub fn strip_seq(prepared: &Prepared) -> Prepared {
+    let payload = frame::payload(&prepared.frame);
+    let frame = match without_seq_field(payload) {
+        Some(body) => frame::text(&body),
+        None => prepared.frame.clone(),
+    };
+    Prepared {
+        frame,
+        conflate: prepared.conflate,
+        seq: None,
+        epoch: None,
+    }
 }
 
 /// The fields the envelope check needs, borrowed from the payload where possible.
@@ -155,12 +224,31 @@ pub fn prepare_project_event(
 /// [`prepare_project_event`] for an event received from the broker, also returning the
 /// publisher's own `timestamp` when it is RFC 3339 (None when the event had none and the
 /// gateway stamped it here, or it is not RFC 3339). Feeds the pub/sub lag metric.
+///
+/// Only the publish path's seq may count (docs/protocol.md §3): a message carrying the
+/// publish script's mark (`,"seq":N,"epoch":"E"}` at its end) is framed as history holds
+/// it (the mark removed) with seq N claimed for epoch E, which the project's stream checks
+/// against the epoch it knows. Any other message's `seq` field is removed before framing,
+/// so a legacy publisher's `"seq": 999` moves nobody's position.
 pub fn prepare_received(
     project: &str,
     payload: &[u8],
     policy: Option<&Policy>,
 ) -> Result<(Prepared, Option<SystemTime>), EventError> {
-    prepare(project, payload, policy, true)
+    if let Some((history, seq, epoch)) = publish_mark(payload) {
+        let (mut prepared, published) = prepare(project, &history, policy, true)?;
+        prepared.seq = Some(seq);
+        prepared.epoch = Some(epoch_hash(epoch));
+        return Ok((prepared, published));
+    }
+    match without_seq_field(payload) {
+        Some(stripped) => prepare(project, &stripped, policy, true),
+        None => prepare(project, payload, policy, true),
+    }
+    .map(|(mut prepared, published)| {
+        prepared.seq = None;
+        (prepared, published)
+    })
 }
 
 /// Parses an RFC 3339 timestamp.
@@ -233,6 +321,7 @@ fn prepare(
             frame: frame::text(payload),
             conflate,
             seq: head.seq,
+            epoch: None,
         };
         return Ok((prepared, published));
     }
@@ -272,6 +361,7 @@ fn prepare_slow(
         frame: frame::text(&bytes),
         conflate: None,
         seq,
+        epoch: None,
     };
     Ok((prepared, published))
 }
@@ -568,6 +658,46 @@ mod tests {
             prepare_project_event("p", bomb.as_bytes(), Some(&policy)).unwrap_err(),
             EventError::TooDeep { limit: 8 }
         );
+    }
+
+    #[test]
+    fn a_received_seq_counts_only_with_the_publish_mark_which_is_removed() {
+        let marked = br#"{"type":"x","project_id":"p","timestamp":"2026-12-03T10:00:00Z","seq":7,"epoch":"e-1"}"#;
+        let (p, _) = prepare_received("p", marked, None).unwrap();
+        assert_eq!(p.seq, Some(7));
+        assert_eq!(p.epoch, Some(epoch_hash("e-1")));
+        assert_eq!(
+            frame::payload(&p.frame),
+            br#"{"type":"x","project_id":"p","timestamp":"2026-12-03T10:00:00Z","seq":7}"#,
+            "framed as history holds it"
+        );
+        // A legacy publisher's own seq: removed, whatever its place or spelling.
+        for raw in [
+            &br#"{"type":"x","project_id":"p","timestamp":"2026-12-03T10:00:00Z","seq":999}"#[..],
+            br#"{"seq": 999, "type": "x"}"#,
+            br#"{"type":"x","seq":"nine"}"#,
+            br#"{"type":"x","seq":5,"epoch":"has space"}"#,
+            br#"{"type":"x","seq":5,"epoch":"e","z":1}"#,
+        ] {
+            let (p, _) = prepare_received("p", raw, None).unwrap();
+            assert_eq!(p.seq, None, "{}", String::from_utf8_lossy(raw));
+            let v: Value = serde_json::from_slice(frame::payload(&p.frame)).unwrap();
+            assert!(v.get("seq").is_none(), "{v}");
+        }
+        // No seq at all: the bytes pass through untouched.
+        let plain = br#"{"type":"x","project_id":"p","timestamp":"2026-12-03T10:00:00Z"}"#;
+        let (p, _) = prepare_received("p", plain, None).unwrap();
+        assert_eq!(frame::payload(&p.frame), plain);
+    }
+
+    #[test]
+    fn strip_seq_removes_the_field_from_the_frame() {
+        let (p, _) = prepare_received("p", br#"{"type":"x","seq":3,"epoch":"e"}"#, None).unwrap();
+        let s = strip_seq(&p);
+        assert_eq!(s.seq, None);
+        let v: Value = serde_json::from_slice(frame::payload(&s.frame)).unwrap();
+        assert!(v.get("seq").is_none() && v.get("epoch").is_none(), "{v}");
+        assert_eq!(v["type"], "x");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 --   1. make sure the project has a history epoch (a new epoch wipes any stale history and
 --      state, so a restarted seq can never be confused with an old one);
 --   2. for each event: seq = seq + 1, append to the history stream (id "<seq>-0"), update
---      the status snapshot state, PUBLISH to the live channel;
+--      the status snapshot state, PUBLISH to the live channel (with the publish mark);
 --   3. age out terminal tasks from the state, refresh the TTLs (age bound of history/state).
 --
 -- KEYS[1] project:{id}:seq      hash {seq, epoch}
@@ -85,6 +85,16 @@ local function update_state(ev)
   end
 end
 
+-- The copy PUBLISHed (not the one in history) ends with the publish mark `,"epoch":"E"`:
+-- gateways count a live event's seq only when it carries the mark of the epoch they know,
+-- so a legacy publisher's own "seq" field moves nobody (docs/protocol.md §3). An epoch
+-- that could not sit in a JSON string unescaped gets no mark (its seqs are then not
+-- believed live; nothing else changes).
+local mark = ''
+if string.len(epoch) <= 64 and string.match(epoch, '^[%w_%-]+$') then
+  mark = ',"epoch":"' .. epoch .. '"'
+end
+
 local seqs = {}
 for i = 6, #ARGV do
   local ev = ARGV[i]
@@ -100,7 +110,7 @@ for i = 6, #ARGV do
   end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, seq .. '-0', 'event', body)
   update_state(ev)
-  redis.call('PUBLISH', KEYS[3], body)
+  redis.call('PUBLISH', KEYS[3], string.sub(body, 1, -2) .. mark .. '}')
   seqs[#seqs + 1] = seq
 end
 if #seqs > 0 then

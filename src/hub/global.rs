@@ -55,6 +55,7 @@ impl Hub {
                     frame: event::server_frame(&Value::Object(map)),
                     conflate: None,
                     seq: None,
+                    epoch: None,
                 };
                 self.deliver(&project, &prepared)
             }

@@ -396,10 +396,11 @@ impl Hub {
                 Some(buf.freeze())
             }
         };
+        let events: Vec<&Prepared> = admitted.events.iter().map(|e| e.as_ref()).collect();
         for member in &slot.members {
-            member.offer(&admitted.events, joined.as_ref(), &slot.holds, &self.stats);
+            member.offer(&events, joined.as_ref(), &slot.holds, &self.stats);
         }
-        let n = slot.members.len() * admitted.events.len();
+        let n = slot.members.len() * events.len();
         drop(admitted);
         self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
         n
@@ -416,6 +417,7 @@ impl Hub {
             frame: frame.clone(),
             conflate: None,
             seq: None,
+            epoch: None,
         };
         for member in &slot.members {
             member.offer(&[&progress], None, &slot.holds, &self.stats);

@@ -99,9 +99,10 @@ pub enum Recovery {
     Failed,
 }
 
-/// Events admitted for fan-out, with the tail held until the caller is done.
+/// Events admitted for fan-out, with the tail held until the caller is done. Borrowed as
+/// received, except one whose seq could not be trusted (owned, with its seq removed).
 pub struct Admitted<'a> {
-    pub events: Vec<&'a Prepared>,
+    pub events: Vec<std::borrow::Cow<'a, Prepared>>,
     _tail: MutexGuard<'a, Tail>,
 }
 
@@ -133,6 +134,11 @@ pub struct ProjectStream {
     tail: Mutex<Tail>,
     /// The history epoch this instance last saw for the project.
     epoch: Mutex<Option<String>>,
+    /// [`event::epoch_hash`] of `epoch` (0 while unknown): what a received event's
+    /// publish-path mark must name for its seq to count.
+    epoch_hash: AtomicU64,
+    /// Unix seconds of the last warning about an untrusted seq (one a minute).
+    warned_at: AtomicU64,
     /// The last status snapshot read, with when; valid while no newer event arrived.
     snapshot: Mutex<Option<(Instant, Arc<Snapshot>)>>,
     /// The history read in flight, shared by every resume that needs one.
@@ -148,6 +154,8 @@ impl ProjectStream {
             dedupe_upto: AtomicU64::new(0),
             tail: Mutex::new(Tail::default()),
             epoch: Mutex::new(None),
+            epoch_hash: AtomicU64::new(0),
+            warned_at: AtomicU64::new(0),
             snapshot: Mutex::new(None),
             flight: Mutex::new(None),
         }
@@ -166,10 +174,24 @@ impl ProjectStream {
     /// catch-up or resync already covered, advances `last_seq` and records the tail. The
     /// tail stays locked until the returned value is dropped: offer the events to every
     /// session first.
+    ///
+    /// A received event's seq counts only if its publish-path mark names the epoch this
+    /// stream knows (docs/protocol.md §3); otherwise (a forged or stale mark) it is
+    /// delivered live without its seq, like any raw publish, and moves no position. While
+    /// the epoch is not known yet (before the first greeting's read) a mark is believed.
     pub fn admit<'a>(&'a self, batch: &'a [Prepared]) -> Admitted<'a> {
+        use std::borrow::Cow;
         let mut tail = self.tail.lock();
         let mut events = Vec::with_capacity(batch.len());
+        let known = self.epoch_hash.load(Ordering::Acquire);
         for prepared in batch {
+            if let (Some(seq), Some(claimed)) = (prepared.seq, prepared.epoch) {
+                if known != 0 && claimed != known {
+                    self.warn_untrusted(seq);
+                    events.push(Cow::Owned(event::strip_seq(prepared)));
+                    continue;
+                }
+            }
             if let Some(seq) = prepared.seq {
                 let upto = self.dedupe_upto.load(Ordering::Acquire);
                 if upto > 0 {
@@ -181,7 +203,7 @@ impl ProjectStream {
                 self.last_seq.fetch_max(seq, Ordering::AcqRel);
                 tail.record(prepared);
             }
-            events.push(prepared);
+            events.push(Cow::Borrowed(prepared));
         }
         Admitted {
             events,
@@ -189,11 +211,33 @@ impl ProjectStream {
         }
     }
 
-    /// Records the epoch a greeting saw (the first one wins).
+    fn warn_untrusted(&self, seq: u64) {
+        let now = event::unix_millis() / 1000;
+        let last = self.warned_at.load(Ordering::Relaxed);
+        if now >= last + 60
+            && self
+                .warned_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                project = %self.project,
+                seq,
+                "an event's publish mark names another epoch: delivered without its seq \
+                 (logged once a minute)"
+            );
+        }
+    }
+
+    /// Records the epoch a greeting read. The latest read wins: a different one means the
+    /// broker lost its data (FLUSHALL) without dropping our pub/sub connection, and the
+    /// publish marks of the new epoch are the ones to believe from now on.
     fn note_epoch(&self, epoch: &str) {
         let mut known = self.epoch.lock();
-        if known.is_none() {
+        if known.as_deref() != Some(epoch) {
             *known = Some(epoch.to_owned());
+            self.epoch_hash
+                .store(event::epoch_hash(epoch), Ordering::Release);
         }
     }
 
@@ -401,6 +445,8 @@ impl ProjectStream {
                 // restarted empty). Dropped like the duplicates of a catch-up.
                 self.dedupe_upto.store(snapshot.seq, Ordering::Release);
                 *self.epoch.lock() = Some(snapshot.epoch.clone());
+                self.epoch_hash
+                    .store(event::epoch_hash(&snapshot.epoch), Ordering::Release);
             }
             Recovery::Failed => {}
         }
@@ -446,6 +492,40 @@ mod tests {
         assert_eq!(s.epoch().as_deref(), Some("e2"));
         // The first newer event ended the check: a restarted seq is not suppressed.
         assert_eq!(seqs(&s.admit(&[ev(1)])), [1]);
+    }
+
+    /// As received from pub/sub, with the publish mark of `epoch`.
+    fn marked(seq: u64, epoch: &str) -> Prepared {
+        let raw =
+            format!(r#"{{"type":"file.changed","project_id":"p","seq":{seq},"epoch":"{epoch}"}}"#);
+        event::prepare_received("p", raw.as_bytes(), None)
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn a_seq_counts_only_when_its_mark_names_the_known_epoch() {
+        let s = stream();
+        // Epoch not known yet: the mark is believed.
+        assert_eq!(seqs(&s.admit(&[marked(1, "e1")])), [1]);
+        s.recovered(&Recovery::Resync {
+            snapshot: Arc::new(Snapshot::from_fields(1, "e1".into(), Vec::new())),
+            from_seq: 0,
+        });
+        let batch = [marked(2, "e1"), marked(999, "forged"), marked(3, "e1")];
+        let admitted = s.admit(&batch);
+        assert_eq!(seqs(&admitted), [2, 3]);
+        assert_eq!(
+            admitted.events.len(),
+            3,
+            "the untrusted event is still delivered"
+        );
+        let stripped =
+            String::from_utf8_lossy(crate::ws::frame::payload(&admitted.events[1].frame))
+                .into_owned();
+        assert!(!stripped.contains("seq"), "{stripped}");
+        drop(admitted);
+        assert_eq!(s.last_seq(), 3, "the forged seq moved nothing");
     }
 
     #[test]

@@ -47,6 +47,17 @@ pub fn text(payload: &[u8]) -> Bytes {
     frame(OP_TEXT, payload)
 }
 
+/// The payload of a complete unmasked server frame built here (its header skipped).
+pub fn payload(frame: &[u8]) -> &[u8] {
+    let skip = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return &[],
+    };
+    frame.get(skip..).unwrap_or(&[])
+}
+
 /// Whether `code` may appear in a Close frame on the wire (RFC 6455 §7.4): the codes the
 /// RFC and the IANA registry define for endpoints to send (1000-1003, 1007-1014), and the
 /// ranges for libraries and applications (3000-4999). 1004-1006 and 1015 are reserved

@@ -34,6 +34,7 @@ mod nginx;
 mod observability;
 mod presence;
 mod publish_api;
+mod raw_seq;
 mod resume;
 mod schema;
 mod seed_settings;
