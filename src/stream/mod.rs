@@ -229,16 +229,27 @@ impl ProjectStream {
         }
     }
 
-    /// Records the epoch a greeting read. The latest read wins: a different one means the
-    /// broker lost its data (FLUSHALL) without dropping our pub/sub connection, and the
-    /// publish marks of the new epoch are the ones to believe from now on.
-    fn note_epoch(&self, epoch: &str) {
+    /// Records the position a greeting starts a connection at: its members are at least
+    /// there, so an outage's catch-up (and a resync's `from_seq`) starts from it even when
+    /// no live event was admitted since (before, a project whose clients had all joined
+    /// after its last event caught up from 0: a replay of everything they had, or a resync
+    /// saying `from_seq: 0`). The latest epoch read wins: a different one means the broker
+    /// lost its data (FLUSHALL) without dropping our pub/sub connection; the publish marks
+    /// of the new epoch are the ones to believe from now on, and the old position means
+    /// nothing in it.
+    fn note_position(&self, epoch: &str, seq: u64) {
         let mut known = self.epoch.lock();
         if known.as_deref() != Some(epoch) {
+            let changed = known.is_some();
             *known = Some(epoch.to_owned());
             self.epoch_hash
                 .store(event::epoch_hash(epoch), Ordering::Release);
+            if changed {
+                self.last_seq.store(seq, Ordering::Release);
+                return;
+            }
         }
+        self.last_seq.fetch_max(seq, Ordering::AcqRel);
     }
 
     /// The project's status snapshot, from the cache while it is current (no event with a
@@ -259,7 +270,7 @@ impl ProjectStream {
     /// The snapshot a connection that does not resume starts from.
     pub async fn fresh(&self, broker: &Broker) -> Result<Arc<Snapshot>, BrokerError> {
         let snap = self.snapshot(broker).await?;
-        self.note_epoch(&snap.epoch);
+        self.note_position(&snap.epoch, snap.seq);
         Ok(snap)
     }
 
@@ -283,7 +294,7 @@ impl ProjectStream {
         for _ in 0..3 {
             let served = self.tail.lock().serve(req.last_seq, req.epoch.as_deref());
             if let Some((events, upto, epoch)) = served {
-                self.note_epoch(&epoch);
+                self.note_position(&epoch, upto);
                 return Ok(Greeting::Replay {
                     upto,
                     epoch,
@@ -305,7 +316,7 @@ impl ProjectStream {
             }
         }
         let snapshot = Arc::new(broker.snapshot(&self.project).await?);
-        self.note_epoch(&snapshot.epoch);
+        self.note_position(&snapshot.epoch, snapshot.seq);
         let earliest = outcome.and_then(|o| o.earliest).unwrap_or(snapshot.seq + 1);
         Ok(Greeting::Resync {
             snapshot,

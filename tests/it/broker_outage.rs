@@ -301,3 +301,62 @@ async fn session_recheck_against_a_frozen_redis_closes_nobody() {
         .unwrap();
     c.expect_closed_with(4001, Duration::from_secs(10)).await;
 }
+
+/// Clients that joined after a project's last event (so no live event has passed since):
+/// after Redis comes back empty, `connection.resync_required.from_seq` is where they are
+/// (3), not 0; after Redis comes back with its data, nothing they already have is replayed.
+#[tokio::test]
+async fn an_outage_catches_up_from_where_the_clients_joined() {
+    for persistent in [false, true] {
+        let mut redis = if persistent {
+            RedisServer::start_persistent()
+        } else {
+            RedisServer::start()
+        };
+        let gw = GatewayOpts::new().redis(redis.url()).start();
+        let project = "joined-late";
+        for n in 1..=3 {
+            gw.publish(project, &ev(n)).await;
+        }
+        let t = gw.token("u", &[project]);
+        let (mut c, est) = gw.connect(project, &t).await;
+        assert_eq!(est["seq"], 3, "{est}");
+        redis.restart();
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                gw.metric("switchboard_broker_reconnects_total")
+                    .await
+                    .unwrap_or(0.0)
+                    >= 1.0
+                    && readyz(&gw).await == 200
+            })
+            .await,
+            "{}",
+            gw.logs()
+        );
+        if persistent {
+            // Same history: nothing replayed (next_with_n fails on any other event); the
+            // next event is the next seq, once.
+            let seqs = loop {
+                let r = gw
+                    .post_json(
+                        &format!("/v1/projects/{project}/events"),
+                        Some(&gw.service_token()),
+                        &ev(4),
+                    )
+                    .await;
+                if r.status == 202 {
+                    break r.json()["seq"].clone();
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert_eq!(seqs, json!([4]));
+            let next = next_with_n(&mut c, 4).await;
+            assert_eq!(next["seq"], 4, "{next}");
+            assert_eq!(gw.metric("switchboard_resyncs_total").await, Some(0.0));
+        } else {
+            let r = c.next_of_type("connection.resync_required", T).await;
+            assert_eq!(r["from_seq"], 3, "the clients' position, not 0: {r}");
+        }
+    }
+}
