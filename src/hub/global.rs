@@ -1,8 +1,11 @@
 //! Global events (`websocket:broadcast`, the broadcast API): routed as the seed's
 //! `_handle_redis_event` does (docs/protocol.md §3). One naming a `project_id` goes to that
 //! project's followers only and keeps its `project_id`; one without goes to every
-//! connection, each with its own scope, encoded once per distinct scope. A raw `seq` is
-//! never passed on: only the publish path assigns one.
+//! connection, each with its own scope, encoded once per distinct scope. The protocol's
+//! global types (`project.created`, `workspace.changed`, `container.reconnect`, ...) go to
+//! every connection whatever they name, as the seed's `EventBroadcaster` sends them
+//! (`broadcast_all`), keeping a `project_id` they carry (the new project, for
+//! `project.created`). A raw `seq` is never passed on: only the publish path assigns one.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -17,19 +20,28 @@ use crate::session::{Scope, Session};
 impl Hub {
     /// Sends a global event to every session, with each session's own project filled in.
     /// The frame is encoded once per distinct scope, not once per session.
+    /// An event that names its own `project_id` (a global type's) keeps it: one frame for
+    /// every session.
     pub fn broadcast(&self, event: &Map<String, Value>) -> usize {
         let mut sessions = self.sessions();
         // Global events belong to the project service: a story socket carries the seed's
         // progress objects only (docs/protocol.md §9).
         sessions.retain(|s| !s.is_story());
+        let own_scope = event.contains_key("project_id");
         let mut frames: HashMap<String, Bytes> = HashMap::new();
         for session in &sessions {
-            let key = session.scope_key();
+            let key = if own_scope {
+                String::new()
+            } else {
+                session.scope_key()
+            };
             let frame = frames
                 .entry(key)
                 .or_insert_with(|| {
                     let mut ev = event.clone();
-                    session.fill_scope(&mut ev);
+                    if !own_scope {
+                        session.fill_scope(&mut ev);
+                    }
                     fill_timestamp(&mut ev);
                     event::server_frame(&Value::Object(ev))
                 })
@@ -80,6 +92,13 @@ impl Hub {
         };
         let kind = kind.clone();
         let target = match map.get("project_id") {
+            // A global type goes to everyone; its project_id (checked below) stays in it.
+            Some(Value::String(p)) if crate::schema::is_global(&kind) => {
+                if !crate::project::valid_project_id(p) {
+                    return Err(event::EventError::BadProjectId);
+                }
+                None
+            }
             None => None,
             Some(Value::Null) => {
                 map.remove("project_id");

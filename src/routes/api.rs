@@ -324,12 +324,17 @@ pub(super) async fn broadcast(app: &App, req: Request<Incoming>) -> Response {
     if ev.get("project_id").is_some_and(Value::is_null) {
         ev.remove("project_id");
     }
+    // The protocol's global types go to every connection whatever project they name.
+    let everyone = crate::schema::is_global(&kind);
     match ev.get("project_id") {
         None if !claims.grants_all() => {
             return forbidden(
                 "an event without project_id goes to every project: it needs a grant of [\"*\"]",
             )
         }
+        Some(_) if everyone && !claims.grants_all() => return forbidden(&format!(
+            "{kind} is a global event that goes to every connection: it needs a grant of [\"*\"]"
+        )),
         None => {}
         Some(Value::String(p)) if !valid_project_id(p) => {
             return refuse_broadcast(app, &event::EventError::BadProjectId)

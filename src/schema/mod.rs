@@ -140,7 +140,7 @@ registry! {
     "connection.resync_required" => ConnectionResyncRequired as "ConnectionResyncRequired", Server;
     "system.heartbeat" => SystemHeartbeat as "SystemHeartbeat", Global;
     "container.reconnect" => ContainerReconnect as "ContainerReconnect", Global;
-    "project.created" => ProjectCreated as "ProjectCreated", Project;
+    "project.created" => ProjectCreated as "ProjectCreated", Global;
     "project.updated" => ProjectUpdated as "ProjectUpdated", Project;
     "project.deleted" => ProjectDeleted as "ProjectDeleted", Project;
     "node.state.updated" => NodeStateUpdated as "NodeStateUpdated", Project;
@@ -161,7 +161,7 @@ registry! {
     "file.uploaded" => FileEvent as "FileUploaded", Project;
     "file.deleted" => FileEvent as "FileDeleted", Project;
     "file.changed" => FileEvent as "FileChanged", Project;
-    "workspace.changed" => FileEvent as "WorkspaceChanged", Project;
+    "workspace.changed" => WorkspaceChanged as "WorkspaceChanged", Global;
     "runner.assigned" => RunnerAssigned as "RunnerAssigned", Project;
     "runner.heartbeat" => RunnerHeartbeat as "RunnerHeartbeat", Project;
     "runner.completed" => RunnerCompleted as "RunnerCompleted", Project;
@@ -303,6 +303,13 @@ impl Policy {
     }
 }
 
+/// Whether `kind` is a global event of the protocol (docs/protocol.md §3): sent to every
+/// connection even when it names a `project_id` (`project.created` names the new project,
+/// which has no followers yet).
+pub fn is_global(kind: &str) -> bool {
+    entry(kind, &[Family::Global]).is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,9 +426,34 @@ mod tests {
     }
 
     #[test]
+    fn the_seeds_global_events_are_global_with_their_fields() {
+        for kind in ["project.created", "workspace.changed", "system.heartbeat"] {
+            assert!(is_global(kind), "{kind}");
+        }
+        assert!(!is_global("project.updated") && !is_global("nope"));
+        let p = STRICT;
+        p.check_global_value(
+            "workspace.changed",
+            &json!({"type": "workspace.changed", "workspace_id": "w", "changes": {"added": ["a"]}}),
+        )
+        .unwrap();
+        assert!(p
+            .check_global_value("workspace.changed", &json!({"type": "workspace.changed"}))
+            .is_err());
+        p.check_global_value(
+            "project.created",
+            &json!({"type": "project.created", "project_id": "p", "data": {"name": "P"}}),
+        )
+        .unwrap();
+        assert!(matches!(
+            p.check_project_value("project.created", &json!({"type": "project.created"})),
+            Err(SchemaError::NotPublishable(_))
+        ));
+    }
+
+    #[test]
     fn every_project_family_type_of_the_protocol_is_registered() {
         for kind in [
-            "project.created",
             "project.updated",
             "project.deleted",
             "node.state.updated",
@@ -442,7 +474,6 @@ mod tests {
             "file.uploaded",
             "file.deleted",
             "file.changed",
-            "workspace.changed",
             "runner.assigned",
             "runner.heartbeat",
             "runner.completed",

@@ -180,7 +180,13 @@ macro_rules! event_struct {
     };
 }
 
-event_struct!(ProjectCreated {});
+event_struct!(
+    /// A global event (seed 000's `EventBroadcaster.project_created`, sent to every
+    /// connection): `project_id` names the new project, `data` is the app's project object.
+    ProjectCreated {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+});
 event_struct!(ProjectUpdated {});
 event_struct!(ProjectDeleted {});
 
@@ -272,7 +278,15 @@ event_struct!(TakeSelected {
 });
 
 event_struct!(
-    /// `file.uploaded`, `file.deleted`, `file.changed`, `workspace.changed`.
+    /// A global event (seed 000's `EventBroadcaster.workspace_changed`, sent to every
+    /// connection): which workspace, and per kind of change the paths it touched.
+    WorkspaceChanged {
+    pub workspace_id: String,
+    pub changes: BTreeMap<String, Vec<String>>,
+});
+
+event_struct!(
+    /// `file.uploaded`, `file.deleted`, `file.changed`.
     FileEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<FileInfo>,

@@ -484,3 +484,60 @@ async fn progress_events_are_conflated_for_a_slow_client() {
     assert_eq!(last, N, "the newest progress must survive conflation");
     slow.assert_alive().await;
 }
+
+/// The seed's global events (`EventBroadcaster.project_created` / `workspace_changed`, sent
+/// with `broadcast_all`): every connection gets them, with the seed's fields, and
+/// `project.created` keeps the new project's id (its followers do not exist yet). From the
+/// API (a grant of ["*"]: it reaches everyone) and from a raw PUBLISH alike; never through a
+/// project's publish path.
+#[tokio::test]
+async fn the_seeds_global_events_reach_every_connection() {
+    let redis = RedisServer::start();
+    let gw = GatewayOpts::new().redis(redis.url()).start();
+    let mut a = gw.client("g-a").await;
+    let mut b = gw.client("g-b").await;
+    let created =
+        json!({"type": "project.created", "project_id": "g-new", "data": {"name": "New"}});
+    let r = gw
+        .post_json("/v1/broadcast", Some(&gw.service_token()), &created)
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let changed =
+        json!({"type": "workspace.changed", "workspace_id": "w1", "changes": {"added": ["a.txt"]}});
+    redis
+        .publish("websocket:broadcast", &changed.to_string())
+        .await;
+    for c in [&mut a, &mut b] {
+        let e = c.next_json(T).await;
+        assert_eq!(e["type"], "project.created", "{e}");
+        assert_eq!(e["project_id"], "g-new", "{e}");
+        assert_eq!(e["data"], json!({"name": "New"}), "{e}");
+        let e = c.next_json(T).await;
+        assert_eq!(e["type"], "workspace.changed", "{e}");
+        assert_eq!(e["workspace_id"], "w1", "{e}");
+        assert_eq!(e["changes"], json!({"added": ["a.txt"]}), "{e}");
+    }
+    // Reaching everyone needs a grant of everything, whatever project it names.
+    let scoped = token(&gw.secret, "svc", &["g-new"], 3600, true);
+    let r = gw.post_json("/v1/broadcast", Some(&scoped), &created).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    // The seed's fields are checked: workspace.changed without changes is refused.
+    let r = gw
+        .post_json(
+            "/v1/broadcast",
+            Some(&gw.service_token()),
+            &json!({"type": "workspace.changed", "workspace_id": "w1"}),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    // Not a project event: the publish path refuses it.
+    let r = gw
+        .post_json(
+            "/v1/projects/g-a/events",
+            Some(&gw.service_token()),
+            &created,
+        )
+        .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    a.expect_silence(Duration::from_millis(200)).await;
+}

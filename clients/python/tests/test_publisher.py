@@ -38,13 +38,6 @@ CHARACTER = {"assetId": "a1", "name": "Ada", "description": "lead", "triggerWord
 # (method, args after project_id, kwargs, expected type, fields the frame must carry)
 EVERY_METHOD = [
     (
-        "project_created",
-        [],
-        {"project": {"name": "P"}},
-        "project.created",
-        {"project": {"name": "P"}},
-    ),
-    (
         "project_updated",
         [],
         {"changes": {"name": "Q"}},
@@ -168,13 +161,6 @@ EVERY_METHOD = [
         {"file_path": "/p/b.png", "change_type": "modified"},
     ),
     (
-        "workspace_changed",
-        ["w1", {"added": ["a"]}],
-        {},
-        "workspace.changed",
-        {"workspace_id": "w1", "changes": {"added": ["a"]}},
-    ),
-    (
         "runner_assigned",
         ["t1", "runner-py", {"capabilities": ["gpu"], "resources": {"gpu": 1}}],
         {},
@@ -264,6 +250,35 @@ def test_every_method_reaches_the_browser_with_consecutive_seq(gateway, publishe
             assert None not in frame.values(), (method, frame)
     finally:
         client.close()
+
+
+def test_the_seeds_global_events_reach_every_connection(gateway, publisher, project):
+    """project.created and workspace.changed are global, as the seed's EventBroadcaster
+    sends them: every connection hears them, with the seed's field names."""
+    other = project + "-other"
+    a, b = gateway.connect(project), gateway.connect(other)
+    try:
+        new_project = project + "-new"
+        assert publisher.project_created(new_project, {"name": "P"}) >= 1
+        assert publisher.workspace_changed("w1", {"added": ["a"]}) >= 1
+        for client in (a, b):
+            created, changed = client.recv(), client.recv()
+            assert created["type"] == "project.created", created
+            assert created["project_id"] == new_project, "the new project, not the follower's"
+            assert created["data"] == {"name": "P"}
+            assert "seq" not in created
+            assert TIMESTAMP.match(created["timestamp"]) or created["timestamp"], created
+            assert changed["type"] == "workspace.changed", changed
+            assert changed["workspace_id"] == "w1"
+            assert changed["changes"] == {"added": ["a"]}
+    finally:
+        a.close()
+        b.close()
+    # Not through a project's channel: the gateway would drop it there.
+    with pytest.raises(InvalidEvent, match="global event"):
+        publisher.publish_event(project, {"type": "project.created", "data": {}})
+    with pytest.raises(InvalidEvent, match="changes"):
+        publisher.workspace_changed("w1", None)
 
 
 def test_optional_none_is_omitted(gateway, publisher, project):

@@ -204,7 +204,7 @@ export interface ContainerReconnect {
 
 export type FileChangeType = "modified" | "created" | "deleted";
 
-/** `file.uploaded`, `file.deleted`, `file.changed`, `workspace.changed`. */
+/** `file.uploaded`, `file.deleted`, `file.changed`. */
 export interface FileChanged {
   type: "file.changed";
   /** RFC 3339 UTC, millisecond precision */
@@ -217,7 +217,7 @@ export interface FileChanged {
   change_type?: FileChangeType | null;
 }
 
-/** `file.uploaded`, `file.deleted`, `file.changed`, `workspace.changed`. */
+/** `file.uploaded`, `file.deleted`, `file.changed`. */
 export interface FileDeleted {
   type: "file.deleted";
   /** RFC 3339 UTC, millisecond precision */
@@ -237,7 +237,7 @@ export interface FileInfo {
   asset_type: string;
 }
 
-/** `file.uploaded`, `file.deleted`, `file.changed`, `workspace.changed`. */
+/** `file.uploaded`, `file.deleted`, `file.changed`. */
 export interface FileUploaded {
   type: "file.uploaded";
   /** RFC 3339 UTC, millisecond precision */
@@ -335,6 +335,8 @@ export interface Pong {
   projects?: string[] | null;
 }
 
+/** A global event (seed 000's `EventBroadcaster.project_created`, sent to every
+connection): `project_id` names the new project, `data` is the app's project object. */
 export interface ProjectCreated {
   type: "project.created";
   /** RFC 3339 UTC, millisecond precision */
@@ -342,6 +344,7 @@ export interface ProjectCreated {
   project_id?: string;
   /** per-project sequence number (events of the publish path) */
   seq?: number;
+  data?: unknown;
 }
 
 export interface ProjectDeleted {
@@ -618,7 +621,8 @@ export interface Unsubscribed {
   seq?: number;
 }
 
-/** `file.uploaded`, `file.deleted`, `file.changed`, `workspace.changed`. */
+/** A global event (seed 000's `EventBroadcaster.workspace_changed`, sent to every
+connection): which workspace, and per kind of change the paths it touched. */
 export interface WorkspaceChanged {
   type: "workspace.changed";
   /** RFC 3339 UTC, millisecond precision */
@@ -626,9 +630,8 @@ export interface WorkspaceChanged {
   project_id?: string;
   /** per-project sequence number (events of the publish path) */
   seq?: number;
-  file?: FileInfo | null;
-  file_path?: string | null;
-  change_type?: FileChangeType | null;
+  workspace_id: string;
+  changes: Record<string, string[]>;
 }
 
 export type ServerMessage =
@@ -677,7 +680,6 @@ export type ServerMessage =
   | ServerError;
 
 export type ProjectEvent =
-  | ProjectCreated
   | ProjectUpdated
   | ProjectDeleted
   | NodeStateUpdated
@@ -698,7 +700,6 @@ export type ProjectEvent =
   | FileUploaded
   | FileDeleted
   | FileChanged
-  | WorkspaceChanged
   | RunnerAssigned
   | RunnerHeartbeat
   | RunnerCompleted

@@ -76,6 +76,7 @@ class FunctionRunnerEventPublisher:
         history_max_len: int = 10000,
         history_ttl_secs: int = 86400,
         terminal_task_ttl_secs: int = 3600,
+        broadcast_channel: str = "websocket:broadcast",
     ) -> None:
         if not isinstance(runner_id, str) or not runner_id:
             raise ValueError("runner_id must be a non-empty string")
@@ -89,6 +90,8 @@ class FunctionRunnerEventPublisher:
         self.history_max_len = int(history_max_len)
         self.history_ttl_secs = int(history_ttl_secs)
         self.terminal_task_ttl_ms = int(terminal_task_ttl_secs) * 1000
+        # The gateway's global channel (its REDIS_CHANNEL, as in the seed).
+        self.broadcast_channel = broadcast_channel
         self._script = load_script()
         self._sha: str | None = None
         self._story_script = resources.files(__package__).joinpath("story.lua").read_bytes()
@@ -129,6 +132,11 @@ class FunctionRunnerEventPublisher:
             raise InvalidEvent(f"{where}type: required non-empty string")
         if "seq" in event:
             raise InvalidEvent(f"{where}seq: assigned by the publish script, do not set it")
+        if kind in schema.GLOBAL_TYPES:
+            raise InvalidEvent(
+                f"{where}type: {kind} is a global event (it goes to every connection):"
+                " publish it with broadcast()"
+            )
         if event.get("project_id", project_id) != project_id:
             # The gateway routes by channel and drops events naming another project.
             raise InvalidEvent(
@@ -307,9 +315,51 @@ class FunctionRunnerEventPublisher:
 
     # ------------------------------------------------------------------ project events
 
-    def project_created(self, project_id: str, project: dict | None = None) -> int:
-        """A project was created; ``project`` carries its data (the seed defines no fields)."""
-        return self.publish_event(project_id, {"type": "project.created", "project": project})
+    def broadcast(self, event: Mapping[str, Any]) -> int:
+        """Publish a global event on the gateway's global channel, as the seed's
+        ``EventBroadcaster`` does; returns how many gateway instances received it.
+
+        Global types (``project.created``, ``workspace.changed``) reach every connection;
+        another type naming a ``project_id`` reaches that project's connections only, and
+        without one every connection. Global events have no seq and are not replayed.
+        """
+        if not isinstance(event, Mapping):
+            raise InvalidEvent(f"an event must be a dict, got {type(event).__name__}")
+        kind = event.get("type")
+        if not isinstance(kind, str) or not kind:
+            raise InvalidEvent("type: required non-empty string")
+        if "seq" in event:
+            raise InvalidEvent("seq: global events have no seq")
+        project_id = event.get("project_id")
+        if project_id is not None:
+            _check_project_id(project_id)
+        optional = schema.optional_fields(kind)
+        out: dict[str, Any] = {"type": kind}
+        out.update((k, v) for k, v in event.items() if not (v is None and k in optional))
+        if out.get("project_id") is None:
+            out.pop("project_id", None)
+        if out.get("timestamp") is None:
+            out["timestamp"] = now_rfc3339()
+        try:
+            schema.validate(out)
+        except InvalidEvent as e:
+            raise InvalidEvent(f"{kind}: {e}") from None
+        try:
+            text = json.dumps(out, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise InvalidEvent(f"{kind}: not JSON-serialisable: {e}") from e
+        try:
+            return int(self._redis.publish(self.broadcast_channel, text.encode("utf-8")))
+        except redis.RedisError as e:
+            raise PublishError(f"broadcast of {kind} failed: {e}") from e
+
+    def project_created(self, project_id: str, project_data: dict | None = None) -> int:
+        """A project was created: a global event (every connection hears of it, as in the
+        seed), ``data`` carrying the project; returns the gateway instances reached."""
+        _check_project_id(project_id)
+        return self.broadcast(
+            {"type": "project.created", "project_id": project_id, "data": project_data}
+        )
 
     def project_updated(self, project_id: str, changes: dict | None = None) -> int:
         """A project's settings changed; ``changes`` carries what changed."""
@@ -539,11 +589,11 @@ class FunctionRunnerEventPublisher:
             project_id, {"type": "file.changed", "file_path": file_path, "change_type": change_type}
         )
 
-    def workspace_changed(self, project_id: str, workspace_id: str, changes: dict) -> int:
-        """A workspace changed; ``changes`` maps a kind of change to paths (seed's Python)."""
-        return self.publish_event(
-            project_id,
-            {"type": "workspace.changed", "workspace_id": workspace_id, "changes": changes},
+    def workspace_changed(self, workspace_id: str, changes: dict) -> int:
+        """A workspace changed: a global event, as in the seed; ``changes`` maps a kind of
+        change to paths. Returns the gateway instances reached."""
+        return self.broadcast(
+            {"type": "workspace.changed", "workspace_id": workspace_id, "changes": changes}
         )
 
     # ------------------------------------------------------------------ agent events

@@ -31,8 +31,9 @@ _FILE: dict = {"name": "str", "path": "str", "size": "num", "asset_type": "str"}
 _FILE_EVENT: dict = {"file?": _FILE, "file_path?": "str", "change_type?": FILE_CHANGE_TYPES}
 
 SCHEMAS: dict[str, dict[str, Spec]] = {
-    # project: the seed gives no fields; the payload rides in "project" / "changes"
-    "project.created": {"project?": "obj"},
+    # project: global in the seed (EventBroadcaster.project_created): the new project's
+    # data rides in "data"; updates carry "changes"
+    "project.created": {"data?": "obj"},
     "project.updated": {"changes?": "obj"},
     "project.deleted": {},
     # node
@@ -82,7 +83,7 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     "file.uploaded": _FILE_EVENT,
     "file.deleted": _FILE_EVENT,
     "file.changed": _FILE_EVENT,
-    # not in the seed's TypeScript; its Python sends workspace_id and changes
+    # global in the seed (EventBroadcaster.workspace_changed): workspace_id and changes
     "workspace.changed": {"workspace_id": "str", "changes": "obj"},
     # creative agents
     "agent.task.assigned": {"agent_type": AGENT_TYPES, "task_id": "str", "task_description": "str"},
@@ -166,6 +167,11 @@ def check_fields(prefix: str, obj: Mapping[str, Any], fields: Mapping[str, Spec]
                 continue
             raise InvalidEvent(f"{prefix}{name}: required field is missing")
         _check(prefix + name, obj[name], spec)
+
+
+# Sent to every connection, not to one project: published with ``broadcast`` (the gateway
+# drops them on a project channel). As the seed's EventBroadcaster sends them.
+GLOBAL_TYPES = frozenset({"project.created", "workspace.changed"})
 
 
 def optional_fields(kind: str) -> frozenset:
