@@ -3,6 +3,7 @@
 
 // console/console.ts
 import {
+  StoryProgressSocket,
   SwitchboardClient,
   SwitchboardError
 } from "./switchboard-client.js";
@@ -11,10 +12,13 @@ var MAX_BUFFERED = 5e3;
 var STORE = {
   gateway: "switchboard.console.gateway",
   project: "switchboard.console.project",
+  story: "switchboard.console.story",
+  mode: "switchboard.console.mode",
   token: "switchboard.console.token"
   // sessionStorage, opt-in only
 };
 var PROJECT_ID = /^[A-Za-z0-9_.-]{1,128}$/;
+var STORY_ID = PROJECT_ID;
 function el(id) {
   const found = document.getElementById(id);
   if (!found) throw new Error(`console: #${id} is missing from index.html`);
@@ -49,7 +53,24 @@ var ui = {
   send: el("send"),
   commandResult: el("command-result"),
   commandOutcome: el("command-outcome"),
-  commandReply: el("command-reply")
+  commandReply: el("command-reply"),
+  modeProject: el("mode-project"),
+  modeStory: el("mode-story"),
+  storyId: el("story-id"),
+  projectView: el("project-view"),
+  storyView: el("story-view"),
+  storyTitle: el("story-title"),
+  storyStatus: el("story-status"),
+  storyPercent: el("story-percent"),
+  storyBar: el("story-bar"),
+  storyStep: el("story-step"),
+  storyUpdated: el("story-updated"),
+  storyReceived: el("story-received"),
+  storyRefresh: el("story-refresh"),
+  storyClear: el("story-clear"),
+  storyRows: el("story-rows"),
+  storyEmpty: el("story-empty"),
+  storyJson: el("story-json")
 };
 var rows = [];
 var held = [];
@@ -348,13 +369,20 @@ function setStatus(state, text, detail = "") {
   const active = state === "connecting" || state === "open" || state === "reconnecting";
   ui.connect.textContent = active ? "Disconnect" : "Connect";
   ui.connect.classList.toggle("primary", !active);
-  for (const input of [ui.gateway, ui.project, ui.token]) input.disabled = active;
-  ui.send.disabled = state !== "open";
+  for (const input of [ui.gateway, ui.project, ui.storyId, ui.token]) input.disabled = active;
+  for (const button of [ui.modeProject, ui.modeStory]) {
+    button.disabled = active;
+    button.title = active ? "Disconnect to switch the view" : "";
+  }
+  ui.send.disabled = state !== "open" || mode !== "project";
+  ui.storyRefresh.disabled = state !== "open" || mode !== "story";
   renderConnInfo();
 }
 function renderConnInfo() {
   const parts = [];
-  if (established && ui.status.dataset["state"] === "open") {
+  if (mode === "story") {
+    if (story && ui.status.dataset["state"] === "open") parts.push(`story ${storyId}`);
+  } else if (established && ui.status.dataset["state"] === "open") {
     parts.push(`project ${established.project_id ?? ui.project.value}`);
     parts.push(`instance ${established.instance_id}`);
     parts.push(`client ${short(established.client_id)}`);
@@ -374,18 +402,21 @@ function formError(message) {
   ui.formError.hidden = message === void 0;
   ui.formError.textContent = message ?? "";
 }
-function projectUrl(gateway, project) {
+function socketBase(gateway) {
   const base = new URL(gateway, location.href);
   if (!["http:", "https:", "ws:", "wss:"].includes(base.protocol)) {
     throw new Error("the gateway URL must start with http://, https://, ws:// or wss://");
   }
   const path = base.pathname.replace(/\/+$/, "");
-  return `${base.origin.replace(/^http/, "ws")}${path}/ws/${encodeURIComponent(project)}`;
+  return `${base.origin.replace(/^http/, "ws")}${path}`;
 }
-function storeSettings(gateway, project, tokenValue) {
+function projectUrl(gateway, project) {
+  return `${socketBase(gateway)}/ws/${encodeURIComponent(project)}`;
+}
+function storeSettings(gateway, what, tokenValue) {
   try {
     localStorage.setItem(STORE.gateway, gateway);
-    localStorage.setItem(STORE.project, project);
+    localStorage.setItem(what[0], what[1]);
     if (ui.remember.checked) sessionStorage.setItem(STORE.token, tokenValue);
     else sessionStorage.removeItem(STORE.token);
   } catch {
@@ -414,7 +445,7 @@ function connect() {
     return;
   }
   formError(void 0);
-  storeSettings(gateway, project, tokenValue);
+  storeSettings(gateway, [STORE.project, project], tokenValue);
   reconnects = 0;
   established = void 0;
   const c = new SwitchboardClient({ url, token: tokenValue, backoff: { initialMs: 500, maxMs: 1e4 } });
@@ -528,18 +559,229 @@ async function sendCommand() {
     }
   }
 }
+var mode = "project";
+var story;
+var storyId = "";
+var storyAttempt = 0;
+var storyMessages = 0;
+var STORY_STOP_TEXT = {
+  4001: "the token is missing, invalid or expired",
+  4003: "the token does not grant this story"
+};
+function observedWebSocket(onOpen, onClose) {
+  const Observed = class extends WebSocket {
+    constructor(url) {
+      super(url);
+      this.addEventListener("open", () => onOpen(url));
+      this.addEventListener("close", (ev) => onClose(ev.code, ev.reason));
+    }
+  };
+  return Observed;
+}
+function percentText(p) {
+  return `${Number.isInteger(p) ? p : p.toFixed(1)}%`;
+}
+function showTime(target, iso) {
+  if (typeof iso !== "string" || iso === "") {
+    target.textContent = "–";
+    target.title = "";
+    return;
+  }
+  target.textContent = iso;
+  const t = new Date(iso);
+  target.title = Number.isNaN(t.getTime()) ? "" : t.toLocaleString();
+}
+function renderStoryCount() {
+  ui.storyReceived.textContent = `${storyMessages} message${storyMessages === 1 ? "" : "s"}`;
+  ui.storyEmpty.hidden = ui.storyRows.childElementCount > 0;
+}
+function resetStoryCard(id) {
+  ui.storyTitle.textContent = id === "" ? "No story" : `Story ${id}`;
+  ui.storyStatus.dataset["status"] = "none";
+  ui.storyStatus.textContent = "–";
+  ui.storyPercent.textContent = "–";
+  ui.storyBar.value = 0;
+  ui.storyStep.textContent = "–";
+  showTime(ui.storyUpdated, void 0);
+  ui.storyJson.classList.add("placeholder");
+  ui.storyJson.textContent = "The last progress message received appears here in full.";
+  storyMessages = 0;
+  renderStoryCount();
+}
+function addStoryRow(tr) {
+  ui.storyRows.prepend(tr);
+  while (ui.storyRows.childElementCount > MAX_ROWS) ui.storyRows.lastElementChild?.remove();
+  renderStoryCount();
+}
+function addStoryLocal(text) {
+  const tr = document.createElement("tr");
+  tr.className = "local";
+  tr.dataset["type"] = "local";
+  const now = /* @__PURE__ */ new Date();
+  const time = cell(clock(now), "c-time");
+  time.title = now.toISOString();
+  const what = cell(text, "c-summary");
+  what.colSpan = 4;
+  what.title = text;
+  tr.append(time, what);
+  addStoryRow(tr);
+}
+function showProgress(p) {
+  storyMessages += 1;
+  ui.storyStatus.dataset["status"] = p.status;
+  ui.storyStatus.textContent = p.status;
+  ui.storyPercent.textContent = percentText(p.progress_percent);
+  ui.storyBar.value = p.progress_percent;
+  ui.storyStep.textContent = typeof p.current_step === "string" && p.current_step !== "" ? p.current_step : "–";
+  showTime(ui.storyUpdated, p.updated_at);
+  ui.storyJson.classList.remove("placeholder");
+  renderJson(ui.storyJson, p);
+  const tr = document.createElement("tr");
+  tr.dataset["type"] = "progress";
+  tr.dataset["status"] = p.status;
+  tr.dataset["percent"] = String(p.progress_percent);
+  const now = /* @__PURE__ */ new Date();
+  const time = cell(clock(now), "c-time");
+  time.title = now.toISOString();
+  const statusCell = document.createElement("td");
+  statusCell.className = "c-status";
+  const chip = document.createElement("span");
+  chip.className = "chip story-status";
+  chip.dataset["status"] = p.status;
+  chip.textContent = p.status;
+  statusCell.append(chip);
+  const step = cell(typeof p.current_step === "string" ? p.current_step : "", "c-summary");
+  step.title = step.textContent ?? "";
+  const updated = cell(typeof p.updated_at === "string" ? p.updated_at : "", "c-updated");
+  tr.append(time, statusCell, cell(percentText(p.progress_percent), "c-pct"), step, updated);
+  addStoryRow(tr);
+}
+function connectStory() {
+  const gateway = ui.gateway.value.trim() || location.origin;
+  const id = ui.storyId.value.trim();
+  const tokenValue = ui.token.value.trim();
+  if (!STORY_ID.test(id)) {
+    formError("Story: 1 to 128 of A-Z a-z 0-9 _ . -");
+    ui.storyId.focus();
+    return;
+  }
+  if (tokenValue === "") {
+    formError("Token: paste a JWT that grants this story (its `stories` claim names it).");
+    ui.token.focus();
+    return;
+  }
+  let base;
+  try {
+    base = socketBase(gateway);
+  } catch (err) {
+    formError(`Gateway: ${err instanceof Error ? err.message : String(err)}`);
+    ui.gateway.focus();
+    return;
+  }
+  formError(void 0);
+  storeSettings(gateway, [STORE.story, id], tokenValue);
+  storyId = id;
+  storyAttempt = 0;
+  reconnects = 0;
+  resetStoryCard(id);
+  addStoryLocal(`watching story ${id}`);
+  const WS = observedWebSocket(
+    (url) => {
+      if (story !== s) return;
+      storyAttempt = 0;
+      addStoryLocal(`socket open · ${url.replace(/\?.*$/, "")}`);
+      setStatus("open", "open", `watching ${url.replace(/\?.*$/, "")}`);
+    },
+    (code, reason) => {
+      if (story !== s) return;
+      addStoryLocal(`closed ${code}${reason ? ` (${reason})` : ""}`);
+      setTimeout(() => {
+        if (story !== s) return;
+        storyAttempt += 1;
+        reconnects += 1;
+        addStoryLocal(`reconnecting · attempt ${storyAttempt} · after close ${code}`);
+        setStatus(
+          "reconnecting",
+          `reconnecting · attempt ${storyAttempt}`,
+          `closed with ${code}${code === 1013 ? " (try again later)" : ""}; reconnecting with backoff`
+        );
+      }, 0);
+    }
+  );
+  const s = new StoryProgressSocket({
+    url: base,
+    storyId: id,
+    token: tokenValue,
+    WebSocket: WS,
+    backoff: { initialMs: 500, maxMs: 1e4 },
+    onProgress: (p) => {
+      if (story === s) showProgress(p);
+    },
+    onStop: ({ code, reason }) => {
+      if (story !== s) return;
+      story = void 0;
+      const why = STORY_STOP_TEXT[code] ?? "the gateway ended the connection";
+      addStoryLocal(`stopped: ${code}${reason ? ` ${reason}` : ""}`);
+      if (code === 1e3) {
+        setStatus("idle", "disconnected");
+        return;
+      }
+      setStatus("closed", `closed · ${code}`, why);
+      formError(`Closed with ${code}${reason ? ` (${reason})` : ""}: ${why}.`);
+    }
+  });
+  story = s;
+  setStatus("connecting", "connecting");
+  s.connect();
+}
+function disconnectStory() {
+  const s = story;
+  story = void 0;
+  if (s) {
+    s.close();
+    addStoryLocal("closed by you");
+  }
+  setStatus("idle", "disconnected");
+}
+function setMode(next) {
+  mode = next;
+  ui.modeProject.setAttribute("aria-pressed", String(mode === "project"));
+  ui.modeStory.setAttribute("aria-pressed", String(mode === "story"));
+  const projectField = ui.project.closest("label");
+  const storyField = ui.storyId.closest("label");
+  if (projectField) projectField.hidden = mode !== "project";
+  if (storyField) storyField.hidden = mode !== "story";
+  ui.projectView.hidden = mode !== "project";
+  ui.storyView.hidden = mode !== "story";
+  try {
+    localStorage.setItem(STORE.mode, mode);
+  } catch {
+  }
+}
+function switchMode(next) {
+  if (next === mode) return;
+  setMode(next);
+  formError(void 0);
+  setStatus("idle", "disconnected");
+}
 function restoreSettings() {
   let gateway = null;
   let project = null;
+  let storyValue = null;
+  let modeValue = null;
   let tokenValue = null;
   try {
     gateway = localStorage.getItem(STORE.gateway);
     project = localStorage.getItem(STORE.project);
+    storyValue = localStorage.getItem(STORE.story);
+    modeValue = localStorage.getItem(STORE.mode);
     tokenValue = sessionStorage.getItem(STORE.token);
   } catch {
   }
   ui.gateway.value = gateway ?? location.origin;
   ui.project.value = project ?? "demo";
+  ui.storyId.value = storyValue ?? "";
+  setMode(modeValue === "story" ? "story" : "project");
   if (tokenValue !== null) {
     ui.token.value = tokenValue;
     ui.remember.checked = true;
@@ -547,6 +789,11 @@ function restoreSettings() {
 }
 ui.connectForm.addEventListener("submit", (ev) => {
   ev.preventDefault();
+  if (mode === "story") {
+    if (story) disconnectStory();
+    else connectStory();
+    return;
+  }
   if (client && client.state !== "stopped" && client.state !== "idle") disconnect();
   else connect();
 });
@@ -599,6 +846,15 @@ ui.copy.addEventListener("click", () => {
   );
 });
 ui.commandType.addEventListener("change", syncCommandFields);
+ui.modeProject.addEventListener("click", () => switchMode("project"));
+ui.modeStory.addEventListener("click", () => switchMode("story"));
+ui.storyRefresh.addEventListener("click", () => {
+  if (story && !story.requestStatus()) addStoryLocal("not open: status not sent");
+});
+ui.storyClear.addEventListener("click", () => {
+  ui.storyRows.replaceChildren();
+  renderStoryCount();
+});
 ui.commandForm.addEventListener("submit", (ev) => {
   ev.preventDefault();
   void sendCommand();
@@ -608,3 +864,4 @@ syncCommandFields();
 setStatus("idle", "disconnected");
 renderAll();
 renderPause();
+renderStoryCount();

@@ -1,7 +1,8 @@
 // The event console's program (bundled into console/console.js by
 // clients/typescript/scripts/bundle.mjs; the client is imported from the separately served
 // console/switchboard-client.js). Connects to one project with @switchboard/client, lists
-// every frame live (filter, pause, details) and sends commands.
+// every frame live (filter, pause, details) and sends commands. Its second view watches one
+// story's progress (docs/protocol.md §9) with the client's StoryProgressSocket.
 //
 // Security: event data reaches the DOM only as text (textContent, createTextNode); the
 // page's CSP (require-trusted-types-for) would refuse any HTML string anyway. The token
@@ -10,6 +11,7 @@
 // localStorage for convenience.
 
 import {
+  StoryProgressSocket,
   SwitchboardClient,
   SwitchboardError,
   type CommandAccepted,
@@ -17,6 +19,8 @@ import {
   type LifecycleEvents,
   type ServerMessage,
   type StopReason,
+  type StoryProgress,
+  type WebSocketConstructor,
 } from "../clients/typescript/src/index.js";
 
 // ---- limits ---------------------------------------------------------------------------
@@ -29,10 +33,14 @@ const MAX_BUFFERED = 5000;
 const STORE = {
   gateway: "switchboard.console.gateway",
   project: "switchboard.console.project",
+  story: "switchboard.console.story",
+  mode: "switchboard.console.mode",
   token: "switchboard.console.token", // sessionStorage, opt-in only
 } as const;
 
 const PROJECT_ID = /^[A-Za-z0-9_.-]{1,128}$/;
+/** A story id follows the project-id rule (docs/protocol.md §9). */
+const STORY_ID = PROJECT_ID;
 
 // ---- elements -------------------------------------------------------------------------
 
@@ -72,6 +80,23 @@ const ui = {
   commandResult: el<HTMLDivElement>("command-result"),
   commandOutcome: el<HTMLParagraphElement>("command-outcome"),
   commandReply: el<HTMLPreElement>("command-reply"),
+  modeProject: el<HTMLButtonElement>("mode-project"),
+  modeStory: el<HTMLButtonElement>("mode-story"),
+  storyId: el<HTMLInputElement>("story-id"),
+  projectView: el<HTMLElement>("project-view"),
+  storyView: el<HTMLElement>("story-view"),
+  storyTitle: el<HTMLHeadingElement>("story-title"),
+  storyStatus: el<HTMLSpanElement>("story-status"),
+  storyPercent: el<HTMLSpanElement>("story-percent"),
+  storyBar: el<HTMLProgressElement>("story-bar"),
+  storyStep: el<HTMLElement>("story-step"),
+  storyUpdated: el<HTMLElement>("story-updated"),
+  storyReceived: el<HTMLElement>("story-received"),
+  storyRefresh: el<HTMLButtonElement>("story-refresh"),
+  storyClear: el<HTMLButtonElement>("story-clear"),
+  storyRows: el<HTMLTableSectionElement>("story-rows"),
+  storyEmpty: el<HTMLParagraphElement>("story-empty"),
+  storyJson: el<HTMLPreElement>("story-json"),
 };
 
 // ---- rows -----------------------------------------------------------------------------
@@ -436,14 +461,22 @@ function setStatus(state: BadgeState, text: string, detail = ""): void {
   const active = state === "connecting" || state === "open" || state === "reconnecting";
   ui.connect.textContent = active ? "Disconnect" : "Connect";
   ui.connect.classList.toggle("primary", !active);
-  for (const input of [ui.gateway, ui.project, ui.token]) input.disabled = active;
-  ui.send.disabled = state !== "open";
+  for (const input of [ui.gateway, ui.project, ui.storyId, ui.token]) input.disabled = active;
+  // One connection at a time: the view is switched while disconnected.
+  for (const button of [ui.modeProject, ui.modeStory]) {
+    button.disabled = active;
+    button.title = active ? "Disconnect to switch the view" : "";
+  }
+  ui.send.disabled = state !== "open" || mode !== "project";
+  ui.storyRefresh.disabled = state !== "open" || mode !== "story";
   renderConnInfo();
 }
 
 function renderConnInfo(): void {
   const parts: string[] = [];
-  if (established && ui.status.dataset["state"] === "open") {
+  if (mode === "story") {
+    if (story && ui.status.dataset["state"] === "open") parts.push(`story ${storyId}`);
+  } else if (established && ui.status.dataset["state"] === "open") {
     parts.push(`project ${established.project_id ?? ui.project.value}`);
     parts.push(`instance ${established.instance_id}`);
     parts.push(`client ${short(established.client_id)}`);
@@ -466,20 +499,26 @@ function formError(message: string | undefined): void {
   ui.formError.textContent = message ?? "";
 }
 
-/** `http(s)://host[:port]` or `ws(s)://…` → the project's WebSocket URL. */
-function projectUrl(gateway: string, project: string): string {
+/** `http(s)://host[:port][/path]` or `ws(s)://…` → `ws(s)://host[:port][/path]`. */
+function socketBase(gateway: string): string {
   const base = new URL(gateway, location.href);
   if (!["http:", "https:", "ws:", "wss:"].includes(base.protocol)) {
     throw new Error("the gateway URL must start with http://, https://, ws:// or wss://");
   }
   const path = base.pathname.replace(/\/+$/, "");
-  return `${base.origin.replace(/^http/, "ws")}${path}/ws/${encodeURIComponent(project)}`;
+  return `${base.origin.replace(/^http/, "ws")}${path}`;
 }
 
-function storeSettings(gateway: string, project: string, tokenValue: string): void {
+/** `http(s)://host[:port]` or `ws(s)://…` → the project's WebSocket URL. */
+function projectUrl(gateway: string, project: string): string {
+  return `${socketBase(gateway)}/ws/${encodeURIComponent(project)}`;
+}
+
+/** Remembers the gateway and the project or story (`what`), and the token if asked to. */
+function storeSettings(gateway: string, what: [key: string, value: string], tokenValue: string): void {
   try {
     localStorage.setItem(STORE.gateway, gateway);
-    localStorage.setItem(STORE.project, project);
+    localStorage.setItem(what[0], what[1]);
     if (ui.remember.checked) sessionStorage.setItem(STORE.token, tokenValue);
     else sessionStorage.removeItem(STORE.token);
   } catch {
@@ -510,7 +549,7 @@ function connect(): void {
     return;
   }
   formError(undefined);
-  storeSettings(gateway, project, tokenValue);
+  storeSettings(gateway, [STORE.project, project], tokenValue);
   reconnects = 0;
   established = undefined;
 
@@ -635,21 +674,266 @@ async function sendCommand(): Promise<void> {
   }
 }
 
+// ---- story progress -------------------------------------------------------------------
+
+type Mode = "project" | "story";
+
+let mode: Mode = "project";
+let story: StoryProgressSocket | undefined;
+/** The story being watched (shown in the header while open). */
+let storyId = "";
+/** Closes since the last open (the attempt number shown while reconnecting). */
+let storyAttempt = 0;
+let storyMessages = 0;
+
+/** Closes that stop the story socket for good, in words (any other close reconnects). */
+const STORY_STOP_TEXT: Record<number, string> = {
+  4001: "the token is missing, invalid or expired",
+  4003: "the token does not grant this story",
+};
+
+/** The browser's WebSocket, also telling the console when it opens and closes: the story
+ * socket keeps its own handlers (and so its reconnect and backoff) and has no lifecycle
+ * events to listen to. */
+function observedWebSocket(onOpen: (url: string) => void, onClose: (code: number, reason: string) => void) {
+  const Observed = class extends WebSocket {
+    constructor(url: string) {
+      super(url);
+      this.addEventListener("open", () => onOpen(url));
+      this.addEventListener("close", (ev) => onClose(ev.code, ev.reason));
+    }
+  };
+  return Observed as WebSocketConstructor;
+}
+
+function percentText(p: number): string {
+  return `${Number.isInteger(p) ? p : p.toFixed(1)}%`;
+}
+
+/** An ISO time as written, with the local time as its tooltip. */
+function showTime(target: HTMLElement, iso: unknown): void {
+  if (typeof iso !== "string" || iso === "") {
+    target.textContent = "–";
+    target.title = "";
+    return;
+  }
+  target.textContent = iso;
+  const t = new Date(iso);
+  target.title = Number.isNaN(t.getTime()) ? "" : t.toLocaleString();
+}
+
+function renderStoryCount(): void {
+  ui.storyReceived.textContent = `${storyMessages} message${storyMessages === 1 ? "" : "s"}`;
+  ui.storyEmpty.hidden = ui.storyRows.childElementCount > 0;
+}
+
+/** The card before the first message of `id`. */
+function resetStoryCard(id: string): void {
+  ui.storyTitle.textContent = id === "" ? "No story" : `Story ${id}`;
+  ui.storyStatus.dataset["status"] = "none";
+  ui.storyStatus.textContent = "–";
+  ui.storyPercent.textContent = "–";
+  ui.storyBar.value = 0;
+  ui.storyStep.textContent = "–";
+  showTime(ui.storyUpdated, undefined);
+  ui.storyJson.classList.add("placeholder");
+  ui.storyJson.textContent = "The last progress message received appears here in full.";
+  storyMessages = 0;
+  renderStoryCount();
+}
+
+function addStoryRow(tr: HTMLTableRowElement): void {
+  ui.storyRows.prepend(tr);
+  while (ui.storyRows.childElementCount > MAX_ROWS) ui.storyRows.lastElementChild?.remove();
+  renderStoryCount();
+}
+
+/** A step of the socket itself (open, close, reconnect, stop), in grey across the row. */
+function addStoryLocal(text: string): void {
+  const tr = document.createElement("tr");
+  tr.className = "local";
+  tr.dataset["type"] = "local";
+  const now = new Date();
+  const time = cell(clock(now), "c-time");
+  time.title = now.toISOString();
+  const what = cell(text, "c-summary");
+  what.colSpan = 4;
+  what.title = text;
+  tr.append(time, what);
+  addStoryRow(tr);
+}
+
+function showProgress(p: StoryProgress): void {
+  storyMessages += 1;
+  ui.storyStatus.dataset["status"] = p.status;
+  ui.storyStatus.textContent = p.status;
+  ui.storyPercent.textContent = percentText(p.progress_percent);
+  ui.storyBar.value = p.progress_percent;
+  ui.storyStep.textContent = typeof p.current_step === "string" && p.current_step !== "" ? p.current_step : "–";
+  showTime(ui.storyUpdated, p.updated_at);
+  ui.storyJson.classList.remove("placeholder");
+  renderJson(ui.storyJson, p);
+
+  const tr = document.createElement("tr");
+  tr.dataset["type"] = "progress";
+  tr.dataset["status"] = p.status;
+  tr.dataset["percent"] = String(p.progress_percent);
+  const now = new Date();
+  const time = cell(clock(now), "c-time");
+  time.title = now.toISOString();
+  const statusCell = document.createElement("td");
+  statusCell.className = "c-status";
+  const chip = document.createElement("span");
+  chip.className = "chip story-status";
+  chip.dataset["status"] = p.status;
+  chip.textContent = p.status;
+  statusCell.append(chip);
+  const step = cell(typeof p.current_step === "string" ? p.current_step : "", "c-summary");
+  step.title = step.textContent ?? "";
+  const updated = cell(typeof p.updated_at === "string" ? p.updated_at : "", "c-updated");
+  tr.append(time, statusCell, cell(percentText(p.progress_percent), "c-pct"), step, updated);
+  addStoryRow(tr);
+}
+
+function connectStory(): void {
+  const gateway = ui.gateway.value.trim() || location.origin;
+  const id = ui.storyId.value.trim();
+  const tokenValue = ui.token.value.trim();
+  if (!STORY_ID.test(id)) {
+    formError("Story: 1 to 128 of A-Z a-z 0-9 _ . -");
+    ui.storyId.focus();
+    return;
+  }
+  if (tokenValue === "") {
+    formError("Token: paste a JWT that grants this story (its `stories` claim names it).");
+    ui.token.focus();
+    return;
+  }
+  let base: string;
+  try {
+    base = socketBase(gateway);
+  } catch (err) {
+    formError(`Gateway: ${err instanceof Error ? err.message : String(err)}`);
+    ui.gateway.focus();
+    return;
+  }
+  formError(undefined);
+  storeSettings(gateway, [STORE.story, id], tokenValue);
+  storyId = id;
+  storyAttempt = 0;
+  reconnects = 0;
+  resetStoryCard(id);
+  addStoryLocal(`watching story ${id}`);
+
+  const WS = observedWebSocket(
+    (url) => {
+      if (story !== s) return;
+      storyAttempt = 0;
+      // The URL carries the token: only its path is shown.
+      addStoryLocal(`socket open · ${url.replace(/\?.*$/, "")}`);
+      setStatus("open", "open", `watching ${url.replace(/\?.*$/, "")}`);
+    },
+    (code, reason) => {
+      if (story !== s) return;
+      addStoryLocal(`closed ${code}${reason ? ` (${reason})` : ""}`);
+      // The socket decides in its own close handler, which runs after this one: it either
+      // stops (onStop below, which forgets it) or schedules a reconnect.
+      setTimeout(() => {
+        if (story !== s) return;
+        storyAttempt += 1;
+        reconnects += 1;
+        addStoryLocal(`reconnecting · attempt ${storyAttempt} · after close ${code}`);
+        setStatus(
+          "reconnecting",
+          `reconnecting · attempt ${storyAttempt}`,
+          `closed with ${code}${code === 1013 ? " (try again later)" : ""}; reconnecting with backoff`,
+        );
+      }, 0);
+    },
+  );
+  const s: StoryProgressSocket = new StoryProgressSocket({
+    url: base,
+    storyId: id,
+    token: tokenValue,
+    WebSocket: WS,
+    backoff: { initialMs: 500, maxMs: 10_000 },
+    onProgress: (p) => {
+      if (story === s) showProgress(p);
+    },
+    onStop: ({ code, reason }) => {
+      if (story !== s) return;
+      story = undefined;
+      const why = STORY_STOP_TEXT[code] ?? "the gateway ended the connection";
+      addStoryLocal(`stopped: ${code}${reason ? ` ${reason}` : ""}`);
+      if (code === 1000) {
+        setStatus("idle", "disconnected");
+        return;
+      }
+      setStatus("closed", `closed · ${code}`, why);
+      formError(`Closed with ${code}${reason ? ` (${reason})` : ""}: ${why}.`);
+    },
+  });
+  story = s;
+  setStatus("connecting", "connecting");
+  s.connect();
+}
+
+function disconnectStory(): void {
+  const s = story;
+  story = undefined;
+  if (s) {
+    s.close();
+    addStoryLocal("closed by you");
+  }
+  setStatus("idle", "disconnected");
+}
+
+function setMode(next: Mode): void {
+  mode = next;
+  ui.modeProject.setAttribute("aria-pressed", String(mode === "project"));
+  ui.modeStory.setAttribute("aria-pressed", String(mode === "story"));
+  const projectField = ui.project.closest("label");
+  const storyField = ui.storyId.closest("label");
+  if (projectField) projectField.hidden = mode !== "project";
+  if (storyField) storyField.hidden = mode !== "story";
+  ui.projectView.hidden = mode !== "project";
+  ui.storyView.hidden = mode !== "story";
+  try {
+    localStorage.setItem(STORE.mode, mode);
+  } catch {
+    /* storage disabled */
+  }
+}
+
+/** Switching happens while disconnected only (the buttons are disabled meanwhile). */
+function switchMode(next: Mode): void {
+  if (next === mode) return;
+  setMode(next);
+  formError(undefined);
+  setStatus("idle", "disconnected");
+}
+
 // ---- wiring ---------------------------------------------------------------------------
 
 function restoreSettings(): void {
   let gateway: string | null = null;
   let project: string | null = null;
+  let storyValue: string | null = null;
+  let modeValue: string | null = null;
   let tokenValue: string | null = null;
   try {
     gateway = localStorage.getItem(STORE.gateway);
     project = localStorage.getItem(STORE.project);
+    storyValue = localStorage.getItem(STORE.story);
+    modeValue = localStorage.getItem(STORE.mode);
     tokenValue = sessionStorage.getItem(STORE.token);
   } catch {
     /* storage disabled */
   }
   ui.gateway.value = gateway ?? location.origin;
   ui.project.value = project ?? "demo";
+  ui.storyId.value = storyValue ?? "";
+  setMode(modeValue === "story" ? "story" : "project");
   if (tokenValue !== null) {
     ui.token.value = tokenValue;
     ui.remember.checked = true;
@@ -658,6 +942,11 @@ function restoreSettings(): void {
 
 ui.connectForm.addEventListener("submit", (ev) => {
   ev.preventDefault();
+  if (mode === "story") {
+    if (story) disconnectStory();
+    else connectStory();
+    return;
+  }
   if (client && client.state !== "stopped" && client.state !== "idle") disconnect();
   else connect();
 });
@@ -719,6 +1008,15 @@ ui.copy.addEventListener("click", () => {
   );
 });
 ui.commandType.addEventListener("change", syncCommandFields);
+ui.modeProject.addEventListener("click", () => switchMode("project"));
+ui.modeStory.addEventListener("click", () => switchMode("story"));
+ui.storyRefresh.addEventListener("click", () => {
+  if (story && !story.requestStatus()) addStoryLocal("not open: status not sent");
+});
+ui.storyClear.addEventListener("click", () => {
+  ui.storyRows.replaceChildren();
+  renderStoryCount();
+});
 ui.commandForm.addEventListener("submit", (ev) => {
   ev.preventDefault();
   void sendCommand();
@@ -729,3 +1027,4 @@ syncCommandFields();
 setStatus("idle", "disconnected");
 renderAll();
 renderPause();
+renderStoryCount();
