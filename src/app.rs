@@ -169,6 +169,19 @@ impl App {
             .unwrap_or_else(|| self.listen_port.load(Ordering::Relaxed))
     }
 
+    /// Records (Redis mode) how many command streams of `project` this instance holds, read
+    /// when the write happens (docs/protocol.md §6: `delivered_to` counts them).
+    pub async fn note_command_streams(&self, project: &str) {
+        let hub = Arc::downgrade(&self.hub);
+        let id = project.to_owned();
+        let count = crate::broker::LiveCount(Arc::new(move || {
+            hub.upgrade().map_or(0, |h| h.command_streams(&id))
+        }));
+        self.broker
+            .note_command_streams(project, &self.instance_id, count, self.record_ttl())
+            .await;
+    }
+
     pub fn outbox_limits(&self) -> Limits {
         Limits {
             messages: self.config.ws.outbound_queue_messages,
@@ -199,12 +212,9 @@ impl App {
         session: &Arc<crate::session::Session>,
         holding: bool,
     ) -> Result<(), crate::hub::HubError> {
-        // A story session's ids are stories: the same join, in the story family.
-        let family = if session.is_story() {
-            crate::broker::Family::Story
-        } else {
-            crate::broker::Family::Project
-        };
+        // A story session's ids are stories, a command stream's are its project's commands:
+        // the same join, in their family.
+        let family = crate::hub::family_of(session);
         let wait = Duration::from_millis(self.config.redis.command_timeout_ms.max(100) * 2);
         let joining = self.hub.join_in(family, project, session, holding);
         match tokio::time::timeout(wait, joining).await {

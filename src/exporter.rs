@@ -262,16 +262,18 @@ impl Collector for HubCollector {
         let stats = &hub.stats;
         let e = &mut enc;
         let stories = hub.story_session_count() as u64;
+        let commands = hub.command_session_count() as u64;
         let all = hub.session_count() as u64;
         let mut connections = e.encode_descriptor(
             "switchboard_connections",
-            "Open WebSocket connections, by kind (project or story).",
+            "Open WebSocket connections, by kind (project, story or commands).",
             None,
             MetricType::Gauge,
         )?;
-        for (kind, n) in KIND_LABELS
-            .into_iter()
-            .zip([all.saturating_sub(stories), stories])
+        for (kind, n) in
+            KIND_LABELS
+                .into_iter()
+                .zip([all.saturating_sub(stories + commands), stories, commands])
         {
             connections
                 .encode_family(&[("kind", kind)])?

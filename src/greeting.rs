@@ -54,6 +54,11 @@ pub async fn greet(app: &App, session: &Arc<Session>, resume: Option<ResumeReque
         Scope::Project(project) => greet_project(app, session, project, resume.as_ref()).await,
         Scope::User => greet_user(app, session).await,
         Scope::Story(_) | Scope::UserStories => greet_story(app, session).await,
+        // A command stream starts with the next command: nothing to send first.
+        Scope::Commands(_) => {
+            app.hub.release(session, Vec::new(), |_| 0);
+            Ok(())
+        }
     };
     if let Err(e) = result {
         session.span().in_scope(|| {

@@ -21,7 +21,7 @@ use switchboard_middleware::{Authentication, Claims, ClientIp, PeerAddr, Request
 
 use crate::app::App;
 use crate::broker::ConnectionRecord;
-use crate::metrics::Handshake;
+use crate::metrics::{Handshake, Kind};
 use crate::project::valid_project_id;
 use crate::response::{json_error, retry_after, Response};
 use crate::schema::types::ConnectionClosed;
@@ -123,6 +123,19 @@ fn grant(auth: &Authentication, scope: &Scope, max_projects: usize, hook: bool) 
         }
     };
     match scope {
+        // A worker's command stream: a service credential granting the project, as for the
+        // publish API; no hook (workers are not users).
+        Scope::Commands(_) if !claims.is_service() => Grant::Refused(
+            close_code::FORBIDDEN,
+            "forbidden",
+            "a command stream needs a service credential (role: service)",
+        ),
+        Scope::Commands(p) if claims.grants(p) => Grant::Ok(claims.clone(), vec![p.clone()]),
+        Scope::Commands(_) => Grant::Refused(
+            close_code::FORBIDDEN,
+            "forbidden",
+            "your credential does not grant this project",
+        ),
         Scope::Project(p) if claims.grants(p) => Grant::Ok(claims.clone(), vec![p.clone()]),
         Scope::Project(_) => ask_or(Grant::Refused(
             close_code::FORBIDDEN,
@@ -190,6 +203,12 @@ async fn resolve(app: &App, claims: Arc<Claims>, scope: &Scope) -> Grant {
         )
     };
     match scope {
+        // Never asked (a service credential decides); refused rather than assumed.
+        Scope::Commands(_) => Grant::Refused(
+            close_code::FORBIDDEN,
+            "forbidden",
+            "your credential does not grant this project",
+        ),
         Scope::Project(id) | Scope::Story(id) => {
             let (kind, denied) = match scope {
                 Scope::Story(_) => (
@@ -241,8 +260,15 @@ fn scope_of(target: &str) -> Option<Scope> {
 }
 
 pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
-    let target = req.uri().path().trim_start_matches("/ws/").to_owned();
-    let Some(scope) = scope_of(&target) else {
+    let path = req.uri().path();
+    let scope = match path
+        .strip_prefix("/v1/projects/")
+        .and_then(|rest| rest.strip_suffix("/commands"))
+    {
+        Some(project) => valid_project_id(project).then(|| Scope::Commands(project.to_owned())),
+        None => scope_of(path.trim_start_matches("/ws/")),
+    };
+    let Some(scope) = scope else {
         app.hub.metrics.handshake(Handshake::BadRequest);
         return json_error(
             StatusCode::BAD_REQUEST,
@@ -251,16 +277,18 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         );
     };
     // The `kind` label of the handshake metrics (docs/protocol.md §9).
-    let story = matches!(scope, Scope::Story(_) | Scope::UserStories);
+    let kind = match scope {
+        Scope::Story(_) | Scope::UserStories => Kind::Story,
+        Scope::Commands(_) => Kind::Commands,
+        Scope::Project(_) | Scope::User => Kind::Project,
+    };
     if let Some(origin) = req.headers().get(header::ORIGIN) {
         let allowed = origin
             .to_str()
             .map(|o| origin_allowed(&app, o))
             .unwrap_or(false);
         if !allowed {
-            app.hub
-                .metrics
-                .handshake_of(story, Handshake::OriginRefused);
+            app.hub.metrics.handshake_of(kind, Handshake::OriginRefused);
             return json_error(
                 StatusCode::FORBIDDEN,
                 "origin_not_allowed",
@@ -271,7 +299,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     let resume = match resume_request(req.uri()) {
         Ok(r) => r,
         Err(message) => {
-            app.hub.metrics.handshake_of(story, Handshake::BadRequest);
+            app.hub.metrics.handshake_of(kind, Handshake::BadRequest);
             return json_error(StatusCode::BAD_REQUEST, "invalid_resume", message);
         }
     };
@@ -311,7 +339,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         };
     }
     if app.is_draining() {
-        app.hub.metrics.handshake_of(story, Handshake::Draining);
+        app.hub.metrics.handshake_of(kind, Handshake::Draining);
         return retry_after(
             json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -324,7 +352,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     if !app.broker.is_up() {
         app.hub
             .metrics
-            .handshake_of(story, Handshake::BrokerUnavailable);
+            .handshake_of(kind, Handshake::BrokerUnavailable);
         return retry_after(
             json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -340,7 +368,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         Err(e) => {
             app.hub
                 .metrics
-                .handshake_of(story, Handshake::TooManyConnections);
+                .handshake_of(kind, Handshake::TooManyConnections);
             return retry_after(
                 json_error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -352,7 +380,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         }
     };
     if !upgrade::valid_key(req.headers()) {
-        app.hub.metrics.handshake_of(story, Handshake::BadRequest);
+        app.hub.metrics.handshake_of(kind, Handshake::BadRequest);
         return json_error(
             StatusCode::BAD_REQUEST,
             "bad_upgrade",
@@ -381,7 +409,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
                 _ => (close_code::TRY_AGAIN_LATER, "authorization_unavailable"),
             };
             app.hub.metrics.handshake_of(
-                story,
+                kind,
                 if code == close_code::FORBIDDEN {
                     Handshake::Forbidden
                 } else if code == close_code::TRY_AGAIN_LATER {
@@ -406,8 +434,9 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
                     notice.insert("projects".into(), json!([]));
                     crate::event::server_frame(&serde_json::Value::Object(notice))
                 }
-                // The seed's frontend reads every text frame as progress: close frame only.
-                Scope::Story(_) | Scope::UserStories => bytes::Bytes::new(),
+                // The seed's frontend reads every text frame as progress, and a worker's
+                // command stream carries commands only: close frame only.
+                Scope::Story(_) | Scope::UserStories | Scope::Commands(_) => bytes::Bytes::new(),
             };
             tokio::spawn(upgrade::refuse(upgrade, notice, frame::close(code, reason)));
             drop(guard);
@@ -453,7 +482,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
         user_id: session.user_id(),
         project_id: session.primary_project(),
         // A story connection's ids are stories: no project presence for them.
-        projects: if session.is_story() {
+        projects: if session.is_raw() {
             Vec::new()
         } else {
             projects
@@ -464,7 +493,10 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response {
     let ttl = app.record_ttl();
     // Queued for the batched record writer, ahead of this session's own deletion.
     app.broker.put_connection(&record, ttl).await;
-    app.hub.metrics.handshake_of(story, Handshake::Accepted);
+    if let Scope::Commands(project) = &scope {
+        app.note_command_streams(project).await;
+    }
+    app.hub.metrics.handshake_of(kind, Handshake::Accepted);
     // In the connection's span (entered, not named as parent: a JSON line's span list is
     // the entered scope), with the request id linking it to the handshake's request line.
     let request_id = req.extensions().get::<RequestId>().map(|r| r.0.as_str());

@@ -76,6 +76,13 @@ pub async fn run(app: Arc<App>) {
                 session.close(close_code::GOING_AWAY, "idle timeout", true);
                 continue;
             }
+            if session.is_commands() {
+                // A worker's command stream: WebSocket pings on the beat, nothing else.
+                if beat {
+                    session.send_control(ping.clone());
+                }
+                continue;
+            }
             if session.is_story() {
                 // The seed's keepalive: its text `ping` once per `stories.keepalive_secs` of
                 // client silence (the sweep runs every second: one window, one ping), and
@@ -92,7 +99,7 @@ pub async fn run(app: Arc<App>) {
             if beat {
                 let key = match &session.scope {
                     Scope::Project(p) => p.clone(),
-                    Scope::User | Scope::Story(_) | Scope::UserStories => {
+                    Scope::User | Scope::Story(_) | Scope::UserStories | Scope::Commands(_) => {
                         format!("\0{}", session.client_id)
                     }
                 };
@@ -128,7 +135,14 @@ async fn refresh_records(app: &App) {
         "connections": ids.len(),
         "started_secs_ago": app.started.elapsed().as_secs(),
     });
+    let command_streams = app.hub.command_stream_counts();
     app.broker
-        .refresh_instance(&app.instance_id, &info, &ids, app.record_ttl())
+        .refresh_instance(
+            &app.instance_id,
+            &info,
+            &ids,
+            &command_streams,
+            app.record_ttl(),
+        )
         .await;
 }

@@ -158,10 +158,14 @@ impl MemoryBroker {
         delivered as u64
     }
 
-    /// There are no in-process workers: a command reaches nobody.
-    pub fn publish_command(&self, project: &str, _payload: Vec<u8>) -> Result<u64, BrokerError> {
-        tracing::debug!(project, "embedded broker: command has no worker to go to");
-        Ok(0)
+    /// Hands a command to this instance's command streams of `project` (the workers
+    /// that took `GET /v1/projects/{id}/commands`); returns how many got it.
+    pub fn publish_command(&self, project: &str, payload: Vec<u8>) -> Result<u64, BrokerError> {
+        let delivered = self
+            .sink
+            .get()
+            .map_or(0, |s| s.deliver_command(project, &payload));
+        Ok(delivered as u64)
     }
 
     pub fn position(&self, project: &str) -> Position {

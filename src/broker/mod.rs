@@ -37,12 +37,33 @@ pub const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
 /// The script that stores a story's latest progress, and publishes it (docs/protocol.md §9).
 pub const STORY_SCRIPT: &str = include_str!("story.lua");
 
-/// The channel families the gateway serves: a project's events (seed 000) and a story's
-/// progress (seed 003, docs/protocol.md §9). Each id lives in its family's namespace.
+/// The script that relays a command and counts its receivers, command streams included.
+pub const COMMAND_SCRIPT: &str = include_str!("command.lua");
+
+/// A count read when it is needed (not when it was queued).
+#[derive(Clone)]
+pub struct LiveCount(pub Arc<dyn Fn() -> usize + Send + Sync>);
+
+impl std::fmt::Debug for LiveCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LiveCount({})", (self.0)())
+    }
+}
+
+/// `project:{id}:command_streams`: per gateway instance, how many workers' command streams
+/// of the project it holds (what `delivered_to` counts besides Redis subscribers).
+pub fn command_streams_key(project: &str) -> String {
+    format!("project:{project}:command_streams")
+}
+
+/// The channel families the gateway serves: a project's events (seed 000), a story's
+/// progress (seed 003, docs/protocol.md §9), and a project's commands for workers that take
+/// them from the gateway (docs/protocol.md §6). Each id lives in its family's namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {
     Project,
     Story,
+    Commands,
 }
 
 impl Family {
@@ -51,6 +72,7 @@ impl Family {
         match self {
             Family::Project => project_channel(id),
             Family::Story => story::channel(id),
+            Family::Commands => commands_channel(id),
         }
     }
 
@@ -59,6 +81,7 @@ impl Family {
         match self {
             Family::Project => "project",
             Family::Story => "story",
+            Family::Commands => "commands",
         }
     }
 }
@@ -108,6 +131,9 @@ pub trait Sink: Send + Sync {
     fn deliver_story(&self, story: &str, frame: &bytes::Bytes) -> usize;
     /// A payload of the global channel (`redis.broadcast_channel`), unchecked.
     fn broadcast(&self, payload: &[u8]) -> Result<usize, EventError>;
+    /// A command for `project`'s workers, as published (to this instance's command
+    /// streams). Returns how many streams it was handed to.
+    fn deliver_command(&self, project: &str, payload: &[u8]) -> usize;
     /// After an outage, with the pub/sub connection back and live messages held: bring
     /// every project this instance follows back in step (replay from history or resync).
     fn recover<'a>(
@@ -136,6 +162,14 @@ impl SinkSlot {
 
 pub fn commands_channel(project: &str) -> String {
     format!("project:{project}:commands")
+}
+
+/// The project of a `project:{id}:commands` channel.
+pub fn commands_channel_project(channel: &str) -> Option<&str> {
+    channel
+        .strip_prefix("project:")
+        .and_then(|rest| rest.strip_suffix(":commands"))
+        .filter(|p| !p.is_empty())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -343,16 +377,34 @@ impl Broker {
     }
 
     /// Refreshes the TTL of this instance's connection records (with their projects'
-    /// presence entries) and its registry entry.
+    /// presence entries), its registry entry, and its command-stream counts.
     pub async fn refresh_instance(
         &self,
         instance_id: &str,
         info: &serde_json::Value,
         connections: &[(String, Vec<String>)],
+        command_streams: &[(String, usize)],
         ttl: Duration,
     ) {
         if let Broker::Redis(r) = self {
-            r.refresh_instance(instance_id, info, connections, ttl)
+            r.refresh_instance(instance_id, info, connections, command_streams, ttl)
+                .await
+        }
+    }
+
+    /// Records how many command streams of `project` this instance holds now (what
+    /// `delivered_to` counts across instances). `count` is read when the write happens, so
+    /// writes queued by joins and leaves racing each other still leave the latest count.
+    /// The embedded broker counts its own streams and needs nothing.
+    pub async fn note_command_streams(
+        &self,
+        project: &str,
+        instance_id: &str,
+        count: LiveCount,
+        ttl: Duration,
+    ) {
+        if let Broker::Redis(r) = self {
+            r.note_command_streams(project, instance_id, count, ttl)
                 .await
         }
     }

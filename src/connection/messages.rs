@@ -116,6 +116,20 @@ pub async fn handle_text(app: &App, session: &Arc<Session>, state: &mut ClientSt
         story_text(app, session, state, text).await;
         return;
     }
+    if session.is_commands() {
+        // A worker's command stream is one-way: text `ping` is answered (`pong`), anything
+        // else ignored; each message costs a unit of the budget, as on story sockets.
+        if let Err(close) = state.admit_n(1) {
+            if close {
+                session.close(close_code::RATE_LIMITED, "rate limited", false);
+            }
+            return;
+        }
+        if text == "ping" {
+            session.send_control(frame::text(b"pong"));
+        }
+        return;
+    }
     if !charge(session, state, 1) {
         return;
     }

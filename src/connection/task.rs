@@ -114,6 +114,9 @@ pub async fn run(
             .delete_connection(&session.client_id, &session.presence_projects()),
     )
     .await;
+    if let crate::session::Scope::Commands(project) = &session.scope {
+        Box::pin(app.note_command_streams(project)).await;
+    }
     drop(guard);
     if tracing::enabled!(tracing::Level::DEBUG) {
         session.span().in_scope(|| tracing::debug!("session ended"));

@@ -26,7 +26,7 @@ impl Hub {
         let mut sessions = self.sessions();
         // Global events belong to the project service: a story socket carries the seed's
         // progress objects only (docs/protocol.md §9).
-        sessions.retain(|s| !s.is_story());
+        sessions.retain(|s| !s.is_raw());
         let own_scope = event.contains_key("project_id");
         let mut frames: HashMap<String, Bytes> = HashMap::new();
         for session in &sessions {
@@ -138,7 +138,7 @@ impl Session {
             Scope::Project(p) => p.clone(),
             Scope::User => format!("\0user:{}", self.projects().join(",")),
             // Never sent global events (see `broadcast`); one key for all.
-            Scope::Story(_) | Scope::UserStories => String::from("\0story"),
+            Scope::Story(_) | Scope::UserStories | Scope::Commands(_) => String::from("\0raw"),
         }
     }
 }

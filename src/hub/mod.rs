@@ -50,9 +50,11 @@ pub enum HubError {
 }
 
 /// The channel family a session's ids belong to.
-fn family_of(session: &Session) -> Family {
+pub fn family_of(session: &Session) -> Family {
     if session.is_story() {
         Family::Story
+    } else if session.is_commands() {
+        Family::Commands
     } else {
         Family::Project
     }
@@ -85,7 +87,11 @@ pub struct Hub {
     /// Story progress slots (docs/protocol.md §9): the same registry, another family.
     stories: RwLock<HashMap<String, Slot>>,
     /// Registered sessions that are story connections (for the `kind` metric label).
+    /// Sessions by kind past the project service's: story sockets, command streams.
     story_sessions: std::sync::atomic::AtomicUsize,
+    command_sessions: std::sync::atomic::AtomicUsize,
+    /// Command streams by project (docs/protocol.md §6).
+    commands: RwLock<HashMap<String, Slot>>,
     sessions: RwLock<HashMap<String, Arc<Session>>>,
     subs: Option<mpsc::Sender<SubCommand>>,
     linger: Duration,
@@ -109,6 +115,8 @@ impl Hub {
             projects: RwLock::new(HashMap::new()),
             stories: RwLock::new(HashMap::new()),
             story_sessions: std::sync::atomic::AtomicUsize::new(0),
+            command_sessions: std::sync::atomic::AtomicUsize::new(0),
+            commands: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
             subs,
             linger,
@@ -143,6 +151,9 @@ impl Hub {
         if fresh && session.is_story() {
             self.story_sessions.fetch_add(1, Ordering::Relaxed);
         }
+        if fresh && session.is_commands() {
+            self.command_sessions.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The slots of one channel family (each family has its own id namespace).
@@ -150,6 +161,7 @@ impl Hub {
         match family {
             Family::Project => &self.projects,
             Family::Story => &self.stories,
+            Family::Commands => &self.commands,
         }
     }
 
@@ -301,6 +313,9 @@ impl Hub {
         if removed && session.is_story() {
             self.story_sessions.fetch_sub(1, Ordering::Relaxed);
         }
+        if removed && session.is_commands() {
+            self.command_sessions.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// The stream of a project this instance follows.
@@ -355,6 +370,52 @@ impl Hub {
     /// Story progress connections among [`Hub::session_count`] (the `kind` label).
     pub fn story_session_count(&self) -> usize {
         self.story_sessions.load(Ordering::Relaxed)
+    }
+
+    /// Workers' command streams among [`Hub::session_count`] (the `kind` label).
+    pub fn command_session_count(&self) -> usize {
+        self.command_sessions.load(Ordering::Relaxed)
+    }
+
+    /// This instance's command streams of `project`.
+    pub fn command_streams(&self, project: &str) -> usize {
+        self.commands
+            .read()
+            .get(project)
+            .map_or(0, |s| s.members.len())
+    }
+
+    /// Every project with command streams here, with their number (for the registry the
+    /// Redis broker counts `delivered_to` from).
+    pub fn command_stream_counts(&self) -> Vec<(String, usize)> {
+        self.commands
+            .read()
+            .iter()
+            .filter(|(_, s)| !s.members.is_empty())
+            .map(|(p, s)| (p.clone(), s.members.len()))
+            .collect()
+    }
+
+    /// Hands one command, as published, to `project`'s command streams here: one frame
+    /// for all, never awaited. Returns how many streams got it.
+    pub fn deliver_command(&self, project: &str, payload: &[u8]) -> usize {
+        let commands = self.commands.read();
+        let Some(slot) = commands.get(project) else {
+            return 0;
+        };
+        let command = Prepared {
+            frame: crate::ws::frame::text(payload),
+            conflate: None,
+            seq: None,
+            epoch: None,
+        };
+        for member in &slot.members {
+            member.offer(&[&command], None, &slot.holds, &self.stats);
+        }
+        self.stats
+            .delivered
+            .fetch_add(slot.members.len() as u64, Ordering::Relaxed);
+        slot.members.len()
     }
 
     pub fn session_count(&self) -> usize {
@@ -484,6 +545,10 @@ impl Sink for Hub {
 
     fn deliver_story(&self, story: &str, frame: &Bytes) -> usize {
         Hub::deliver_story(self, story, frame)
+    }
+
+    fn deliver_command(&self, project: &str, payload: &[u8]) -> usize {
+        Hub::deliver_command(self, project, payload)
     }
 
     fn broadcast(&self, payload: &[u8]) -> Result<usize, event::EventError> {

@@ -41,9 +41,17 @@ pub(crate) const HANDSHAKE_LABELS: [&str; 9] = [
     "auth_unavailable",
 ];
 
-/// Connection kinds (label `kind`, docs/protocol.md §9): the project service (seed 000) and
-/// story progress (seed 003).
-pub(crate) const KIND_LABELS: [&str; 2] = ["project", "story"];
+/// Connection kinds (label `kind`, docs/protocol.md §9): the project service (seed 000),
+/// story progress (seed 003) and workers' command streams (§6).
+pub(crate) const KIND_LABELS: [&str; 3] = ["project", "story", "commands"];
+
+/// A connection's kind, the index into [`KIND_LABELS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Project = 0,
+    Story = 1,
+    Commands = 2,
+}
 
 /// Reasons an incoming event is rejected (label `reason`).
 pub(crate) const REJECT_LABELS: [&str; 11] = [
@@ -79,7 +87,7 @@ pub struct DeliveryStats {
 
 pub struct Metrics {
     /// By kind ([`KIND_LABELS`]), then result ([`HANDSHAKE_LABELS`]).
-    pub(crate) handshakes: [[AtomicU64; 9]; 2],
+    pub(crate) handshakes: [[AtomicU64; 9]; 3],
     pub(crate) rejected: [AtomicU64; 11],
     /// Authorization-hook failures by [`HOOK_FAILURE_LABELS`] reason.
     pub(crate) hook_failures: [AtomicU64; 5],
@@ -118,12 +126,12 @@ impl Default for Metrics {
 impl Metrics {
     /// A handshake of a project connection.
     pub fn handshake(&self, result: Handshake) {
-        self.handshake_of(false, result);
+        self.handshake_of(Kind::Project, result);
     }
 
-    /// A handshake of a project (`story` false) or story connection.
-    pub fn handshake_of(&self, story: bool, result: Handshake) {
-        self.handshakes[usize::from(story)][result as usize].fetch_add(1, Ordering::Relaxed);
+    /// A handshake of a connection of `kind`.
+    pub fn handshake_of(&self, kind: Kind, result: Handshake) {
+        self.handshakes[kind as usize][result as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// An authorization-hook call failed for `reason` (one of `HOOK_FAILURE_LABELS`).

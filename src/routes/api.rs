@@ -332,9 +332,11 @@ pub(super) async fn broadcast(app: &App, req: Request<Incoming>) -> Response {
                 "an event without project_id goes to every project: it needs a grant of [\"*\"]",
             )
         }
-        Some(_) if everyone && !claims.grants_all() => return forbidden(&format!(
+        Some(_) if everyone && !claims.grants_all() => {
+            return forbidden(&format!(
             "{kind} is a global event that goes to every connection: it needs a grant of [\"*\"]"
-        )),
+        ))
+        }
         None => {}
         Some(Value::String(p)) if !valid_project_id(p) => {
             return refuse_broadcast(app, &event::EventError::BadProjectId)

@@ -46,6 +46,9 @@ enum Route {
     Broadcast,
     ProjectEvents,
     ProjectPresence,
+    /// `GET /v1/projects/{id}/commands`: a worker's command stream, a WebSocket upgrade
+    /// handled by the handshake (docs/protocol.md §6).
+    ProjectCommands,
     StoryProgress,
 }
 
@@ -75,6 +78,7 @@ fn table() -> &'static matchit::Router<Route> {
             ("/v1/broadcast", Route::Broadcast),
             ("/v1/projects/{project}/events", Route::ProjectEvents),
             ("/v1/projects/{project}/presence", Route::ProjectPresence),
+            ("/v1/projects/{project}/commands", Route::ProjectCommands),
             ("/v1/stories/{story}/progress", Route::StoryProgress),
         ] {
             // A fixed table: a conflict here is a programming error caught by the tests.
@@ -146,7 +150,7 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response {
         Route::Readyz => health::readyz(&app),
         Route::HealthWebsocket => health::health(&app),
         Route::Metrics => health::metrics(&app, &req),
-        Route::WebSocket => crate::handshake::handle(app, req).await,
+        Route::WebSocket | Route::ProjectCommands => crate::handshake::handle(app, req).await,
         Route::WsUrl => health::ws_url(&app, project),
         Route::Broadcast => api::broadcast(&app, req).await,
         Route::ProjectEvents => api::publish(&app, project, req).await,

@@ -65,6 +65,7 @@ pub fn connection_span(
         Scope::User => span.record("projects", projects.join(",")),
         Scope::Story(s) => span.record("story_id", s.as_str()),
         Scope::UserStories => span.record("stories", projects.join(",")),
+        Scope::Commands(p) => span.record("project_id", p.as_str()),
     };
     match peer {
         Some(peer) => {
@@ -91,6 +92,9 @@ pub enum Scope {
     Story(String),
     /// `/ws/user/stories`: every story of the user.
     UserStories,
+    /// `GET /v1/projects/{id}/commands`: a worker taking the project's commands
+    /// (docs/protocol.md §6).
+    Commands(String),
 }
 
 pub struct Session {
@@ -291,7 +295,7 @@ impl Session {
     pub fn primary_project(&self) -> Option<String> {
         match &self.scope {
             Scope::Project(p) => Some(p.clone()),
-            Scope::User | Scope::Story(_) | Scope::UserStories => None,
+            Scope::User | Scope::Story(_) | Scope::UserStories | Scope::Commands(_) => None,
         }
     }
 
@@ -304,9 +308,9 @@ impl Session {
             Scope::User => {
                 map.insert("projects".into(), json!(self.projects()));
             }
-            // Story sockets carry the seed's progress objects only, never gateway
+            // Story and command sockets carry what was published only, never gateway
             // messages; nothing to fill.
-            Scope::Story(_) | Scope::UserStories => {}
+            Scope::Story(_) | Scope::UserStories | Scope::Commands(_) => {}
         }
     }
 
@@ -317,10 +321,22 @@ impl Session {
         matches!(self.scope, Scope::Story(_) | Scope::UserStories)
     }
 
+    /// A worker's command stream (docs/protocol.md §6): it is sent its project's commands,
+    /// as published, and nothing else.
+    pub fn is_commands(&self) -> bool {
+        matches!(self.scope, Scope::Commands(_))
+    }
+
+    /// A connection that carries published payloads only (story progress, commands): no
+    /// gateway message ever goes to it, not even on close (the close frame says why).
+    pub fn is_raw(&self) -> bool {
+        self.is_story() || self.is_commands()
+    }
+
     /// The projects this connection is present in (`project:{id}:presence`): none for a
-    /// story connection, whose ids are stories.
+    /// story connection, whose ids are stories, nor for a worker's command stream.
     pub fn presence_projects(&self) -> Vec<String> {
-        if self.is_story() {
+        if self.is_raw() {
             Vec::new()
         } else {
             self.projects()
@@ -471,7 +487,7 @@ impl Session {
     /// events first (a slow consumer resumes from history). Returns false if the session
     /// was already closing.
     pub fn close(&self, code: u16, reason: &str, discard_pending: bool) -> bool {
-        if self.is_story() {
+        if self.is_raw() {
             // The seed's frontend reads every text frame as progress: the close frame
             // alone says why.
             return self.finish(&[frame::close(code, reason)], discard_pending);
@@ -489,7 +505,7 @@ impl Session {
 
     /// Shutdown path: flush what is queued, then `container.reconnect`, then close 1012.
     pub fn close_for_restart(&self, reconnect_after_ms: u64) -> bool {
-        if self.is_story() {
+        if self.is_raw() {
             return self.finish(
                 &[frame::close(close_code::RESTART, "server restart")],
                 false,

@@ -19,6 +19,7 @@ mod api_hardening;
 mod authorization;
 mod broker_outage;
 mod cli;
+mod command_stream;
 mod conformance;
 mod console;
 mod costs;

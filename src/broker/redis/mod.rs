@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 use super::state::Snapshot;
 use super::{
     commands_channel, new_epoch, project_channel, BrokerError, HistoryLimits, HistoryRead,
-    Position, SinkSlot, PUBLISH_SCRIPT, STORY_SCRIPT,
+    Position, SinkSlot, COMMAND_SCRIPT, PUBLISH_SCRIPT, STORY_SCRIPT,
 };
 use crate::config::RedisConfig;
 use crate::metrics::histogram::{self, DurationHistogram};
@@ -73,6 +73,7 @@ pub struct RedisBroker {
     pool: Pool,
     script: redis::Script,
     story_script: redis::Script,
+    command_script: redis::Script,
     /// The global channel (`redis.broadcast_channel`, the seed's `REDIS_CHANNEL`).
     broadcast_channel: String,
     pub(super) sink: SinkSlot,
@@ -124,6 +125,7 @@ impl RedisBroker {
             pool,
             script: redis::Script::new(PUBLISH_SCRIPT),
             story_script: redis::Script::new(STORY_SCRIPT),
+            command_script: redis::Script::new(COMMAND_SCRIPT),
             broadcast_channel: config.broadcast_channel.clone(),
             sink: SinkSlot::default(),
             policy,
@@ -392,14 +394,22 @@ impl RedisBroker {
         .map(|_| ())
     }
 
+    /// Relays a client command to the project's workers: those subscribed to
+    /// `project:{id}:commands` themselves and those on gateways' command streams, counted
+    /// by [`COMMAND_SCRIPT`].
     pub async fn publish_command(
         &self,
         project: &str,
         payload: Vec<u8>,
     ) -> Result<u64, BrokerError> {
-        let channel = commands_channel(project);
+        let mut invocation = self.command_script.prepare_invoke();
+        invocation
+            .key(commands_channel(project))
+            .key(super::command_streams_key(project))
+            .arg(payload)
+            .arg(super::instance_key(""));
         let n = self
-            .with_conn(|mut conn| async move { conn.publish::<_, _, i64>(channel, payload).await })
+            .with_conn(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
             .await?;
         Ok(n.max(0) as u64)
     }

@@ -20,7 +20,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
 use super::RedisBroker;
-use crate::broker::{channel_project, Broker, SubCommand};
+use crate::broker::{channel_project, commands_channel_project, Broker, SubCommand};
 
 /// Largest story progress message relayed (seed 003's are a few hundred bytes).
 const STORY_MAX_BYTES: usize = 64 * 1024;
@@ -86,6 +86,12 @@ impl RedisBroker {
                     Ok(_) => metrics.fanout.observe(read_at.elapsed()),
                     Err(e) => self.note_dropped(channel, e.reason(), &e.to_string()),
                 }
+                continue;
+            }
+            if let Some(project) = commands_channel_project(channel) {
+                // A command for the workers on this instance's command streams (this
+                // instance subscribes only while it has some): passed on as published.
+                sink.deliver_command(project, payload);
                 continue;
             }
             if let Some(story) = crate::story::channel_story(channel) {

@@ -12,7 +12,9 @@ use deadpool_redis::redis::{self, AsyncCommands};
 use tokio::sync::mpsc;
 
 use super::RedisBroker;
-use crate::broker::{connection_key, instance_key, presence_key, BrokerError, ConnectionRecord};
+use crate::broker::{
+    connection_key, instance_key, presence_key, BrokerError, ConnectionRecord, LiveCount,
+};
 
 /// A queued change to the connection records (or a story's stored progress).
 #[derive(Debug)]
@@ -26,6 +28,13 @@ pub enum RecordOp {
     },
     Put(ConnectionRecord, Duration),
     Delete(String, Vec<String>),
+    /// This instance's command streams of a project, counted when written.
+    CommandStreams {
+        project: String,
+        instance_id: String,
+        count: LiveCount,
+        ttl: Duration,
+    },
 }
 
 impl RedisBroker {
@@ -34,6 +43,22 @@ impl RedisBroker {
     /// a round trip per connection: connect storms).
     pub async fn put_connection(&self, record: &ConnectionRecord, ttl: Duration) {
         self.record_op(RecordOp::Put(record.clone(), ttl)).await;
+    }
+
+    pub async fn note_command_streams(
+        &self,
+        project: &str,
+        instance_id: &str,
+        count: LiveCount,
+        ttl: Duration,
+    ) {
+        self.record_op(RecordOp::CommandStreams {
+            project: project.to_owned(),
+            instance_id: instance_id.to_owned(),
+            count,
+            ttl,
+        })
+        .await;
     }
 
     pub async fn delete_connection(&self, client_id: &str, projects: &[String]) {
@@ -118,6 +143,15 @@ impl RedisBroker {
                         pipe.zrem(presence_key(project), client_id).ignore();
                     }
                 }
+                RecordOp::CommandStreams {
+                    project,
+                    instance_id,
+                    count,
+                    ttl,
+                } => {
+                    records += 1;
+                    put_command_streams(&mut pipe, project, instance_id, (count.0)(), *ttl);
+                }
             }
         }
         if records > 0 {
@@ -163,6 +197,7 @@ impl RedisBroker {
         instance_id: &str,
         info: &serde_json::Value,
         connections: &[(String, Vec<String>)],
+        command_streams: &[(String, usize)],
         ttl: Duration,
     ) {
         let secs = ttl.as_secs().max(1);
@@ -178,6 +213,9 @@ impl RedisBroker {
             let mut pipe = redis::pipe();
             if i == 0 {
                 pipe.set_ex(&key, &info, secs).ignore();
+                for (project, n) in command_streams {
+                    put_command_streams(&mut pipe, project, instance_id, *n, ttl);
+                }
             }
             for (id, projects) in chunk {
                 pipe.expire(connection_key(id), secs as i64).ignore();
@@ -238,5 +276,24 @@ impl RedisBroker {
         let _ = self
             .with_conn(|mut conn| async move { conn.del::<_, ()>(key).await })
             .await;
+    }
+}
+
+/// This instance's entry in `project:{id}:command_streams` (removed at 0). The hash lives
+/// twice the record TTL past its last refresh; an entry of an instance that died without
+/// removing it is dropped by the command script once the instance's registry key expired.
+fn put_command_streams(
+    pipe: &mut redis::Pipeline,
+    project: &str,
+    instance_id: &str,
+    n: usize,
+    ttl: Duration,
+) {
+    let key = super::super::command_streams_key(project);
+    if n > 0 {
+        pipe.hset(&key, instance_id, n).ignore();
+        pipe.expire(&key, ttl.as_secs().max(1) as i64 * 2).ignore();
+    } else {
+        pipe.hdel(&key, instance_id).ignore();
     }
 }
