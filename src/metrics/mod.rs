@@ -45,7 +45,7 @@ pub(crate) const HANDSHAKE_LABELS: [&str; 9] = [
 /// story progress (seed 003) and workers' command streams (§6).
 pub(crate) const KIND_LABELS: [&str; 3] = ["project", "story", "commands"];
 
-/// A connection's kind, the index into [`KIND_LABELS`].
+/// A connection's kind, the index into `KIND_LABELS`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Project = 0,
