@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use switchboard::event::prepare_project_event;
+use switchboard::event::{prepare_project_event, prepare_received};
 use switchboard::hub::Hub;
 use switchboard::schema::Policy;
 use switchboard::session::outbox::Limits;
@@ -17,6 +17,10 @@ const STRICT: Policy = Policy {
     allow_unknown_types: false,
     max_json_depth: 64,
 };
+/// `EVENT` as the publish script PUBLISHes it (seq and the publish mark at the end).
+const EVENT_MARKED: &[u8] = br#"{"type":"task.progress","task_id":"t-1","node_id":"n-1","progress":{"percentage":42.5,"current_step":2,"total_steps":4,"step_description":"Generating image"},"project_id":"p","timestamp":"2026-11-23T12:00:00.000Z","seq":1234,"epoch":"0f3a9c2e4b7d"}"#;
+/// `EVENT` published raw by a legacy worker that put its own seq in it.
+const EVENT_RAW_SEQ: &[u8] = br#"{"type":"task.progress","task_id":"t-1","node_id":"n-1","progress":{"percentage":42.5,"current_step":2,"total_steps":4,"step_description":"Generating image"},"project_id":"p","timestamp":"2026-11-23T12:00:00.000Z","seq":999}"#;
 const EVENT_TO_FILL: &[u8] =
     br#"{"type":"node.state.updated","node_id":"n-1","state":"processing"}"#;
 
@@ -58,6 +62,16 @@ fn encode(c: &mut Criterion) {
     });
     g.bench_function("prepare_fill", |b| {
         b.iter(|| prepare_project_event("p", EVENT_TO_FILL, Some(&STRICT)).unwrap())
+    });
+    // What the pub/sub reader does per event (docs/protocol.md §3, raw seq never trusted).
+    g.bench_function("received_plain", |b| {
+        b.iter(|| prepare_received("p", EVENT, Some(&STRICT)).unwrap())
+    });
+    g.bench_function("received_marked", |b| {
+        b.iter(|| prepare_received("p", EVENT_MARKED, Some(&STRICT)).unwrap())
+    });
+    g.bench_function("received_raw_seq_stripped", |b| {
+        b.iter(|| prepare_received("p", EVENT_RAW_SEQ, Some(&STRICT)).unwrap())
     });
     g.finish();
 }

@@ -108,7 +108,9 @@ fn publish_mark(payload: &[u8]) -> Option<(Vec<u8>, u64, &str)> {
     const EPOCH: &[u8] = b",\"epoch\":\"";
     const SEQ: &[u8] = b",\"seq\":";
     let rest = payload.strip_suffix(b"\"}")?;
-    let at = rest.windows(EPOCH.len()).rposition(|w| w == EPOCH)?;
+    // The mark is the end: look for it only where an epoch of at most 64 bytes can start.
+    let from = rest.len().saturating_sub(64 + EPOCH.len());
+    let at = from + memchr::memmem::rfind(&rest[from..], EPOCH)?;
     let epoch = std::str::from_utf8(&rest[at + EPOCH.len()..]).ok()?;
     if epoch.is_empty()
         || epoch.len() > 64
@@ -134,9 +136,7 @@ fn publish_mark(payload: &[u8]) -> Option<(Vec<u8>, u64, &str)> {
 /// `payload` without its `seq` field, when it has one (None otherwise or when it is not a
 /// JSON object).
 fn without_seq_field(payload: &[u8]) -> Option<Vec<u8>> {
-    if !payload.windows(5).any(|w| w == b"\"seq\"") {
-        return None;
-    }
+    memchr::memmem::find(payload, b"\"seq\"")?;
     let mut map: Map<String, Value> = serde_json::from_slice(payload).ok()?;
     map.remove("seq")?;
     serde_json::to_vec(&map).ok()
