@@ -12,18 +12,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-async fn kill_pubsub(redis: &RedisServer) {
-    let mut con = redis.conn().await;
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert!(killed >= 1, "the gateway holds a pub/sub connection");
-}
-
 /// Non-heartbeat frames until `n` events (frames with a `type` that is not a gateway
 /// message) have arrived.
 async fn events(c: &mut WsClient, n: usize) -> Vec<Value> {
@@ -84,7 +72,7 @@ async fn a_legacy_publishers_seq_moves_nobody() {
     let (_d, est) = gw.connect("p1", &token).await;
     assert_eq!(est["seq"], 3);
     assert_eq!(est["epoch"], epoch.as_str());
-    kill_pubsub(&redis).await;
+    redis.kill_pubsub_clients().await;
     assert!(
         eventually(Duration::from_secs(15), || async {
             redis.pubsub_channels("project:p1:events").await.len() == 1

@@ -508,6 +508,20 @@ impl RedisServer {
     }
 
     /// Writes `session:{id}` as the web backend would.
+    /// `CLIENT KILL TYPE pubsub`: drops every pub/sub connection (the gateways' shared
+    /// one included, as a network fault would); asserts there was one.
+    pub async fn kill_pubsub_clients(&self) {
+        let mut con = self.conn().await;
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert!(killed >= 1, "a gateway holds a pub/sub connection");
+    }
+
     pub async fn set_session(&self, id: &str, record: &Value) {
         let mut con = self.conn().await;
         let _: () = redis::cmd("SET")

@@ -53,6 +53,20 @@ def _check_project_id(project_id: str) -> None:
         raise InvalidEvent("project_id 'user' is reserved (it names the /ws/user stream)")
 
 
+def _checked_json(event: dict[str, Any], kind: str, where: str) -> bytes:
+    """The event checked against the protocol's schema, as compact UTF-8 JSON; raises
+    InvalidEvent (prefixed with ``where`` and the type) naming what is wrong."""
+    try:
+        schema.validate(event)
+    except InvalidEvent as e:
+        raise InvalidEvent(f"{where}{kind}: {e}") from None
+    try:
+        text = json.dumps(event, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:  # unserialisable value, NaN, lone surrogate
+        raise InvalidEvent(f"{where}{kind}: not JSON-serialisable: {e}") from e
+    return text.encode("utf-8")
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -154,15 +168,7 @@ class FunctionRunnerEventPublisher:
         for field in ("timestamp", "runner_id"):
             if not isinstance(out[field], str):
                 raise InvalidEvent(f"{where}{field}: expected a string")
-        try:
-            schema.validate(out)
-        except InvalidEvent as e:
-            raise InvalidEvent(f"{where}{kind}: {e}") from None
-        try:
-            text = json.dumps(out, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-            return text.encode("utf-8")
-        except (TypeError, ValueError) as e:  # unserialisable value, NaN, lone surrogate
-            raise InvalidEvent(f"{where}{kind}: not JSON-serialisable: {e}") from e
+        return _checked_json(out, kind, where)
 
     def _run(self, project_id: str, payloads: list[bytes]) -> tuple[str, list[int], int]:
         keys = [
@@ -340,16 +346,9 @@ class FunctionRunnerEventPublisher:
             out.pop("project_id", None)
         if out.get("timestamp") is None:
             out["timestamp"] = now_rfc3339()
+        payload = _checked_json(out, kind, "")
         try:
-            schema.validate(out)
-        except InvalidEvent as e:
-            raise InvalidEvent(f"{kind}: {e}") from None
-        try:
-            text = json.dumps(out, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise InvalidEvent(f"{kind}: not JSON-serialisable: {e}") from e
-        try:
-            return int(self._redis.publish(self.broadcast_channel, text.encode("utf-8")))
+            return int(self._redis.publish(self.broadcast_channel, payload))
         except redis.RedisError as e:
             raise PublishError(f"broadcast of {kind} failed: {e}") from e
 
