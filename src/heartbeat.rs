@@ -85,9 +85,9 @@ pub async fn run(app: Arc<App>) {
             }
             if session.is_story() {
                 // The seed's keepalive: its text `ping` once per `stories.keepalive_secs` of
-                // client silence (the sweep runs every second: one window, one ping), and
+                // client text silence (pongs do not count, as in the seed) (the sweep runs every second: one window, one ping), and
                 // WebSocket pings on the beat; never a gateway message.
-                let idle = session.idle_for(now_ms).as_secs();
+                let idle = session.text_silence(now_ms).as_secs();
                 if idle >= keepalive && idle % keepalive == 0 {
                     session.send_control(story_ping.clone());
                 }

@@ -204,6 +204,7 @@ async fn dispatch(
 /// unit of the connection's budget; over it, messages are dropped, and persistent abuse
 /// closes 4029.
 async fn story_text(app: &App, session: &Arc<Session>, state: &mut ClientState, text: &str) {
+    session.note_text(crate::event::unix_millis());
     if let Err(close) = state.admit_n(1) {
         if close {
             session.close(close_code::RATE_LIMITED, "rate limited", false);

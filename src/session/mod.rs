@@ -116,6 +116,10 @@ pub struct Session {
     pub outbox: Outbox,
     /// Milliseconds since the UNIX epoch of the last frame from the client.
     last_seen_ms: AtomicU64,
+    /// Story sockets: seconds after `connected_at_ms` of the client's last text message
+    /// (the seed's keepalive counts text silence, not pongs). 4 bytes that fit in the
+    /// struct's padding: the session did not grow.
+    last_text_s: std::sync::atomic::AtomicU32,
     /// Credential expiry, UNIX seconds; 0 = none.
     expires_at: AtomicU64,
     /// Set when the connection must end at once (abort) or has ended.
@@ -182,6 +186,7 @@ impl Session {
             projects: Mutex::new(projects),
             outbox: Outbox::new(limits),
             last_seen_ms: AtomicU64::new(event::unix_millis()),
+            last_text_s: std::sync::atomic::AtomicU32::new(0),
             expires_at: AtomicU64::new(claims.expires_at().unwrap_or(0)),
             claims: Mutex::new(claims),
             session_id: OnceLock::new(),
@@ -382,6 +387,22 @@ impl Session {
             .store(event::unix_millis(), Ordering::Relaxed);
     }
 
+    /// A story client sent a text message now (see [`Session::text_silence`]).
+    pub fn note_text(&self, now_ms: u64) {
+        let secs = now_ms.saturating_sub(self.connected_at_ms) / 1000;
+        self.last_text_s
+            .store(u32::try_from(secs).unwrap_or(u32::MAX), Ordering::Relaxed);
+    }
+
+    /// How long the client has sent no text message (since it connected, if it never did).
+    /// Seed 003's keepalive counts this, not frames: browsers answer WebSocket pings by
+    /// themselves, so a pong says nothing about the page.
+    pub fn text_silence(&self, now_ms: u64) -> Duration {
+        let last =
+            self.connected_at_ms + u64::from(self.last_text_s.load(Ordering::Relaxed)) * 1000;
+        Duration::from_millis(now_ms.saturating_sub(last))
+    }
+
     pub fn idle_for(&self, now_ms: u64) -> Duration {
         Duration::from_millis(now_ms.saturating_sub(self.last_seen_ms.load(Ordering::Relaxed)))
     }
@@ -551,5 +572,19 @@ impl Session {
 
     pub fn is_ended(&self) -> bool {
         self.ended.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// Every connection carries one: it must not grow unnoticed (issue 13 counts bytes per
+    /// idle connection).
+    #[test]
+    fn a_session_stays_within_its_size() {
+        assert!(
+            std::mem::size_of::<super::Session>() <= 368,
+            "{} bytes",
+            std::mem::size_of::<super::Session>()
+        );
     }
 }

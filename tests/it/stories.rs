@@ -208,6 +208,45 @@ async fn story_sockets_carry_progress_only_and_get_the_keepalive_ping() {
     assert_eq!(c.next_text(T).await, "ping");
 }
 
+/// The seed counts text silence: a client whose only frames are WebSocket control frames
+/// (what a browser's automatic pong is) still gets the text `ping`, and its text resets
+/// the count.
+#[tokio::test]
+async fn the_keepalive_counts_text_silence_not_control_frames() {
+    let gw = GatewayOpts::new()
+        .cfg("stories", "keepalive_secs", "2")
+        .start();
+    let token = story_token(&gw, "user-1", &["s1"]);
+    let mut c = gw
+        .ws(&format!("/ws/stories/s1/progress?token={token}"), &[])
+        .await;
+    let started = std::time::Instant::now();
+    let text = loop {
+        c.send_ping().await;
+        match c.next_frame(Duration::from_millis(300)).await {
+            Some(Frame::Text(t)) => break t,
+            Some(Frame::Pong) | None => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "no text ping");
+    };
+    assert_eq!(text, "ping");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    // Text from the client: silence starts again.
+    c.send_text("status").await;
+    let quiet_from = std::time::Instant::now();
+    assert_eq!(c.next_text(T).await, "ping");
+    assert!(
+        quiet_from.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        quiet_from.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn the_user_stories_socket_follows_every_granted_story() {
     let gw = GatewayOpts::new().start();

@@ -1699,6 +1699,14 @@ impl WsClient {
         let _ = tokio::time::timeout(T, self.ws.send(Message::text(t))).await;
     }
 
+    /// A WebSocket ping frame (the server answers with a pong; it counts as activity).
+    pub async fn send_ping(&mut self) {
+        tokio::time::timeout(T, self.ws.send(Message::Ping(Vec::new().into())))
+            .await
+            .expect("send timed out")
+            .expect("send ping");
+    }
+
     pub async fn send_binary(&mut self, b: &[u8]) {
         tokio::time::timeout(T, self.ws.send(Message::binary(b.to_vec())))
             .await
