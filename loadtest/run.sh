@@ -5,7 +5,7 @@
 # JSON per scenario, report.md and latency.svg. Stops everything it started, by PID.
 #
 #   loadtest/run.sh                   # every scenario (a few minutes)
-#   loadtest/run.sh fanout slow       # only these (idle connect-storm fanout spread resume-storm slow)
+#   loadtest/run.sh fanout slow       # only these (idle connect-storm fanout spread resume-storm slow beat)
 #   QUICK=1 loadtest/run.sh           # short runs, fewer clients (about a minute)
 #   IDLE_HOLD=10 loadtest/run.sh idle # hold the idle connections longer before measuring
 #
@@ -19,7 +19,7 @@ cd "$ROOT"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 QUICK="${QUICK:-0}"
 
-ALL=(idle connect-storm fanout spread resume-storm slow)
+ALL=(idle connect-storm fanout spread resume-storm slow beat)
 if [ "$#" -gt 0 ]; then SCENARIOS=("$@"); else SCENARIOS=("${ALL[@]}"); fi
 for s in "${SCENARIOS[@]}"; do
   case " ${ALL[*]} " in *" $s "*) ;; *) echo "unknown scenario: $s (one of: ${ALL[*]})" >&2; exit 2 ;; esac
@@ -149,6 +149,13 @@ for s in "${SCENARIOS[@]}"; do
       run fanout-1000 fanout --clients 1000 --rate 1000 --duration "$(q 3 10)" ;;
     spread)
       run spread spread --clients 5000 --projects 500 --rate 2000 --duration "$(q 3 10)" ;;
+    beat)
+      # Issue 13's repro: the spread load at 18,000 connections with a 5 s heartbeat, over
+      # several beats. Before the sweep spread its beats, every beat held fan-out for
+      # 100+ ms (p99 115 ms, max 235 ms).
+      export WS_HEARTBEAT_INTERVAL="${BEAT_INTERVAL:-5}"
+      run beat spread --clients "$(q 6000 18000)" --projects 500 --rate 500 --duration "$(q 6 20)"
+      unset WS_HEARTBEAT_INTERVAL ;;
     resume-storm)
       # The loadgen SIGTERMs this gateway mid-run and starts a new one (pid in the pid
       # file, stopped by the loadgen itself, or by our trap if it dies first).

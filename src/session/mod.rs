@@ -156,6 +156,15 @@ impl Session {
     }
 }
 
+/// [`Session::beat_phase`] of a connection made at `connected_at_ms`.
+fn beat_phase_of(connected_at_ms: u64, slots: u64) -> u64 {
+    // splitmix64's finalizer: consecutive milliseconds land far apart.
+    let mut z = connected_at_ms.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) % slots.max(1)
+}
+
 /// A `subscribe` beyond `ws.max_subscriptions_per_connection`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("this connection follows as many projects as it may")]
@@ -387,6 +396,13 @@ impl Session {
             .store(event::unix_millis(), Ordering::Relaxed);
     }
 
+    /// The second of each heartbeat interval (0..`slots`) at which this connection beats:
+    /// spread over the interval by a hash of its connect time (a connect storm spreads
+    /// over its milliseconds), so one tick never beats every connection at once.
+    pub fn beat_phase(&self, slots: u64) -> u64 {
+        beat_phase_of(self.connected_at_ms, slots)
+    }
+
     /// A story client sent a text message now (see [`Session::text_silence`]).
     pub fn note_text(&self, now_ms: u64) {
         let secs = now_ms.saturating_sub(self.connected_at_ms) / 1000;
@@ -579,6 +595,19 @@ impl Session {
 mod size_tests {
     /// Every connection carries one: it must not grow unnoticed (issue 13 counts bytes per
     /// idle connection).
+    #[test]
+    fn beat_phases_of_a_connect_storm_spread_over_the_interval() {
+        let mut per_slot = [0usize; 30];
+        for ms in 0..3000u64 {
+            per_slot[super::beat_phase_of(1_764_000_000_000 + ms, 30) as usize] += 1;
+        }
+        // 100 per slot on average; no slot empty or crowded.
+        assert!(
+            per_slot.iter().all(|n| (50..=150).contains(n)),
+            "{per_slot:?}"
+        );
+    }
+
     #[test]
     fn a_session_stays_within_its_size() {
         assert!(

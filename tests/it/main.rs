@@ -27,6 +27,7 @@ mod deploy;
 mod fanout;
 mod faults;
 mod handshake;
+mod heartbeat;
 mod hook;
 mod http_api;
 mod isolation_prop;
