@@ -3,7 +3,7 @@
 //! records.
 //!
 //! No connection owns a timer (DESIGN "Small connections"): a sweep runs every second over
-//! the sessions, in chunks of [`CHUNK`] with a yield between them so fan-out interleaves.
+//! the sessions, in chunks of `CHUNK` sessions with a yield between them so fan-out interleaves.
 //! Each connection beats once per `WS_HEARTBEAT_INTERVAL` in its own second of the
 //! interval (`Session::beat_phase`): `system.heartbeat` plus a WebSocket ping, the frame
 //! encoded once per project per tick; a beat therefore costs 1/interval of the connections
