@@ -69,8 +69,11 @@ const LIMITER_PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// At most one "pending connection cap reached" warning per this interval.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// The WebSocket handshakes: `/ws/…` and a worker's command stream
+/// (`/v1/projects/{id}/commands`), which costs the same (credential, caps, subscribe).
 fn is_handshake(uri: &http::Uri) -> bool {
-    uri.path().starts_with("/ws/")
+    let path = uri.path();
+    path.starts_with("/ws/") || (path.starts_with("/v1/projects/") && path.ends_with("/commands"))
 }
 
 /// Routes that read a credential: the handshakes and the HTTP API (but the public

@@ -145,3 +145,20 @@ async fn a_command_stream_needs_a_service_credential_for_its_project() {
         .await;
     assert_eq!(r.status, 405, "{}", r.text());
 }
+
+/// A command-stream handshake costs what a `/ws/` one does: it shares the per-IP handshake
+/// quota, so a client without credentials cannot make the gateway upgrade and refuse
+/// without limit.
+#[tokio::test]
+async fn command_stream_handshakes_share_the_per_ip_rate_limit() {
+    let gw = GatewayOpts::new()
+        .cfg("server", "handshake_rate_per_sec", "1")
+        .cfg("server", "handshake_burst", "2")
+        .start();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = gw.get("/v1/projects/p1/commands").await;
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses, [401, 401, 429], "the third is over the quota");
+}
