@@ -27,6 +27,7 @@
 //! ws/           RFC 6455: server frames, client frame parsing, close codes, upgrade glue
 //! schema/       typed events: registry, validation, TypeScript/JSON Schema generation
 //! metrics/      counters and histograms (atomics); limits.rs connection caps
+//! wheel.rs      the timing wheel of one-second slots behind the shared timer
 //! console.rs    the event console page at /console (embedded files, CSP)
 //! json_depth.rs, project.rs, response.rs   small leaves: JSON depth, the project-id rule,
 //!               HTTP response helpers
@@ -61,4 +62,5 @@ pub mod server;
 pub mod session;
 pub mod story;
 pub mod stream;
+pub mod wheel;
 pub mod ws;

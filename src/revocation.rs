@@ -1,11 +1,12 @@
 //! Revoked sessions: connections authenticated by `session:{id}` follow what Redis says.
 //!
 //! A JWT is checked once and ends at its `exp`; a server-side session can be revoked at any
-//! time by deleting its key (log out, password change, an admin). Every
-//! `auth.session_recheck_secs` the shared heartbeat sweep ([`crate::heartbeat`]) starts one
-//! background check: the distinct session ids of this instance's session-authenticated
-//! connections are read with one MGET per [`BATCH`] ids, never one timer or one Redis call
-//! per connection. Then, per connection:
+//! time by deleting its key (log out, password change, an admin). Each session-authenticated
+//! connection is rechecked once per `auth.session_recheck_secs`, in its own second of that
+//! interval: the shared timer ([`crate::heartbeat`]) hands each tick's due connections to
+//! one background check, which reads their distinct session ids with one MGET per
+//! [`BATCH`] ids, never one timer or one Redis call per connection, and never every
+//! connection at once (issue 13). Then, per connection:
 //! - key gone, unreadable, or for another user: `connection.closed` and close 4001;
 //! - the session no longer grants one of the connection's projects, and the authorization
 //!   hook (if any, docs/protocol.md §10) does not allow it either: close 4003;
@@ -19,23 +20,25 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use switchboard_middleware::{Claims, CredentialKind, SessionRecord};
 
 use crate::app::App;
 use crate::authz::{Authorizer, Kind};
 use crate::broker::BrokerError;
+use crate::hub::Hub;
 use crate::session::Session;
 use crate::ws::close_code;
 
 /// Session ids per MGET round trip.
 pub const BATCH: usize = 500;
 
-/// The sweep's handle on the periodic check.
+/// The shared timer's handle on the recheck.
 pub struct SessionRecheck {
     every: Duration,
-    next: Instant,
+    /// Connections due while a check was running: taken by the next one.
+    pending: Vec<Arc<Session>>,
     /// A check is in flight: the next one waits for it rather than piling up.
     running: Arc<AtomicBool>,
     /// The last check could not reach Redis (so the next failure is not logged again).
@@ -50,35 +53,42 @@ impl SessionRecheck {
         if secs == 0 || app.broker.session_store().is_none() {
             return None;
         }
-        let every = Duration::from_secs(secs);
         Some(Self {
-            every,
-            next: Instant::now() + every,
+            every: Duration::from_secs(secs),
+            pending: Vec::new(),
             running: Arc::new(AtomicBool::new(false)),
             failing: Arc::new(AtomicBool::new(false)),
         })
     }
 
-    /// Called on every sweep; starts a background check when one is due and none is running.
-    pub fn tick(&mut self, app: &Arc<App>, now: Instant) {
-        if now < self.next || self.running.swap(true, Ordering::AcqRel) {
+    /// Seconds between two rechecks of one connection.
+    pub fn every_secs(&self) -> u64 {
+        self.every.as_secs().max(1)
+    }
+
+    /// Called on every tick of the shared timer with the connections whose recheck is due
+    /// (each has its own second of the interval, so a tick carries a slice of them); starts
+    /// a background check of those, and of any left waiting, unless one is running.
+    pub fn tick(&mut self, app: &Arc<App>, due: Vec<Arc<Session>>) {
+        self.pending.extend(due);
+        if self.pending.is_empty() || self.running.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.next = now + self.every;
+        let sessions = std::mem::take(&mut self.pending);
         let app = app.clone();
         let running = self.running.clone();
         let failing = self.failing.clone();
         tokio::spawn(async move {
-            check(&app, &failing).await;
+            check(&app, sessions, &failing).await;
             running.store(false, Ordering::Release);
         });
     }
 }
 
-/// One pass over this instance's session-authenticated connections.
-async fn check(app: &App, failing: &AtomicBool) {
+/// One pass over a slice of this instance's session-authenticated connections.
+async fn check(app: &App, sessions: Vec<Arc<Session>>, failing: &AtomicBool) {
     let mut by_id: HashMap<String, Vec<Arc<Session>>> = HashMap::new();
-    for session in app.hub.sessions() {
+    for session in sessions {
         if session.outbox.is_closing() || session.is_ended() {
             continue;
         }
@@ -97,7 +107,7 @@ async fn check(app: &App, failing: &AtomicBool) {
             Ok(values) => {
                 for (id, value) in chunk.iter().zip(values) {
                     for session in &by_id[*id] {
-                        apply(&app.authz, session, value.as_deref()).await;
+                        apply(&app.authz, &app.hub, session, value.as_deref()).await;
                     }
                 }
             }
@@ -165,7 +175,12 @@ fn verdict(session: &Session, value: Option<&str>) -> Verdict {
 /// hook let in is not "narrowed" by a session that never named its project): those ids
 /// are asked through `authz` (cached). A hook that fails closes nobody, as an unreachable
 /// Redis does not.
-pub async fn apply(authz: &Authorizer, session: &Session, value: Option<&str>) -> bool {
+pub async fn apply(
+    authz: &Authorizer,
+    hub: &Hub,
+    session: &Arc<Session>,
+    value: Option<&str>,
+) -> bool {
     // The check ran concurrently with the connection: it may have refreshed to a JWT since.
     if session.recheck_session_id().is_none() {
         return true;
@@ -218,7 +233,9 @@ pub async fn apply(authz: &Authorizer, session: &Session, value: Option<&str>) -
         || *current.stories != *record.stories
         || current.exp != record.expires_at
     {
-        session.set_claims(Arc::new(claims_of(&record)));
+        if let Some(sooner) = session.set_claims(Arc::new(claims_of(&record))) {
+            hub.check_at(session, sooner);
+        }
     }
     true
 }
@@ -290,11 +307,16 @@ mod tests {
         Authorizer::without_hook(100)
     }
 
+    fn hub() -> Arc<Hub> {
+        Hub::standalone(crate::schema::Policy::default())
+    }
+
     #[tokio::test]
     async fn kept_sessions_adopt_the_stored_grants_and_expiry() {
         let s = session_of("u", &["a"]);
         apply(
             &no_hook(),
+            &hub(),
             &s,
             Some(r#"{"user_id":"u","projects":["a","b"],"expires_at":4102444800}"#),
         )
@@ -302,7 +324,7 @@ mod tests {
         assert!(!s.outbox.is_closing());
         assert_eq!(s.claims().projects, vec!["a", "b"]);
         assert_eq!(s.expires_at(), Some(4_102_444_800));
-        apply(&no_hook(), &s, None).await;
+        apply(&no_hook(), &hub(), &s, None).await;
         assert!(
             s.outbox.is_closing(),
             "a deleted session closes the connection"
@@ -312,7 +334,15 @@ mod tests {
     #[tokio::test]
     async fn a_narrowed_session_closes_4003_without_a_hook() {
         let s = session_of("u", &["a", "b"]);
-        assert!(!apply(&no_hook(), &s, Some(r#"{"user_id":"u","projects":["a"]}"#)).await);
+        assert!(
+            !apply(
+                &no_hook(),
+                &hub(),
+                &s,
+                Some(r#"{"user_id":"u","projects":["a"]}"#)
+            )
+            .await
+        );
         assert!(s.outbox.is_closing());
     }
 
@@ -328,7 +358,7 @@ mod tests {
             kind: CredentialKind::Jwt,
         }));
         assert_eq!(s.recheck_session_id(), None);
-        apply(&no_hook(), &s, None).await;
+        apply(&no_hook(), &hub(), &s, None).await;
         assert!(!s.outbox.is_closing());
     }
 }

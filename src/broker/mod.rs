@@ -134,6 +134,10 @@ pub trait Sink: Send + Sync {
     /// A command for `project`'s workers, as published (to this instance's command
     /// streams). Returns how many streams it was handed to.
     fn deliver_command(&self, project: &str, payload: &[u8]) -> usize;
+    /// Waits while deliveries handed over are queued past the sink's bounds (the fan-out
+    /// shards'): the producer (the pub/sub reader) awaits it before reading more, so a
+    /// burst backs up in Redis, not in our memory. Ready at once when under them.
+    fn settled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
     /// After an outage, with the pub/sub connection back and live messages held: bring
     /// every project this instance follows back in step (replay from history or resync).
     fn recover<'a>(
@@ -287,7 +291,15 @@ impl Broker {
         events: Vec<Vec<u8>>,
     ) -> Result<Vec<u64>, BrokerError> {
         match self {
-            Broker::Memory(m) => m.publish_events(project, events),
+            Broker::Memory(m) => {
+                let seqs = m.publish_events(project, events)?;
+                // The publisher is the producer here: it waits for the fan-out shards as
+                // the Redis reader does.
+                if let Some(sink) = m.sink.get() {
+                    sink.settled().await;
+                }
+                Ok(seqs)
+            }
             Broker::Redis(r) => r.publish_events(project, events).await,
         }
     }

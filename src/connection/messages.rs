@@ -430,7 +430,7 @@ async fn recheck_session(
     };
     let values = app.broker.session_values(&[id.as_str()]).await?;
     let value = values.into_iter().next().flatten();
-    Ok(crate::revocation::apply(&app.authz, session, value.as_deref()).await)
+    Ok(crate::revocation::apply(&app.authz, &app.hub, session, value.as_deref()).await)
 }
 
 /// The credential in force now: a session is read again (its revocation or narrowing
@@ -631,6 +631,8 @@ async fn refresh(app: &App, session: &Arc<Session>, token: &str) {
         }
     }
     let expires_at = claims.expires_at();
-    session.set_claims(Arc::new(claims));
+    if let Some(sooner) = session.set_claims(Arc::new(claims)) {
+        app.hub.check_at(session, sooner);
+    }
     session.send(&types::AuthRefreshed { expires_at }, None);
 }

@@ -38,10 +38,13 @@ use crate::schema::types::ConnectionResyncRequired;
 use crate::schema::Policy;
 use crate::session::Session;
 use crate::stream::{ProjectStream, Recovery, StreamContext};
+use crate::wheel::Wheel;
 use member::{Holds, Member};
+use shard::Shards;
 
 mod global;
 mod member;
+mod shard;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -61,7 +64,7 @@ pub fn family_of(session: &Session) -> Family {
 }
 
 struct Slot {
-    members: Vec<Member>,
+    members: Members,
     /// What the members still greeting hold (see `member`).
     holds: Holds,
     /// Bumped on every join, so a pending linger timer knows it is stale.
@@ -76,9 +79,46 @@ impl Slot {
     /// that joined moments ago (in a connect storm, one of the last few of thousands).
     fn member(&self, session: &Arc<Session>) -> Option<&Member> {
         self.members
+            .shard(shard::of(session, self.members.0.len()))
             .iter()
             .rev()
             .find(|m| Arc::ptr_eq(&m.session, session))
+    }
+}
+
+/// A slot's members, one list per fan-out shard (`shard`): each shard's task writes to its
+/// own list's sessions.
+struct Members(Vec<Vec<Member>>);
+
+impl Members {
+    fn new(shards: usize) -> Self {
+        Self((0..shards.max(1)).map(|_| Vec::new()).collect())
+    }
+
+    fn push(&mut self, member: Member) {
+        let k = shard::of(&member.session, self.0.len());
+        self.0[k].push(member);
+    }
+
+    fn shard(&self, k: usize) -> &[Member] {
+        &self.0[k]
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Member> {
+        self.0.iter().flatten()
+    }
+
+    fn len(&self) -> usize {
+        self.0.iter().map(Vec::len).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(Vec::is_empty)
+    }
+
+    fn remove(&mut self, session: &Arc<Session>) {
+        let k = shard::of(session, self.0.len());
+        self.0[k].retain(|m| !Arc::ptr_eq(&m.session, session));
     }
 }
 
@@ -93,6 +133,10 @@ pub struct Hub {
     /// Command streams by project (docs/protocol.md §6).
     commands: RwLock<HashMap<String, Slot>>,
     sessions: RwLock<HashMap<String, Arc<Session>>>,
+    /// When each registered session next needs the shared timer (`crate::heartbeat`).
+    timers: Wheel<Session>,
+    /// Fan-out shards, one per worker thread (`shard`).
+    shards: Shards,
     subs: Option<mpsc::Sender<SubCommand>>,
     linger: Duration,
     /// Typed checks for global events.
@@ -111,20 +155,27 @@ impl Hub {
         linger: Duration,
         streams: StreamContext,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        let (shards, receivers) = Shards::for_runtime();
+        let hub = Arc::new(Self {
             projects: RwLock::new(HashMap::new()),
             stories: RwLock::new(HashMap::new()),
             story_sessions: std::sync::atomic::AtomicUsize::new(0),
             command_sessions: std::sync::atomic::AtomicUsize::new(0),
             commands: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
+            timers: Wheel::new(event::unix_millis() / 1000),
+            shards,
             subs,
             linger,
             policy: streams.policy,
             metrics: streams.metrics.clone(),
             streams: Arc::new(streams),
             stats: DeliveryStats::default(),
-        })
+        });
+        for (k, rx) in receivers.into_iter().enumerate() {
+            tokio::spawn(shard::run(Arc::downgrade(&hub), k, rx));
+        }
+        hub
     }
 
     /// A hub with default stream bounds and its own metrics (tests, benches).
@@ -154,6 +205,23 @@ impl Hub {
         if fresh && session.is_commands() {
             self.command_sessions.fetch_add(1, Ordering::Relaxed);
         }
+        if fresh {
+            // First looked at by the shared timer next second; it then decides when next.
+            let now = event::unix_millis() / 1000;
+            self.timers.schedule(session, now + 1, now);
+        }
+    }
+
+    /// The shared timer's wheel: when each registered session is next due.
+    pub fn timers(&self) -> &Wheel<Session> {
+        &self.timers
+    }
+
+    /// Asks the shared timer to look at `session` at second `at` (UNIX) as well: for a
+    /// deadline that moved earlier than the one it is scheduled for (a refreshed
+    /// credential expiring sooner).
+    pub fn check_at(&self, session: &Arc<Session>, at: u64) {
+        self.timers.once(session, at);
     }
 
     /// The slots of one channel family (each family has its own id namespace).
@@ -190,7 +258,7 @@ impl Hub {
         let confirmed = {
             let mut projects = self.slots(family).write();
             let slot = projects.entry(project.to_owned()).or_insert_with(|| Slot {
-                members: Vec::new(),
+                members: Members::new(self.shards.count()),
                 holds: Holds::default(),
                 generation: 0,
                 stream: (family == Family::Project)
@@ -260,7 +328,7 @@ impl Hub {
             let Some(slot) = projects.get_mut(project) else {
                 return;
             };
-            slot.members.retain(|m| !Arc::ptr_eq(&m.session, session));
+            slot.members.remove(session);
             // Left before its greeting was out (a failed handshake): nothing to keep.
             slot.holds.lock().remove(&(Arc::as_ptr(session) as usize));
             if !slot.members.is_empty() {
@@ -409,7 +477,7 @@ impl Hub {
             seq: None,
             epoch: None,
         };
-        for member in &slot.members {
+        for member in slot.members.iter() {
             member.offer(&[&command], None, &slot.holds, &self.stats);
         }
         self.stats
@@ -442,8 +510,9 @@ impl Hub {
         else {
             return 0;
         };
-        // Holds the stream's tail until every member has been offered the batch (see
-        // `stream`): a resume served from the tail must find these in its hold.
+        // Holds the stream's tail until every member has been offered the batch, or (with
+        // shards) until it is queued for every shard, so queue order is admission order
+        // (see `stream`, `shard`).
         let admitted = stream.admit(batch);
         let joined = match admitted.events.as_slice() {
             [] => return 0,
@@ -457,14 +526,52 @@ impl Hub {
                 Some(buf.freeze())
             }
         };
-        let events: Vec<&Prepared> = admitted.events.iter().map(|e| e.as_ref()).collect();
-        for member in &slot.members {
-            member.offer(&events, joined.as_ref(), &slot.holds, &self.stats);
+        let n = slot.members.len() * admitted.events.len();
+        if self.shards.inline() {
+            let events: Vec<&Prepared> = admitted.events.iter().map(|e| e.as_ref()).collect();
+            for member in slot.members.iter() {
+                member.offer(&events, joined.as_ref(), &slot.holds, &self.stats);
+            }
+        } else {
+            // Shared by every shard: the frames are reference-counted, not copied.
+            let events: Arc<[Prepared]> =
+                admitted.events.iter().map(|e| e.as_ref().clone()).collect();
+            let id: Arc<str> = Arc::from(project);
+            for k in 0..self.shards.count() {
+                if !slot.members.shard(k).is_empty() {
+                    self.shards
+                        .send(k, Family::Project, &id, &events, joined.as_ref());
+                }
+            }
         }
-        let n = slot.members.len() * events.len();
         drop(admitted);
         self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
         n
+    }
+
+    /// Runs one shard's part of a batch: offers it to the shard's members of the project,
+    /// if it is still followed here (members that joined since are offered it too; a
+    /// greeting's seq filter drops what it covered).
+    fn offer_shard(&self, k: usize, job: &shard::Job) {
+        let slots = self.slots(job.family).read();
+        let Some(slot) = slots.get(&*job.id) else {
+            return;
+        };
+        let events: Vec<&Prepared> = job.events.iter().collect();
+        for member in slot.members.shard(k) {
+            member.offer(&events, job.joined.as_ref(), &slot.holds, &self.stats);
+        }
+    }
+
+    /// Waits while the fan-out shards have more queued than their bounds (the broker's
+    /// reader awaits this between reads; see `shard`).
+    pub async fn settled(&self) {
+        self.shards.settled().await
+    }
+
+    /// Batches queued for the fan-out shards and not yet run (tests).
+    pub fn shard_backlog(&self) -> usize {
+        self.shards.queued()
     }
 
     /// Fans one story progress frame out to the story's members (no seq, no stream: the
@@ -480,7 +587,7 @@ impl Hub {
             seq: None,
             epoch: None,
         };
-        for member in &slot.members {
+        for member in slot.members.iter() {
             member.offer(&[&progress], None, &slot.holds, &self.stats);
         }
         self.stats
@@ -553,6 +660,10 @@ impl Sink for Hub {
 
     fn broadcast(&self, payload: &[u8]) -> Result<usize, event::EventError> {
         self.broadcast_raw(payload)
+    }
+
+    fn settled(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(Hub::settled(self))
     }
 
     fn recover<'a>(&'a self, broker: &'a Broker) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {

@@ -267,3 +267,59 @@ async fn overflow_closes_the_slow_session_only() {
     assert_eq!(ok.outbox.len().0, 20);
     assert_eq!(hub.stats.slow_closes.load(Ordering::Relaxed), 1);
 }
+
+/// With two worker threads the hub runs two fan-out shards (issue 13): every member still
+/// gets every event once, in admission order, and the frames are the same bytes (encoded
+/// once, shared by both shards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_shards_deliver_every_event_once_in_order() {
+    let hub = hub(None, Duration::from_millis(10));
+    assert_eq!(hub.shards.count(), 2);
+    let members: Vec<_> = (0..64)
+        .map(|_| {
+            Session::new_for_test(
+                "a",
+                Limits {
+                    messages: 10_000,
+                    bytes: 16 << 20,
+                },
+            )
+        })
+        .collect();
+    for m in &members {
+        hub.register(m);
+        hub.join("a", m, false).await.unwrap();
+    }
+    let on_shard = |k| members.iter().filter(|m| shard::of(m, 2) == k).count();
+    assert!(
+        on_shard(0) > 0 && on_shard(1) > 0,
+        "both shards have members"
+    );
+    let mut seq = 0u64;
+    for batch in 0..100 {
+        let events: Vec<Prepared> = (0..1 + batch % 3)
+            .map(|_| {
+                seq += 1;
+                let body = format!(r#"{{"type":"file.changed","seq":{seq}}}"#);
+                event::prepare_project_event("a", body.as_bytes(), Some(&STRICT)).unwrap()
+            })
+            .collect();
+        assert_eq!(
+            hub.deliver_batch("a", &events),
+            members.len() * events.len()
+        );
+    }
+    hub.settled().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while hub.shard_backlog() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(hub.shard_backlog(), 0);
+    for m in &members {
+        let seqs: Vec<u64> = queued(m)
+            .iter()
+            .map(|v| v["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, (1..=seq).collect::<Vec<_>>());
+    }
+}

@@ -268,10 +268,15 @@ impl Session {
         (self.claims.lock().kind == switchboard_middleware::CredentialKind::Session).then_some(id)
     }
 
-    /// Installs a refreshed credential and its expiry.
-    pub fn set_claims(&self, claims: Arc<Claims>) {
-        self.set_expires_at(claims.expires_at());
+    /// Installs a refreshed credential and its expiry. Returns the new expiry when it is
+    /// sooner than the one in force (or there was none): the shared timer must be told
+    /// (`Hub::check_at`), as it looks at the connection at the deadlines it knew.
+    pub fn set_claims(&self, claims: Arc<Claims>) -> Option<u64> {
+        let before = self.expires_at();
+        let after = claims.expires_at();
+        self.set_expires_at(after);
         *self.claims.lock() = claims;
+        after.filter(|a| before.is_none_or(|b| a < &b))
     }
 
     pub fn projects(&self) -> Vec<String> {

@@ -21,6 +21,7 @@ const LAYERS: &[&[&str]] = &[
         "project",
         "response",
         "schema",
+        "wheel",
         "ws",
     ],
     &["config", "event", "story"],

@@ -456,6 +456,35 @@ async fn auth_refresh_extends_the_session() {
     c.assert_alive().await;
 }
 
+/// The shared timer looks at a connection at the deadlines it knew (issue 13: no walk over
+/// every connection each second); a refresh to a credential that expires sooner must still
+/// close it at that time, not at the old expiry.
+#[tokio::test]
+async fn auth_refresh_to_a_sooner_expiry_closes_4004_then() {
+    let gw = GatewayOpts::new().start();
+    let t = token(SECRET, "soon", &["p1"], 600, false);
+    let (mut c, _) = gw.connect("p1", &t).await;
+    // After the timer's first look at the connection (a second after it registered), which
+    // scheduled it by the 600 s credential.
+    c.expect_silence(Duration::from_millis(2100)).await;
+    let exp = now_secs() + 2;
+    let sooner = token_claims(
+        SECRET,
+        &json!({"sub": "soon", "exp": exp, "projects": ["p1"]}),
+    );
+    let v = c
+        .call(&json!({"type": "auth.refresh", "token": sooner}))
+        .await;
+    assert_eq!(v["type"], "auth.refreshed", "{v}");
+    let start = Instant::now();
+    c.expect_closed_with(4004, Duration::from_secs(5)).await;
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "closed too early: {:?}",
+        start.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn auth_refresh_with_a_bad_token_closes_4001() {
     let gw = GatewayOpts::new().start();

@@ -285,6 +285,11 @@ impl RedisBroker {
                             }
                         }
                         self.on_messages(&batch, read_at);
+                        // Bounded hand-off to the fan-out shards: no more reads while
+                        // they are past their bounds (Redis buffers meanwhile).
+                        if let Some(sink) = self.sink.get() {
+                            sink.settled().await;
+                        }
                     }
                     None => return Serve::Lost("pub/sub connection closed".into()),
                 },

@@ -1,0 +1,241 @@
+//! Fan-out shards: the sessions of this instance split across the runtime's worker threads,
+//! each shard writing its own sockets.
+//!
+//! With one worker thread there is one shard and fan-out stays inline on the task that
+//! admitted the events (the broker's reader): no hand-off, no wake-up, nothing changes.
+//! With N workers every project's members are split into N lists by session (a hash of the
+//! session's address, so nothing is stored per connection), and a batch admitted by the
+//! project's stream is handed to one task per shard that has members there: the events'
+//! frames (encoded once, shared by reference count) and their joined buffer, never a copy.
+//! The shard tasks run on whatever worker is free, so the kernel's send cost, which is most
+//! of delivery, spreads over the cores.
+//!
+//! Invariants:
+//! - per-project order: jobs are queued while the stream's tail lock is held (admission
+//!   order is queue order), and each shard runs its queue in order; a session is in exactly
+//!   one shard, so it sees its projects' events in admission order;
+//! - the slow-consumer rules are the session's own ([`super::member::Member::offer`]), the
+//!   same on every shard;
+//! - the queues are bounded in jobs and bytes: past either bound the producer waits
+//!   ([`Shards::settled`], the broker's reader awaits it between reads, so Redis buffers
+//!   rather than us) until the shards are back under half of it. The wait is for CPU work,
+//!   never for a client socket.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, Notify};
+
+use super::Hub;
+use crate::broker::Family;
+use crate::event::Prepared;
+use crate::session::Session;
+
+/// Jobs a shard may have queued before producers wait.
+const MAX_JOBS: usize = 8192;
+/// Frame bytes a shard may have queued before producers wait.
+const MAX_BYTES: usize = 32 << 20;
+/// Jobs a shard runs before it yields to the other tasks of its worker.
+const RUN: usize = 64;
+
+/// One admitted batch for one shard's members of one project.
+pub(super) struct Job {
+    pub family: Family,
+    pub id: Arc<str>,
+    pub events: Arc<[Prepared]>,
+    /// The events' frames joined (several events), shared by every shard.
+    pub joined: Option<Bytes>,
+    bytes: usize,
+}
+
+struct Queue {
+    tx: mpsc::UnboundedSender<Job>,
+    jobs: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+pub(super) struct Shards {
+    /// Empty with one shard (inline fan-out).
+    queues: Vec<Queue>,
+    /// Woken when a shard's queue drops under half of its bounds.
+    drained: Notify,
+}
+
+/// The shard of `session` among `n`: a hash of its address (stable for its life, nothing
+/// stored per connection).
+pub(super) fn of(session: &Arc<Session>, n: usize) -> usize {
+    if n <= 1 {
+        return 0;
+    }
+    let addr = Arc::as_ptr(session) as usize as u64;
+    // Fibonacci hashing: allocation addresses share their low bits.
+    ((addr.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) % n as u64) as usize
+}
+
+impl Shards {
+    /// One shard per worker thread of the current runtime (one, outside a runtime).
+    /// Returns the shards and the receivers for [`run`] (empty with one shard).
+    pub(super) fn for_runtime() -> (Self, Vec<mpsc::UnboundedReceiver<Job>>) {
+        let n = tokio::runtime::Handle::try_current()
+            .map(|h| h.metrics().num_workers())
+            .unwrap_or(1);
+        Self::new(n)
+    }
+
+    pub(super) fn new(n: usize) -> (Self, Vec<mpsc::UnboundedReceiver<Job>>) {
+        let mut queues = Vec::new();
+        let mut receivers = Vec::new();
+        if n > 1 {
+            for _ in 0..n {
+                let (tx, rx) = mpsc::unbounded_channel();
+                queues.push(Queue {
+                    tx,
+                    jobs: AtomicUsize::new(0),
+                    bytes: AtomicUsize::new(0),
+                });
+                receivers.push(rx);
+            }
+        }
+        (
+            Self {
+                queues,
+                drained: Notify::new(),
+            },
+            receivers,
+        )
+    }
+
+    /// Number of shards (1: inline).
+    pub(super) fn count(&self) -> usize {
+        self.queues.len().max(1)
+    }
+
+    pub(super) fn inline(&self) -> bool {
+        self.queues.is_empty()
+    }
+
+    /// Queues a batch for shard `k`.
+    pub(super) fn send(
+        &self,
+        k: usize,
+        family: Family,
+        id: &Arc<str>,
+        events: &Arc<[Prepared]>,
+        joined: Option<&Bytes>,
+    ) {
+        let bytes = events.iter().map(|p| p.frame.len()).sum();
+        let queue = &self.queues[k];
+        queue.jobs.fetch_add(1, Ordering::Relaxed);
+        queue.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let job = Job {
+            family,
+            id: id.clone(),
+            events: events.clone(),
+            joined: joined.cloned(),
+            bytes,
+        };
+        if queue.tx.send(job).is_err() {
+            // The shard's task is gone (runtime shutting down): nothing will deliver.
+            queue.jobs.fetch_sub(1, Ordering::Relaxed);
+            queue.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Records that shard `k` ran `job`.
+    fn done(&self, k: usize, job: &Job) {
+        let queue = &self.queues[k];
+        let jobs = queue.jobs.fetch_sub(1, Ordering::Relaxed) - 1;
+        let bytes = queue.bytes.fetch_sub(job.bytes, Ordering::Relaxed) - job.bytes;
+        if jobs == MAX_JOBS / 2 || (bytes < MAX_BYTES / 2 && bytes + job.bytes >= MAX_BYTES / 2) {
+            self.drained.notify_waiters();
+        }
+    }
+
+    fn over(&self, jobs: usize, bytes: usize) -> bool {
+        self.queues.iter().any(|q| {
+            q.jobs.load(Ordering::Relaxed) > jobs || q.bytes.load(Ordering::Relaxed) > bytes
+        })
+    }
+
+    /// Waits while a shard is past its bounds, until every shard is back under half.
+    pub(super) async fn settled(&self) {
+        if !self.over(MAX_JOBS, MAX_BYTES) {
+            return;
+        }
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if !self.over(MAX_JOBS / 2, MAX_BYTES / 2) {
+                return;
+            }
+            // A notification can fall between two shards' checks: look again now and then.
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(5), drained).await;
+        }
+    }
+
+    /// Jobs queued over every shard (tests, metrics).
+    pub(super) fn queued(&self) -> usize {
+        self.queues
+            .iter()
+            .map(|q| q.jobs.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Shard `k`'s task: runs its jobs in order ([`Hub::offer_shard`]), yielding every [`RUN`]
+/// jobs. Ends when the hub is gone.
+pub(super) async fn run(hub: Weak<Hub>, k: usize, mut rx: mpsc::UnboundedReceiver<Job>) {
+    while let Some(job) = rx.recv().await {
+        let Some(hub) = hub.upgrade() else { return };
+        let mut next = Some(job);
+        let mut ran = 0;
+        while let Some(job) = next.take() {
+            hub.offer_shard(k, &job);
+            hub.shards.done(k, &job);
+            ran += 1;
+            if ran < RUN {
+                next = rx.try_recv().ok();
+            }
+        }
+        drop(hub);
+        if ran >= RUN {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_spread_over_the_shards() {
+        let n = 4;
+        let mut per = [0usize; 4];
+        let sessions: Vec<_> = (0..4000)
+            .map(|_| {
+                Session::new_for_test(
+                    "p",
+                    crate::session::outbox::Limits {
+                        messages: 1,
+                        bytes: 1,
+                    },
+                )
+            })
+            .collect();
+        for s in &sessions {
+            per[of(s, n)] += 1;
+        }
+        assert!(per.iter().all(|c| (800..=1200).contains(c)), "{per:?}");
+    }
+
+    #[test]
+    fn one_shard_is_inline() {
+        let (shards, receivers) = Shards::new(1);
+        assert!(shards.inline());
+        assert_eq!(shards.count(), 1);
+        assert!(receivers.is_empty());
+    }
+}
