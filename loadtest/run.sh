@@ -5,7 +5,8 @@
 # JSON per scenario, report.md and latency.svg. Stops everything it started, by PID.
 #
 #   loadtest/run.sh                   # every scenario (a few minutes)
-#   loadtest/run.sh fanout slow       # only these (idle connect-storm fanout spread resume-storm slow beat)
+#   loadtest/run.sh fanout slow       # only these (idle connect-storm fanout spread resume-storm slow beat
+#                                     # scale cores)
 #   QUICK=1 loadtest/run.sh           # short runs, fewer clients (about a minute)
 #   IDLE_HOLD=10 loadtest/run.sh idle # hold the idle connections longer before measuring
 #
@@ -19,7 +20,7 @@ cd "$ROOT"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 QUICK="${QUICK:-0}"
 
-ALL=(idle connect-storm fanout spread resume-storm slow beat)
+ALL=(idle connect-storm fanout spread resume-storm slow beat scale cores)
 if [ "$#" -gt 0 ]; then SCENARIOS=("$@"); else SCENARIOS=("${ALL[@]}"); fi
 for s in "${SCENARIOS[@]}"; do
   case " ${ALL[*]} " in *" $s "*) ;; *) echo "unknown scenario: $s (one of: ${ALL[*]})" >&2; exit 2 ;; esac
@@ -156,6 +157,33 @@ for s in "${SCENARIOS[@]}"; do
       export WS_HEARTBEAT_INTERVAL="${BEAT_INTERVAL:-5}"
       run beat spread --clients "$(q 6000 18000)" --projects 500 --rate 500 --duration "$(q 6 20)"
       unset WS_HEARTBEAT_INTERVAL ;;
+    scale)
+      # Issue 13: latency against the number of connections, heartbeats (5 s) inside the
+      # window, 500 projects at 2,000 ev/s. SCALE_CLIENTS lists the sizes; each must fit
+      # the open-file limit of one process (the gateway holds one descriptor per client).
+      export WS_HEARTBEAT_INTERVAL="${BEAT_INTERVAL:-5}"
+      for n in ${SCALE_CLIENTS:-$(q "2000 5000" "5000 10000 18000")}; do
+        if [ "$n" -gt $(( $(ulimit -n) - 500 )) ]; then
+          echo "!! scale-$n skipped: $n clients need more than ulimit -n = $(ulimit -n) descriptors" >&2
+          FAILED+=("scale-$n"); continue
+        fi
+        run "scale-$n" spread --clients "$n" --projects 500 --rate 2000 --duration "$(q 6 16)"
+      done
+      unset WS_HEARTBEAT_INTERVAL ;;
+    cores)
+      # Issue 13: fan-out on every core. The gateway on both CPUs with 1, then 2, runtime
+      # worker threads (TOKIO_WORKER_THREADS); the per-thread CPU split comes from
+      # /proc/PID/task/*/stat. The loadgen and Redis stay on CPU 1, so with 2 workers the
+      # gateway's second thread shares that CPU with them.
+      SAVED_PIN=("${PIN_GW[@]}")
+      if [ ${#PIN_GW[@]} -gt 0 ]; then PIN_GW=(taskset -c 0,1); fi
+      for w in 1 2; do
+        export TOKIO_WORKER_THREADS=$w
+        run "cores-w$w-1000" fanout --clients 1000 --rate 1000 --duration "$(q 4 10)"
+        run "cores-w$w-2000" fanout --clients 1000 --rate 2000 --duration "$(q 4 10)"
+      done
+      unset TOKIO_WORKER_THREADS
+      PIN_GW=("${SAVED_PIN[@]}") ;;
     resume-storm)
       # The loadgen SIGTERMs this gateway mid-run and starts a new one (pid in the pid
       # file, stopped by the loadgen itself, or by our trap if it dies first).

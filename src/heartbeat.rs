@@ -6,8 +6,8 @@
 //! connection (issue 13: at 18,000 connections a walk per second, and every connection
 //! beating in the same second, held fan-out for over 100 ms). Each connection sits in the
 //! hub's timing wheel ([`crate::wheel`]) at the second it is next due; a tick, once per
-//! second, takes only that second's entries, handles them in chunks of `CHUNK` with a
-//! yield between (fan-out runs in between), and puts each back at its next deadline: the
+//! second, takes only that second's entries, handles them in slices of at most `SLICE` with
+//! a yield between (fan-out runs in between), and puts each back at its next deadline: the
 //! next of its beat, its recheck, its story keepalive, its idle limit, its credential
 //! expiry and its longest life. Beats and rechecks are phased: each connection beats once
 //! per `WS_HEARTBEAT_INTERVAL` in its own second of the interval (`Session::beat_phase`),
@@ -30,15 +30,16 @@ use crate::event::unix_millis;
 use crate::revocation::SessionRecheck;
 use crate::schema::types::SystemHeartbeat;
 use crate::session::{Scope, Session};
+use crate::wheel::Slice;
 use crate::ws::close_code;
 use crate::ws::frame;
 
 const SWEEP: Duration = Duration::from_secs(1);
 
-/// Entries handled between two yields of a tick: fan-out runs in between, so no tick holds
-/// the thread for long whatever falls due at once (a connect storm of 100k in one second
-/// is due together a second later).
-const CHUNK: usize = 1024;
+/// Longest run of a tick between two yields: fan-out runs in between, so no tick holds the
+/// thread for long whatever falls due at once (a connect storm of 100k in one second is
+/// due together a second later).
+const SLICE: Duration = Duration::from_micros(200);
 
 /// The smallest second after `since` that is `phase` modulo `every`.
 fn next_phased(since: u64, every: u64, phase: u64) -> u64 {
@@ -211,8 +212,9 @@ pub async fn run(app: Arc<App>) {
         done_upto = now.max(done_upto);
         for second in first..=now {
             let due = wheel.take(second);
-            for (i, entry) in due.iter().enumerate() {
-                if i > 0 && i % CHUNK == 0 {
+            let mut slice = Slice::new(SLICE);
+            for entry in &due {
+                if slice.over() {
                     wheel.reschedule(tick.again.drain(..));
                     tokio::task::yield_now().await;
                 }

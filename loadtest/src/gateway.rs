@@ -30,6 +30,32 @@ pub fn cpu_us(pid: u32) -> Option<u64> {
     Some(ticks * 1_000_000 / clk_tck())
 }
 
+/// CPU time (µs) of each thread of `pid`, by thread id, with the thread's name
+/// (`/proc/PID/task/*/stat`; tokio's workers are `tokio-runtime-w`, truncated by the kernel).
+pub fn thread_cpu_us(pid: u32) -> Vec<(u32, String, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = f.get(11).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+        out.push((tid, name, ticks * 1_000_000 / clk_tck()));
+    }
+    out
+}
+
 /// VmRSS of `pid` in bytes.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

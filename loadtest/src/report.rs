@@ -189,8 +189,114 @@ pub fn write(dir: &Path) -> anyhow::Result<()> {
         md,
         "\nLatency by percentile: `latency.svg`. Raw figures: one JSON per scenario."
     );
+    let scale = scale_points(&runs);
+    if !scale.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nLatency against connections (`scale-*`, heartbeat every 5 s unless BEAT_INTERVAL \
+             said otherwise): `scale.svg`.\n\n| connections | p50 | p99 | max | CPU/delivery |\n\
+             | --- | --- | --- | --- | --- |"
+        );
+        for p in &scale {
+            let _ = writeln!(
+                md,
+                "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {} µs |",
+                p.clients,
+                p.p50_us / 1000.0,
+                p.p99_us / 1000.0,
+                p.max_us / 1000.0,
+                opt(p.cpu_us, 2)
+            );
+        }
+    }
     std::fs::write(dir.join("report.md"), md)?;
     plot(dir, &runs)?;
+    if !scale.is_empty() {
+        plot_scale(dir, &scale)?;
+    }
+    Ok(())
+}
+
+/// One `scale-N` run: latency at N connections.
+struct ScalePoint {
+    clients: f64,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    cpu_us: Option<f64>,
+}
+
+fn scale_points(runs: &[(String, Value)]) -> Vec<ScalePoint> {
+    let mut points: Vec<ScalePoint> = runs
+        .iter()
+        .filter(|(stem, _)| stem.starts_with("scale-"))
+        .filter_map(|(_, v)| {
+            Some(ScalePoint {
+                clients: v["params"]["clients"].as_f64()?,
+                p50_us: v["latency"]["p50_us"].as_f64()?,
+                p99_us: v["latency"]["p99_us"].as_f64()?,
+                max_us: v["latency"]["max_us"].as_f64()?,
+                cpu_us: v["gateway_cpu_us_per_delivery"].as_f64(),
+            })
+        })
+        .collect();
+    points.sort_by(|a, b| a.clients.total_cmp(&b.clients));
+    points
+}
+
+/// p99 and max latency against the number of connections (issue 13).
+fn plot_scale(dir: &Path, points: &[ScalePoint]) -> anyhow::Result<()> {
+    let path = dir.join("scale.svg");
+    let root = SVGBackend::new(&path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let xmax = points.iter().map(|p| p.clients).fold(1.0, f64::max) * 1.1;
+    let ymax = points.iter().map(|p| p.max_us).fold(1000.0, f64::max) / 1000.0 * 1.2;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Delivery latency against connections (500 projects, 2,000 ev/s)",
+            ("sans-serif", 24),
+        )
+        .margin(24)
+        .x_label_area_size(60)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..xmax, 0f64..ymax)?;
+    chart
+        .configure_mesh()
+        .label_style(("sans-serif", 16))
+        .axis_desc_style(("sans-serif", 18))
+        .x_desc("connections")
+        .y_desc("latency (ms)")
+        .draw()?;
+    type Pick = fn(&ScalePoint) -> f64;
+    let lines: [(&str, Pick, RGBColor); 3] = [
+        ("p50", |p| p.p50_us, GREEN),
+        ("p99", |p| p.p99_us, BLUE),
+        ("max", |p| p.max_us, RED),
+    ];
+    for (name, pick, color) in lines {
+        let pts: Vec<(f64, f64)> = points
+            .iter()
+            .map(|p| (p.clients, pick(p) / 1000.0))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart.draw_series(
+            pts.iter()
+                .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 16))
+        .draw()?;
+    root.present()?;
     Ok(())
 }
 

@@ -53,6 +53,41 @@ impl Ctx {
     fn cpu(&self) -> Option<u64> {
         self.gateway_pid.and_then(gateway::cpu_us)
     }
+
+    fn threads(&self) -> Vec<(u32, String, u64)> {
+        self.gateway_pid
+            .map(gateway::thread_cpu_us)
+            .unwrap_or_default()
+    }
+}
+
+/// The gateway's CPU by thread between two readings: each thread's seconds, and the share
+/// of the busiest runtime worker among the workers (issue 13: fan-out on every core).
+fn thread_split(before: &[(u32, String, u64)], after: &[(u32, String, u64)]) -> Value {
+    let mut threads: Vec<(String, f64)> = after
+        .iter()
+        .map(|(tid, name, us)| {
+            let was = before
+                .iter()
+                .find(|(t, _, _)| t == tid)
+                .map_or(0, |(_, _, u)| *u);
+            (format!("{name}:{tid}"), us.saturating_sub(was) as f64 / 1e6)
+        })
+        .filter(|(_, s)| *s > 0.0)
+        .collect();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let workers: Vec<f64> = threads
+        .iter()
+        .filter(|(n, _)| n.starts_with("tokio-r") || n.starts_with("switchboard"))
+        .map(|(_, s)| *s)
+        .collect();
+    let total: f64 = workers.iter().sum();
+    let busiest = workers.first().copied().unwrap_or(0.0);
+    json!({
+        "threads": threads.iter().map(|(n, s)| json!({"thread": n, "cpu_s": s})).collect::<Vec<_>>(),
+        "workers": workers.len(),
+        "busiest_worker_share": if total > 0.0 { busiest / total } else { 0.0 },
+    })
 }
 
 fn spawn_clients(
@@ -293,6 +328,7 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
     let m0 = gateway::metrics(ctx.addr).await;
     let rss0 = ctx.rss();
     let cpu0 = ctx.cpu();
+    let threads0 = ctx.threads();
     let events0 = sh.events.get();
     let t0 = Instant::now();
 
@@ -359,6 +395,7 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
     }
     let drained = Instant::now();
     let cpu1 = ctx.cpu();
+    let threads = thread_split(&threads0, &ctx.threads());
     let m1 = gateway::metrics(ctx.addr).await;
     let rss1 = ctx.rss();
     if let Some(r) = rss1 {
@@ -427,6 +464,12 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
         cpu_us.map_or("?".into(), |c| format!("{c:.2}")),
         cpu_util.map_or("?".into(), |c| format!("{:.0}", c * 100.0)),
     );
+    if threads["workers"].as_u64().unwrap_or(0) > 1 {
+        summary.push_str(&format!(
+            ", busiest worker {:.0}% of the workers' CPU",
+            threads["busiest_worker_share"].as_f64().unwrap_or(0.0) * 100.0
+        ));
+    }
     if t.slow > 0 {
         summary.push_str(&format!(
             "; RSS {:.1} -> peak {:.1} MiB (+{:.0} KiB per slow client, bound {} KiB); 4500 closes {}",
@@ -482,6 +525,7 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
         "latency": lat,
         "gateway_cpu_us_per_delivery": cpu_us,
         "gateway_cpu_core_fraction": cpu_util,
+        "gateway_threads": threads,
         "gateway_metrics_delta": {
             "messages_delivered": metric_delta("switchboard_messages_delivered_total"),
             "messages_dropped": metric_delta("switchboard_messages_dropped_total"),

@@ -221,7 +221,9 @@ impl Hub {
     /// deadline that moved earlier than the one it is scheduled for (a refreshed
     /// credential expiring sooner).
     pub fn check_at(&self, session: &Arc<Session>, at: u64) {
-        self.timers.once(session, at);
+        // A second the timer may have handled already would wait a whole turn of the wheel.
+        let next = event::unix_millis() / 1000 + 1;
+        self.timers.once(session, at.max(next));
     }
 
     /// The slots of one channel family (each family has its own id namespace).

@@ -31,13 +31,14 @@ use super::Hub;
 use crate::broker::Family;
 use crate::event::Prepared;
 use crate::session::Session;
+use crate::wheel::Slice;
 
 /// Jobs a shard may have queued before producers wait.
 const MAX_JOBS: usize = 8192;
 /// Frame bytes a shard may have queued before producers wait.
 const MAX_BYTES: usize = 32 << 20;
-/// Jobs a shard runs before it yields to the other tasks of its worker.
-const RUN: usize = 64;
+/// Longest run of a shard between two yields to the other tasks of its worker.
+const SLICE: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// One admitted batch for one shard's members of one project.
 pub(super) struct Job {
@@ -184,23 +185,24 @@ impl Shards {
     }
 }
 
-/// Shard `k`'s task: runs its jobs in order ([`Hub::offer_shard`]), yielding every [`RUN`]
-/// jobs. Ends when the hub is gone.
+/// Shard `k`'s task: runs its jobs in order ([`Hub::offer_shard`]), yielding when a run
+/// has taken [`SLICE`]. Ends when the hub is gone.
 pub(super) async fn run(hub: Weak<Hub>, k: usize, mut rx: mpsc::UnboundedReceiver<Job>) {
     while let Some(job) = rx.recv().await {
         let Some(hub) = hub.upgrade() else { return };
+        let mut slice = Slice::new(SLICE);
         let mut next = Some(job);
-        let mut ran = 0;
+        let mut spent = false;
         while let Some(job) = next.take() {
             hub.offer_shard(k, &job);
             hub.shards.done(k, &job);
-            ran += 1;
-            if ran < RUN {
+            spent = slice.over();
+            if !spent {
                 next = rx.try_recv().ok();
             }
         }
         drop(hub);
-        if ran >= RUN {
+        if spent {
             tokio::task::yield_now().await;
         }
     }

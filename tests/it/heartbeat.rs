@@ -18,9 +18,11 @@ async fn heartbeats_are_spread_over_the_interval_one_per_connection_per_interval
         tokio::time::sleep(Duration::from_millis(7)).await;
     }
     // Two intervals and a bit: every client beats twice (or three times at the edges),
-    // never more, and the beats of all clients fall in more than one second.
+    // never more, and the beats of all clients fall in more than one second. The extra
+    // 1.5 s absorbs a timer tick running late on a loaded machine (the whole suite in
+    // parallel on two cores).
     let start = Instant::now();
-    let window = Duration::from_millis(8_500);
+    let window = Duration::from_millis(9_500);
     let reads = clients.iter_mut().map(|c| async move {
         let mut at = Vec::new();
         loop {
