@@ -8,50 +8,126 @@
 //! `project.created`). A raw `seq` is never passed on: only the publish path assigns one.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
+use tokio::sync::mpsc;
 
 use super::Hub;
 use crate::event::{self, Prepared};
 use crate::session::{Scope, Session};
+use crate::wheel::Slice;
+
+/// Global events offered inline at most to this many sessions; past it the offers run on
+/// the broadcast task, in slices (issue 13: no work that grows with the connections in one
+/// go: at 100k connections one global event is 100k socket writes).
+const INLINE_MAX: usize = 1024;
+
+/// Longest run of the broadcast task between two yields.
+const SLICE: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// One global event for a snapshot of the sessions.
+pub(super) struct Broadcast {
+    event: Map<String, Value>,
+    sessions: Vec<Arc<Session>>,
+}
+
+/// The queue of the broadcast task: global events in arrival order.
+pub(super) struct Broadcasts {
+    tx: mpsc::UnboundedSender<Broadcast>,
+    /// Queued and not finished: a small broadcast goes inline only when nothing is (so
+    /// global events keep their order).
+    pending: Arc<AtomicUsize>,
+}
+
+impl Broadcasts {
+    /// The queue and its task, on the current runtime (None outside one: everything inline).
+    pub(super) fn start(hub: Weak<Hub>) -> Option<Self> {
+        tokio::runtime::Handle::try_current().ok()?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Broadcast>();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let left = pending.clone();
+        tokio::spawn(async move {
+            while let Some(b) = rx.recv().await {
+                let mut frames = HashMap::new();
+                let mut slice = Slice::new(SLICE);
+                for session in &b.sessions {
+                    let Some(hub) = hub.upgrade() else { return };
+                    hub.offer_global(&b.event, &mut frames, session);
+                    drop(hub);
+                    if slice.over() {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                left.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+        Some(Self { tx, pending })
+    }
+}
 
 impl Hub {
     /// Sends a global event to every session, with each session's own project filled in.
     /// The frame is encoded once per distinct scope, not once per session.
     /// An event that names its own `project_id` (a global type's) keeps it: one frame for
-    /// every session.
+    /// every session. Beyond `INLINE_MAX` sessions the offers run on the broadcast task
+    /// in slices; returns the number of sessions it is for either way.
     pub fn broadcast(&self, event: &Map<String, Value>) -> usize {
         let mut sessions = self.sessions();
         // Global events belong to the project service: a story socket carries the seed's
         // progress objects only (docs/protocol.md §9).
         sessions.retain(|s| !s.is_raw());
-        let own_scope = event.contains_key("project_id");
-        let mut frames: HashMap<String, Bytes> = HashMap::new();
-        for session in &sessions {
-            let key = if own_scope {
-                String::new()
-            } else {
-                session.scope_key()
-            };
-            let frame = frames
-                .entry(key)
-                .or_insert_with(|| {
-                    let mut ev = event.clone();
-                    if !own_scope {
-                        session.fill_scope(&mut ev);
-                    }
-                    fill_timestamp(&mut ev);
-                    event::server_frame(&Value::Object(ev))
-                })
-                .clone();
-            session.offer_event(frame, None, &self.stats);
+        let n = sessions.len();
+        self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
+        match &self.broadcasts {
+            Some(queue) if n > INLINE_MAX || queue.pending.load(Ordering::Acquire) > 0 => {
+                queue.pending.fetch_add(1, Ordering::AcqRel);
+                let b = Broadcast {
+                    event: event.clone(),
+                    sessions,
+                };
+                if queue.tx.send(b).is_err() {
+                    queue.pending.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            _ => {
+                let mut frames = HashMap::new();
+                for session in &sessions {
+                    self.offer_global(event, &mut frames, session);
+                }
+            }
         }
-        self.stats
-            .delivered
-            .fetch_add(sessions.len() as u64, Ordering::Relaxed);
-        sessions.len()
+        n
+    }
+
+    /// Offers a global event to one session, with the frame of its scope (encoded once per
+    /// scope in `frames`).
+    fn offer_global(
+        &self,
+        event: &Map<String, Value>,
+        frames: &mut HashMap<String, Bytes>,
+        session: &Arc<Session>,
+    ) {
+        let own_scope = event.contains_key("project_id");
+        let key = if own_scope {
+            String::new()
+        } else {
+            session.scope_key()
+        };
+        let frame = frames
+            .entry(key)
+            .or_insert_with(|| {
+                let mut ev = event.clone();
+                if !own_scope {
+                    session.fill_scope(&mut ev);
+                }
+                fill_timestamp(&mut ev);
+                event::server_frame(&Value::Object(ev))
+            })
+            .clone();
+        session.offer_event(frame, None, &self.stats);
     }
 
     /// Parses a payload from `websocket:broadcast` and routes it as the seed's

@@ -9,8 +9,11 @@
 //! subscribe and unsubscribe for a channel in the order the hub decided them.
 //!
 //! Fan-out ([`Hub::deliver_batch`], the broker's [`Sink`]) admits a batch through the
-//! project's stream and hands the prebuilt frames to every member. It never awaits and
-//! never touches a socket; a session whose outbox overflows is told to close with 4500.
+//! project's stream and hands the prebuilt frames to every member: inline with one runtime
+//! worker, through the fan-out shards (`shard`, one per worker, each writing its own
+//! members' sockets) with more. It never awaits a socket; a session whose outbox overflows
+//! is told to close with 4500. Global events for every session run on a broadcast task in
+//! time slices past a thousand sessions (`global`).
 //!
 //! A member joins either open or holding. A holding member (a new connection whose
 //! greeting is being prepared) keeps the project's live events, seqs and all, until
@@ -137,6 +140,8 @@ pub struct Hub {
     timers: Wheel<Session>,
     /// Fan-out shards, one per worker thread (`shard`).
     shards: Shards,
+    /// The broadcast task's queue (`global`; None outside a runtime).
+    broadcasts: Option<global::Broadcasts>,
     subs: Option<mpsc::Sender<SubCommand>>,
     linger: Duration,
     /// Typed checks for global events.
@@ -156,7 +161,8 @@ impl Hub {
         streams: StreamContext,
     ) -> Arc<Self> {
         let (shards, receivers) = Shards::for_runtime();
-        let hub = Arc::new(Self {
+        let hub = Arc::new_cyclic(|weak| Self {
+            broadcasts: global::Broadcasts::start(weak.clone()),
             projects: RwLock::new(HashMap::new()),
             stories: RwLock::new(HashMap::new()),
             story_sessions: std::sync::atomic::AtomicUsize::new(0),

@@ -323,3 +323,36 @@ async fn two_shards_deliver_every_event_once_in_order() {
         assert_eq!(seqs, (1..=seq).collect::<Vec<_>>());
     }
 }
+
+/// A global event for more than `INLINE_MAX` sessions is offered on the broadcast task in
+/// slices, not in one go (issue 13); a later small one waits behind it, so every session
+/// gets global events in their order.
+#[tokio::test]
+async fn a_large_broadcast_runs_in_slices_and_keeps_global_order() {
+    let hub = hub(None, Duration::from_millis(10));
+    let sessions: Vec<_> = (0..1500)
+        .map(|i| {
+            let s = session(&format!("p{}", i % 7));
+            hub.register(&s);
+            s
+        })
+        .collect();
+    let event = |kind: &str| {
+        serde_json::from_str::<serde_json::Map<String, Value>>(&format!(
+            r#"{{"type":"container.reconnect","reason":"{kind}"}}"#
+        ))
+        .unwrap()
+    };
+    assert_eq!(hub.broadcast(&event("first")), 1500);
+    // Queued, not offered inline: nothing is in any outbox before the task runs.
+    assert!(sessions.iter().all(|s| s.outbox.len().0 == 0));
+    assert_eq!(hub.broadcast(&event("second")), 1500);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sessions.iter().any(|s| s.outbox.len().0 < 2) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for s in &sessions {
+        let reasons: Vec<Value> = queued(s).iter().map(|v| v["reason"].clone()).collect();
+        assert_eq!(reasons, vec![Value::from("first"), Value::from("second")]);
+    }
+}

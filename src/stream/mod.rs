@@ -13,8 +13,9 @@
 //!
 //! Invariants: every live event passes [`ProjectStream::admit`] before any session sees
 //! it, and the tail stays locked until the caller has offered the admitted events to every
-//! session (so a resume served from the tail never sees an event that has not yet reached
-//! the resuming session's hold, which would deliver it twice); seqs admitted only grow
+//! session, or queued them for every fan-out shard (so queue order is admission order; a
+//! copy that reaches a resuming session after its greeting covered it is dropped by the
+//! hub's per-member seq filter, never delivered twice); seqs admitted only grow
 //! within an epoch, and a new epoch resets the position only together with a snapshot
 //! sent to the sessions.
 //!

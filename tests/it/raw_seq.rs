@@ -73,9 +73,12 @@ async fn a_legacy_publishers_seq_moves_nobody() {
     assert_eq!(est["seq"], 3);
     assert_eq!(est["epoch"], epoch.as_str());
     redis.kill_pubsub_clients().await;
+    // Resubscribed, and the catch-up done (ready again: the publish API refuses with 503
+    // until it is; the subscription alone shows up in Redis a moment earlier).
     assert!(
         eventually(Duration::from_secs(15), || async {
             redis.pubsub_channels("project:p1:events").await.len() == 1
+                && gw.get("/readyz").await.status == 200
         })
         .await,
         "never resubscribed\n{}",
