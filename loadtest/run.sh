@@ -9,6 +9,7 @@
 #                                     # scale cores)
 #   QUICK=1 loadtest/run.sh           # short runs, fewer clients (about a minute)
 #   IDLE_HOLD=10 loadtest/run.sh idle # hold the idle connections longer before measuring
+#   RESUME_CLIENTS=10000 RESUME_RATE=20 loadtest/run.sh resume-storm   # storm size (2000), ev/s (200)
 #
 # Environment: QUICK=1; CARGO_TARGET_DIR (default ./target); GATEWAY_BIN (run this gateway
 # binary instead of building one: before/after comparisons); GATEWAY_RUST_LOG (RUST_LOG of
@@ -189,7 +190,7 @@ for s in "${SCENARIOS[@]}"; do
       # file, stopped by the loadgen itself, or by our trap if it dies first).
       echo "== resume-storm"
       start_gateway resume-storm
-      if ! timeout 300 "${LG[@]}" resume-storm --clients "$(q 500 2000)" --rate 200 \
+      if ! timeout 300 "${LG[@]}" resume-storm --clients "${RESUME_CLIENTS:-$(q 500 2000)}" --rate "${RESUME_RATE:-200}" \
           --duration "$(q 5 8)" --restart-after 2 --gateway-pid "$GW_PID" \
           --gateway-bin "$GW_BIN" --gateway-config config/loadtest.toml \
           --gateway-cpu "$([ ${#PIN_GW[@]} -gt 0 ] && echo 0 || true)" \

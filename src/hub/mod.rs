@@ -55,6 +55,12 @@ pub enum HubError {
     SubscribeFailed,
 }
 
+/// A registered session's key: its address, stable while it is registered (the map holds
+/// a reference).
+fn session_key(session: &Arc<Session>) -> usize {
+    Arc::as_ptr(session) as usize
+}
+
 /// The channel family a session's ids belong to.
 pub fn family_of(session: &Session) -> Family {
     if session.is_story() {
@@ -135,7 +141,9 @@ pub struct Hub {
     command_sessions: std::sync::atomic::AtomicUsize,
     /// Command streams by project (docs/protocol.md §6).
     commands: RwLock<HashMap<String, Slot>>,
-    sessions: RwLock<HashMap<String, Arc<Session>>>,
+    /// Registered sessions by address (`session_key`): no copy of the client id per
+    /// connection (issue 13, memory per connection).
+    sessions: RwLock<HashMap<usize, Arc<Session>>>,
     /// When each registered session next needs the shared timer (`crate::heartbeat`).
     timers: Wheel<Session>,
     /// Fan-out shards, one per worker thread (`shard`).
@@ -203,7 +211,7 @@ impl Hub {
         let fresh = self
             .sessions
             .write()
-            .insert(session.client_id.clone(), session.clone())
+            .insert(session_key(session), session.clone())
             .is_none();
         if fresh && session.is_story() {
             self.story_sessions.fetch_add(1, Ordering::Relaxed);
@@ -385,7 +393,11 @@ impl Hub {
         for id in session.projects() {
             self.leave_in(family, &id, session);
         }
-        let removed = self.sessions.write().remove(&session.client_id).is_some();
+        let removed = self
+            .sessions
+            .write()
+            .remove(&session_key(session))
+            .is_some();
         if removed && session.is_story() {
             self.story_sessions.fetch_sub(1, Ordering::Relaxed);
         }
