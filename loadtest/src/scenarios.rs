@@ -616,14 +616,52 @@ pub async fn resume_storm(ctx: &Ctx, r: &Resume) -> anyhow::Result<Value> {
             .count()
     };
     let mut t_resumed: Option<Instant> = None;
+    // When each client first held everything published by the ready moment: the spread
+    // of these says whether a storm is slow as a whole or a few clients lag.
+    let mut caught_at: Vec<Option<f64>> = vec![None; r.clients];
+    let note_caught = |caught_at: &mut [Option<f64>]| {
+        for (i, c) in sh.clients.iter().enumerate() {
+            if caught_at[i].is_none() {
+                let c = c.borrow();
+                if c.connected && c.connects >= 2 && c.last_seq >= seq_at_ready {
+                    caught_at[i] = Some(t_ready.elapsed().as_secs_f64());
+                }
+            }
+        }
+    };
     let pub_deadline = Instant::now() + r.duration + Duration::from_secs(40);
     while !handle.is_finished() && Instant::now() < pub_deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
         pb.set_position(progress.published.load(Ordering::Relaxed));
+        note_caught(&mut caught_at);
         if t_resumed.is_none() && holds(seq_at_ready) >= r.clients {
             t_resumed = Some(Instant::now());
         }
     }
+    note_caught(&mut caught_at);
+    let late: Vec<Value> = caught_at
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.is_none_or(|t| t > 3.0))
+        .take(5)
+        .map(|(i, t)| {
+            let c = sh.clients[i].borrow();
+            json!({"client": i, "caught_up_after_ready_s": t, "connected": c.connected,
+                   "connects": c.connects, "last_seq": c.last_seq, "resumed": c.resumed,
+                   "resyncs": c.resyncs})
+        })
+        .collect();
+    let mut times: Vec<f64> = caught_at
+        .iter()
+        .map(|t| t.unwrap_or(f64::INFINITY))
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let pct = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+    let caught_spread = json!({
+        "p50_s": pct(0.5), "p90_s": pct(0.9), "p99_s": pct(0.99), "max_s": pct(1.0),
+        "later_than_3s": times.iter().filter(|t| **t > 3.0).count(),
+        "first_late_clients": late,
+    });
     progress.stop.store(true, Ordering::Relaxed);
     pb.finish_and_clear();
     let report = handle
@@ -706,6 +744,7 @@ pub async fn resume_storm(ctx: &Ctx, r: &Resume) -> anyhow::Result<Value> {
         "seq_at_ready": seq_at_ready,
         "caught_up_after_restart_s": resumed_s,
         "caught_up_after_ready_s": resumed_after_ready_s,
+        "caught_up_per_client_after_ready": caught_spread,
         "all_final_after_publish_end_s": (t_done - t_pub_end).as_secs_f64(),
         "connects": connects,
         "resumed": resumed,

@@ -8,7 +8,8 @@
 //! - the resume [`tail::Tail`] (recent events in memory, bounded in bytes);
 //! - the status snapshot cache;
 //! - the decision for each greeting ([`Greeting`]: fresh, replay or resync), with history
-//!   reads single-flighted (1,000 clients resuming at once cause one read);
+//!   reads single-flighted (1,000 clients resuming at once cause one read) and the epoch
+//!   check's position reads shared by the resumes that arrive while one runs;
 //! - the catch-up after a broker outage ([`Recovery`]).
 //!
 //! Invariants: every live event passes [`ProjectStream::admit`] before any session sees
@@ -120,6 +121,9 @@ struct ReadOutcome {
 
 type Flight = Arc<OnceCell<Result<ReadOutcome, String>>>;
 
+/// A position read shared by the resumes that joined it before it started.
+type PositionFlight = Arc<OnceCell<Result<Position, String>>>;
+
 /// How long a cached snapshot may serve new connections (it is only used while no newer
 /// event arrived; the age bound covers a broker that lost its data without a reconnect).
 const SNAPSHOT_CACHE: Duration = Duration::from_millis(500);
@@ -144,6 +148,10 @@ pub struct ProjectStream {
     snapshot: Mutex<Option<(Instant, Arc<Snapshot>)>>,
     /// The history read in flight, shared by every resume that needs one.
     flight: Mutex<Option<Flight>>,
+    /// The position read resumes are joining (not started yet), and the lock one read at a
+    /// time holds (see [`ProjectStream::fresh_position`]).
+    position_next: Mutex<Option<PositionFlight>>,
+    position_read: tokio::sync::Mutex<()>,
 }
 
 impl ProjectStream {
@@ -159,6 +167,8 @@ impl ProjectStream {
             warned_at: AtomicU64::new(0),
             snapshot: Mutex::new(None),
             flight: Mutex::new(None),
+            position_next: Mutex::new(None),
+            position_read: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -289,7 +299,7 @@ impl ProjectStream {
         // The tail is only as good as its epoch: a broker that lost its data without
         // dropping our pub/sub connection (FLUSHALL) changes the epoch with no event to
         // tell us. One cheap position read per resume catches it.
-        let current = broker.position(&self.project).await?;
+        let current = self.fresh_position(broker).await?;
         self.tail.lock().forget_unless_epoch(&current.epoch);
         let mut outcome = None;
         for _ in 0..3 {
@@ -324,6 +334,37 @@ impl ProjectStream {
             from_seq: req.last_seq,
             earliest,
         })
+    }
+
+    /// The project's position as read after this call began: the resumes that arrive while
+    /// a read is running share the next one, which starts when it ends (so it began after
+    /// each of them arrived, and still sees a FLUSHALL that happened before). A storm of
+    /// 10,000 resumes makes one read per Redis round trip, not one per resume (issue 13:
+    /// one round trip each held a 10k storm to ~1,750 resumes/s).
+    async fn fresh_position(&self, broker: &Broker) -> Result<Position, BrokerError> {
+        let flight = self
+            .position_next
+            .lock()
+            .get_or_insert_with(Default::default)
+            .clone();
+        flight
+            .get_or_init(|| async {
+                let _one = self.position_read.lock().await;
+                // Started from here: later arrivals wait for the next read.
+                {
+                    let mut next = self.position_next.lock();
+                    if next.as_ref().is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                        *next = None;
+                    }
+                }
+                broker
+                    .position(&self.project)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .clone()
+            .map_err(BrokerError::Unavailable)
     }
 
     /// One history read after `after` into the tail, shared by every resume that asks
