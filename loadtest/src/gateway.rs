@@ -113,6 +113,42 @@ pub fn metric_sum(body: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// The `q` quantile (upper bucket bound, seconds) of a Prometheus histogram's observations
+/// between two scrapes (`name` without `_bucket`); None when nothing was observed.
+pub fn histogram_quantile(before: &str, after: &str, name: &str, q: f64) -> Option<f64> {
+    let buckets = |body: &str| -> Vec<(f64, f64)> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        body.lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(prefix.as_str())?;
+                let (le, count) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, count.trim().parse().ok()?))
+            })
+            .collect()
+    };
+    let (b0, b1) = (buckets(before), buckets(after));
+    let delta: Vec<(f64, f64)> = b1
+        .iter()
+        .map(|(le, c)| {
+            let was = b0.iter().find(|(l, _)| l == le).map_or(0.0, |(_, c)| *c);
+            (*le, c - was)
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    delta
+        .iter()
+        .find(|(_, c)| *c >= total * q)
+        .map(|(le, _)| *le)
+}
+
 pub async fn metrics(addr: SocketAddr) -> Option<String> {
     match http_get(addr, "/metrics").await {
         Ok((200, body)) => Some(body),

@@ -438,6 +438,17 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
     };
     let hist = sh.latency.borrow();
     let lat = latency_json(&hist);
+    // Inside the gateway, from its own histograms: read from pub/sub -> handed to every
+    // socket (fan-out), and publish -> read (pub/sub lag, through Redis). Set against the
+    // end-to-end latency they say how much of a tail is the gateway's.
+    let gateway_q = |name: &str, q: f64| -> Option<f64> {
+        gateway::histogram_quantile(m0.as_deref()?, m1.as_deref()?, name, q).map(|s| s * 1e6)
+    };
+    let inside = json!({
+        "fanout_p99_us_le": gateway_q("switchboard_fanout_seconds", 0.99),
+        "fanout_p999_us_le": gateway_q("switchboard_fanout_seconds", 0.999),
+        "pubsub_lag_p99_us_le": gateway_q("switchboard_pubsub_lag_seconds", 0.99),
+    });
     let slow_closes = metric_delta("switchboard_slow_consumer_closes_total");
     let growth = rss_peak as f64 - rss0.unwrap_or(0) as f64;
 
@@ -526,6 +537,7 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
         "gateway_cpu_us_per_delivery": cpu_us,
         "gateway_cpu_core_fraction": cpu_util,
         "gateway_threads": threads,
+        "gateway_latency_inside": inside,
         "gateway_metrics_delta": {
             "messages_delivered": metric_delta("switchboard_messages_delivered_total"),
             "messages_dropped": metric_delta("switchboard_messages_dropped_total"),
