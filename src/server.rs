@@ -339,11 +339,16 @@ async fn drain(app: &Arc<App>, close_http: watch::Sender<bool>) -> tokio::time::
     );
     let _ = close_http.send(true);
     {
-        let mut rng = rand::rng();
+        // In time slices: fan-out goes on for the sessions not closed yet (issue 13: no work
+        // that grows with the connections in one go).
+        let mut slice = crate::wheel::Slice::new(Duration::from_micros(200));
         for session in &sessions {
             // Jitter spreads the reconnect storm over the other instances.
-            let after = rng.random_range(100..2_000);
+            let after = rand::rng().random_range(100..2_000);
             session.close_for_restart(after);
+            if slice.over() {
+                tokio::task::yield_now().await;
+            }
         }
     }
     let deadline = tokio::time::Instant::now() + grace;

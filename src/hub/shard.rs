@@ -233,6 +233,43 @@ mod tests {
         assert!(per.iter().all(|c| (800..=1200).contains(c)), "{per:?}");
     }
 
+    /// The hand-off is bounded: past `MAX_JOBS` queued on a shard the producer's
+    /// `settled` waits, and it ends once the shard is back under half of it.
+    #[tokio::test]
+    async fn a_full_shard_holds_the_producer_until_it_drains_to_half() {
+        let (shards, mut receivers) = Shards::new(2);
+        let events: Arc<[Prepared]> =
+            vec![
+                crate::event::prepare_project_event("p", br#"{"type":"file.changed"}"#, None)
+                    .unwrap(),
+            ]
+            .into();
+        let id: Arc<str> = Arc::from("p");
+        for _ in 0..MAX_JOBS + 1 {
+            shards.send(1, Family::Project, &id, &events, None);
+        }
+        assert_eq!(shards.queued(), MAX_JOBS + 1);
+        let wait = shards.settled();
+        tokio::pin!(wait);
+        assert!(
+            futures_util::poll!(wait.as_mut()).is_pending(),
+            "over the bound: the producer waits"
+        );
+        // The shard runs half of its queue: the producer may go on.
+        let rx = &mut receivers[1];
+        for _ in 0..=MAX_JOBS / 2 {
+            let job = rx.recv().await.unwrap();
+            shards.done(1, &job);
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(1), wait)
+            .await
+            .expect("settled once the shard is under half its bound");
+        // Under the bound, settled is ready at once.
+        tokio::time::timeout(std::time::Duration::from_millis(10), shards.settled())
+            .await
+            .unwrap();
+    }
+
     #[test]
     fn one_shard_is_inline() {
         let (shards, receivers) = Shards::new(1);
