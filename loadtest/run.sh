@@ -175,13 +175,14 @@ for s in "${SCENARIOS[@]}"; do
       # Issue 13: fan-out on every core. The gateway on both CPUs with 1, then 2, runtime
       # worker threads (TOKIO_WORKER_THREADS); the per-thread CPU split comes from
       # /proc/PID/task/*/stat. The loadgen and Redis stay on CPU 1, so with 2 workers the
-      # gateway's second thread shares that CPU with them.
+      # gateway's second thread shares that CPU with them. CORES_RATES: ev/s (1000 2000).
       SAVED_PIN=("${PIN_GW[@]}")
       if [ ${#PIN_GW[@]} -gt 0 ]; then PIN_GW=(taskset -c 0,1); fi
       for w in 1 2; do
         export TOKIO_WORKER_THREADS=$w
-        run "cores-w$w-1000" fanout --clients 1000 --rate 1000 --duration "$(q 4 10)"
-        run "cores-w$w-2000" fanout --clients 1000 --rate 2000 --duration "$(q 4 10)"
+        for rate in ${CORES_RATES:-1000 2000}; do
+          run "cores-w$w-$rate" fanout --clients 1000 --rate "$rate" --duration "$(q 4 10)"
+        done
       done
       unset TOKIO_WORKER_THREADS
       PIN_GW=("${SAVED_PIN[@]}") ;;
