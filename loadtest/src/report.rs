@@ -289,13 +289,7 @@ fn plot_scale(dir: &Path, points: &[ScalePoint]) -> anyhow::Result<()> {
                 .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
         )?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 16))
-        .draw()?;
+    legend(&mut chart)?;
     root.present()?;
     Ok(())
 }
@@ -371,14 +365,22 @@ fn plot(dir: &Path, runs: &[(String, Value)]) -> anyhow::Result<()> {
             });
     }
     if !series.is_empty() {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 16))
-            .draw()?;
+        legend(&mut chart)?;
     }
     root.present()?;
+    Ok(())
+}
+
+/// The series legend of both charts, upper left.
+fn legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 16))
+        .draw()?;
     Ok(())
 }
