@@ -10,7 +10,7 @@
 //! - key gone, unreadable, or for another user: `connection.closed` and close 4001;
 //! - the session no longer grants one of the connection's projects, and the authorization
 //!   hook (if any, docs/protocol.md §10) does not allow it either: close 4003;
-//! - otherwise the connection adopts the stored grants and `expires_at` (the sweep closes
+//! - otherwise the connection adopts the stored grants and `expires_at` (the timer closes
 //!   with 4004 at that time; an extended session extends the connection).
 //!
 //! Redis unreachable: nobody is closed (an outage must not log everyone out) and the

@@ -4,7 +4,7 @@
 //! very same objects, with no envelope. This module holds what is particular to that
 //! family: the channel and key names, the check of a progress message, and its frame (the
 //! published bytes, unchanged, framed once). Everything else (routes, subscriptions,
-//! fan-out, limits, drain, heartbeat sweep) is the shared core's.
+//! fan-out, limits, drain, heartbeat timer) is the shared core's.
 //!
 //! Invariants: a message is relayed only if it is a JSON object whose `status` is one of
 //! [`STATUSES`] and whose `progress_percent` is a number from 0 to 100 (anything else is

@@ -111,7 +111,7 @@ pub struct Session {
     /// The credential in force (replaced by `auth.refresh`); decides `subscribe`.
     claims: Mutex<Arc<Claims>>,
     /// The server-side session (`session:{id}`) the connection authenticated with, if any.
-    /// The shared sweep rechecks it while that session is the credential in force.
+    /// The shared timer rechecks it while that session is the credential in force.
     session_id: OnceLock<Box<str>>,
     pub outbox: Outbox,
     /// Milliseconds since the UNIX epoch of the last frame from the client.
