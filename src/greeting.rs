@@ -149,12 +149,19 @@ async fn greet_project(
 /// before any live frame; there is no `connection.established`).
 async fn greet_story(app: &App, session: &Arc<Session>) -> Result<(), BrokerError> {
     let mut frames = Vec::new();
+    // Per story, the fingerprint of the progress sent: a live copy of it that was on its
+    // way meanwhile is not sent again (a story has no seq to tell).
+    let mut sent = Vec::new();
     for story in session.projects() {
         if let Some(progress) = app.broker.story_progress(&story).await? {
-            frames.push(crate::ws::frame::text(&progress));
+            let frame = crate::ws::frame::text(&progress);
+            sent.push((story, crate::hub::Hub::story_sent(&frame)));
+            frames.push(frame);
         }
     }
-    app.hub.release(session, frames, |_| 0);
+    app.hub.release(session, frames, |story| {
+        sent.iter().find(|(s, _)| s == story).map_or(0, |(_, h)| *h)
+    });
     Ok(())
 }
 

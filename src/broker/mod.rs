@@ -433,8 +433,11 @@ impl Broker {
         }
     }
 
+    /// Removes this instance's registry entry, after writing the connection records (and
+    /// their deletions) still queued: the drain's last step.
     pub async fn deregister_instance(&self, instance_id: &str) {
         if let Broker::Redis(r) = self {
+            r.flush_records().await;
             r.deregister_instance(instance_id).await
         }
     }

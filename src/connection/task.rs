@@ -104,16 +104,16 @@ pub async fn run(
         }
     }
     app.hub.unregister(&session);
-    // Out of the hub: the drain stops waiting for this session here, not after the record
-    // deletion below (which is queued to the record writer and may wait on Redis).
-    drop(tracked);
     // Boxed: a Redis call's future is large and would otherwise be part of every idle
-    // connection's task.
+    // connection's task. This only queues the deletion for the record writer (bounded by
+    // the command timeout); it is queued before the drain stops waiting for this session,
+    // so the drain's flush of the writer covers it (a clean shutdown left records behind).
     Box::pin(
         app.broker
             .delete_connection(&session.client_id, &session.presence_projects()),
     )
     .await;
+    drop(tracked);
     if let crate::session::Scope::Commands(project) = &session.scope {
         Box::pin(app.note_command_streams(project)).await;
     }

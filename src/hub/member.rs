@@ -114,6 +114,45 @@ impl Member {
         }
     }
 
+    /// Offers one story progress frame: as [`Member::offer`], except that right after the
+    /// greeting a live copy of the progress the greeting sent is dropped (a story has no
+    /// seq: the greeting reads the stored latest progress, which a copy still on its way
+    /// may equal; seen as a duplicate frame on `/ws/user/stories`).
+    pub(super) fn offer_story(&self, progress: &Prepared, holds: &Holds, stats: &DeliveryStats) {
+        if self.state.load(Ordering::Acquire) != HOLDING && self.sent_copy(progress) {
+            return;
+        }
+        self.offer(&[progress], None, holds, stats);
+    }
+
+    /// Ends a story member's hold: `sent` is [`frame_hash`] of the progress frame its
+    /// greeting sent (0: none); held or live copies of that frame are dropped, once, until
+    /// another frame arrives.
+    pub(super) fn release_story(&self, sent: u64, holds: &Holds, stats: &DeliveryStats) {
+        let mut holds = holds.lock();
+        let held = holds.remove(&self.key()).unwrap_or_default();
+        self.state.store(sent, Ordering::Release);
+        for p in held {
+            if self.sent_copy(&p) {
+                continue;
+            }
+            self.session.offer_event(p.frame, p.conflate, stats);
+        }
+    }
+
+    /// True for the live copy of the frame a story greeting sent; the first frame after
+    /// the greeting ends the check either way.
+    fn sent_copy(&self, p: &Prepared) -> bool {
+        let sent = self.state.load(Ordering::Acquire);
+        if sent == 0 || sent == HOLDING {
+            return false;
+        }
+        let _ = self
+            .state
+            .compare_exchange(sent, 0, Ordering::AcqRel, Ordering::Relaxed);
+        frame_hash(&p.frame) == sent
+    }
+
     /// Ends the hold: drops what `covered` includes and offers the rest, in order.
     pub(super) fn release(&self, covered: u64, holds: &Holds, stats: &DeliveryStats) {
         let mut holds = holds.lock();
@@ -128,6 +167,15 @@ impl Member {
             self.session.offer_event(p.frame, p.conflate, stats);
         }
     }
+}
+
+/// A story greeting frame's fingerprint for [`Member::release_story`]: never 0 (none) nor
+/// [`HOLDING`].
+pub(super) fn frame_hash(frame: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    frame.hash(&mut h);
+    h.finish().clamp(1, HOLDING - 1)
 }
 
 #[cfg(test)]

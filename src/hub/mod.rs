@@ -311,7 +311,9 @@ impl Hub {
 
     /// Ends the holds of `session`'s memberships after its greeting: `front` (the
     /// greeting's frames) goes out first, then each project's held events except those at
-    /// or below `covered(project)`.
+    /// or below `covered(project)`. For a story socket `covered(story)` is instead the
+    /// `member::frame_hash` of the progress frame the greeting sent for it (0: none): its
+    /// copies are dropped (see `Member::release_story`); use [`Hub::story_sent`].
     pub fn release(
         &self,
         session: &Arc<Session>,
@@ -321,14 +323,25 @@ impl Hub {
         // Nothing of a holding membership reaches the outbox before its release, so the
         // greeting is first whatever fan-out does meanwhile.
         session.greet(front, &self.stats);
+        let story = session.is_story();
         let projects = self.slots(family_of(session)).read();
         for project in session.projects() {
             if let Some(slot) = projects.get(&project) {
                 if let Some(member) = slot.member(session) {
-                    member.release(covered(&project), &slot.holds, &self.stats);
+                    if story {
+                        member.release_story(covered(&project), &slot.holds, &self.stats);
+                    } else {
+                        member.release(covered(&project), &slot.holds, &self.stats);
+                    }
                 }
             }
         }
+    }
+
+    /// What a story greeting passes as `covered` to [`Hub::release`] for a story whose
+    /// progress frame it sent.
+    pub fn story_sent(frame: &[u8]) -> u64 {
+        member::frame_hash(frame)
     }
 
     /// Removes `session` from `project` (see [`Hub::leave_in`]).
@@ -608,7 +621,7 @@ impl Hub {
             epoch: None,
         };
         for member in slot.members.iter() {
-            member.offer(&[&progress], None, &slot.holds, &self.stats);
+            member.offer_story(&progress, &slot.holds, &self.stats);
         }
         self.stats
             .delivered

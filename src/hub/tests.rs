@@ -356,3 +356,75 @@ async fn a_large_broadcast_runs_in_slices_and_keeps_global_order() {
         assert_eq!(reasons, vec![Value::from("first"), Value::from("second")]);
     }
 }
+
+/// A story has no seq: its greeting sends the stored latest progress, which a live copy
+/// still on its way may equal. That copy is dropped, held or arriving after the release,
+/// once; a different frame ends the check (found as a duplicate frame on
+/// `/ws/user/stories` in tests/it/hook.rs).
+#[tokio::test]
+async fn a_story_greeting_is_not_followed_by_a_copy_of_its_progress() {
+    let hub = hub(None, Duration::from_millis(10));
+    let claims = switchboard_middleware::Claims {
+        sub: "u".into(),
+        projects: Vec::new(),
+        stories: vec!["s1".into()].into_boxed_slice(),
+        role: None,
+        exp: None,
+        kind: switchboard_middleware::CredentialKind::Jwt,
+    };
+    let story = |holding: bool| {
+        let s = Session::new(
+            uuid::Uuid::new_v4().to_string(),
+            Arc::new(claims.clone()),
+            crate::session::Scope::UserStories,
+            vec!["s1".into()],
+            std::net::IpAddr::from([127, 0, 0, 1]),
+            None,
+            Limits {
+                messages: 8,
+                bytes: 1 << 16,
+            },
+        );
+        if holding {
+            s.hold();
+        }
+        s
+    };
+    let frame = |p: u64| {
+        crate::ws::frame::text(format!(r#"{{"story_id":"s1","progress_percent":{p}}}"#).as_bytes())
+    };
+    let percents = |s: &Session| -> Vec<Value> {
+        queued(s)
+            .iter()
+            .map(|v| v["progress_percent"].clone())
+            .collect()
+    };
+
+    // The copy was held while the greeting read the stored progress.
+    let a = story(true);
+    hub.register(&a);
+    hub.join_in(Family::Story, "s1", &a, true).await.unwrap();
+    hub.deliver_story("s1", &frame(5));
+    hub.release(&a, vec![frame(5)], |_| Hub::story_sent(&frame(5)));
+    hub.deliver_story("s1", &frame(6));
+    hub.deliver_story("s1", &frame(6));
+    assert_eq!(percents(&a), [5, 6, 6]);
+
+    // The copy arrives after the release.
+    let b = story(true);
+    hub.register(&b);
+    hub.join_in(Family::Story, "s1", &b, true).await.unwrap();
+    hub.release(&b, vec![frame(7)], |_| Hub::story_sent(&frame(7)));
+    hub.deliver_story("s1", &frame(7));
+    hub.deliver_story("s1", &frame(8));
+    assert_eq!(percents(&b), [7, 8]);
+
+    // No progress in the greeting: nothing is dropped.
+    let c = story(true);
+    hub.register(&c);
+    hub.join_in(Family::Story, "s1", &c, true).await.unwrap();
+    hub.deliver_story("s1", &frame(9));
+    hub.release(&c, Vec::new(), |_| 0);
+    hub.deliver_story("s1", &frame(9));
+    assert_eq!(percents(&c), [9, 9]);
+}

@@ -541,3 +541,62 @@ async fn the_seeds_global_events_reach_every_connection() {
     assert_eq!(r.status, 422, "{}", r.text());
     a.expect_silence(Duration::from_millis(200)).await;
 }
+
+/// Issue 13: a global event for more than a thousand connections is offered on the hub's
+/// broadcast task in time slices rather than in one loop; against a running gateway every
+/// connection still gets each global event once, in publish order, and live project
+/// events keep flowing.
+#[tokio::test]
+async fn global_events_for_over_a_thousand_connections_reach_each_once_in_order() {
+    let redis = RedisServer::start();
+    let gw = GatewayOpts::new()
+        .redis(redis.url())
+        .cfg("server", "handshake_rate_per_sec", "0")
+        .start();
+    let token = gw.token("many", &["many"]);
+    let mut clients = Vec::with_capacity(1100);
+    for _ in 0..1100 {
+        clients.push(gw.connect("many", &token).await.0);
+    }
+    for n in 1..=2 {
+        let changed = json!({"type": "workspace.changed", "workspace_id": format!("w{n}"),
+            "changes": {"added": [format!("f{n}.txt")]}});
+        redis
+            .publish("websocket:broadcast", &changed.to_string())
+            .await;
+    }
+    assert_eq!(
+        gw.publish(
+            "many",
+            &json!({"type": "file.changed", "file_path": "/a",
+            "change_type": "modified"})
+        )
+        .await,
+        [1]
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let text = match c.next_frame(T).await {
+                Some(Frame::Text(t)) => t,
+                Some(Frame::Ping) | Some(Frame::Pong) => continue,
+                other => panic!("client {i}: {other:?} after {got:?}\n{}", gw.logs()),
+            };
+            let e: Value = serde_json::from_str(&text).unwrap();
+            if e["type"] != "system.heartbeat" {
+                got.push(e);
+            }
+        }
+        let globals: Vec<&Value> = got
+            .iter()
+            .filter(|e| e["type"] == "workspace.changed")
+            .map(|e| &e["workspace_id"])
+            .collect();
+        assert_eq!(globals, [&json!("w1"), &json!("w2")], "{got:?}");
+        assert!(
+            got.iter()
+                .any(|e| e["type"] == "file.changed" && e["seq"] == 1),
+            "{got:?}"
+        );
+    }
+}

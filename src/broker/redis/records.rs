@@ -35,6 +35,8 @@ pub enum RecordOp {
         count: LiveCount,
         ttl: Duration,
     },
+    /// Answered once everything queued before it is written (the drain's last step).
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 impl RedisBroker {
@@ -89,7 +91,31 @@ impl RedisBroker {
                     Err(_) => break,
                 }
             }
-            self.write_records(batch).await;
+            let (flushes, batch): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .partition(|op| matches!(op, RecordOp::Flush(_)));
+            if !batch.is_empty() {
+                self.write_records(batch).await;
+            }
+            for op in flushes {
+                if let RecordOp::Flush(done) = op {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    /// Waits until the record writer has written everything queued so far (bounded by the
+    /// command timeout): a clean shutdown leaves no connection record behind.
+    pub async fn flush_records(&self) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        let flushed = async {
+            if self.records.send(RecordOp::Flush(done)).await.is_ok() {
+                let _ = written.await;
+            }
+        };
+        if tokio::time::timeout(self.timeout, flushed).await.is_err() {
+            tracing::warn!("connection records not all written before exit (Redis slow)");
         }
     }
 
@@ -152,6 +178,8 @@ impl RedisBroker {
                     records += 1;
                     put_command_streams(&mut pipe, project, instance_id, (count.0)(), *ttl);
                 }
+                // Taken out of every batch by `run_records`.
+                RecordOp::Flush(_) => {}
             }
         }
         if records > 0 {
