@@ -188,6 +188,9 @@ pub async fn run(app: Arc<App>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     refresh_records(&app, Vec::new()).await;
     let wheel = app.hub.timers();
+    // Every connection is looked at least once per beat interval (its beat is always a
+    // candidate for its next second).
+    wheel.set_max_gap(plan.interval);
     // The seconds handled so far: a late tick catches up the ones it skipped (a wheel
     // slot at a time, at most one turn of the wheel).
     let mut done_upto = unix_millis() / 1000;

@@ -70,7 +70,18 @@ impl SessionRecheck {
     /// (each has its own second of the interval, so a tick carries a slice of them); starts
     /// a background check of those, and of any left waiting, unless one is running.
     pub fn tick(&mut self, app: &Arc<App>, due: Vec<Arc<Session>>) {
-        self.pending.extend(due);
+        // A connection due again while it still waits (a check slower than the interval:
+        // Redis timing out) is kept once, so the list never exceeds the connections.
+        if self.pending.is_empty() {
+            self.pending = due;
+        } else {
+            let waiting: std::collections::HashSet<*const Session> =
+                self.pending.iter().map(Arc::as_ptr).collect();
+            self.pending.extend(
+                due.into_iter()
+                    .filter(|s| !waiting.contains(&Arc::as_ptr(s))),
+            );
+        }
         if self.pending.is_empty() || self.running.swap(true, Ordering::AcqRel) {
             return;
         }

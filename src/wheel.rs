@@ -46,6 +46,9 @@ pub struct Wheel<T> {
     /// years).
     origin: u64,
     slots: Mutex<Vec<Vec<Entry<T>>>>,
+    /// The longest a main entry waits between two turns (its owner's promise, see
+    /// [`Wheel::set_max_gap`]): a one-shot entry later than that is not needed.
+    max_gap: std::sync::atomic::AtomicU64,
 }
 
 impl<T> Wheel<T> {
@@ -54,7 +57,17 @@ impl<T> Wheel<T> {
         Self {
             origin,
             slots: Mutex::new((0..SPAN).map(|_| Vec::new()).collect()),
+            max_gap: std::sync::atomic::AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Declares that every main entry is put back at most `secs` after it was taken (the
+    /// heartbeat: every connection beats once per interval), so [`Wheel::once`] can skip
+    /// a check further out than that: the main entry comes first and sees the new
+    /// deadline. This also bounds what one-shot entries a client can cause.
+    pub fn set_max_gap(&self, secs: u64) {
+        self.max_gap
+            .store(secs, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn origin(&self) -> u64 {
@@ -74,8 +87,13 @@ impl<T> Wheel<T> {
         });
     }
 
-    /// Schedules a one-shot check of `item` at second `at`.
-    pub fn once(&self, item: &Arc<T>, at: u64) {
+    /// Schedules a one-shot check of `item` at second `at` (`now`: the current second),
+    /// unless its main entry comes up before then anyway (see [`Wheel::set_max_gap`]).
+    pub fn once(&self, item: &Arc<T>, at: u64, now: u64) {
+        let gap = self.max_gap.load(std::sync::atomic::Ordering::Relaxed);
+        if at.saturating_sub(now) > gap {
+            return;
+        }
         self.put(Entry {
             item: Arc::downgrade(item),
             at: self.rel(at),
@@ -201,10 +219,21 @@ mod tests {
     fn one_shot_entries_are_marked() {
         let wheel = Wheel::new(0);
         let a = Arc::new(1);
-        wheel.once(&a, 2);
+        wheel.once(&a, 2, 0);
         let due = wheel.take(2);
         assert_eq!(due[0].since(0), None);
         wheel.reschedule([(Arc::downgrade(&a), 9, 2)]);
         assert_eq!(wheel.take(9)[0].since(0), Some(2));
+    }
+
+    #[test]
+    fn a_one_shot_beyond_the_main_entries_gap_is_not_kept() {
+        let wheel = Wheel::new(0);
+        let a = Arc::new(1);
+        wheel.set_max_gap(30);
+        wheel.once(&a, 100, 50);
+        assert!(wheel.is_empty(), "the main entry comes up first");
+        wheel.once(&a, 70, 50);
+        assert_eq!(wheel.len(), 1);
     }
 }

@@ -162,6 +162,14 @@ impl SinkSlot {
     pub fn get(&self) -> Option<&Arc<dyn Sink>> {
         self.0.get()
     }
+
+    /// [`Sink::settled`] of the attached sink: what a producer awaits after handing it
+    /// work.
+    pub async fn settled(&self) {
+        if let Some(sink) = self.get() {
+            sink.settled().await;
+        }
+    }
 }
 
 pub fn commands_channel(project: &str) -> String {
@@ -295,9 +303,7 @@ impl Broker {
                 let seqs = m.publish_events(project, events)?;
                 // The publisher is the producer here: it waits for the fan-out shards as
                 // the Redis reader does.
-                if let Some(sink) = m.sink.get() {
-                    sink.settled().await;
-                }
+                m.sink.settled().await;
                 Ok(seqs)
             }
             Broker::Redis(r) => r.publish_events(project, events).await,
@@ -307,7 +313,12 @@ impl Broker {
     /// Publishes a global event to every connection of every instance.
     pub async fn publish_broadcast(&self, payload: Vec<u8>) -> Result<(), BrokerError> {
         match self {
-            Broker::Memory(m) => m.publish_broadcast(&payload),
+            Broker::Memory(m) => {
+                m.publish_broadcast(&payload)?;
+                // As for events: the publisher waits while the broadcast queue is full.
+                m.sink.settled().await;
+                Ok(())
+            }
             Broker::Redis(r) => r.publish_broadcast(payload).await,
         }
     }

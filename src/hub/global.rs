@@ -8,13 +8,14 @@
 //! `project.created`). A raw `seq` is never passed on: only the publish path assigns one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
+use super::backlog::Backlog;
 use super::Hub;
 use crate::event::{self, Prepared};
 use crate::session::{Scope, Session};
@@ -28,10 +29,17 @@ const INLINE_MAX: usize = 1024;
 /// Longest run of the broadcast task between two yields.
 const SLICE: std::time::Duration = std::time::Duration::from_micros(200);
 
+/// Bounds of the broadcast task's queue: a publisher flooding `websocket:broadcast` waits
+/// (the broker's reader awaits `Hub::settled`) instead of queueing session snapshots
+/// without end (each is 8 bytes per connection: 800 KB at 100k).
+pub(super) const MAX_QUEUED: usize = 64;
+const MAX_QUEUED_BYTES: usize = 64 << 20;
+
 /// One global event for a snapshot of the sessions.
 pub(super) struct Broadcast {
     event: Map<String, Value>,
     sessions: Vec<Arc<Session>>,
+    bytes: usize,
 }
 
 /// The queue of the broadcast task: global events in arrival order.
@@ -39,7 +47,7 @@ pub(super) struct Broadcasts {
     tx: mpsc::UnboundedSender<Broadcast>,
     /// Queued and not finished: a small broadcast goes inline only when nothing is (so
     /// global events keep their order).
-    pending: Arc<AtomicUsize>,
+    pub(super) backlog: Arc<Backlog>,
 }
 
 impl Broadcasts {
@@ -47,8 +55,8 @@ impl Broadcasts {
     pub(super) fn start(hub: Weak<Hub>) -> Option<Self> {
         tokio::runtime::Handle::try_current().ok()?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Broadcast>();
-        let pending = Arc::new(AtomicUsize::new(0));
-        let left = pending.clone();
+        let backlog = Arc::new(Backlog::new(MAX_QUEUED, MAX_QUEUED_BYTES));
+        let left = backlog.clone();
         tokio::spawn(async move {
             while let Some(b) = rx.recv().await {
                 let mut frames = HashMap::new();
@@ -61,10 +69,10 @@ impl Broadcasts {
                         tokio::task::yield_now().await;
                     }
                 }
-                left.fetch_sub(1, Ordering::AcqRel);
+                left.done(b.bytes);
             }
         });
-        Some(Self { tx, pending })
+        Some(Self { tx, backlog })
     }
 }
 
@@ -82,14 +90,17 @@ impl Hub {
         let n = sessions.len();
         self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
         match &self.broadcasts {
-            Some(queue) if n > INLINE_MAX || queue.pending.load(Ordering::Acquire) > 0 => {
-                queue.pending.fetch_add(1, Ordering::AcqRel);
+            Some(queue) if n > INLINE_MAX || queue.backlog.items() > 0 => {
+                let bytes = n * std::mem::size_of::<Arc<Session>>()
+                    + serde_json::to_vec(event).map_or(0, |v| v.len());
+                queue.backlog.add(bytes);
                 let b = Broadcast {
                     event: event.clone(),
                     sessions,
+                    bytes,
                 };
                 if queue.tx.send(b).is_err() {
-                    queue.pending.fetch_sub(1, Ordering::AcqRel);
+                    queue.backlog.done(bytes);
                 }
             }
             _ => {

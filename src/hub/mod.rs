@@ -45,6 +45,7 @@ use crate::wheel::Wheel;
 use member::{Holds, Member};
 use shard::Shards;
 
+mod backlog;
 mod global;
 mod member;
 mod shard;
@@ -236,8 +237,8 @@ impl Hub {
     /// credential expiring sooner).
     pub fn check_at(&self, session: &Arc<Session>, at: u64) {
         // A second the timer may have handled already would wait a whole turn of the wheel.
-        let next = event::unix_millis() / 1000 + 1;
-        self.timers.once(session, at.max(next));
+        let now = event::unix_millis() / 1000;
+        self.timers.once(session, at.max(now + 1), now);
     }
 
     /// The slots of one channel family (each family has its own id namespace).
@@ -572,8 +573,7 @@ impl Hub {
             let id: Arc<str> = Arc::from(project);
             for k in 0..self.shards.count() {
                 if !slot.members.shard(k).is_empty() {
-                    self.shards
-                        .send(k, Family::Project, &id, &events, joined.as_ref());
+                    self.shards.send(k, &id, &events, joined.as_ref());
                 }
             }
         }
@@ -586,7 +586,7 @@ impl Hub {
     /// if it is still followed here (members that joined since are offered it too; a
     /// greeting's seq filter drops what it covered).
     fn offer_shard(&self, k: usize, job: &shard::Job) {
-        let slots = self.slots(job.family).read();
+        let slots = self.projects.read();
         let Some(slot) = slots.get(&*job.id) else {
             return;
         };
@@ -596,10 +596,13 @@ impl Hub {
         }
     }
 
-    /// Waits while the fan-out shards have more queued than their bounds (the broker's
-    /// reader awaits this between reads; see `shard`).
+    /// Waits while the fan-out shards or the broadcast task have more queued than their
+    /// bounds (the broker's reader awaits this between reads; see `shard`, `backlog`).
     pub async fn settled(&self) {
-        self.shards.settled().await
+        self.shards.settled().await;
+        if let Some(broadcasts) = &self.broadcasts {
+            broadcasts.backlog.settled().await;
+        }
     }
 
     /// Batches queued for the fan-out shards and not yet run (tests).

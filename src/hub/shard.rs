@@ -16,19 +16,18 @@
 //!   one shard, so it sees its projects' events in admission order;
 //! - the slow-consumer rules are the session's own ([`super::member::Member::offer`]), the
 //!   same on every shard;
-//! - the queues are bounded in jobs and bytes: past either bound the producer waits
-//!   ([`Shards::settled`], the broker's reader awaits it between reads, so Redis buffers
-//!   rather than us) until the shards are back under half of it. The wait is for CPU work,
-//!   never for a client socket.
+//! - the queues are bounded in jobs and bytes (`backlog`): past either bound the producer
+//!   waits ([`Shards::settled`], the broker's reader awaits it between reads, so Redis
+//!   buffers rather than us) until the shards are back under half of it. The wait is for
+//!   CPU work, never for a client socket.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
+use super::backlog::Backlog;
 use super::Hub;
-use crate::broker::Family;
 use crate::event::Prepared;
 use crate::session::Session;
 use crate::wheel::Slice;
@@ -42,7 +41,6 @@ const SLICE: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// One admitted batch for one shard's members of one project.
 pub(super) struct Job {
-    pub family: Family,
     pub id: Arc<str>,
     pub events: Arc<[Prepared]>,
     /// The events' frames joined (several events), shared by every shard.
@@ -52,15 +50,12 @@ pub(super) struct Job {
 
 struct Queue {
     tx: mpsc::UnboundedSender<Job>,
-    jobs: AtomicUsize,
-    bytes: AtomicUsize,
+    backlog: Backlog,
 }
 
 pub(super) struct Shards {
     /// Empty with one shard (inline fan-out).
     queues: Vec<Queue>,
-    /// Woken when a shard's queue drops under half of its bounds.
-    drained: Notify,
 }
 
 /// The shard of `session` among `n`: a hash of its address (stable for its life, nothing
@@ -92,19 +87,12 @@ impl Shards {
                 let (tx, rx) = mpsc::unbounded_channel();
                 queues.push(Queue {
                     tx,
-                    jobs: AtomicUsize::new(0),
-                    bytes: AtomicUsize::new(0),
+                    backlog: Backlog::new(MAX_JOBS, MAX_BYTES),
                 });
                 receivers.push(rx);
             }
         }
-        (
-            Self {
-                queues,
-                drained: Notify::new(),
-            },
-            receivers,
-        )
+        (Self { queues }, receivers)
     }
 
     /// Number of shards (1: inline).
@@ -120,17 +108,14 @@ impl Shards {
     pub(super) fn send(
         &self,
         k: usize,
-        family: Family,
         id: &Arc<str>,
         events: &Arc<[Prepared]>,
         joined: Option<&Bytes>,
     ) {
         let bytes = events.iter().map(|p| p.frame.len()).sum();
         let queue = &self.queues[k];
-        queue.jobs.fetch_add(1, Ordering::Relaxed);
-        queue.bytes.fetch_add(bytes, Ordering::Relaxed);
+        queue.backlog.add(bytes);
         let job = Job {
-            family,
             id: id.clone(),
             events: events.clone(),
             joined: joined.cloned(),
@@ -138,50 +123,25 @@ impl Shards {
         };
         if queue.tx.send(job).is_err() {
             // The shard's task is gone (runtime shutting down): nothing will deliver.
-            queue.jobs.fetch_sub(1, Ordering::Relaxed);
-            queue.bytes.fetch_sub(bytes, Ordering::Relaxed);
+            queue.backlog.done(bytes);
         }
     }
 
     /// Records that shard `k` ran `job`.
     fn done(&self, k: usize, job: &Job) {
-        let queue = &self.queues[k];
-        let jobs = queue.jobs.fetch_sub(1, Ordering::Relaxed) - 1;
-        let bytes = queue.bytes.fetch_sub(job.bytes, Ordering::Relaxed) - job.bytes;
-        if jobs == MAX_JOBS / 2 || (bytes < MAX_BYTES / 2 && bytes + job.bytes >= MAX_BYTES / 2) {
-            self.drained.notify_waiters();
-        }
-    }
-
-    fn over(&self, jobs: usize, bytes: usize) -> bool {
-        self.queues.iter().any(|q| {
-            q.jobs.load(Ordering::Relaxed) > jobs || q.bytes.load(Ordering::Relaxed) > bytes
-        })
+        self.queues[k].backlog.done(job.bytes);
     }
 
     /// Waits while a shard is past its bounds, until every shard is back under half.
     pub(super) async fn settled(&self) {
-        if !self.over(MAX_JOBS, MAX_BYTES) {
-            return;
-        }
-        loop {
-            let drained = self.drained.notified();
-            tokio::pin!(drained);
-            drained.as_mut().enable();
-            if !self.over(MAX_JOBS / 2, MAX_BYTES / 2) {
-                return;
-            }
-            // A notification can fall between two shards' checks: look again now and then.
-            let _ = tokio::time::timeout(std::time::Duration::from_millis(5), drained).await;
+        for queue in &self.queues {
+            queue.backlog.settled().await;
         }
     }
 
     /// Jobs queued over every shard (tests, metrics).
     pub(super) fn queued(&self) -> usize {
-        self.queues
-            .iter()
-            .map(|q| q.jobs.load(Ordering::Relaxed))
-            .sum()
+        self.queues.iter().map(|q| q.backlog.items()).sum()
     }
 }
 
@@ -246,7 +206,7 @@ mod tests {
             .into();
         let id: Arc<str> = Arc::from("p");
         for _ in 0..MAX_JOBS + 1 {
-            shards.send(1, Family::Project, &id, &events, None);
+            shards.send(1, &id, &events, None);
         }
         assert_eq!(shards.queued(), MAX_JOBS + 1);
         let wait = shards.settled();

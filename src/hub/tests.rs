@@ -428,3 +428,41 @@ async fn a_story_greeting_is_not_followed_by_a_copy_of_its_progress() {
     hub.deliver_story("s1", &frame(9));
     assert_eq!(percents(&c), [9, 9]);
 }
+
+/// The broadcast task's queue is bounded: a flood of global events for many sessions (a
+/// publisher on `websocket:broadcast`) makes the producer wait in `settled` (the broker's
+/// reader awaits it) instead of queueing session snapshots without end.
+#[tokio::test]
+async fn a_flood_of_large_broadcasts_holds_the_producer() {
+    let hub = hub(None, Duration::from_millis(10));
+    let sessions: Vec<_> = (0..1100)
+        .map(|_| {
+            let s = Session::new_for_test(
+                "p",
+                Limits {
+                    messages: 1000,
+                    bytes: 1 << 20,
+                },
+            );
+            hub.register(&s);
+            s
+        })
+        .collect();
+    let event: serde_json::Map<String, Value> =
+        serde_json::from_str(r#"{"type":"container.reconnect"}"#).unwrap();
+    for _ in 0..=global::MAX_QUEUED {
+        hub.broadcast(&event);
+    }
+    let wait = hub.settled();
+    tokio::pin!(wait);
+    assert!(
+        futures_util::poll!(wait.as_mut()).is_pending(),
+        "past the queue's bound the producer waits"
+    );
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("settled once the task worked the queue down");
+    assert!(sessions
+        .iter()
+        .all(|s| s.outbox.len().0 >= global::MAX_QUEUED / 2));
+}

@@ -297,3 +297,45 @@ async fn status_is_authorized_against_the_session_as_it_is_now() {
     );
     assert_eq!(close.map(|c| c.0), Some(4003));
 }
+
+/// The progress a socket gets on connect is the stored latest one, which a live copy still
+/// on its way may equal (a worker's publish stored just before the greeting read it): the
+/// socket gets it once, not twice (docs/protocol.md §9, "current progress"; found as a
+/// duplicate on `/ws/user/stories`). Here the copy is made deterministic: the progress is
+/// stored, the socket connects and gets it, and the same bytes are then published.
+#[tokio::test]
+async fn the_progress_sent_on_connect_is_not_sent_again_by_its_live_copy() {
+    let redis = RedisServer::start();
+    let gw = GatewayOpts::new().redis(redis.url()).start();
+    let story = "copy-story";
+    let latest = r#"{"story_id": "copy-story", "status": "analyzing", "progress_percent": 40, "current_step": "Reading", "updated_at": "2026-12-03T11:00:40Z"}"#;
+    let _: () = redis::cmd("SET")
+        .arg("story:copy-story:progress")
+        .arg(latest)
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    let token = story_token(&gw, "user-1", &[story]);
+    let mut c = gw
+        .ws(&format!("/ws/stories/{story}/progress?token={token}"), &[])
+        .await;
+    assert_eq!(
+        c.next_text(T).await,
+        latest,
+        "the stored progress on connect"
+    );
+    assert!(
+        eventually(T, || async {
+            redis.pubsub_channels("story:copy-story").await.len() == 1
+        })
+        .await
+    );
+    redis.publish("story:copy-story", latest).await;
+    c.expect_silence(Duration::from_millis(500)).await;
+    // Only that one copy: the next progress, and a repeat of it, both arrive.
+    let next = r#"{"story_id": "copy-story", "status": "analyzing", "progress_percent": 50, "current_step": "Reading", "updated_at": "2026-12-03T11:00:50Z"}"#;
+    redis.publish("story:copy-story", next).await;
+    assert_eq!(c.next_text(T).await, next);
+    redis.publish("story:copy-story", next).await;
+    assert_eq!(c.next_text(T).await, next);
+}

@@ -256,6 +256,7 @@ impl RedisBroker {
                     let backlog = std::mem::take(&mut held.msgs);
                     if !backlog.is_empty() {
                         self.on_messages(&backlog, Instant::now());
+                        self.sink.settled().await;
                     }
                     *down_since = None;
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -287,9 +288,7 @@ impl RedisBroker {
                         self.on_messages(&batch, read_at);
                         // Bounded hand-off to the fan-out shards: no more reads while
                         // they are past their bounds (Redis buffers meanwhile).
-                        if let Some(sink) = self.sink.get() {
-                            sink.settled().await;
-                        }
+                        self.sink.settled().await;
                     }
                     None => return Serve::Lost("pub/sub connection closed".into()),
                 },
