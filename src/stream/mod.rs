@@ -298,7 +298,8 @@ impl ProjectStream {
         };
         // The tail is only as good as its epoch: a broker that lost its data without
         // dropping our pub/sub connection (FLUSHALL) changes the epoch with no event to
-        // tell us. One cheap position read per resume catches it.
+        // tell us. A position read that began after this resume arrived catches it (shared
+        // with the resumes arriving alongside, see `fresh_position`).
         let current = self.fresh_position(broker).await?;
         self.tail.lock().forget_unless_epoch(&current.epoch);
         let mut outcome = None;
