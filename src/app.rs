@@ -80,21 +80,27 @@ impl App {
         };
         // The flow is one way: the broker hands what it receives to the hub (its sink),
         // the hub sends subscription requests to the broker's manager over a channel.
-        let (hub, broker) = match &config.redis.url {
+        let (hub, broker) = match &config.redis.topology() {
             None => {
                 let hub = Hub::new(None, linger, streams);
                 let broker = Broker::Memory(MemoryBroker::new(history));
                 broker.attach_sink(hub.clone());
                 (hub, broker)
             }
-            Some(url) => {
+            Some(topology) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(crate::broker::SUB_QUEUE);
                 let hub = Hub::new(Some(tx), linger, streams);
                 // Bounded: a connect storm waits here rather than growing a queue.
                 let (records_tx, records_rx) = tokio::sync::mpsc::channel(10_000);
-                let redis =
-                    RedisBroker::new(url, &config.redis, history, records_tx, policy, metrics)
-                        .map_err(|e| AppError::Broker(e.to_string()))?;
+                let redis = RedisBroker::new(
+                    topology,
+                    &config.redis,
+                    history,
+                    records_tx,
+                    policy,
+                    metrics,
+                )
+                .map_err(|e| AppError::Broker(e.to_string()))?;
                 let broker = Broker::Redis(redis.clone());
                 broker.attach_sink(hub.clone());
                 tokio::spawn(redis.clone().run_pubsub(rx));

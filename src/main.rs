@@ -105,6 +105,7 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig => {
             print!("{}", config.redacted_toml());
+            println!("# broker_topology = {}", config.redis.describe_topology());
             ExitCode::SUCCESS
         }
         Command::Token {

@@ -192,6 +192,10 @@ pub enum BrokerError {
     /// The broker answered with something we did not expect.
     #[error("broker protocol error: {0}")]
     Protocol(String),
+    /// Published, but `WAIT` did not confirm `wanted` replicas in time
+    /// (`redis.publish_wait_replicas`): a failover now could lose it.
+    #[error("published but confirmed by {confirmed} of {wanted} replicas")]
+    NotReplicated { wanted: u32, confirmed: u32 },
 }
 
 /// A project's position in its history: last assigned seq and the history epoch.
@@ -280,6 +284,15 @@ impl Broker {
         match self {
             Broker::Memory(_) => "memory",
             Broker::Redis(_) => "redis",
+        }
+    }
+
+    /// The Redis topology in use (docs/protocol.md §11): `single`, `sentinel` with its
+    /// current master, `cluster` with its masters; `embedded` without Redis.
+    pub fn topology(&self) -> serde_json::Value {
+        match self {
+            Broker::Memory(_) => serde_json::json!({"mode": "embedded"}),
+            Broker::Redis(r) => r.topology(),
         }
     }
 

@@ -9,7 +9,8 @@
 --
 -- KEYS[1] project:{id}:seq      hash {seq, epoch}
 -- KEYS[2] project:{id}:history  stream, field "event" = the event JSON with its seq
--- KEYS[3] project:{id}:events   pub/sub channel
+-- KEYS[3] project:{id}:events   pub/sub channel; when hash-tagged (project:{<id>}:events, Redis
+--         Cluster, docs/protocol.md §11) it is a sharded channel and gets SPUBLISH
 -- KEYS[4] project:{id}:state    hash "node:<id>" / "task:<id>" -> JSON entry of the status snapshot
 -- KEYS[5] project:{id}:state:terminal  zset "task:<id>" scored by finish time (ms), for aging out
 -- ARGV[1] epoch to use if the project has none yet (random, chosen by the caller)
@@ -28,6 +29,7 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
 end
 local maxlen = tonumber(ARGV[2])
+local publish = string.find(KEYS[3], '{', 1, true) and 'SPUBLISH' or 'PUBLISH'
 local ttl = tonumber(ARGV[3])
 local now = tonumber(ARGV[4])
 local keep_terminal = tonumber(ARGV[5])
@@ -110,7 +112,7 @@ for i = 6, #ARGV do
   end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, seq .. '-0', 'event', body)
   update_state(ev)
-  redis.call('PUBLISH', KEYS[3], string.sub(body, 1, -2) .. mark .. '}')
+  redis.call(publish, KEYS[3], string.sub(body, 1, -2) .. mark .. '}')
   seqs[#seqs + 1] = seq
 end
 if #seqs > 0 then

@@ -1,10 +1,12 @@
 -- Story progress (docs/protocol.md §9): a story's latest progress and its PUBLISH, atomic.
--- KEYS[1] story:{id}:progress   KEYS[2] story:{id}
+-- KEYS[1] story:{id}:progress (hash-tagged story:{<id>}:progress on a cluster)
 -- ARGV[1] the progress JSON (already checked)   ARGV[2] TTL in seconds
 -- ARGV[3] 'publish' (store, then PUBLISH; returns the receivers) or 'relay' (a raw PUBLISH
 --         the gateway saw: store only if not older than what is stored; returns 1 if stored)
 -- ARGV[4] its updated_at ('' when it has none: a message without one is always newer)
-local key, channel = KEYS[1], KEYS[2]
+-- ARGV[5] the channel story:<id> (an argument: on a cluster it is in another slot, and a
+--         classic PUBLISH reaches every node anyway)
+local key, channel = KEYS[1], ARGV[5]
 local payload, ttl, mode, updated = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 if mode == 'relay' and updated ~= '' then
   local current = redis.call('GET', key)

@@ -131,6 +131,73 @@ pub struct RedisConfig {
     pub connection_ttl_secs: u64,
     /// The global channel (the seed's `REDIS_CHANNEL`, default `websocket:broadcast`).
     pub broadcast_channel: String,
+    // --- issue 14 (docs/protocol.md §11): past one Redis
+    /// Redis Cluster seed nodes, `host:port` (env `REDIS_CLUSTER_NODES`, comma-separated);
+    /// instead of `url`.
+    pub cluster_nodes: Vec<String>,
+    /// Sentinels, `host:port` (env `REDIS_SENTINELS`, comma-separated); instead of `url`.
+    pub sentinels: Vec<String>,
+    /// The master name the sentinels monitor (env `REDIS_SENTINEL_MASTER`).
+    pub sentinel_master: Option<String>,
+    /// How long a failover may take before requests fail as unavailable (ms): the new master
+    /// is looked for until then.
+    pub failover_timeout_ms: u64,
+    /// An API publish is acknowledged only once `WAIT` confirms this many replicas have it
+    /// (0: acknowledged when the master has it; see docs/operations.md "Failover").
+    pub publish_wait_replicas: u32,
+    /// The `WAIT` timeout (ms); a publish not confirmed by then is answered 503.
+    pub publish_wait_timeout_ms: u64,
+}
+
+/// Which Redis the gateway uses (docs/protocol.md §11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTopology {
+    Single {
+        url: String,
+    },
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+    Cluster {
+        nodes: Vec<String>,
+    },
+}
+
+impl RedisConfig {
+    /// One line for `check-config`: the topology and where it starts from (the current
+    /// Sentinel master and the cluster's masters are in `/health/websocket`).
+    pub fn describe_topology(&self) -> String {
+        match self.topology() {
+            None => "embedded (no Redis)".into(),
+            Some(RedisTopology::Single { .. }) => "single".into(),
+            Some(RedisTopology::Sentinel { sentinels, master }) => {
+                format!(
+                    "sentinel (master {master:?}, sentinels {})",
+                    sentinels.join(",")
+                )
+            }
+            Some(RedisTopology::Cluster { nodes }) => {
+                format!("cluster (seed nodes {})", nodes.join(","))
+            }
+        }
+    }
+
+    /// The topology configured; None: no Redis (the embedded broker).
+    pub fn topology(&self) -> Option<RedisTopology> {
+        if !self.cluster_nodes.is_empty() {
+            return Some(RedisTopology::Cluster {
+                nodes: self.cluster_nodes.clone(),
+            });
+        }
+        if !self.sentinels.is_empty() {
+            return Some(RedisTopology::Sentinel {
+                sentinels: self.sentinels.clone(),
+                master: self.sentinel_master.clone().unwrap_or_default(),
+            });
+        }
+        self.url.clone().map(|url| RedisTopology::Single { url })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,6 +326,12 @@ impl Default for RedisConfig {
             unsubscribe_linger_ms: 1_000,
             connection_ttl_secs: 0,
             broadcast_channel: String::from("websocket:broadcast"),
+            cluster_nodes: Vec::new(),
+            sentinels: Vec::new(),
+            sentinel_master: None,
+            failover_timeout_ms: 15_000,
+            publish_wait_replicas: 0,
+            publish_wait_timeout_ms: 1_000,
         }
     }
 }
@@ -384,6 +457,22 @@ impl Config {
         if let Some(v) = env("REDIS_URL") {
             self.redis.url = Some(v);
         }
+        let list = |v: String| -> Vec<String> {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        if let Some(v) = env("REDIS_CLUSTER_NODES") {
+            self.redis.cluster_nodes = list(v);
+        }
+        if let Some(v) = env("REDIS_SENTINELS") {
+            self.redis.sentinels = list(v);
+        }
+        if let Some(v) = env("REDIS_SENTINEL_MASTER") {
+            self.redis.sentinel_master = Some(v).filter(|v| !v.trim().is_empty());
+        }
         if let Some(v) = env("SWITCHBOARD_JWT_SECRET") {
             self.auth.jwt_secret = Some(v);
         }
@@ -475,6 +564,43 @@ impl Config {
                 "redis.broadcast_channel (REDIS_CHANNEL) {channel:?} must be non-empty and outside \
                  the gateway's own namespaces (project:, story:, ws:, session:)"
             ));
+        }
+        let redis = &self.redis;
+        let chosen = [
+            redis.url.is_some(),
+            !redis.cluster_nodes.is_empty(),
+            !redis.sentinels.is_empty(),
+        ];
+        if chosen.iter().filter(|c| **c).count() > 1 {
+            return bad(
+                "choose one Redis: redis.url (REDIS_URL), redis.cluster_nodes \
+                 (REDIS_CLUSTER_NODES) or redis.sentinels (REDIS_SENTINELS)"
+                    .into(),
+            );
+        }
+        for (what, addrs) in [
+            (
+                "redis.cluster_nodes (REDIS_CLUSTER_NODES)",
+                &redis.cluster_nodes,
+            ),
+            ("redis.sentinels (REDIS_SENTINELS)", &redis.sentinels),
+        ] {
+            if let Some(bad_addr) = addrs.iter().find(|a| !is_host_port(a)) {
+                return bad(format!("{what}: {bad_addr:?} is not host:port"));
+            }
+        }
+        if !redis.sentinels.is_empty() && redis.sentinel_master.is_none() {
+            return bad(
+                "redis.sentinels needs redis.sentinel_master (REDIS_SENTINEL_MASTER): the name \
+                 the sentinels monitor"
+                    .into(),
+            );
+        }
+        if redis.failover_timeout_ms == 0 || redis.publish_wait_timeout_ms == 0 {
+            return bad(
+                "redis.failover_timeout_ms and redis.publish_wait_timeout_ms must be at least 1"
+                    .into(),
+            );
         }
         if let Some(url) = &self.redis.url {
             if !(url.starts_with("redis://")
@@ -644,6 +770,14 @@ impl Config {
         // Effective, not "unset": whether this gateway serves /console is what an operator asks.
         copy.console.enabled = Some(self.console_enabled());
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// `host:port` with a port in range (a cluster node or a sentinel).
+fn is_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
     }
 }
 

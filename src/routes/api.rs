@@ -149,6 +149,21 @@ fn broker_failure(e: BrokerError) -> Response {
                 2,
             )
         }
+        BrokerError::NotReplicated { wanted, confirmed } => {
+            tracing::warn!(
+                wanted,
+                confirmed,
+                "publish not confirmed by the replicas in time"
+            );
+            json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_replicated",
+                &format!(
+                    "the event was published but only {confirmed} of {wanted} replicas confirmed \
+                     it in time; a failover now could lose it"
+                ),
+            )
+        }
         BrokerError::Protocol(reason) => {
             tracing::error!(%reason, "publish failed");
             json_error(

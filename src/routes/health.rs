@@ -45,6 +45,7 @@ pub(super) fn health(app: &App) -> Response {
             "projects": app.hub.project_count(),
             "redis_connected": redis_connected,
             "broker": app.broker.kind(),
+            "broker_topology": app.broker.topology(),
             "instance_id": app.instance_id,
             "uptime_secs": app.started.elapsed().as_secs(),
             "timestamp": event::now_rfc3339(),

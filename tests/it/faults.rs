@@ -27,7 +27,7 @@ use crate::common::chaos::*;
 use crate::common::*;
 use std::time::{Duration, Instant};
 
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Issue 5's bound for getting back to live events after a fault (Redis back, an instance
 /// gone).
@@ -41,7 +41,7 @@ fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
-fn assert_recovered_within(report: &Report, bound: Duration) {
+pub(crate) fn assert_recovered_within(report: &Report, bound: Duration) {
     for g in &report.groups {
         let r = g.recovery.unwrap_or_else(|| {
             panic!("{}: {} never got a live event again", report.title, g.label)
@@ -60,7 +60,7 @@ fn assert_recovered_within(report: &Report, bound: Duration) {
 /// Clients stay connected through a broker outage (docs/protocol.md §5). The one close allowed is
 /// the slow-consumer 4500 (a replay burst bigger than the outbound queue, possible at
 /// `scripts/chaos` sizes), and then only with a resume.
-fn assert_clients_stayed(report: &Report) {
+pub(crate) fn assert_clients_stayed(report: &Report) {
     for home in 0..report.groups.len() {
         for (l, _) in report.clients_of(home) {
             assert!(

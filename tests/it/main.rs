@@ -45,4 +45,5 @@ mod shutdown;
 mod status;
 mod stories;
 mod timestamps;
+mod topology;
 mod wire;

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::{self, AsyncCommands};
-use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 
 /// History entries per XRANGE page: a page of the largest events allowed (256 KiB) is at
 /// most 8 MiB, and a history read stops at `events.replay_max_bytes`.
@@ -33,16 +32,17 @@ use switchboard_middleware::{AuthError, SessionRecord, SessionStore};
 
 mod pubsub;
 mod records;
+pub mod topology;
 
 pub use records::RecordOp;
 use tokio::sync::mpsc;
 
 use super::state::Snapshot;
 use super::{
-    commands_channel, new_epoch, project_channel, BrokerError, HistoryLimits, HistoryRead,
-    Position, SinkSlot, COMMAND_SCRIPT, PUBLISH_SCRIPT, STORY_SCRIPT,
+    commands_channel, new_epoch, BrokerError, HistoryLimits, HistoryRead, Position, SinkSlot,
+    COMMAND_SCRIPT, PUBLISH_SCRIPT, STORY_SCRIPT,
 };
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisTopology};
 use crate::metrics::histogram::{self, DurationHistogram};
 use crate::metrics::Metrics;
 use crate::schema::Policy;
@@ -69,8 +69,13 @@ impl Default for RedisStats {
 
 pub struct RedisBroker {
     records: mpsc::Sender<RecordOp>,
-    client: redis::Client,
-    pool: Pool,
+    /// Where connections come from: one server, Sentinel's master, or a cluster.
+    backend: topology::Backend,
+    /// Key names for that topology (hash-tagged on a cluster).
+    keys: topology::Keys,
+    /// `redis.publish_wait_replicas` and its timeout (ms).
+    wait_replicas: u32,
+    wait_timeout_ms: u64,
     script: redis::Script,
     story_script: redis::Script,
     command_script: redis::Script,
@@ -94,35 +99,40 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
+/// A Redis error as the broker reports it: lost connections and timeouts are retryable.
+fn classify(e: redis::RedisError) -> BrokerError {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+        unavailable(e)
+    } else {
+        BrokerError::Protocol(e.to_string())
+    }
+}
+
 impl RedisBroker {
     /// Creates the broker; attach a sink ([`super::Broker::attach_sink`]), then call
     /// [`RedisBroker::run_pubsub`] to start the subscription manager with the receiver of
     /// the subscription requests.
     pub fn new(
-        url: &str,
+        topology: &RedisTopology,
         config: &RedisConfig,
         history: HistoryLimits,
         records: mpsc::Sender<RecordOp>,
         policy: Policy,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, BrokerError> {
-        let client = redis::Client::open(url).map_err(|e| BrokerError::Protocol(e.to_string()))?;
         let timeout = Duration::from_millis(config.command_timeout_ms.max(100));
-        let mut pool_config = PoolConfig::new(config.pool_size.max(1));
-        pool_config.timeouts = Timeouts {
-            wait: Some(timeout),
-            create: Some(timeout),
-            recycle: Some(timeout),
-        };
-        let mut cfg = deadpool_redis::Config::from_url(url);
-        cfg.pool = Some(pool_config);
-        let pool = cfg
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| BrokerError::Protocol(e.to_string()))?;
+        let backend = topology::Backend::new(
+            topology,
+            config.pool_size,
+            timeout,
+            Duration::from_millis(config.failover_timeout_ms.max(1)),
+        )?;
         Ok(Arc::new(Self {
             records,
-            client,
-            pool,
+            keys: backend.keys(),
+            backend,
+            wait_replicas: config.publish_wait_replicas,
+            wait_timeout_ms: config.publish_wait_timeout_ms,
             script: redis::Script::new(PUBLISH_SCRIPT),
             story_script: redis::Script::new(STORY_SCRIPT),
             command_script: redis::Script::new(COMMAND_SCRIPT),
@@ -144,25 +154,30 @@ impl RedisBroker {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Runs a pooled command with the command timeout.
+    /// What `/health/websocket` and `check-config` show as `broker_topology`.
+    pub fn topology(&self) -> serde_json::Value {
+        self.backend.describe()
+    }
+
+    /// Runs a pooled command with the command timeout. A failure that looks like a failover
+    /// makes the backend look for the master again (Sentinel) before it is returned.
     async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(topology::Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let work = async {
-            let conn = self.pool.get().await.map_err(unavailable)?;
-            f(conn).await.map_err(|e| {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
-                    unavailable(e)
-                } else {
-                    BrokerError::Protocol(e.to_string())
-                }
-            })
+            let conn = self.backend.get().await?;
+            f(conn).await.map_err(classify)
         };
-        tokio::time::timeout(self.timeout, work)
+        let result = tokio::time::timeout(self.timeout, work)
             .await
-            .map_err(|_| unavailable("timed out"))?
+            .map_err(|_| unavailable("timed out"))
+            .and_then(|r| r);
+        if let Err(e) = &result {
+            self.backend.on_error(e).await;
+        }
+        result
     }
 
     async fn run_script(
@@ -170,27 +185,54 @@ impl RedisBroker {
         project: &str,
         events: Vec<Vec<u8>>,
     ) -> Result<(String, Vec<u64>, u64), BrokerError> {
+        let k = self.keys;
         let mut invocation = self.script.prepare_invoke();
         invocation
-            .key(format!("project:{project}:seq"))
-            .key(format!("project:{project}:history"))
-            .key(project_channel(project))
-            .key(format!("project:{project}:state"))
-            .key(format!("project:{project}:state:terminal"))
+            .key(k.project(project, "seq"))
+            .key(k.project(project, "history"))
+            // On a cluster, the sharded channel (the script SPUBLISHes a hash-tagged one).
+            .key(k.project(project, "events"))
+            .key(k.project(project, "state"))
+            .key(k.project(project, "state:terminal"))
             .arg(new_epoch())
             .arg(self.history.max_len)
             .arg(self.history.ttl.as_secs())
             .arg(crate::event::unix_millis())
             .arg(self.history.terminal_task_ttl.as_millis() as u64);
+        let publishing = !events.is_empty();
         for ev in events {
             invocation.arg(ev);
         }
-        self.with_conn(|mut conn| async move {
-            invocation
-                .invoke_async::<(String, Vec<u64>, u64)>(&mut conn)
-                .await
-        })
-        .await
+        // `WAIT` counts the writes of the connection it is sent on: the same one, and on a
+        // cluster routed to the node that ran the script (the project's slot).
+        let wait = (publishing && self.wait_replicas > 0).then(|| {
+            let mut cmd = redis::cmd("WAIT");
+            cmd.arg(self.wait_replicas).arg(self.wait_timeout_ms);
+            cmd
+        });
+        let seq_key = k.project(project, "seq");
+        let (result, confirmed) = self
+            .with_conn(|mut conn| async move {
+                let result = invocation
+                    .invoke_async::<(String, Vec<u64>, u64)>(&mut conn)
+                    .await?;
+                let confirmed = match wait {
+                    Some(cmd) => Some(conn.wait_on_key(cmd, &seq_key).await?),
+                    None => None,
+                };
+                Ok((result, confirmed))
+            })
+            .await?;
+        if let Some(confirmed) = confirmed {
+            if confirmed < u64::from(self.wait_replicas) {
+                self.metrics.rejected("not_replicated");
+                return Err(BrokerError::NotReplicated {
+                    wanted: self.wait_replicas,
+                    confirmed: confirmed.min(u64::from(u32::MAX)) as u32,
+                });
+            }
+        }
+        Ok(result)
     }
 
     pub async fn publish_events(
@@ -209,8 +251,8 @@ impl RedisBroker {
 
     pub async fn snapshot(&self, project: &str) -> Result<Snapshot, BrokerError> {
         for _ in 0..2 {
-            let seq_key = format!("project:{project}:seq");
-            let state_key = format!("project:{project}:state");
+            let seq_key = self.keys.project(project, "seq");
+            let state_key = self.keys.project(project, "state");
             let (seq, epoch, fields): (Option<u64>, Option<String>, Vec<(String, String)>) = self
                 .with_conn(|mut conn| async move {
                     redis::pipe()
@@ -244,8 +286,8 @@ impl RedisBroker {
         after: u64,
     ) -> Result<HistoryRead, BrokerError> {
         for _ in 0..2 {
-            let seq_key = format!("project:{project}:seq");
-            let history_key = format!("project:{project}:history");
+            let seq_key = self.keys.project(project, "seq");
+            let history_key = self.keys.project(project, "history");
             let page_key = history_key.clone();
             let start = format!("{}-0", after.saturating_add(1));
             let first_start = start.clone();
@@ -352,7 +394,7 @@ impl RedisBroker {
 
     /// The story's latest progress (`story:{id}:progress`), if kept.
     pub async fn story_progress(&self, story: &str) -> Result<Option<bytes::Bytes>, BrokerError> {
-        let key = story::progress_key(story);
+        let key = self.keys.story_progress(story);
         let raw: Option<Vec<u8>> = self
             .with_conn(|mut conn| async move { conn.get(key).await })
             .await?;
@@ -370,12 +412,14 @@ impl RedisBroker {
     ) -> Result<i64, BrokerError> {
         let mut invocation = self.story_script.prepare_invoke();
         invocation
-            .key(story::progress_key(story))
-            .key(story::channel(story))
+            .key(self.keys.story_progress(story))
             .arg(payload)
             .arg(self.history.story_ttl.as_secs().max(1))
             .arg(mode)
-            .arg(updated_at);
+            .arg(updated_at)
+            // An argument, not a key: on a cluster the seed's channel `story:<id>` is in
+            // another slot than the progress key, and a classic PUBLISH needs none.
+            .arg(story::channel(story));
         self.with_conn(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
             .await
     }
@@ -403,11 +447,21 @@ impl RedisBroker {
         payload: Vec<u8>,
     ) -> Result<u64, BrokerError> {
         let mut invocation = self.command_script.prepare_invoke();
+        let classic = commands_channel(project);
+        let tagged = self.keys.project(project, "commands");
+        // On a cluster the script SPUBLISHes the sharded channel (KEYS[1], the project's
+        // slot) and PUBLISHes the seed's classic one too (ARGV[3]); elsewhere they are one.
+        let also = if tagged == classic {
+            String::new()
+        } else {
+            classic
+        };
         invocation
-            .key(commands_channel(project))
-            .key(super::command_streams_key(project))
+            .key(tagged)
+            .key(self.keys.project(project, "command_streams"))
             .arg(payload)
-            .arg(super::instance_key(""));
+            .arg(crate::event::unix_millis())
+            .arg(also);
         let n = self
             .with_conn(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
             .await?;

@@ -203,7 +203,13 @@ impl RedisBroker {
         down_since: &mut Option<Instant>,
     ) -> Serve {
         let connect = async {
-            let pubsub = self.client.get_async_pubsub().await?;
+            // Sentinel: the master as the sentinels name it now (every reconnect asks).
+            let url = self
+                .backend
+                .pubsub_url()
+                .await
+                .map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())))?;
+            let pubsub = redis::Client::open(url)?.get_async_pubsub().await?;
             let (mut sink, stream) = pubsub.split();
             let channels: Vec<&String> = wanted.iter().collect();
             sink.subscribe(channels).await?;

@@ -11,10 +11,9 @@ use std::time::Duration;
 use deadpool_redis::redis::{self, AsyncCommands};
 use tokio::sync::mpsc;
 
+use super::topology::Keys;
 use super::RedisBroker;
-use crate::broker::{
-    connection_key, instance_key, presence_key, BrokerError, ConnectionRecord, LiveCount,
-};
+use crate::broker::{connection_key, instance_key, BrokerError, ConnectionRecord, LiveCount};
 
 /// A queued change to the connection records (or a story's stored progress).
 #[derive(Debug)]
@@ -157,16 +156,22 @@ impl RedisBroker {
                     pipe.set_ex(connection_key(&record.client_id), value, secs)
                         .ignore();
                     for project in &record.projects {
-                        pipe.zadd(presence_key(project), &record.client_id, now + secs * 1000)
+                        pipe.zadd(
+                            self.keys.project(project, "presence"),
+                            &record.client_id,
+                            now + secs * 1000,
+                        )
+                        .ignore();
+                        pipe.expire(self.keys.project(project, "presence"), secs as i64 * 2)
                             .ignore();
-                        pipe.expire(presence_key(project), secs as i64 * 2).ignore();
                     }
                 }
                 RecordOp::Delete(client_id, projects) => {
                     records += 1;
                     pipe.del(connection_key(client_id)).ignore();
                     for project in projects {
-                        pipe.zrem(presence_key(project), client_id).ignore();
+                        pipe.zrem(self.keys.project(project, "presence"), client_id)
+                            .ignore();
                     }
                 }
                 RecordOp::CommandStreams {
@@ -176,17 +181,21 @@ impl RedisBroker {
                     ttl,
                 } => {
                     records += 1;
-                    put_command_streams(&mut pipe, project, instance_id, (count.0)(), *ttl);
+                    put_command_streams(
+                        self.keys,
+                        &mut pipe,
+                        project,
+                        instance_id,
+                        (count.0)(),
+                        *ttl,
+                    );
                 }
                 // Taken out of every batch by `run_records`.
                 RecordOp::Flush(_) => {}
             }
         }
         if records > 0 {
-            if let Err(e) = self
-                .with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
-                .await
-            {
+            if let Err(e) = self.run_pipeline(pipe).await {
                 tracing::warn!(error = %e, ops = records, "could not write connection records");
             }
         }
@@ -202,7 +211,7 @@ impl RedisBroker {
     }
 
     pub async fn presence_update(&self, project: &str, client_id: &str, ttl: Option<Duration>) {
-        let key = presence_key(project);
+        let key = self.keys.project(project, "presence");
         let client_id = client_id.to_owned();
         let result = self
             .with_conn(|mut conn| async move {
@@ -242,20 +251,19 @@ impl RedisBroker {
             if i == 0 {
                 pipe.set_ex(&key, &info, secs).ignore();
                 for (project, n) in command_streams {
-                    put_command_streams(&mut pipe, project, instance_id, *n, ttl);
+                    put_command_streams(self.keys, &mut pipe, project, instance_id, *n, ttl);
                 }
             }
             for (id, projects) in chunk {
                 pipe.expire(connection_key(id), secs as i64).ignore();
                 for project in projects {
-                    pipe.zadd(presence_key(project), id, until).ignore();
-                    pipe.expire(presence_key(project), secs as i64 * 2).ignore();
+                    pipe.zadd(self.keys.project(project, "presence"), id, until)
+                        .ignore();
+                    pipe.expire(self.keys.project(project, "presence"), secs as i64 * 2)
+                        .ignore();
                 }
             }
-            if let Err(e) = self
-                .with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
-                .await
-            {
+            if let Err(e) = self.run_pipeline(pipe).await {
                 tracing::warn!(error = %e, "could not refresh instance registry");
                 return;
             }
@@ -264,7 +272,7 @@ impl RedisBroker {
 
     /// Live connection records of `project` across all instances.
     pub async fn presence(&self, project: &str) -> Result<Vec<serde_json::Value>, BrokerError> {
-        let key = presence_key(project);
+        let key = self.keys.project(project, "presence");
         let now = crate::event::unix_millis();
         let (_, ids): ((), Vec<String>) = self
             .with_conn(|mut conn| async move {
@@ -299,6 +307,12 @@ impl RedisBroker {
             .collect())
     }
 
+    /// Runs a pipeline of independent writes (split per command on a cluster, see
+    /// [`super::topology::Conn::exec_independent`]).
+    async fn run_pipeline(&self, pipe: redis::Pipeline) -> Result<(), BrokerError> {
+        self.with_conn(|conn| conn.exec_independent(pipe)).await
+    }
+
     pub async fn deregister_instance(&self, instance_id: &str) {
         let key = instance_key(instance_id);
         let _ = self
@@ -307,19 +321,25 @@ impl RedisBroker {
     }
 }
 
-/// This instance's entry in `project:{id}:command_streams` (removed at 0). The hash lives
-/// twice the record TTL past its last refresh; an entry of an instance that died without
-/// removing it is dropped by the command script once the instance's registry key expired.
+/// This instance's entry in `project:{id}:command_streams` (removed at 0): `<n>:<until>`,
+/// the count and when it stops counting (unix ms, one record TTL past this refresh, like the
+/// instance's registry key). The hash lives twice the TTL past its last refresh; an entry of
+/// an instance that died without removing it is dropped by the command script once it is
+/// past its time (the script checks the entry itself, not the registry key: on a cluster
+/// that key is in another slot).
 fn put_command_streams(
+    keys: Keys,
     pipe: &mut redis::Pipeline,
     project: &str,
     instance_id: &str,
     n: usize,
     ttl: Duration,
 ) {
-    let key = super::super::command_streams_key(project);
+    let key = keys.project(project, "command_streams");
     if n > 0 {
-        pipe.hset(&key, instance_id, n).ignore();
+        let until = crate::event::unix_millis() + ttl.as_millis() as u64;
+        pipe.hset(&key, instance_id, format!("{n}:{until}"))
+            .ignore();
         pipe.expire(&key, ttl.as_secs().max(1) as i64 * 2).ignore();
     } else {
         pipe.hdel(&key, instance_id).ignore();

@@ -8,6 +8,7 @@
 
 pub mod chaos;
 pub mod hook;
+pub mod topology;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -285,6 +286,8 @@ pub struct RedisServer {
     /// Append-only file fsynced on every write: a restart (even after SIGKILL) comes back
     /// with every write it acknowledged.
     persistent: bool,
+    /// More redis-server arguments (a replica's `--replicaof`, a cluster node's options).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -300,6 +303,11 @@ impl RedisServer {
     }
 
     fn start_with(persistent: bool) -> RedisServer {
+        Self::start_args(persistent, &[])
+    }
+
+    /// A redis-server with more arguments (see `topology.rs`: replicas, cluster nodes).
+    pub fn start_args(persistent: bool, extra: &[&str]) -> RedisServer {
         let dir = temp_path("redis");
         std::fs::create_dir_all(&dir).expect("create redis temp dir");
         let mut r = RedisServer {
@@ -307,6 +315,7 @@ impl RedisServer {
             port: 0,
             dir,
             persistent,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         for _ in 0..PORT_ATTEMPTS {
             r.port = free_port();
@@ -338,6 +347,7 @@ impl RedisServer {
                 "",
             ])
             .args(aof)
+            .args(&self.extra)
             .args(["--dir", self.dir.to_str().unwrap()])
             .args(["--logfile", log.to_str().unwrap()])
             .stdin(Stdio::null())

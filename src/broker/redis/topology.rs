@@ -1,0 +1,425 @@
+//! Where the broker's Redis is (docs/protocol.md §11): one server, a master found through
+//! Sentinel, or a Redis Cluster; and the key names each one needs.
+//!
+//! `Backend` hands out pooled connections as one `Conn` type whatever the topology, so
+//! the rest of the broker runs the same commands on all three. Invariants:
+//! - a Sentinel master is always one the sentinels named *and* that says `ROLE master`
+//!   itself (a sentinel's answer can be stale for the seconds of a failover); it is looked
+//!   for again when a command fails the way a failover makes it fail (connection lost,
+//!   `READONLY`), at most one lookup at a time, and each lookup is bounded by
+//!   `redis.failover_timeout_ms`;
+//! - in cluster mode every key of one project shares a hash slot ([`Keys`]), so the publish
+//!   script and the atomic pipelines stay on one node; slot moves and node loss are
+//!   followed by the cluster client (MOVED/ASK, topology refresh).
+
+use std::time::{Duration, Instant};
+
+use deadpool_redis::redis::{self, aio::ConnectionLike, Cmd, Pipeline, RedisFuture, Value};
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use parking_lot::RwLock;
+
+use crate::broker::BrokerError;
+use crate::config::RedisTopology;
+
+/// Key and channel names: the seed's on one Redis and behind Sentinel, hash-tagged per
+/// project (and per story) on a cluster, so one project's keys share a slot.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Keys {
+    pub tagged: bool,
+}
+
+impl Keys {
+    /// `project:<id>:<suffix>`, or `project:{<id>}:<suffix>` on a cluster.
+    pub fn project(&self, id: &str, suffix: &str) -> String {
+        if self.tagged {
+            format!("project:{{{id}}}:{suffix}")
+        } else {
+            format!("project:{id}:{suffix}")
+        }
+    }
+
+    /// `story:<id>:progress`, or `story:{<id>}:progress` on a cluster.
+    pub fn story_progress(&self, id: &str) -> String {
+        if self.tagged {
+            format!("story:{{{id}}}:progress")
+        } else {
+            crate::story::progress_key(id)
+        }
+    }
+}
+
+/// A pooled connection of any topology.
+pub(super) enum Conn {
+    Single(deadpool_redis::Connection),
+    Cluster(deadpool_redis::cluster::Connection),
+}
+
+impl Conn {
+    /// Runs a pipeline of independent writes. On a cluster one pipeline may only touch one
+    /// slot, so its commands are sent one by one, concurrently (clones of the cluster
+    /// connection share its node connections, which pipeline them per node).
+    pub(super) async fn exec_independent(self, pipe: Pipeline) -> redis::RedisResult<()> {
+        match self {
+            Conn::Cluster(c) => {
+                let shared: redis::cluster_async::ClusterConnection = (*c).clone();
+                let results = futures_util::future::join_all(pipe.cmd_iter().map(|cmd| {
+                    let mut conn = shared.clone();
+                    async move { cmd.query_async::<Value>(&mut conn).await }
+                }))
+                .await;
+                results.into_iter().try_for_each(|r| r.map(drop))
+            }
+            mut single => pipe.exec_async(&mut single).await,
+        }
+    }
+}
+
+impl Conn {
+    /// `WAIT`, on the connection that wrote `key` (on a cluster: its slot's master).
+    /// Returns how many replicas confirmed.
+    pub(super) async fn wait_on_key(&mut self, wait: Cmd, key: &str) -> redis::RedisResult<u64> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        match self {
+            Conn::Single(c) => wait.query_async(c).await,
+            Conn::Cluster(c) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                let value = c
+                    .route_command(
+                        wait,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await?;
+                redis::from_redis_value(value).map_err(redis::RedisError::from)
+            }
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+fn pool_for(url: &str, size: usize, timeout: Duration) -> Result<Pool, BrokerError> {
+    let mut cfg = deadpool_redis::Config::from_url(url);
+    cfg.pool = Some(pool_config(size, timeout));
+    cfg.create_pool(Some(Runtime::Tokio1))
+        .map_err(|e| BrokerError::Protocol(e.to_string()))
+}
+
+fn pool_config(size: usize, timeout: Duration) -> PoolConfig {
+    let mut config = PoolConfig::new(size.max(1));
+    config.timeouts = Timeouts {
+        wait: Some(timeout),
+        create: Some(timeout),
+        recycle: Some(timeout),
+    };
+    config
+}
+
+/// The master a Sentinel deployment currently names, with a pool to it.
+struct Master {
+    addr: String,
+    url: String,
+    pool: Pool,
+}
+
+pub(super) struct Sentinel {
+    sentinels: Vec<String>,
+    name: String,
+    current: RwLock<Option<Master>>,
+    /// One lookup at a time; holds when the last one ended, so a burst of failing commands
+    /// asks the sentinels once.
+    lookup: tokio::sync::Mutex<Option<Instant>>,
+    pool_size: usize,
+    timeout: Duration,
+    failover_timeout: Duration,
+}
+
+/// Failing commands within this long of a lookup reuse its answer.
+const LOOKUP_REUSE: Duration = Duration::from_millis(250);
+
+impl Sentinel {
+    /// Asks each sentinel in turn for the master's address, then the master itself whether
+    /// it is one; retries until the failover timeout (a failover in progress).
+    async fn find_master(&self) -> Result<String, BrokerError> {
+        let deadline = Instant::now() + self.failover_timeout;
+        let mut last = String::from("no sentinel answered");
+        loop {
+            for sentinel in &self.sentinels {
+                match self.ask(sentinel).await {
+                    Ok(addr) => match self.confirm(&addr).await {
+                        Ok(()) => return Ok(addr),
+                        Err(why) => last = format!("{addr} named by {sentinel}: {why}"),
+                    },
+                    Err(why) => last = format!("sentinel {sentinel}: {why}"),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(unavailable(format!("no master found: {last}")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn ask(&self, sentinel: &str) -> Result<String, String> {
+        let name = self.name.clone();
+        let work = async {
+            let client = redis::Client::open(format!("redis://{sentinel}/"))?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(&name)
+                .query_async::<Option<(String, String)>>(&mut conn)
+                .await
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok(Some((host, port)))) => Ok(format!("{host}:{port}")),
+            Ok(Ok(None)) => Err(format!("does not monitor {:?}", self.name)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    async fn confirm(&self, addr: &str) -> Result<(), String> {
+        let work = async {
+            let client = redis::Client::open(format!("redis://{addr}/"))?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("ROLE")
+                .query_async::<Vec<Value>>(&mut conn)
+                .await
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok(role)) => match role.first() {
+                Some(Value::BulkString(b)) if b == b"master" => Ok(()),
+                Some(Value::SimpleString(s)) if s == "master" => Ok(()),
+                _ => Err("not (yet) a master".into()),
+            },
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    /// Looks the master up again (unless a lookup just ended) and switches the pool when it
+    /// moved.
+    async fn refresh(&self, force: bool) -> Result<(), BrokerError> {
+        let mut last = self.lookup.lock().await;
+        if !force && last.is_some_and(|at| at.elapsed() < LOOKUP_REUSE) && self.has_master() {
+            return Ok(());
+        }
+        let found = self.find_master().await;
+        *last = Some(Instant::now());
+        let addr = found?;
+        let moved = self.current.read().as_ref().map(|m| m.addr.as_str()) != Some(&addr);
+        if moved {
+            let url = format!("redis://{addr}/");
+            let pool = pool_for(&url, self.pool_size, self.timeout)?;
+            let previous = self
+                .current
+                .write()
+                .replace(Master {
+                    addr: addr.clone(),
+                    url,
+                    pool,
+                })
+                .map(|m| m.addr);
+            match previous {
+                Some(from) => {
+                    tracing::warn!(%from, to = %addr, "Redis master moved (Sentinel failover)")
+                }
+                None => tracing::info!(master = %addr, "Redis master found through Sentinel"),
+            }
+        }
+        Ok(())
+    }
+
+    fn has_master(&self) -> bool {
+        self.current.read().is_some()
+    }
+
+    fn pool(&self) -> Option<Pool> {
+        self.current.read().as_ref().map(|m| m.pool.clone())
+    }
+}
+
+/// Where connections come from.
+pub(super) enum Backend {
+    Single {
+        url: String,
+        pool: Pool,
+    },
+    Sentinel(Box<Sentinel>),
+    Cluster {
+        nodes: Vec<String>,
+        pool: deadpool_redis::cluster::Pool,
+    },
+}
+
+impl Backend {
+    pub(super) fn new(
+        topology: &RedisTopology,
+        pool_size: usize,
+        timeout: Duration,
+        failover_timeout: Duration,
+    ) -> Result<Self, BrokerError> {
+        Ok(match topology {
+            RedisTopology::Single { url } => {
+                redis::Client::open(url.as_str())
+                    .map_err(|e| BrokerError::Protocol(e.to_string()))?;
+                Backend::Single {
+                    url: url.clone(),
+                    pool: pool_for(url, pool_size, timeout)?,
+                }
+            }
+            RedisTopology::Sentinel { sentinels, master } => {
+                Backend::Sentinel(Box::new(Sentinel {
+                    sentinels: sentinels.clone(),
+                    name: master.clone(),
+                    current: RwLock::new(None),
+                    lookup: tokio::sync::Mutex::new(None),
+                    pool_size,
+                    timeout,
+                    failover_timeout,
+                }))
+            }
+            RedisTopology::Cluster { nodes } => {
+                let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}/")).collect();
+                let mut cfg = deadpool_redis::cluster::Config::from_urls(urls);
+                cfg.pool = Some(pool_config(pool_size, timeout));
+                let pool = cfg
+                    .create_pool(Some(Runtime::Tokio1))
+                    .map_err(|e| BrokerError::Protocol(e.to_string()))?;
+                Backend::Cluster {
+                    nodes: nodes.clone(),
+                    pool,
+                }
+            }
+        })
+    }
+
+    pub(super) fn keys(&self) -> Keys {
+        Keys {
+            tagged: matches!(self, Backend::Cluster { .. }),
+        }
+    }
+
+    /// A pooled connection (Sentinel: to the master as last found; found first if none).
+    pub(super) async fn get(&self) -> Result<Conn, BrokerError> {
+        match self {
+            Backend::Single { pool, .. } => pool.get().await.map(Conn::Single).map_err(unavailable),
+            Backend::Sentinel(s) => {
+                if !s.has_master() {
+                    s.refresh(false).await?;
+                }
+                let pool = s.pool().ok_or_else(|| unavailable("no master found yet"))?;
+                pool.get().await.map(Conn::Single).map_err(unavailable)
+            }
+            Backend::Cluster { pool, .. } => {
+                pool.get().await.map(Conn::Cluster).map_err(unavailable)
+            }
+        }
+    }
+
+    /// A command failed with `e`: when it is how a failover shows (connection lost or
+    /// refused, or a demoted master's `READONLY`), look the master up again so the next
+    /// command goes to the new one. Other topologies need nothing (the cluster client
+    /// follows MOVED/ASK itself).
+    pub(super) async fn on_error(&self, e: &BrokerError) {
+        let Backend::Sentinel(s) = self else { return };
+        let failover_like = match e {
+            BrokerError::Unavailable(_) => true,
+            BrokerError::Protocol(why) => why.contains("READONLY"),
+            BrokerError::NotReplicated { .. } => false,
+        };
+        if failover_like {
+            if let Err(e) = s.refresh(false).await {
+                tracing::warn!(error = %e, "Sentinel lookup failed");
+            }
+        }
+    }
+
+    /// The URL the pub/sub connection should use now (single and Sentinel; Sentinel asks
+    /// the sentinels afresh: this is called on every reconnect).
+    pub(super) async fn pubsub_url(&self) -> Result<String, BrokerError> {
+        match self {
+            Backend::Single { url, .. } => Ok(url.clone()),
+            Backend::Sentinel(s) => {
+                s.refresh(true).await?;
+                s.current
+                    .read()
+                    .as_ref()
+                    .map(|m| m.url.clone())
+                    .ok_or_else(|| unavailable("no master found"))
+            }
+            Backend::Cluster { nodes, .. } => Ok(format!("redis://{}/", nodes[0])),
+        }
+    }
+
+    /// What `/health/websocket` and `check-config` show as `broker_topology`.
+    pub(super) fn describe(&self) -> serde_json::Value {
+        match self {
+            Backend::Single { .. } => serde_json::json!({"mode": "single"}),
+            Backend::Sentinel(s) => serde_json::json!({
+                "mode": "sentinel",
+                "master_name": s.name,
+                "master": s.current.read().as_ref().map(|m| m.addr.clone()),
+            }),
+            Backend::Cluster { nodes, .. } => serde_json::json!({
+                "mode": "cluster",
+                "seed_nodes": nodes,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_keys_share_one_hash_tag_per_project() {
+        let plain = Keys { tagged: false };
+        let tagged = Keys { tagged: true };
+        assert_eq!(plain.project("p1", "seq"), "project:p1:seq");
+        assert_eq!(tagged.project("p1", "seq"), "project:{p1}:seq");
+        assert_eq!(
+            tagged.project("p1", "state:terminal"),
+            "project:{p1}:state:terminal"
+        );
+        assert_eq!(plain.story_progress("s"), "story:s:progress");
+        assert_eq!(tagged.story_progress("s"), "story:{s}:progress");
+        // One slot for all of a project's keys and its sharded channel.
+        let slot = |k: &str| redis::cluster_routing::Slot::for_key(k);
+        let seq = slot(&tagged.project("p1", "seq"));
+        for suffix in ["history", "state", "state:terminal", "events", "commands"] {
+            assert_eq!(slot(&tagged.project("p1", suffix)), seq, "{suffix}");
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! Real distributed Redis for the topology tests (docs/protocol.md §11), started by the
+//! tests on free ports and stopped by PID: a master with a replica watched by three
+//! sentinels, and a 3-master + 3-replica cluster made with `redis-cli --cluster create`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_port, redis, temp_path, RedisServer};
+
+/// The master name the sentinels monitor.
+pub const MASTER_NAME: &str = "sbmaster";
+
+fn query(port: u16, args: &[&str]) -> Option<redis::Value> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_millis(500))
+        .ok()?;
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(&mut conn).ok()
+}
+
+fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `ROLE`'s first word on `port` ("master", "slave", "sentinel").
+pub fn role(port: u16) -> Option<String> {
+    match query(port, &["ROLE"])? {
+        redis::Value::Array(items) => match items.first()? {
+            redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            redis::Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+pub struct Sentinel {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A master, one replica and three sentinels (quorum 2, down after 1 s).
+pub struct SentinelSet {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<Sentinel>,
+}
+
+impl SentinelSet {
+    pub fn start() -> SentinelSet {
+        let master = RedisServer::start();
+        let replica = RedisServer::start_args(
+            false,
+            &["--replicaof", "127.0.0.1", &master.port().to_string()],
+        );
+        let sentinels = (0..3).map(|_| start_sentinel(master.port())).collect();
+        let set = SentinelSet {
+            master,
+            replica,
+            sentinels,
+        };
+        // Ready for a failover: the replica is in sync and every sentinel knows the replica
+        // and the two other sentinels.
+        until("the replica to sync", Duration::from_secs(15), || {
+            matches!(query(set.replica.port(), &["INFO", "replication"]),
+                Some(redis::Value::BulkString(b)) if String::from_utf8_lossy(&b).contains("master_link_status:up"))
+        });
+        for s in &set.sentinels {
+            until(
+                "the sentinels to know each other",
+                Duration::from_secs(20),
+                || {
+                    let n = |args: &[&str]| match query(s.port, args) {
+                        Some(redis::Value::Array(items)) => items.len(),
+                        _ => 0,
+                    };
+                    n(&["SENTINEL", "replicas", MASTER_NAME]) >= 1
+                        && n(&["SENTINEL", "sentinels", MASTER_NAME]) >= 2
+                },
+            );
+        }
+        set
+    }
+
+    /// `host:port,...` for `REDIS_SENTINELS`.
+    pub fn addrs(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The master's port as the first sentinel names it.
+    pub fn named_master(&self) -> Option<u16> {
+        match query(
+            self.sentinels[0].port,
+            &["SENTINEL", "get-master-addr-by-name", MASTER_NAME],
+        )? {
+            redis::Value::Array(items) => match items.get(1)? {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(b).parse().ok(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+fn start_sentinel(master_port: u16) -> Sentinel {
+    let dir = temp_path("sentinel");
+    std::fs::create_dir_all(&dir).expect("create sentinel dir");
+    for _ in 0..10 {
+        let port = free_port();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {dir}/sentinel.log\n\
+                 sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                 sentinel failover-timeout {MASTER_NAME} 4000\n\
+                 sentinel parallel-syncs {MASTER_NAME} 1\n",
+                dir = dir.display()
+            ),
+        )
+        .expect("write sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server --sentinel");
+        let mut s = Sentinel {
+            child: Some(child),
+            port,
+            dir: dir.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if role(port).as_deref() == Some("sentinel") {
+                return s;
+            }
+            if let Some(Ok(Some(_))) = s.child.as_mut().map(|c| c.try_wait()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if let Some(mut c) = s.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    panic!("could not start a sentinel");
+}
+
+/// Three masters with a replica each, in cluster mode.
+pub struct Cluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                RedisServer::start_args(
+                    false,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1500",
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Cluster { nodes };
+        until("the cluster to be ok", Duration::from_secs(30), || {
+            cluster.nodes.iter().all(|n| {
+                matches!(query(n.port(), &["CLUSTER", "INFO"]),
+                    Some(redis::Value::BulkString(b)) if String::from_utf8_lossy(&b).contains("cluster_state:ok"))
+            })
+        });
+        cluster
+    }
+
+    /// `host:port,...` for `REDIS_CLUSTER_NODES` (every node: any of them is a seed).
+    pub fn addrs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node (index into `nodes`) that is master of `key`'s slot now.
+    pub fn master_of(&self, key: &str) -> usize {
+        let slot = self
+            .nodes
+            .iter()
+            .find_map(|n| match query(n.port(), &["CLUSTER", "KEYSLOT", key]) {
+                Some(redis::Value::Int(v)) => u16::try_from(v).ok(),
+                _ => None,
+            })
+            .expect("CLUSTER KEYSLOT");
+        for (i, n) in self.nodes.iter().enumerate() {
+            if role(n.port()).as_deref() != Some("master") {
+                continue;
+            }
+            if let Some(redis::Value::BulkString(b)) = query(n.port(), &["CLUSTER", "NODES"]) {
+                let text = String::from_utf8_lossy(&b).into_owned();
+                for line in text.lines() {
+                    if !line.contains("myself") {
+                        continue;
+                    }
+                    for range in line.split(' ').skip(8) {
+                        let (lo, hi) = match range.split_once('-') {
+                            Some((lo, hi)) => (lo.parse().unwrap_or(1), hi.parse().unwrap_or(0)),
+                            None => {
+                                let v: u16 = range.parse().unwrap_or(u16::MAX);
+                                (v, v)
+                            }
+                        };
+                        if (lo..=hi).contains(&slot) {
+                            return i;
+                        }
+                    }
+                }
+            }
+        }
+        panic!("no master owns the slot of {key}");
+    }
+}
