@@ -91,12 +91,21 @@ pub fn project_channel(project: &str) -> String {
     format!("project:{project}:events")
 }
 
-/// The project of a `project:{id}:events` channel.
+/// The project of a `project:{id}:events` channel, classic or (Redis Cluster) sharded with
+/// the id hash-tagged: `project:{<id>}:events`.
 pub fn channel_project(channel: &str) -> Option<&str> {
     channel
         .strip_prefix("project:")
         .and_then(|rest| rest.strip_suffix(":events"))
+        .map(untag)
         .filter(|p| !p.is_empty())
+}
+
+/// `{id}` → `id` (a hash tag; project ids never contain braces).
+fn untag(id: &str) -> &str {
+    id.strip_prefix('{')
+        .and_then(|s| s.strip_suffix('}'))
+        .unwrap_or(id)
 }
 
 /// Capacity of the hub → subscription manager queue. Each entry is one channel name
@@ -176,11 +185,12 @@ pub fn commands_channel(project: &str) -> String {
     format!("project:{project}:commands")
 }
 
-/// The project of a `project:{id}:commands` channel.
+/// The project of a `project:{id}:commands` channel (classic or hash-tagged sharded).
 pub fn commands_channel_project(channel: &str) -> Option<&str> {
     channel
         .strip_prefix("project:")
         .and_then(|rest| rest.strip_suffix(":commands"))
+        .map(untag)
         .filter(|p| !p.is_empty())
 }
 
@@ -496,5 +506,8 @@ mod tests {
         assert_eq!(channel_project(&project_channel("a.b-c")), Some("a.b-c"));
         assert_eq!(channel_project("websocket:broadcast"), None);
         assert_eq!(channel_project("project::events"), None);
+        assert_eq!(channel_project("project:{a.b-c}:events"), Some("a.b-c"));
+        assert_eq!(channel_project("project:{}:events"), None);
+        assert_eq!(commands_channel_project("project:{p}:commands"), Some("p"));
     }
 }

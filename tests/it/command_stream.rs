@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-async fn worker(gw: &Gateway, project: &str) -> WsClient {
+pub(crate) async fn worker(gw: &Gateway, project: &str) -> WsClient {
     let bearer = format!("Bearer {}", gw.service_token());
     gw.ws(
         &format!("/v1/projects/{project}/commands"),
@@ -19,7 +19,7 @@ async fn worker(gw: &Gateway, project: &str) -> WsClient {
     .await
 }
 
-async fn execute(c: &mut WsClient, node: &str) -> Value {
+pub(crate) async fn execute(c: &mut WsClient, node: &str) -> Value {
     c.send_json(&json!({"type": "node.execute", "node_id": node, "request_id": node}))
         .await;
     c.next_of_type("command.accepted", T).await
@@ -27,7 +27,11 @@ async fn execute(c: &mut WsClient, node: &str) -> Value {
 
 /// Waits until a command reaches `want` receivers (a stream that just opened or closed is
 /// counted once its registration landed).
-async fn delivered_eventually(c: &mut WsClient, want: u64, worker_frames: &mut [&mut WsClient]) {
+pub(crate) async fn delivered_eventually(
+    c: &mut WsClient,
+    want: u64,
+    worker_frames: &mut [&mut WsClient],
+) {
     let mut last = Value::Null;
     for i in 0..50 {
         let node = format!("probe-{i}");

@@ -30,7 +30,7 @@ fn progress(story: &str, status: &str, percent: u64, step: &str) -> Value {
     })
 }
 
-async fn the_seed_gate(gw: &Gateway) {
+pub(crate) async fn the_seed_gate(gw: &Gateway) {
     let story = "4f1c2a9e-story";
     // Progress published before anyone connects is what a new socket starts from.
     let first = progress(story, "generating", 40, "Writing chapter 2");

@@ -166,3 +166,213 @@ async fn cluster_publish_keeps_each_project_in_one_slot() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_serves_everything_one_redis_does() {
+    let cluster = Cluster::start();
+    let a = cluster_opts(&cluster, "gw-a").start();
+    let b = cluster_opts(&cluster, "gw-b").start();
+    let topo = topology_of(&a).await;
+    assert_eq!(topo["mode"], "cluster", "{topo}");
+    let masters_known = eventually(T, || async {
+        topology_of(&a).await["masters"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3)
+    })
+    .await;
+    assert!(masters_known, "three masters: {}", topology_of(&a).await);
+
+    let (mut ca, _) = a.connect("p1", &a.token("ann", &["p1"])).await;
+    let (mut cb, _) = b.connect("p1", &b.token("bo", &["p1"])).await;
+    // The publish path (sharded channel), across instances, in order.
+    let seqs = b
+        .publish(
+            "p1",
+            &json!([
+                {"type": "file.changed", "data": {"path": "a"}},
+                {"type": "file.changed", "data": {"path": "b"}},
+            ]),
+        )
+        .await;
+    assert_eq!(seqs, vec![1, 2]);
+    for c in [&mut ca, &mut cb] {
+        for want in &seqs {
+            let ev = c.next_of_type("file.changed", T).await;
+            assert_eq!(ev["seq"], *want, "{ev}");
+            assert!(ev.get("epoch").is_none(), "the mark is removed: {ev}");
+        }
+    }
+    // A seed worker's plain PUBLISH on the classic channel, to a node that does not own
+    // the project's slot: a cluster relays classic messages to every node.
+    let owner = cluster.master_of("{p1}");
+    let other = (0..cluster.nodes.len())
+        .find(|i| *i != owner && role(cluster.nodes[*i].port()).as_deref() == Some("master"))
+        .unwrap();
+    cluster.nodes[other]
+        .publish(
+            "project:p1:events",
+            r#"{"type":"file.changed","project_id":"p1","data":{"path":"raw"}}"#,
+        )
+        .await;
+    for c in [&mut ca, &mut cb] {
+        let ev = c.next_of_type("file.changed", T).await;
+        assert_eq!(ev["data"]["path"], "raw", "{ev}");
+    }
+    // A global event on the classic broadcast channel.
+    cluster.nodes[other]
+        .publish(
+            "websocket:broadcast",
+            r#"{"type":"project.created","project_id":"newp","data":{"name":"n"}}"#,
+        )
+        .await;
+    for c in [&mut ca, &mut cb] {
+        c.next_of_type("project.created", T).await;
+    }
+    // Resume after the events: replayed from the project's history in its slot.
+    let mut r = b
+        .ws(
+            &format!("/ws/p1?token={}&last_seq=0", b.token("cy", &["p1"])),
+            &[],
+        )
+        .await;
+    let mut replayed = Vec::new();
+    while replayed.len() < 2 {
+        let ev = r.next_json(T).await;
+        if ev["type"] == "file.changed" {
+            replayed.push(ev["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(replayed, vec![1, 2]);
+    // Status and presence.
+    ca.send_json(&json!({"type": "status"})).await;
+    let status: serde_json::Value = match ca.next_frame(T).await {
+        Some(Frame::Text(t)) => serde_json::from_str(&t).unwrap(),
+        other => panic!("no status answer: {other:?}\n{}", a.logs()),
+    };
+    assert_eq!(status["seq"], 2, "{status}");
+    let present = eventually(T, || async {
+        let r = a
+            .get_with(
+                "/v1/projects/p1/presence",
+                &[("authorization", &format!("Bearer {}", a.service_token()))],
+            )
+            .await;
+        r.status == 200 && r.json()["clients"].as_array().is_some_and(|c| c.len() == 3)
+    })
+    .await;
+    assert!(present, "presence across instances on the cluster");
+
+    // Commands: a seed worker on the slot's master, two command streams on b.
+    let mut raw = cluster.nodes[owner].subscribe("project:p1:commands").await;
+    let mut w1 = crate::command_stream::worker(&b, "p1").await;
+    let mut w2 = crate::command_stream::worker(&b, "p1").await;
+    crate::command_stream::delivered_eventually(&mut ca, 3, &mut [&mut w1, &mut w2]).await;
+    while raw
+        .try_next_json(std::time::Duration::from_millis(50))
+        .await
+        .is_some()
+    {}
+    let accepted = crate::command_stream::execute(&mut ca, "real").await;
+    assert_eq!(accepted["delivered_to"], 3, "{accepted}");
+    let from_redis = raw.next_json(T).await;
+    for w in [&mut w1, &mut w2] {
+        let cmd: serde_json::Value = serde_json::from_str(&w.next_text(T).await).unwrap();
+        assert_eq!(cmd, from_redis, "the same command, as published");
+    }
+    w1.expect_silence(std::time::Duration::from_millis(300))
+        .await;
+
+    // Story progress: the seed-003 gate, on the cluster.
+    crate::stories::the_seed_gate(&a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_master_killed_then_restarted_under_load_loses_no_acknowledged_event() {
+    let _machine = ONE_AT_A_TIME.lock().await;
+    let scale = Scale::from_env();
+    let mut cluster = Cluster::start();
+    let opts = |name: &str| {
+        cluster_opts(&cluster, name)
+            .cfg("redis", "publish_wait_replicas", "1")
+            .cfg("redis", "publish_wait_timeout_ms", "500")
+            .cfg("redis", "command_timeout_ms", "1000")
+            .cfg("redis", "pubsub_ping_interval_ms", "500")
+            .cfg("redis", "reconnect_max_backoff_ms", "1000")
+    };
+    let a = opts("gw-a").start();
+    let b = opts("gw-b").start();
+    let projects = scale.project_names("cluster");
+    let fleet = Fleet::start(
+        &[a.addr(), b.addr()],
+        scale.clients_per_instance,
+        &projects,
+        &a.secret,
+    )
+    .await;
+    let publisher = Publisher::start(Via::api(&[&a, &b], None), &projects, &scale);
+    tokio::time::sleep(scale.warmup).await;
+
+    // The master of the busiest project's slot (every project is equally busy: the first).
+    let victim = cluster.master_of(&format!("{{{}}}", projects[0]));
+    let port = cluster.nodes[victim].port();
+    let t_kill = Instant::now();
+    cluster.nodes[victim].kill();
+    let promoted = eventually(Duration::from_secs(30), || async {
+        cluster
+            .owner_of(&format!("{{{}}}", projects[0]))
+            .is_some_and(|owner| owner != victim)
+    })
+    .await;
+    assert!(
+        promoted,
+        "no replica took over the slot in 30 s:\n{}",
+        cluster.describe()
+    );
+    let t_promoted = Instant::now();
+    for gw in [&a, &b] {
+        let ready = eventually(Duration::from_secs(20), || async {
+            gw.get("/readyz").await.status == 200
+        })
+        .await;
+        assert!(
+            ready,
+            "{} not ready after the failover\n{}",
+            gw.instance_id,
+            gw.logs()
+        );
+    }
+    let t_ready = Instant::now();
+    tokio::time::sleep(scale.after).await;
+    // The old master comes back (empty: it rejoins as a replica of the new one).
+    cluster.nodes[victim].restart();
+    let rejoined = eventually(Duration::from_secs(20), || async {
+        role(port).as_deref() == Some("slave")
+    })
+    .await;
+    tokio::time::sleep(scale.after).await;
+
+    let log = publisher.stop().await;
+    let caught_up = fleet.wait_caught_up(&log, Duration::from_secs(30)).await;
+    let clients = fleet.stop().await;
+    let mut report = Report::build(
+        "Cluster master killed, then restarted",
+        clients,
+        &["gw-a", "gw-b"],
+        &log,
+        Some(t_promoted),
+        caught_up.is_some(),
+    );
+    report.note(scale.describe());
+    report.note(format!(
+        "master :{port} of {}'s slot SIGKILLed; a replica owned the slot {} later; both \
+         gateways ready {} after the kill; the old master restarted and rejoined as a replica: \
+         {rejoined}; publish_wait_replicas = 1",
+        projects[0],
+        secs_str(t_promoted - t_kill),
+        secs_str(t_ready - t_kill),
+    ));
+    report.print();
+    report.assert_no_loss();
+    assert_clients_stayed(&report);
+    assert!(rejoined, "the restarted node did not rejoin as a replica");
+}

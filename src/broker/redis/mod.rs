@@ -30,6 +30,7 @@ const HISTORY_PAGE: usize = 32;
 use parking_lot::Mutex;
 use switchboard_middleware::{AuthError, SessionRecord, SessionStore};
 
+mod link;
 mod pubsub;
 mod records;
 pub mod topology;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use deadpool_redis::redis;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 
 use super::RedisBroker;
@@ -202,24 +202,12 @@ impl RedisBroker {
         commands: &mut mpsc::Receiver<SubCommand>,
         down_since: &mut Option<Instant>,
     ) -> Serve {
-        let connect = async {
-            // Sentinel: the master as the sentinels name it now (every reconnect asks).
-            let url = self
-                .backend
-                .pubsub_url()
-                .await
-                .map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())))?;
-            let pubsub = redis::Client::open(url)?.get_async_pubsub().await?;
-            let (mut sink, stream) = pubsub.split();
-            let channels: Vec<&String> = wanted.iter().collect();
-            sink.subscribe(channels).await?;
-            Ok::<_, redis::RedisError>((sink, stream))
-        };
-        let (mut sink, mut stream) = match tokio::time::timeout(self.timeout, connect).await {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Serve::Lost(e.to_string()),
-            Err(_) => return Serve::Lost("connect timed out".into()),
-        };
+        let (mut link, mut stream) =
+            match tokio::time::timeout(self.timeout, self.open_link(wanted)).await {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(e)) => return Serve::Lost(e.to_string()),
+                Err(_) => return Serve::Lost("connect timed out".into()),
+            };
         // After an outage, every connected client first gets what it missed (catch-up from
         // history), and only then live messages. The catch-up runs inside this loop, so the
         // pub/sub stream is still read meanwhile (into `held`, bounded in bytes: the
@@ -275,15 +263,20 @@ impl RedisBroker {
                     self.up.store(true, Ordering::Relaxed);
                 }
                 msg = stream.next() => match msg {
-                    Some(msg) if catch_up.is_some() => held.push(msg),
-                    Some(msg) => {
+                    Some(Err(lost)) => return Serve::Lost(lost),
+                    Some(Ok(msg)) if catch_up.is_some() => held.push(msg),
+                    Some(Ok(msg)) => {
                         let read_at = Instant::now();
                         // Take everything already received: under load, batches grow and
                         // each session gets fewer, larger writes.
                         let mut batch = vec![msg];
                         while batch.len() < MAX_READ_BATCH {
                             match stream.next().now_or_never() {
-                                Some(Some(m)) => batch.push(m),
+                                Some(Some(Ok(m))) => batch.push(m),
+                                Some(Some(Err(lost))) => {
+                                    self.on_messages(&batch, read_at);
+                                    return Serve::Lost(lost);
+                                }
                                 Some(None) => {
                                     self.on_messages(&batch, read_at);
                                     return Serve::Lost("pub/sub connection closed".into());
@@ -306,7 +299,7 @@ impl RedisBroker {
                             let _ = done.send(true);
                             continue;
                         }
-                        match tokio::time::timeout(self.timeout, sink.subscribe(&channel)).await {
+                        match tokio::time::timeout(self.timeout, link.subscribe(&channel)).await {
                             Ok(Ok(())) => { let _ = done.send(true); }
                             Ok(Err(e)) => { let _ = done.send(false); return Serve::Lost(e.to_string()); }
                             Err(_) => { let _ = done.send(false); return Serve::Lost("SUBSCRIBE timed out".into()); }
@@ -314,7 +307,7 @@ impl RedisBroker {
                     }
                     Some(SubCommand::Unsubscribe { channel }) => {
                         if wanted.remove(&channel) {
-                            match tokio::time::timeout(self.timeout, sink.unsubscribe(&channel)).await {
+                            match tokio::time::timeout(self.timeout, link.unsubscribe(&channel)).await {
                                 Ok(Ok(())) => {}
                                 Ok(Err(e)) => return Serve::Lost(e.to_string()),
                                 Err(_) => return Serve::Lost("UNSUBSCRIBE timed out".into()),
@@ -323,7 +316,7 @@ impl RedisBroker {
                     }
                 },
                 _ = ping.tick() => {
-                    match tokio::time::timeout(self.timeout, sink.ping::<redis::Value>()).await {
+                    match tokio::time::timeout(self.timeout, link.ping(self)).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return Serve::Lost(format!("PING failed: {e}")),
                         Err(_) => {

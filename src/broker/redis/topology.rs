@@ -279,6 +279,8 @@ pub(super) enum Backend {
     Cluster {
         nodes: Vec<String>,
         pool: deadpool_redis::cluster::Pool,
+        /// The masters as last read from `CLUSTER NODES` (by the pub/sub link).
+        masters: RwLock<Vec<String>>,
     },
 }
 
@@ -319,6 +321,7 @@ impl Backend {
                 Backend::Cluster {
                     nodes: nodes.clone(),
                     pool,
+                    masters: RwLock::new(Vec::new()),
                 }
             }
         })
@@ -327,6 +330,34 @@ impl Backend {
     pub(super) fn keys(&self) -> Keys {
         Keys {
             tagged: matches!(self, Backend::Cluster { .. }),
+        }
+    }
+
+    /// Notes the cluster's masters from a `CLUSTER NODES` answer (for `describe`).
+    pub(super) fn note_cluster_nodes(&self, text: &str) {
+        if let Backend::Cluster { masters, .. } = self {
+            let mut found: Vec<String> = text
+                .lines()
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split(' ').collect();
+                    let flags = fields.get(2)?;
+                    let is_master = flags.split(',').any(|f| f == "master")
+                        && !flags.split(',').any(|f| f == "fail" || f == "noaddr");
+                    // `ip:port@cport[,hostname]`
+                    let addr = fields.get(1)?.split('@').next()?;
+                    is_master.then(|| addr.to_owned())
+                })
+                .collect();
+            found.sort();
+            *masters.write() = found;
+        }
+    }
+
+    /// The seed nodes, on a cluster.
+    pub(super) fn cluster_nodes(&self) -> Option<&[String]> {
+        match self {
+            Backend::Cluster { nodes, .. } => Some(nodes),
+            _ => None,
         }
     }
 
@@ -391,8 +422,9 @@ impl Backend {
                 "master_name": s.name,
                 "master": s.current.read().as_ref().map(|m| m.addr.clone()),
             }),
-            Backend::Cluster { nodes, .. } => serde_json::json!({
+            Backend::Cluster { nodes, masters, .. } => serde_json::json!({
                 "mode": "cluster",
+                "masters": *masters.read(),
                 "seed_nodes": nodes,
             }),
         }

@@ -432,6 +432,11 @@ impl RedisServer {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+
     /// SIGKILL by PID, and wait until it is gone.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -32,6 +32,12 @@ fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Whether the replica on `port` has its link to the master up.
+fn in_sync(port: u16) -> bool {
+    matches!(query(port, &["INFO", "replication"]),
+        Some(redis::Value::BulkString(b)) if String::from_utf8_lossy(&b).contains("master_link_status:up"))
+}
+
 /// `ROLE`'s first word on `port` ("master", "slave", "sentinel").
 pub fn role(port: u16) -> Option<String> {
     match query(port, &["ROLE"])? {
@@ -74,6 +80,13 @@ impl SentinelSet {
             false,
             &["--replicaof", "127.0.0.1", &master.port().to_string()],
         );
+        let mut m = master.client().get_connection().expect("master");
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("repl-diskless-sync-delay")
+            .arg("0")
+            .query(&mut m)
+            .expect("CONFIG SET");
         let sentinels = (0..3).map(|_| start_sentinel(master.port())).collect();
         let set = SentinelSet {
             master,
@@ -83,8 +96,7 @@ impl SentinelSet {
         // Ready for a failover: the replica is in sync and every sentinel knows the replica
         // and the two other sentinels.
         until("the replica to sync", Duration::from_secs(15), || {
-            matches!(query(set.replica.port(), &["INFO", "replication"]),
-                Some(redis::Value::BulkString(b)) if String::from_utf8_lossy(&b).contains("master_link_status:up"))
+            in_sync(set.replica.port())
         });
         for s in &set.sentinels {
             until(
@@ -185,15 +197,24 @@ impl Cluster {
     pub fn start() -> Cluster {
         let nodes: Vec<RedisServer> = (0..6)
             .map(|_| {
+                // The bus port is chosen too: the default (port + 10000) can be past 65535
+                // for a free port in the ephemeral range.
+                let bus = free_port().to_string();
                 RedisServer::start_args(
                     false,
                     &[
+                        "--cluster-port",
+                        &bus,
                         "--cluster-enabled",
                         "yes",
                         "--cluster-config-file",
                         "nodes.conf",
                         "--cluster-node-timeout",
                         "1500",
+                        // A replica must be in sync before a fault: no 5 s wait for more
+                        // replicas before the first full sync.
+                        "--repl-diskless-sync-delay",
+                        "0",
                     ],
                 )
             })
@@ -221,6 +242,14 @@ impl Cluster {
                     Some(redis::Value::BulkString(b)) if String::from_utf8_lossy(&b).contains("cluster_state:ok"))
             })
         });
+        // Every replica in sync with its master (a replica that never synced cannot take
+        // over, and the fault tests kill masters).
+        until("every replica to sync", Duration::from_secs(30), || {
+            cluster
+                .nodes
+                .iter()
+                .all(|n| role(n.port()).as_deref() != Some("slave") || in_sync(n.port()))
+        });
         cluster
     }
 
@@ -233,16 +262,37 @@ impl Cluster {
             .join(",")
     }
 
+    /// `CLUSTER NODES` as each live node sees it, and the tail of each node's log.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            out += &format!("--- :{} ({:?})\n", n.port(), role(n.port()));
+            if let Some(redis::Value::BulkString(b)) = query(n.port(), &["CLUSTER", "NODES"]) {
+                out += &String::from_utf8_lossy(&b);
+            }
+            let log = n.log();
+            let tail: Vec<&str> = log.lines().rev().take(8).collect();
+            for l in tail.into_iter().rev() {
+                out += &format!("  log: {l}\n");
+            }
+        }
+        out
+    }
+
     /// The node (index into `nodes`) that is master of `key`'s slot now.
     pub fn master_of(&self, key: &str) -> usize {
-        let slot = self
-            .nodes
-            .iter()
-            .find_map(|n| match query(n.port(), &["CLUSTER", "KEYSLOT", key]) {
+        self.owner_of(key)
+            .unwrap_or_else(|| panic!("no master owns the slot of {key}"))
+    }
+
+    /// The node that is master of `key`'s slot now, if one is (none during a failover).
+    pub fn owner_of(&self, key: &str) -> Option<usize> {
+        let slot = self.nodes.iter().find_map(|n| {
+            match query(n.port(), &["CLUSTER", "KEYSLOT", key]) {
                 Some(redis::Value::Int(v)) => u16::try_from(v).ok(),
                 _ => None,
-            })
-            .expect("CLUSTER KEYSLOT");
+            }
+        })?;
         for (i, n) in self.nodes.iter().enumerate() {
             if role(n.port()).as_deref() != Some("master") {
                 continue;
@@ -262,12 +312,12 @@ impl Cluster {
                             }
                         };
                         if (lo..=hi).contains(&slot) {
-                            return i;
+                            return Some(i);
                         }
                     }
                 }
             }
         }
-        panic!("no master owns the slot of {key}");
+        None
     }
 }

@@ -1,0 +1,177 @@
+//! The pub/sub link of an instance, whatever the topology: one pub/sub connection to the
+//! server (single, or Sentinel's master as named at connect time), or a Redis Cluster
+//! connection in RESP3 that receives its pushes from every node.
+//!
+//! The subscription manager (`pubsub.rs`) speaks in the hub's channel names; on a cluster
+//! a project's events are followed on both the seed's classic channel (legacy workers'
+//! plain `PUBLISH`, which a cluster relays to every node) and the sharded one the publish
+//! script `SPUBLISH`es (only the slot's shard carries it), and a project's commands on the
+//! sharded channel only (the command script publishes both; following both would hand
+//! each command over twice). Invariant: a node connection the cluster client loses ends
+//! the link (`Err` from [`Stream::next`]): what that node's shards carried meanwhile was
+//! not received, so the manager reconnects and catches up from history, as after any
+//! outage.
+
+use deadpool_redis::redis::{
+    self, aio::ConnectionLike, cluster::ClusterClientBuilder, cluster_async::ClusterConnection,
+    Msg, ProtocolVersion, PushInfo, PushKind, RedisResult,
+};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::topology::Keys;
+use super::RedisBroker;
+use crate::broker::{channel_project, commands_channel_project};
+
+pub(super) enum Link {
+    Single(redis::aio::PubSubSink),
+    Cluster(ClusterConnection),
+}
+
+pub(super) enum Stream {
+    Single(redis::aio::PubSubStream),
+    Cluster(UnboundedReceiver<PushInfo>),
+}
+
+/// What a hub channel is followed as on a cluster: (classic, sharded).
+fn cluster_channels(channel: &str) -> (Option<String>, Option<String>) {
+    let tagged = Keys { tagged: true };
+    if let Some(project) = channel_project(channel) {
+        (
+            Some(channel.to_owned()),
+            Some(tagged.project(project, "events")),
+        )
+    } else if let Some(project) = commands_channel_project(channel) {
+        (None, Some(tagged.project(project, "commands")))
+    } else {
+        (Some(channel.to_owned()), None)
+    }
+}
+
+impl Link {
+    pub(super) async fn subscribe(&mut self, channel: &str) -> RedisResult<()> {
+        match self {
+            Link::Single(sink) => sink.subscribe(channel).await,
+            Link::Cluster(conn) => {
+                let (classic, sharded) = cluster_channels(channel);
+                if let Some(c) = classic {
+                    conn.subscribe(c).await?;
+                }
+                if let Some(s) = sharded {
+                    conn.ssubscribe(s).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) async fn unsubscribe(&mut self, channel: &str) -> RedisResult<()> {
+        match self {
+            Link::Single(sink) => sink.unsubscribe(channel).await,
+            Link::Cluster(conn) => {
+                let (classic, sharded) = cluster_channels(channel);
+                if let Some(c) = classic {
+                    conn.unsubscribe(c).await?;
+                }
+                if let Some(s) = sharded {
+                    conn.sunsubscribe(s).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// PING (a silently dead connection does not answer). On a cluster, `CLUSTER NODES`
+    /// instead: it answers the same way and tells the masters for `/health/websocket`.
+    pub(super) async fn ping(&mut self, broker: &RedisBroker) -> RedisResult<()> {
+        match self {
+            Link::Single(sink) => sink.ping::<redis::Value>().await.map(drop),
+            Link::Cluster(conn) => {
+                let mut cmd = redis::cmd("CLUSTER");
+                cmd.arg("NODES");
+                let text: String = redis::from_redis_value(conn.req_packed_command(&cmd).await?)
+                    .map_err(redis::RedisError::from)?;
+                broker.backend.note_cluster_nodes(&text);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Stream {
+    /// The next message; `Err` when a node connection was lost (cluster), None when the
+    /// connection closed.
+    pub(super) async fn next(&mut self) -> Option<Result<Msg, String>> {
+        match self {
+            Stream::Single(s) => futures_util::StreamExt::next(s).await.map(Ok),
+            Stream::Cluster(rx) => loop {
+                let push = rx.recv().await?;
+                if push.kind == PushKind::Disconnection {
+                    return Some(Err("a cluster node connection was lost".into()));
+                }
+                // Subscription confirmations and other pushes carry no message.
+                if let Some(msg) = Msg::from_push_info(push) {
+                    return Some(Ok(msg));
+                }
+            },
+        }
+    }
+}
+
+impl RedisBroker {
+    /// Connects the pub/sub link and subscribes `wanted` (Sentinel: to the master the
+    /// sentinels name now).
+    pub(super) async fn open_link(
+        &self,
+        wanted: &std::collections::HashSet<String>,
+    ) -> RedisResult<(Link, Stream)> {
+        if let Some(nodes) = self.backend.cluster_nodes() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let client = ClusterClientBuilder::new(nodes.iter().map(|n| format!("redis://{n}/")))
+                .use_protocol(ProtocolVersion::RESP3)
+                .push_sender(tx)
+                .connection_timeout(self.timeout)
+                .response_timeout(self.timeout)
+                .build()?;
+            let mut link = Link::Cluster(client.get_async_connection().await?);
+            link.ping(self).await?;
+            for channel in wanted {
+                link.subscribe(channel).await?;
+            }
+            return Ok((link, Stream::Cluster(rx)));
+        }
+        let url = self
+            .backend
+            .pubsub_url()
+            .await
+            .map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())))?;
+        let (mut sink, stream) = redis::Client::open(url)?.get_async_pubsub().await?.split();
+        let channels: Vec<&String> = wanted.iter().collect();
+        sink.subscribe(channels).await?;
+        Ok((Link::Single(sink), Stream::Single(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_follows_events_on_both_channels_and_commands_on_the_sharded_one() {
+        assert_eq!(
+            cluster_channels("project:p:events"),
+            (
+                Some("project:p:events".into()),
+                Some("project:{p}:events".into())
+            )
+        );
+        assert_eq!(
+            cluster_channels("project:p:commands"),
+            (None, Some("project:{p}:commands".into()))
+        );
+        assert_eq!(cluster_channels("story:s"), (Some("story:s".into()), None));
+        assert_eq!(
+            cluster_channels("websocket:broadcast"),
+            (Some("websocket:broadcast".into()), None)
+        );
+    }
+}
