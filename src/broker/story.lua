@@ -5,8 +5,9 @@
 --         the gateway saw: store only if not older than what is stored; returns 1 if stored)
 -- ARGV[4] its updated_at ('' when it has none: a message without one is always newer)
 -- ARGV[5] the channel story:<id> (an argument: on a cluster it is in another slot, and a
---         classic PUBLISH reaches every node anyway)
-local key, channel = KEYS[1], ARGV[5]
+--         classic PUBLISH reaches every node anyway). Callers of the first version passed
+--         it as KEYS[2] instead; that still works on one Redis.
+local key, channel = KEYS[1], KEYS[2] or ARGV[5]
 local payload, ttl, mode, updated = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 if mode == 'relay' and updated ~= '' then
   local current = redis.call('GET', key)

@@ -433,11 +433,16 @@ impl ProjectStream {
         self.invalidate_tail();
         let last = self.last_seq();
         let known = self.epoch();
-        // Pooled connections may have died with the pub/sub one: a few tries.
+        // Pooled connections may have died with the pub/sub one, or a cluster slot may be
+        // moving or failing over: a few tries, spaced (0.1, 0.2, 0.4, 0.8 s) so a slot that
+        // needs a moment to get its owner back still gets its catch-up.
         let mut read = Err(BrokerError::Unavailable("not tried".into()));
-        for _ in 0..3 {
+        for attempt in 0..5u32 {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(100 << (attempt - 1))).await;
+            }
             read = broker.history_after(&self.project, last).await;
-            if read.is_ok() {
+            if !matches!(read, Err(BrokerError::Unavailable(_))) {
                 break;
             }
         }

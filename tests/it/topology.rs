@@ -376,3 +376,69 @@ async fn cluster_master_killed_then_restarted_under_load_loses_no_acknowledged_e
     assert_clients_stayed(&report);
     assert!(rejoined, "the restarted node did not rejoin as a replica");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_slot_moved_under_load_loses_no_event() {
+    let _machine = ONE_AT_A_TIME.lock().await;
+    let scale = Scale::from_env();
+    let cluster = Cluster::start();
+    let opts = |name: &str| {
+        cluster_opts(&cluster, name)
+            .cfg("redis", "pubsub_ping_interval_ms", "500")
+            .cfg("redis", "reconnect_max_backoff_ms", "1000")
+    };
+    let a = opts("gw-a").start();
+    let b = opts("gw-b").start();
+    let projects = scale.project_names("moved");
+    let fleet = Fleet::start(
+        &[a.addr(), b.addr()],
+        scale.clients_per_instance,
+        &projects,
+        &a.secret,
+    )
+    .await;
+    let publisher = Publisher::start(Via::api(&[&a, &b], None), &projects, &scale);
+    tokio::time::sleep(scale.warmup).await;
+
+    let tag = format!("{{{}}}", projects[0]);
+    let from = cluster.master_of(&tag);
+    let to = (0..cluster.nodes.len())
+        .find(|i| *i != from && role(cluster.nodes[*i].port()).as_deref() == Some("master"))
+        .unwrap();
+    let t_move = Instant::now();
+    cluster.migrate_slot(&tag, to);
+    let moved_in = t_move.elapsed();
+    assert_eq!(cluster.master_of(&tag), to);
+    tokio::time::sleep(scale.after).await;
+
+    let log = publisher.stop().await;
+    let caught_up = fleet.wait_caught_up(&log, Duration::from_secs(30)).await;
+    let clients = fleet.stop().await;
+    let mut report = Report::build(
+        "Cluster slot moved (resharding)",
+        clients,
+        &["gw-a", "gw-b"],
+        &log,
+        Some(t_move),
+        caught_up.is_some(),
+    );
+    report.note(scale.describe());
+    report.note(format!(
+        "the slot of {} moved with its keys from :{} to :{} in {}; publish_wait_replicas = 0",
+        projects[0],
+        cluster.nodes[from].port(),
+        cluster.nodes[to].port(),
+        secs_str(moved_in),
+    ));
+    report.print();
+    report.assert_no_loss();
+    assert_clients_stayed(&report);
+    for gw in [&a, &b] {
+        assert!(
+            gw.logs().contains("moved to another shard"),
+            "{} did not see its shard channel move\n{}",
+            gw.instance_id,
+            gw.logs()
+        );
+    }
+}

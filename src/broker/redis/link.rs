@@ -16,6 +16,10 @@ use deadpool_redis::redis::{
     self, aio::ConnectionLike, cluster::ClusterClientBuilder, cluster_async::ClusterConnection,
     Msg, ProtocolVersion, PushInfo, PushKind, RedisResult,
 };
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::topology::Keys;
@@ -24,12 +28,49 @@ use crate::broker::{channel_project, commands_channel_project};
 
 pub(super) enum Link {
     Single(redis::aio::PubSubSink),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConnection, OwnUnsubscribes),
 }
 
 pub(super) enum Stream {
     Single(redis::aio::PubSubStream),
-    Cluster(UnboundedReceiver<PushInfo>),
+    Cluster(UnboundedReceiver<PushInfo>, OwnUnsubscribes),
+}
+
+/// The sharded channels this link itself unsubscribed lately, so the stream can tell their
+/// `sunsubscribe` confirmations from the server's own: Redis unsubscribes a shard channel's
+/// subscribers when its slot moves to another shard (resharding, a failover), and the
+/// cluster client does not follow it there. Entries older than [`OWN_UNSUBSCRIBE_TTL`] are
+/// dropped, so the set stays bounded whatever the churn.
+#[derive(Clone, Default)]
+pub(super) struct OwnUnsubscribes(Arc<Mutex<Vec<OwnUnsubscribe>>>);
+
+/// A channel name and when this link unsubscribed it.
+type OwnUnsubscribe = (Vec<u8>, Instant);
+
+const OWN_UNSUBSCRIBE_TTL: Duration = Duration::from_secs(30);
+
+impl OwnUnsubscribes {
+    fn note(&self, channel: &str) {
+        let mut own = self.0.lock();
+        own.retain(|(_, at)| at.elapsed() < OWN_UNSUBSCRIBE_TTL);
+        own.push((channel.as_bytes().to_vec(), Instant::now()));
+    }
+
+    /// Whether `channel`'s unsubscription was ours (and forgets it).
+    fn take(&self, channel: &[u8]) -> bool {
+        let mut own = self.0.lock();
+        match own.iter().position(|(c, _)| c == channel) {
+            Some(i) => {
+                own.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn forget(&self, channel: &str) {
+        self.0.lock().retain(|(c, _)| c != channel.as_bytes());
+    }
 }
 
 /// What a hub channel is followed as on a cluster: (classic, sharded).
@@ -51,12 +92,13 @@ impl Link {
     pub(super) async fn subscribe(&mut self, channel: &str) -> RedisResult<()> {
         match self {
             Link::Single(sink) => sink.subscribe(channel).await,
-            Link::Cluster(conn) => {
+            Link::Cluster(conn, own) => {
                 let (classic, sharded) = cluster_channels(channel);
                 if let Some(c) = classic {
                     conn.subscribe(c).await?;
                 }
                 if let Some(s) = sharded {
+                    own.forget(&s);
                     conn.ssubscribe(s).await?;
                 }
                 Ok(())
@@ -67,12 +109,13 @@ impl Link {
     pub(super) async fn unsubscribe(&mut self, channel: &str) -> RedisResult<()> {
         match self {
             Link::Single(sink) => sink.unsubscribe(channel).await,
-            Link::Cluster(conn) => {
+            Link::Cluster(conn, own) => {
                 let (classic, sharded) = cluster_channels(channel);
                 if let Some(c) = classic {
                     conn.unsubscribe(c).await?;
                 }
                 if let Some(s) = sharded {
+                    own.note(&s);
                     conn.sunsubscribe(s).await?;
                 }
                 Ok(())
@@ -85,7 +128,7 @@ impl Link {
     pub(super) async fn ping(&mut self, broker: &RedisBroker) -> RedisResult<()> {
         match self {
             Link::Single(sink) => sink.ping::<redis::Value>().await.map(drop),
-            Link::Cluster(conn) => {
+            Link::Cluster(conn, _) => {
                 let mut cmd = redis::cmd("CLUSTER");
                 cmd.arg("NODES");
                 let text: String = redis::from_redis_value(conn.req_packed_command(&cmd).await?)
@@ -98,15 +141,28 @@ impl Link {
 }
 
 impl Stream {
-    /// The next message; `Err` when a node connection was lost (cluster), None when the
-    /// connection closed.
+    /// The next message; `Err` when a node connection was lost or a shard channel moved
+    /// (cluster), None when the connection closed.
     pub(super) async fn next(&mut self) -> Option<Result<Msg, String>> {
         match self {
             Stream::Single(s) => futures_util::StreamExt::next(s).await.map(Ok),
-            Stream::Cluster(rx) => loop {
+            Stream::Cluster(rx, own) => loop {
                 let push = rx.recv().await?;
                 if push.kind == PushKind::Disconnection {
                     return Some(Err("a cluster node connection was lost".into()));
+                }
+                if push.kind == PushKind::SUnsubscribe {
+                    let channel = match push.data.first() {
+                        Some(redis::Value::BulkString(c)) => c.clone(),
+                        _ => Vec::new(),
+                    };
+                    if !own.take(&channel) {
+                        return Some(Err(format!(
+                            "shard channel {} moved to another shard",
+                            String::from_utf8_lossy(&channel)
+                        )));
+                    }
+                    continue;
                 }
                 // Subscription confirmations and other pushes carry no message.
                 if let Some(msg) = Msg::from_push_info(push) {
@@ -132,12 +188,13 @@ impl RedisBroker {
                 .connection_timeout(self.timeout)
                 .response_timeout(self.timeout)
                 .build()?;
-            let mut link = Link::Cluster(client.get_async_connection().await?);
+            let own = OwnUnsubscribes::default();
+            let mut link = Link::Cluster(client.get_async_connection().await?, own.clone());
             link.ping(self).await?;
             for channel in wanted {
                 link.subscribe(channel).await?;
             }
-            return Ok((link, Stream::Cluster(rx)));
+            return Ok((link, Stream::Cluster(rx, own)));
         }
         let url = self
             .backend

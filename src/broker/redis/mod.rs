@@ -256,13 +256,12 @@ impl RedisBroker {
             let state_key = self.keys.project(project, "state");
             let (seq, epoch, fields): (Option<u64>, Option<String>, Vec<(String, String)>) = self
                 .with_conn(|mut conn| async move {
-                    redis::pipe()
-                        .atomic()
+                    let mut pipe = redis::pipe();
+                    pipe.atomic()
                         .hget(&seq_key, "seq")
                         .hget(&seq_key, "epoch")
-                        .hgetall(&state_key)
-                        .query_async(&mut conn)
-                        .await
+                        .hgetall(&state_key);
+                    conn.query_atomic(&pipe, &seq_key).await
                 })
                 .await?;
             match epoch {
@@ -295,8 +294,8 @@ impl RedisBroker {
             type Entries = Vec<(String, Vec<Vec<u8>>)>;
             let (seq, epoch, first, entries): (Option<u64>, Option<String>, Entries, Entries) =
                 self.with_conn(|mut conn| async move {
-                    redis::pipe()
-                        .atomic()
+                    let mut pipe = redis::pipe();
+                    pipe.atomic()
                         .hget(&seq_key, "seq")
                         .hget(&seq_key, "epoch")
                         .cmd("XRANGE")
@@ -310,9 +309,8 @@ impl RedisBroker {
                         .arg("+")
                         .arg(&first_start)
                         .arg("COUNT")
-                        .arg(HISTORY_PAGE)
-                        .query_async(&mut conn)
-                        .await
+                        .arg(HISTORY_PAGE);
+                    conn.query_atomic(&pipe, &seq_key).await
                 })
                 .await?;
             let Some(epoch) = epoch else {

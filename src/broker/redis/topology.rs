@@ -74,7 +74,44 @@ impl Conn {
     }
 }
 
+/// Whether `e` says the cluster is moving under us: a redirection (MOVED/ASK), a slot
+/// whose keys are being migrated (TRYAGAIN), or no owner right now (CLUSTERDOWN), also when
+/// a transaction was aborted for one of them.
+pub(super) fn is_cluster_in_motion(e: &redis::RedisError) -> bool {
+    let text = e.to_string();
+    [
+        "MOVED",
+        "Moved",
+        "ASK",
+        "TRYAGAIN",
+        "TryAgain",
+        "CLUSTERDOWN",
+        "ClusterDown",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
+}
+
 impl Conn {
+    /// An atomic (MULTI/EXEC) pipeline on one project's keys. On a cluster whose slot map
+    /// this connection holds is stale, the transaction is aborted with MOVED (the client
+    /// does not follow redirections inside one): one plain command on `probe_key` makes it
+    /// follow the redirection and update its map, and the pipeline is sent once more.
+    pub(super) async fn query_atomic<T: redis::FromRedisValue>(
+        &mut self,
+        pipe: &Pipeline,
+        probe_key: &str,
+    ) -> redis::RedisResult<T> {
+        match pipe.query_async(self).await {
+            Err(e) if matches!(self, Conn::Cluster(_)) && is_cluster_in_motion(&e) => {
+                let _: redis::RedisResult<bool> =
+                    redis::cmd("EXISTS").arg(probe_key).query_async(self).await;
+                pipe.query_async(self).await
+            }
+            other => other,
+        }
+    }
+
     /// `WAIT`, on the connection that wrote `key` (on a cluster: its slot's master).
     /// Returns how many replicas confirmed.
     pub(super) async fn wait_on_key(&mut self, wait: Cmd, key: &str) -> redis::RedisResult<u64> {

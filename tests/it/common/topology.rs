@@ -279,6 +279,71 @@ impl Cluster {
         out
     }
 
+    /// Moves `key`'s slot, with its keys, to the master `to` (the steps of a resharding:
+    /// IMPORTING/MIGRATING, MIGRATE in batches, then SETSLOT NODE on every master).
+    pub fn migrate_slot(&self, key: &str, to: usize) {
+        let from = self.master_of(key);
+        assert_ne!(from, to, "the slot is already there");
+        let port = |i: usize| self.nodes[i].port();
+        let id = |i: usize| match query(port(i), &["CLUSTER", "MYID"]) {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+            other => panic!("CLUSTER MYID: {other:?}"),
+        };
+        let slot = match query(port(from), &["CLUSTER", "KEYSLOT", key]) {
+            Some(redis::Value::Int(v)) => v.to_string(),
+            other => panic!("CLUSTER KEYSLOT: {other:?}"),
+        };
+        let (from_id, to_id) = (id(from), id(to));
+        let ok = |p: u16, args: &[&str]| {
+            let r = query(p, args);
+            assert!(
+                matches!(
+                    r,
+                    Some(redis::Value::Okay) | Some(redis::Value::SimpleString(_))
+                ),
+                "{args:?} on :{p}: {r:?}"
+            );
+        };
+        ok(
+            port(to),
+            &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id],
+        );
+        ok(
+            port(from),
+            &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id],
+        );
+        loop {
+            let keys: Vec<String> =
+                match query(port(from), &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]) {
+                    Some(redis::Value::Array(items)) => items
+                        .iter()
+                        .filter_map(|v| match v {
+                            redis::Value::BulkString(b) => {
+                                Some(String::from_utf8_lossy(b).into_owned())
+                            }
+                            _ => None,
+                        })
+                        .collect(),
+                    other => panic!("GETKEYSINSLOT: {other:?}"),
+                };
+            if keys.is_empty() {
+                break;
+            }
+            let to_port = port(to).to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            ok(port(from), &args);
+        }
+        // The new owner first, then the old one (which then answers MOVED), then the rest.
+        ok(port(to), &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        ok(port(from), &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        for i in 0..self.nodes.len() {
+            if i != to && i != from && role(port(i)).as_deref() == Some("master") {
+                let _ = query(port(i), &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+            }
+        }
+    }
+
     /// The node (index into `nodes`) that is master of `key`'s slot now.
     pub fn master_of(&self, key: &str) -> usize {
         self.owner_of(key)
