@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_port, redis, temp_path, RedisServer};
+use super::{free_port, redis, temp_path, RedisServer, TcpProxy};
 
 /// The master name the sentinels monitor.
 pub const MASTER_NAME: &str = "sbmaster";
@@ -71,15 +71,27 @@ pub struct SentinelSet {
     pub master: RedisServer,
     pub replica: RedisServer,
     pub sentinels: Vec<Sentinel>,
+    /// With `start_partitionable`: the replication link runs through it, so a test can
+    /// freeze it (the replica falls behind while it and the master look healthy).
+    pub link: Option<TcpProxy>,
 }
 
 impl SentinelSet {
     pub fn start() -> SentinelSet {
+        Self::start_with(false)
+    }
+
+    /// The replica replicates through a proxy the test can freeze.
+    pub fn start_partitionable() -> SentinelSet {
+        Self::start_with(true)
+    }
+
+    fn start_with(partitionable: bool) -> SentinelSet {
         let master = RedisServer::start();
-        let replica = RedisServer::start_args(
-            false,
-            &["--replicaof", "127.0.0.1", &master.port().to_string()],
-        );
+        let link = partitionable.then(|| TcpProxy::start(master.port()));
+        let upstream = link.as_ref().map_or(master.port(), |l| l.port);
+        let replica =
+            RedisServer::start_args(false, &["--replicaof", "127.0.0.1", &upstream.to_string()]);
         let mut m = master.client().get_connection().expect("master");
         let _: () = redis::cmd("CONFIG")
             .arg("SET")
@@ -92,6 +104,7 @@ impl SentinelSet {
             master,
             replica,
             sentinels,
+            link,
         };
         // Ready for a failover: the replica is in sync and every sentinel knows the replica
         // and the two other sentinels.
