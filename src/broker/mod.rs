@@ -50,12 +50,6 @@ impl std::fmt::Debug for LiveCount {
     }
 }
 
-/// `project:{id}:command_streams`: per gateway instance, how many workers' command streams
-/// of the project it holds (what `delivered_to` counts besides Redis subscribers).
-pub fn command_streams_key(project: &str) -> String {
-    format!("project:{project}:command_streams")
-}
-
 /// The channel families the gateway serves: a project's events (seed 000), a story's
 /// progress (seed 003, docs/protocol.md §9), and a project's commands for workers that take
 /// them from the gateway (docs/protocol.md §6). Each id lives in its family's namespace.
@@ -242,12 +236,6 @@ pub struct ConnectionRecord {
 
 pub fn connection_key(client_id: &str) -> String {
     format!("ws:connection:{client_id}")
-}
-
-/// `project:{id}:presence`: a sorted set of client ids scored by when their record expires,
-/// so a dead instance's clients drop out by themselves, like their records.
-pub fn presence_key(project: &str) -> String {
-    format!("project:{project}:presence")
 }
 
 pub fn instance_key(instance_id: &str) -> String {
