@@ -54,6 +54,56 @@ async fn sentinel_master_is_found_and_served_like_one_redis() {
         .await
         .unwrap();
     assert_eq!(len, 1, "the acknowledged event is on the replica");
+
+    // A planned failover (SENTINEL FAILOVER): the old master stays up, demoted to a
+    // replica (it would answer READONLY); the gateway follows the new one, the client stays.
+    let mut sentinel = redis::Client::open(format!("redis://127.0.0.1:{}/", set.sentinels[0].port))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg(MASTER_NAME)
+        .query_async(&mut sentinel)
+        .await
+        .unwrap();
+    let want = format!("127.0.0.1:{}", set.replica.port());
+    let followed = eventually(Duration::from_secs(20), || async {
+        topology_of(&gw).await["master"] == want && gw.get("/readyz").await.status == 200
+    })
+    .await;
+    assert!(
+        followed,
+        "did not follow: {}\n{}",
+        topology_of(&gw).await,
+        gw.logs()
+    );
+    // The new master needs its replica back before a publish can be confirmed.
+    let synced = eventually(Duration::from_secs(20), || async {
+        role(set.master.port()).as_deref() == Some("slave")
+    })
+    .await;
+    assert!(synced, "the old master did not become a replica");
+    let mut last = None;
+    for _ in 0..40 {
+        let r = gw
+            .post_json(
+                "/v1/projects/p1/events",
+                Some(&gw.service_token()),
+                &json!({"type": "file.changed", "data": {"path": "b"}}),
+            )
+            .await;
+        if r.status == 202 {
+            last = Some(r.json());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let accepted =
+        last.unwrap_or_else(|| panic!("no publish accepted after the failover\n{}", gw.logs()));
+    let ev = c.next_of_type("file.changed", T).await;
+    assert_eq!(ev["seq"], 2, "{ev} after {accepted}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,9 +100,16 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
-/// A Redis error as the broker reports it: lost connections and timeouts are retryable.
+/// A Redis error as the broker reports it: lost connections, timeouts, a demoted master
+/// (`READONLY`) and a cluster in motion (MOVED/ASK/TRYAGAIN/CLUSTERDOWN, also inside an
+/// aborted transaction) are retryable (`Unavailable`: 503 to API callers).
 fn classify(e: redis::RedisError) -> BrokerError {
-    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_connection_refusal()
+        || topology::is_failover_like(&e)
+    {
         unavailable(e)
     } else {
         BrokerError::Protocol(e.to_string())
@@ -176,7 +183,7 @@ impl RedisBroker {
             .map_err(|_| unavailable("timed out"))
             .and_then(|r| r);
         if let Err(e) = &result {
-            self.backend.on_error(e).await;
+            self.backend.on_error(e);
         }
         result
     }

@@ -78,6 +78,16 @@ impl Conn {
 /// whose keys are being migrated (TRYAGAIN), or no owner right now (CLUSTERDOWN), also when
 /// a transaction was aborted for one of them.
 pub(super) fn is_cluster_in_motion(e: &redis::RedisError) -> bool {
+    is_moving(e)
+}
+
+/// A demoted master (`READONLY`: it became a replica in a failover) or a cluster in
+/// motion: retryable, and a reason to look for the master again (Sentinel).
+pub(super) fn is_failover_like(e: &redis::RedisError) -> bool {
+    e.to_string().contains("READONLY") || is_moving(e)
+}
+
+fn is_moving(e: &redis::RedisError) -> bool {
     let text = e.to_string();
     [
         "MOVED",
@@ -195,6 +205,8 @@ pub(super) struct Sentinel {
     /// One lookup at a time; holds when the last one ended, so a burst of failing commands
     /// asks the sentinels once.
     lookup: tokio::sync::Mutex<Option<Instant>>,
+    /// A background lookup (after a failing command) is running: no second one is spawned.
+    looking: std::sync::atomic::AtomicBool,
     pool_size: usize,
     timeout: Duration,
     failover_timeout: Duration,
@@ -312,7 +324,7 @@ pub(super) enum Backend {
         url: String,
         pool: Pool,
     },
-    Sentinel(Box<Sentinel>),
+    Sentinel(std::sync::Arc<Sentinel>),
     Cluster {
         nodes: Vec<String>,
         pool: deadpool_redis::cluster::Pool,
@@ -338,11 +350,12 @@ impl Backend {
                 }
             }
             RedisTopology::Sentinel { sentinels, master } => {
-                Backend::Sentinel(Box::new(Sentinel {
+                Backend::Sentinel(std::sync::Arc::new(Sentinel {
                     sentinels: sentinels.clone(),
                     name: master.clone(),
                     current: RwLock::new(None),
                     lookup: tokio::sync::Mutex::new(None),
+                    looking: std::sync::atomic::AtomicBool::new(false),
                     pool_size,
                     timeout,
                     failover_timeout,
@@ -416,21 +429,23 @@ impl Backend {
     }
 
     /// A command failed with `e`: when it is how a failover shows (connection lost or
-    /// refused, or a demoted master's `READONLY`), look the master up again so the next
-    /// command goes to the new one. Other topologies need nothing (the cluster client
-    /// follows MOVED/ASK itself).
-    pub(super) async fn on_error(&self, e: &BrokerError) {
+    /// refused, or a demoted master's `READONLY`, both `Unavailable`), look the master up
+    /// again, in the background (the failed request is answered at once; a lookup may take
+    /// up to the failover timeout), so later commands go to the new one. Other topologies
+    /// need nothing (the cluster client follows MOVED/ASK itself).
+    pub(super) fn on_error(&self, e: &BrokerError) {
+        use std::sync::atomic::Ordering;
         let Backend::Sentinel(s) = self else { return };
-        let failover_like = match e {
-            BrokerError::Unavailable(_) => true,
-            BrokerError::Protocol(why) => why.contains("READONLY"),
-            BrokerError::NotReplicated { .. } => false,
-        };
-        if failover_like {
+        if !matches!(e, BrokerError::Unavailable(_)) || s.looking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let s = s.clone();
+        tokio::spawn(async move {
             if let Err(e) = s.refresh(false).await {
                 tracing::warn!(error = %e, "Sentinel lookup failed");
             }
-        }
+            s.looking.store(false, Ordering::Release);
+        });
     }
 
     /// The URL the pub/sub connection should use now (single and Sentinel; Sentinel asks
