@@ -2,6 +2,8 @@
 
 Every event goes through the gateway's own ``publish.lua`` (shipped in this package), so it
 gets a per-project ``seq``, lands in the replayable history and updates the status snapshot.
+On one Redis, behind Sentinel or on a Redis Cluster (``cluster_nodes=``, ``cluster=True`` or a
+``redis.cluster.RedisCluster`` client: hash-tagged keys, docs/protocol.md §11).
 """
 
 from .errors import InvalidEvent, PublishError, SwitchboardError

@@ -6,6 +6,11 @@ clients but have no ``seq``, so a reconnecting browser can neither replay nor de
 missed. Here every publish runs ``publish.lua`` (the one script the gateway itself uses,
 shipped inside this package) which atomically assigns the seq, appends to the history
 stream, updates ``project:{id}:state`` and PUBLISHes.
+
+On a Redis Cluster (the gateway run with ``REDIS_CLUSTER_NODES``, docs/protocol.md §11) the
+keys are hash-tagged per project (``project:{<id>}:seq``, ...) so the script's keys share a
+slot, and the live channel ``project:{<id>}:events`` is a sharded one (the script SPUBLISHes
+it). Pass a ``redis.cluster.RedisCluster`` client, ``cluster_nodes=[...]`` or ``cluster=True``.
 """
 
 from __future__ import annotations
@@ -14,14 +19,16 @@ import json
 import logging
 import re
 import secrets
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
 
 import redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from . import schema
 from .errors import InvalidEvent, PublishError
@@ -29,6 +36,10 @@ from .errors import InvalidEvent, PublishError
 log = logging.getLogger(__name__)
 
 _PROJECT_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+# What a Redis failure can raise: RedisClusterException (no reachable seed node, keys in
+# several slots) is not a RedisError.
+_REDIS_ERRORS = (RedisError, RedisClusterException)
 
 #: The statuses of seed 003's story progress messages.
 STORY_STATUSES = ("analyzing", "generating", "synthesizing", "complete", "failed")
@@ -71,6 +82,26 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _cluster_nodes(nodes: str | Iterable[str | tuple[str, int]]) -> list[ClusterNode]:
+    """Seed nodes as ``"host:port,host:port"`` (``REDIS_CLUSTER_NODES``' form), or a list of
+    ``"host:port"`` strings or ``(host, port)`` pairs."""
+    if isinstance(nodes, str):
+        nodes = [n for n in nodes.split(",") if n.strip()]
+    out = []
+    for node in nodes:
+        if isinstance(node, str):
+            host, sep, port = node.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"cluster node {node!r} must be host:port")
+            out.append(ClusterNode(host.strip("[]"), int(port)))
+        else:
+            host, port = node
+            out.append(ClusterNode(host, int(port)))
+    if not out:
+        raise ValueError("cluster_nodes is empty")
+    return out
+
+
 class FunctionRunnerEventPublisher:
     """Publishes a function runner's events to Switchboard through Redis.
 
@@ -79,14 +110,29 @@ class FunctionRunnerEventPublisher:
     Redis failures raise :class:`PublishError` with the ``redis`` exception chained.
 
     The object is thread-safe as long as the Redis client is (the default one is).
+
+    Where Redis is, one of:
+
+    - ``redis_url`` (default ``redis://localhost:6379``): one Redis server;
+    - ``redis_client``: a client of your own; a ``redis.cluster.RedisCluster`` means a
+      cluster (detected), anything else one server;
+    - ``cluster_nodes``: a Redis Cluster's seed nodes, ``"host:port,host:port"`` (the
+      gateway's ``REDIS_CLUSTER_NODES``) or a list of ``"host:port"`` / ``(host, port)``;
+    - ``redis_url`` with ``cluster=True``: a cluster reached through that one seed node.
+
+    ``cluster=True`` also forces cluster key names with a plain client (a proxy presenting a
+    cluster as one server). A cluster client built here connects at the first call, so a
+    cluster that is down raises :class:`PublishError` then, not here.
     """
 
     def __init__(
         self,
         runner_id: str,
-        redis_url: str = "redis://localhost:6379",
+        redis_url: str | None = None,
         *,
-        redis_client: redis.Redis | None = None,
+        redis_client: redis.Redis | RedisCluster | None = None,
+        cluster: bool | None = None,
+        cluster_nodes: str | Iterable[str | tuple[str, int]] | None = None,
         history_max_len: int = 10000,
         history_ttl_secs: int = 86400,
         terminal_task_ttl_secs: int = 3600,
@@ -96,9 +142,36 @@ class FunctionRunnerEventPublisher:
             raise ValueError("runner_id must be a non-empty string")
         self.runner_id = runner_id
         # Bounded timeouts: a worker must get an error, not hang, when Redis is unreachable.
-        self._redis = redis_client or redis.Redis.from_url(
-            redis_url, socket_connect_timeout=5.0, socket_timeout=10.0
-        )
+        timeouts = {"socket_connect_timeout": 5.0, "socket_timeout": 10.0}
+        self._client: redis.Redis | RedisCluster | None = None
+        self._connect: Callable[[], Any] | None = None
+        self._connect_lock = threading.Lock()
+        if cluster_nodes is not None:
+            if redis_client is not None or redis_url is not None:
+                raise ValueError("give one of redis_url, redis_client and cluster_nodes")
+            if cluster is False:
+                raise ValueError("cluster_nodes names a cluster: cluster=False contradicts it")
+            seeds = _cluster_nodes(cluster_nodes)
+            self._connect = lambda: RedisCluster(startup_nodes=seeds, **timeouts)
+            cluster = True
+        elif redis_client is not None:
+            detected = isinstance(redis_client, RedisCluster)
+            if cluster is False and detected:
+                raise ValueError(
+                    "a RedisCluster client needs cluster key names: cluster=False contradicts it"
+                )
+            self._client = redis_client
+            cluster = detected if cluster is None else cluster
+        else:
+            url = "redis://localhost:6379" if redis_url is None else redis_url
+            if cluster:
+                # RedisCluster connects (reads the slot map) when built: at the first call.
+                self._connect = lambda: RedisCluster.from_url(url, **timeouts)
+            else:
+                self._client = redis.Redis.from_url(url, **timeouts)
+                cluster = False
+        #: Whether key names are hash-tagged for a Redis Cluster (docs/protocol.md §11).
+        self.cluster: bool = bool(cluster)
         # These must match the gateway's [history] settings, or publishers and gateway
         # would trim history and age out finished tasks differently.
         self.history_max_len = int(history_max_len)
@@ -110,6 +183,39 @@ class FunctionRunnerEventPublisher:
         self._sha: str | None = None
         self._story_script = resources.files(__package__).joinpath("story.lua").read_bytes()
         self._story_sha: str | None = None
+
+    @property
+    def _redis(self) -> Any:
+        """The Redis client; a cluster client is built (and connects) at its first use."""
+        client = self._client
+        if client is None:
+            with self._connect_lock:
+                if self._client is None:
+                    assert self._connect is not None
+                    self._client = self._connect()
+                client = self._client
+        return client
+
+    def close(self) -> None:
+        """Close the Redis client's connections (also one passed as ``redis_client``)."""
+        if self._client is not None:
+            self._client.close()
+
+    # ------------------------------------------------------------------ key names
+
+    def project_key(self, project_id: str, suffix: str) -> str:
+        """A project's key or channel: ``project:<id>:<suffix>``, or on a cluster
+        ``project:{<id>}:<suffix>`` (hash-tagged, so one project's keys share a slot)."""
+        if self.cluster:
+            return f"project:{{{project_id}}}:{suffix}"
+        return f"project:{project_id}:{suffix}"
+
+    def story_progress_key(self, story_id: str) -> str:
+        """Where a story's latest progress is kept: ``story:<id>:progress``, or on a cluster
+        ``story:{<id>}:progress``."""
+        if self.cluster:
+            return f"story:{{{story_id}}}:progress"
+        return f"story:{story_id}:progress"
 
     # ------------------------------------------------------------------ core publishing
 
@@ -171,12 +277,14 @@ class FunctionRunnerEventPublisher:
         return _checked_json(out, kind, where)
 
     def _run(self, project_id: str, payloads: list[bytes]) -> tuple[str, list[int], int]:
+        # On a cluster all five are hash-tagged (one slot), and the tagged events channel
+        # makes the script SPUBLISH (sharded pub/sub, where the gateway listens).
         keys = [
-            f"project:{project_id}:seq",
-            f"project:{project_id}:history",
-            f"project:{project_id}:events",
-            f"project:{project_id}:state",
-            f"project:{project_id}:state:terminal",
+            self.project_key(project_id, "seq"),
+            self.project_key(project_id, "history"),
+            self.project_key(project_id, "events"),
+            self.project_key(project_id, "state"),
+            self.project_key(project_id, "state:terminal"),
         ]
         args: list[Any] = [
             secrets.token_hex(8),  # epoch, used only if the project has none yet
@@ -192,11 +300,12 @@ class FunctionRunnerEventPublisher:
             try:
                 reply = self._redis.evalsha(self._sha, len(keys), *keys, *args)
             except NoScriptError:
-                # Redis restarted or SCRIPT FLUSH: load again, retry once. Safe, because a
-                # NOSCRIPT reply means nothing ran.
+                # Redis restarted or SCRIPT FLUSH (on a cluster also: a replica promoted, a
+                # node added): load again, retry once. Safe, because a NOSCRIPT reply means
+                # nothing ran. A cluster client loads on every primary.
                 self._sha = _text(self._redis.script_load(self._script))
                 reply = self._redis.evalsha(self._sha, len(keys), *keys, *args)
-        except RedisError as e:
+        except _REDIS_ERRORS as e:
             raise PublishError(f"publishing to project {project_id!r} failed: {e}") from e
         epoch, seqs, last = reply
         return _text(epoch), [int(s) for s in seqs], int(last)
@@ -218,10 +327,12 @@ class FunctionRunnerEventPublisher:
 
         The message is seed 003's own object (``story_id``, ``status``,
         ``progress_percent``, ``current_step``, ``updated_at``), stored as the story's latest
-        progress (``story:{id}:progress``, so a socket that connects later starts from it)
-        and published on ``story:{id}`` in one atomic script call (``story.lua``, the
-        gateway's own). ``progress_ttl_secs`` must match the gateway's
-        ``stories.progress_ttl_secs``.
+        progress (``story:<id>:progress``, on a cluster ``story:{<id>}:progress``, so a
+        socket that connects later starts from it) and PUBLISHed on ``story:<id>`` in one
+        atomic script call (``story.lua``, the gateway's own). ``progress_ttl_secs`` must
+        match the gateway's ``stories.progress_ttl_secs``. On a cluster the count is of the
+        gateway instances subscribed through the node that ran the script (a classic PUBLISH
+        reaches every node, but each node counts only its own subscribers).
         """
         if not isinstance(story_id, str) or not _PROJECT_ID.fullmatch(story_id):
             raise InvalidEvent(f"story_id {story_id!r} must match [A-Za-z0-9_.-]{{1,128}}")
@@ -243,8 +354,10 @@ class FunctionRunnerEventPublisher:
             "updated_at": updated_at or datetime.now(timezone.utc).isoformat(),
         }
         payload = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
-        keys = [f"story:{story_id}:progress", f"story:{story_id}"]
-        args = [payload, int(progress_ttl_secs), "publish", ""]
+        # One key; the channel is ARGV[5]: on a cluster it is in another slot than the key,
+        # and a classic PUBLISH needs no key.
+        keys = [self.story_progress_key(story_id)]
+        args = [payload, int(progress_ttl_secs), "publish", "", f"story:{story_id}"]
         try:
             if self._story_sha is None:
                 self._story_sha = _text(self._redis.script_load(self._story_script))
@@ -253,7 +366,7 @@ class FunctionRunnerEventPublisher:
             except NoScriptError:
                 self._story_sha = _text(self._redis.script_load(self._story_script))
                 reply = self._redis.evalsha(self._story_sha, len(keys), *keys, *args)
-        except RedisError as e:
+        except _REDIS_ERRORS as e:
             raise PublishError(f"publishing progress of story {story_id!r} failed: {e}") from e
         return int(reply)
 
@@ -268,10 +381,26 @@ class FunctionRunnerEventPublisher:
         this worker. Pub/sub has no history: commands sent while no worker listens are gone.
         The generator ends after ``timeout`` seconds without a command (None: never); close
         it (or let it end) to drop the subscription.
+
+        It subscribes the classic channel ``project:<id>:commands`` (never hash-tagged), also
+        on a cluster: there the gateway PUBLISHes every command on it too (besides the
+        sharded ``project:{<id>}:commands``), and a classic PUBLISH reaches every node. A
+        ``RedisCluster`` client subscribes through the primary of the project's slot, where
+        the gateway's command script runs, so the sender's ``delivered_to`` counts this
+        worker (a node counts only its own subscribers); after the slot moves commands still
+        arrive, but are no longer counted.
         """
         _check_project_id(project_id)
         channel = f"project:{project_id}:commands"
-        pubsub = self._redis.pubsub()
+        try:
+            client = self._redis
+            if isinstance(client, RedisCluster):
+                node = client.get_node_from_key(self.project_key(project_id, "commands"))
+                pubsub = client.pubsub(node=node)
+            else:
+                pubsub = client.pubsub()
+        except _REDIS_ERRORS as e:  # a cluster client connecting now
+            raise PublishError(f"subscribing to {channel} failed: {e}") from e
         try:
             pubsub.subscribe(channel)
             deadline = time.monotonic() + 10.0
@@ -281,7 +410,7 @@ class FunctionRunnerEventPublisher:
                     break
                 if time.monotonic() >= deadline:
                     raise PublishError(f"no confirmation subscribing to {channel}")
-        except RedisError as e:
+        except _REDIS_ERRORS as e:
             pubsub.close()
             raise PublishError(f"subscribing to {channel} failed: {e}") from e
         except BaseException:
@@ -302,7 +431,7 @@ class FunctionRunnerEventPublisher:
                     wait = min(wait, left)
                 try:
                     msg = pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
-                except RedisError as e:
+                except _REDIS_ERRORS as e:
                     raise PublishError(f"reading commands from {channel} failed: {e}") from e
                 if msg is None or _text(msg["type"]) != "message":
                     continue
@@ -328,6 +457,8 @@ class FunctionRunnerEventPublisher:
         Global types (``project.created``, ``workspace.changed``) reach every connection;
         another type naming a ``project_id`` reaches that project's connections only, and
         without one every connection. Global events have no seq and are not replayed.
+        On a cluster it is a classic PUBLISH too (it reaches every node); the count is then of
+        the instances subscribed through the node that received it.
         """
         if not isinstance(event, Mapping):
             raise InvalidEvent(f"an event must be a dict, got {type(event).__name__}")
@@ -349,7 +480,7 @@ class FunctionRunnerEventPublisher:
         payload = _checked_json(out, kind, "")
         try:
             return int(self._redis.publish(self.broadcast_channel, payload))
-        except redis.RedisError as e:
+        except _REDIS_ERRORS as e:
             raise PublishError(f"broadcast of {kind} failed: {e}") from e
 
     def project_created(self, project_id: str, project_data: dict | None = None) -> int:
