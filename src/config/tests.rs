@@ -240,3 +240,65 @@ fn the_authorization_hook_is_read_from_the_environment_checked_and_redacted() {
     c.auth.hook_concurrency = 0;
     assert!(c.validate().is_err());
 }
+
+#[test]
+fn one_redis_topology_is_chosen_and_checked() {
+    // Cluster and Sentinel from the environment.
+    let c = load(&[("REDIS_CLUSTER_NODES", "10.0.0.1:7000, 10.0.0.2:7000,")]).unwrap();
+    assert_eq!(
+        c.redis.topology(),
+        Some(RedisTopology::Cluster {
+            nodes: vec!["10.0.0.1:7000".into(), "10.0.0.2:7000".into()]
+        })
+    );
+    assert!(c.redis.describe_topology().starts_with("cluster"));
+    let c = load(&[
+        ("REDIS_SENTINELS", "s1:26379,s2:26379"),
+        ("REDIS_SENTINEL_MASTER", "mymaster"),
+    ])
+    .unwrap();
+    assert_eq!(
+        c.redis.topology(),
+        Some(RedisTopology::Sentinel {
+            sentinels: vec!["s1:26379".into(), "s2:26379".into()],
+            master: "mymaster".into()
+        })
+    );
+    assert_eq!(
+        load(&[("REDIS_URL", "redis://h:1")])
+            .unwrap()
+            .redis
+            .topology(),
+        Some(RedisTopology::Single {
+            url: "redis://h:1".into()
+        })
+    );
+    assert_eq!(load(&[]).unwrap().redis.topology(), None);
+    // Refused, each with its reason.
+    for (env, why) in [
+        (
+            vec![
+                ("REDIS_URL", "redis://h:1"),
+                ("REDIS_CLUSTER_NODES", "h:7000"),
+            ],
+            "choose one Redis",
+        ),
+        (
+            vec![("REDIS_SENTINELS", "s1:26379")],
+            "needs redis.sentinel_master",
+        ),
+        (vec![("REDIS_CLUSTER_NODES", "h")], "is not host:port"),
+        (vec![("REDIS_CLUSTER_NODES", "h:0")], "is not host:port"),
+        (
+            vec![
+                ("REDIS_SENTINELS", "s:99999"),
+                ("REDIS_SENTINEL_MASTER", "m"),
+            ],
+            "is not host:port",
+        ),
+    ] {
+        let e = load(&env).and_then(|c| c.validate().map(|_| c));
+        let text = e.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(text.contains(why), "{env:?}: {text:?}");
+    }
+}

@@ -455,3 +455,43 @@ async fn tokens_never_appear_in_request_logs() {
         "a service token was logged:\n{logs}"
     );
 }
+
+#[test]
+fn check_config_names_the_redis_topology() {
+    for (env, want) in [
+        (vec![], "# broker_topology = embedded"),
+        (
+            vec![("REDIS_URL", "redis://127.0.0.1:6390")],
+            "# broker_topology = single",
+        ),
+        (
+            vec![
+                ("REDIS_SENTINELS", "127.0.0.1:26379,127.0.0.1:26380"),
+                ("REDIS_SENTINEL_MASTER", "mymaster"),
+            ],
+            "# broker_topology = sentinel (master \"mymaster\", sentinels 127.0.0.1:26379,127.0.0.1:26380)",
+        ),
+        (
+            vec![("REDIS_CLUSTER_NODES", "127.0.0.1:7000,127.0.0.1:7001")],
+            "# broker_topology = cluster (seed nodes 127.0.0.1:7000,127.0.0.1:7001)",
+        ),
+    ] {
+        let mut cmd = switchboard_cmd();
+        cmd.arg("check-config").env("ENVIRONMENT", "development");
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        let (st, out, err) = run_cli(cmd, None);
+        assert!(st.success(), "{env:?}: {st:?}\n{out}\n{err}");
+        assert!(out.contains(want), "{env:?}: no {want:?} in\n{out}");
+    }
+    // Two at once is refused, saying why.
+    let mut cmd = switchboard_cmd();
+    cmd.arg("check-config")
+        .env("ENVIRONMENT", "development")
+        .env("REDIS_URL", "redis://127.0.0.1:6390")
+        .env("REDIS_CLUSTER_NODES", "127.0.0.1:7000");
+    let (st, out, err) = run_cli(cmd, None);
+    assert!(!st.success(), "{out}");
+    assert!(err.contains("choose one Redis"), "{err}");
+}

@@ -589,3 +589,58 @@ async fn cluster_slot_moved_under_load_loses_no_event() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_sessions_authenticate_and_are_rechecked_across_slots() {
+    let cluster = Cluster::start();
+    let gw = cluster_opts(&cluster, "gw-s")
+        .cfg("auth", "session_recheck_secs", "1")
+        .start();
+    let client = redis::cluster::ClusterClient::new(
+        cluster
+            .addrs()
+            .split(',')
+            .map(|a| format!("redis://{a}/"))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    // Session ids in different slots: the recheck reads them all at once (MGET, split by
+    // slot by the cluster client).
+    let ids: Vec<String> = (0..6).map(|i| format!("sess-{i}")).collect();
+    for id in &ids {
+        let _: () = redis::cmd("SET")
+            .arg(format!("session:{id}"))
+            .arg(json!({"user_id": id, "projects": ["p1"]}).to_string())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let mut clients = Vec::new();
+    for id in &ids {
+        let mut c = gw.ws(&format!("/ws/p1?session={id}"), &[]).await;
+        assert_eq!(c.next_json(T).await["type"], "connection.established");
+        clients.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for c in &mut clients {
+        c.assert_alive().await;
+    }
+    let _: () = redis::cmd("DEL")
+        .arg("session:sess-3")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let frames = clients[3]
+        .expect_closed_with(4001, Duration::from_secs(4))
+        .await;
+    assert!(
+        frames.iter().any(|f| f["reason"] == "session revoked"),
+        "{frames:?}"
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        if i != 3 {
+            c.assert_alive().await;
+        }
+    }
+}
