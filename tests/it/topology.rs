@@ -167,18 +167,9 @@ async fn sentinel_failover_with(wait_replicas: u32, lagging: bool) -> Report {
     let opts = |name: &str| {
         sentinel_opts(&set, name).cfg("redis", "publish_wait_replicas", &wait_replicas.to_string())
     };
-    let a = opts("gw-a").start();
-    let b = opts("gw-b").start();
-    let projects = scale.project_names("sentinel");
-    let fleet = Fleet::start(
-        &[a.addr(), b.addr()],
-        scale.clients_per_instance,
-        &projects,
-        &a.secret,
-    )
-    .await;
-    let publisher = Publisher::start(Via::api(&[&a, &b], None), &projects, &scale);
-    tokio::time::sleep(scale.warmup).await;
+    let (a, b) = (opts("gw-a").start(), opts("gw-b").start());
+    let load = Load::start(&a, &b, &scale, "sentinel").await;
+    let projects = load.projects.clone();
 
     let old = set.master.port();
     let lag = Duration::from_secs(1);
@@ -216,7 +207,7 @@ async fn sentinel_failover_with(wait_replicas: u32, lagging: bool) -> Report {
     let t_followed = Instant::now();
     tokio::time::sleep(scale.after).await;
 
-    let log = publisher.stop().await;
+    let log = load.publisher.stop().await;
     // What an acknowledgement was worth: acknowledged events (by marker) that the new
     // master's history does not hold.
     let mut kept = std::collections::HashSet::new();
@@ -239,17 +230,15 @@ async fn sentinel_failover_with(wait_replicas: u32, lagging: bool) -> Report {
         }
     }
     let acked_lost = log.accepted.iter().filter(|a| !kept.contains(&a.n)).count();
-    let caught_up = fleet.wait_caught_up(&log, Duration::from_secs(30)).await;
-    let clients = fleet.stop().await;
-    let mut report = Report::build(
-        "Sentinel failover (master killed)",
-        clients,
-        &["gw-a", "gw-b"],
-        &log,
-        Some(t_promoted),
-        caught_up.is_some(),
-    );
-    report.note(scale.describe());
+    let mut report = load
+        .fleet
+        .report(
+            "Sentinel failover (master killed)",
+            &log,
+            t_promoted,
+            &scale,
+        )
+        .await;
     report.note(format!(
         "{}master :{old} SIGKILLed; replica promoted after {}; both gateways on it {} after the \
          kill; publish_wait_replicas = {wait_replicas}",
@@ -273,6 +262,57 @@ async fn sentinel_failover_with(wait_replicas: u32, lagging: bool) -> Report {
         );
     }
     report
+}
+
+/// Two gateways, a fleet of clients homed on both, and the paced API publisher, warmed up
+/// (the fault suite's load, `common/chaos.rs`).
+struct Load {
+    projects: Vec<String>,
+    fleet: Fleet,
+    publisher: Publisher,
+}
+
+impl Load {
+    async fn start(a: &Gateway, b: &Gateway, scale: &Scale, prefix: &str) -> Load {
+        let projects = scale.project_names(prefix);
+        let fleet = Fleet::start(
+            &[a.addr(), b.addr()],
+            scale.clients_per_instance,
+            &projects,
+            &a.secret,
+        )
+        .await;
+        let publisher = Publisher::start(Via::api(&[a, b], None), &projects, scale);
+        tokio::time::sleep(scale.warmup).await;
+        Load {
+            projects,
+            fleet,
+            publisher,
+        }
+    }
+}
+
+trait FleetReport {
+    /// Waits for the clients to catch up with what was accepted, stops them and builds the
+    /// loss report (recovery measured from `fault`).
+    async fn report(self, title: &str, log: &PubLog, fault: Instant, scale: &Scale) -> Report;
+}
+
+impl FleetReport for Fleet {
+    async fn report(self, title: &str, log: &PubLog, fault: Instant, scale: &Scale) -> Report {
+        let caught_up = self.wait_caught_up(log, Duration::from_secs(30)).await;
+        let clients = self.stop().await;
+        let mut report = Report::build(
+            title,
+            clients,
+            &["gw-a", "gw-b"],
+            log,
+            Some(fault),
+            caught_up.is_some(),
+        );
+        report.note(scale.describe());
+        report
+    }
 }
 
 fn secs_str(d: Duration) -> String {
@@ -446,18 +486,9 @@ async fn cluster_master_killed_then_restarted_under_load_loses_no_acknowledged_e
             .cfg("redis", "pubsub_ping_interval_ms", "500")
             .cfg("redis", "reconnect_max_backoff_ms", "1000")
     };
-    let a = opts("gw-a").start();
-    let b = opts("gw-b").start();
-    let projects = scale.project_names("cluster");
-    let fleet = Fleet::start(
-        &[a.addr(), b.addr()],
-        scale.clients_per_instance,
-        &projects,
-        &a.secret,
-    )
-    .await;
-    let publisher = Publisher::start(Via::api(&[&a, &b], None), &projects, &scale);
-    tokio::time::sleep(scale.warmup).await;
+    let (a, b) = (opts("gw-a").start(), opts("gw-b").start());
+    let load = Load::start(&a, &b, &scale, "cluster").await;
+    let projects = load.projects.clone();
 
     // The master of the busiest project's slot (every project is equally busy: the first).
     let victim = cluster.master_of(&format!("{{{}}}", projects[0]));
@@ -498,18 +529,16 @@ async fn cluster_master_killed_then_restarted_under_load_loses_no_acknowledged_e
     .await;
     tokio::time::sleep(scale.after).await;
 
-    let log = publisher.stop().await;
-    let caught_up = fleet.wait_caught_up(&log, Duration::from_secs(30)).await;
-    let clients = fleet.stop().await;
-    let mut report = Report::build(
-        "Cluster master killed, then restarted",
-        clients,
-        &["gw-a", "gw-b"],
-        &log,
-        Some(t_promoted),
-        caught_up.is_some(),
-    );
-    report.note(scale.describe());
+    let log = load.publisher.stop().await;
+    let mut report = load
+        .fleet
+        .report(
+            "Cluster master killed, then restarted",
+            &log,
+            t_promoted,
+            &scale,
+        )
+        .await;
     report.note(format!(
         "master :{port} of {}'s slot SIGKILLed; a replica owned the slot {} later; both \
          gateways ready {} after the kill; the old master restarted and rejoined as a replica: \
@@ -534,18 +563,9 @@ async fn cluster_slot_moved_under_load_loses_no_event() {
             .cfg("redis", "pubsub_ping_interval_ms", "500")
             .cfg("redis", "reconnect_max_backoff_ms", "1000")
     };
-    let a = opts("gw-a").start();
-    let b = opts("gw-b").start();
-    let projects = scale.project_names("moved");
-    let fleet = Fleet::start(
-        &[a.addr(), b.addr()],
-        scale.clients_per_instance,
-        &projects,
-        &a.secret,
-    )
-    .await;
-    let publisher = Publisher::start(Via::api(&[&a, &b], None), &projects, &scale);
-    tokio::time::sleep(scale.warmup).await;
+    let (a, b) = (opts("gw-a").start(), opts("gw-b").start());
+    let load = Load::start(&a, &b, &scale, "moved").await;
+    let projects = load.projects.clone();
 
     let tag = format!("{{{}}}", projects[0]);
     let from = cluster.master_of(&tag);
@@ -558,18 +578,11 @@ async fn cluster_slot_moved_under_load_loses_no_event() {
     assert_eq!(cluster.master_of(&tag), to);
     tokio::time::sleep(scale.after).await;
 
-    let log = publisher.stop().await;
-    let caught_up = fleet.wait_caught_up(&log, Duration::from_secs(30)).await;
-    let clients = fleet.stop().await;
-    let mut report = Report::build(
-        "Cluster slot moved (resharding)",
-        clients,
-        &["gw-a", "gw-b"],
-        &log,
-        Some(t_move),
-        caught_up.is_some(),
-    );
-    report.note(scale.describe());
+    let log = load.publisher.stop().await;
+    let mut report = load
+        .fleet
+        .report("Cluster slot moved (resharding)", &log, t_move, &scale)
+        .await;
     report.note(format!(
         "the slot of {} moved with its keys from :{} to :{} in {}; publish_wait_replicas = 0",
         projects[0],
