@@ -54,6 +54,19 @@ async fn sentinel_master_is_found_and_served_like_one_redis() {
         .await
         .unwrap();
     assert_eq!(len, 1, "the acknowledged event is on the replica");
+    // So is an acknowledged story progress (stored: it waits for the replica too).
+    let progress = json!({"story_id": "s1", "status": "generating", "progress_percent": 10,
+        "current_step": "one", "updated_at": "2026-12-04T10:00:00Z"});
+    assert_eq!(gw.post_progress("s1", &progress).await.status, 202);
+    let stored: Option<String> = redis::cmd("GET")
+        .arg("story:s1:progress")
+        .query_async(&mut replica)
+        .await
+        .unwrap();
+    assert!(
+        stored.is_some(),
+        "the acknowledged progress is on the replica"
+    );
 
     // A planned failover (SENTINEL FAILOVER): the old master stays up, demoted to a
     // replica (it would answer READONLY); the gateway follows the new one, the client stays.

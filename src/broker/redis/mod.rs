@@ -211,21 +211,32 @@ impl RedisBroker {
         for ev in events {
             invocation.arg(ev);
         }
-        // `WAIT` counts the writes of the connection it is sent on: the same one, and on a
-        // cluster routed to the node that ran the script (the project's slot).
-        let wait = (publishing && self.wait_replicas > 0).then(|| {
+        let seq_key = k.project(project, "seq");
+        self.invoke_acknowledged(invocation, publishing, &seq_key)
+            .await
+    }
+
+    /// Runs a script that writes what an API publish acknowledges; with
+    /// `redis.publish_wait_replicas` > 0 (and `wait`), answers only once `WAIT` confirmed
+    /// that many replicas have it, and `NotReplicated` otherwise. `WAIT` counts the writes of
+    /// the connection it is sent on: the same one, and on a cluster routed to the node that
+    /// ran the script (the slot of `key`, one of the script's keys).
+    async fn invoke_acknowledged<T: redis::FromRedisValue + Send>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+        wait: bool,
+        key: &str,
+    ) -> Result<T, BrokerError> {
+        let wait = (wait && self.wait_replicas > 0).then(|| {
             let mut cmd = redis::cmd("WAIT");
             cmd.arg(self.wait_replicas).arg(self.wait_timeout_ms);
             cmd
         });
-        let seq_key = k.project(project, "seq");
         let (result, confirmed) = self
             .with_conn(|mut conn| async move {
-                let result = invocation
-                    .invoke_async::<(String, Vec<u64>, u64)>(&mut conn)
-                    .await?;
+                let result = invocation.invoke_async::<T>(&mut conn).await?;
                 let confirmed = match wait {
-                    Some(cmd) => Some(conn.wait_on_key(cmd, &seq_key).await?),
+                    Some(cmd) => Some(conn.wait_on_key(cmd, key).await?),
                     None => None,
                 };
                 Ok((result, confirmed))
@@ -426,7 +437,10 @@ impl RedisBroker {
             // An argument, not a key: on a cluster the seed's channel `story:<id>` is in
             // another slot than the progress key, and a classic PUBLISH needs none.
             .arg(story::channel(story));
-        self.with_conn(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+        // A published progress is what the API acknowledges (it is stored): it waits for
+        // the replicas like an event; a relayed raw PUBLISH acknowledges nobody.
+        let key = self.keys.story_progress(story);
+        self.invoke_acknowledged(invocation, mode == "publish", &key)
             .await
     }
 
