@@ -596,6 +596,16 @@ impl Config {
                     .into(),
             );
         }
+        if redis.publish_wait_replicas > 0
+            && redis.publish_wait_timeout_ms >= redis.command_timeout_ms
+        {
+            // The WAIT runs inside the command's own timeout: past it, a publish would be
+            // answered "broker unavailable" instead of "not replicated".
+            return bad(format!(
+                "redis.publish_wait_timeout_ms ({}) must be below redis.command_timeout_ms ({})",
+                redis.publish_wait_timeout_ms, redis.command_timeout_ms
+            ));
+        }
         if redis.failover_timeout_ms == 0 || redis.publish_wait_timeout_ms == 0 {
             return bad(
                 "redis.failover_timeout_ms and redis.publish_wait_timeout_ms must be at least 1"

@@ -301,4 +301,19 @@ fn one_redis_topology_is_chosen_and_checked() {
         let text = e.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(text.contains(why), "{env:?}: {text:?}");
     }
+    // The WAIT must end before the command's own timeout.
+    let mut c = load(&[("REDIS_URL", "redis://h:1")]).unwrap();
+    c.redis.publish_wait_replicas = 1;
+    c.redis.publish_wait_timeout_ms = c.redis.command_timeout_ms;
+    let text = c
+        .validate()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        text.contains("must be below redis.command_timeout_ms"),
+        "{text}"
+    );
+    c.redis.publish_wait_timeout_ms = c.redis.command_timeout_ms - 1;
+    c.validate().unwrap();
 }
