@@ -6,10 +6,12 @@
 #
 #   loadtest/run.sh                   # every scenario (a few minutes)
 #   loadtest/run.sh fanout slow       # only these (idle connect-storm fanout spread resume-storm slow beat
-#                                     # scale cores)
+#                                     # scale cores cluster)
 #   QUICK=1 loadtest/run.sh           # short runs, fewer clients (about a minute)
 #   IDLE_HOLD=10 loadtest/run.sh idle # hold the idle connections longer before measuring
 #   RESUME_CLIENTS=10000 RESUME_RATE=20 loadtest/run.sh resume-storm   # storm size (2000), ev/s (200)
+#   CLUSTER_CLIENTS=3000 CLUSTER_PROJECTS=300 CLUSTER_RATE=1500 CLUSTER_DURATION=10 loadtest/run.sh cluster
+#                                     # 3 gateways on one Redis, then on a 3+3 Redis Cluster it starts
 #
 # Environment: QUICK=1; CARGO_TARGET_DIR (default ./target); GATEWAY_BIN (run this gateway
 # binary instead of building one: before/after comparisons); GATEWAY_RUST_LOG (RUST_LOG of
@@ -21,7 +23,7 @@ cd "$ROOT"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 QUICK="${QUICK:-0}"
 
-ALL=(idle connect-storm fanout spread resume-storm slow beat scale cores)
+ALL=(idle connect-storm fanout spread resume-storm slow beat scale cores cluster)
 if [ "$#" -gt 0 ]; then SCENARIOS=("$@"); else SCENARIOS=("${ALL[@]}"); fi
 for s in "${SCENARIOS[@]}"; do
   case " ${ALL[*]} " in *" $s "*) ;; *) echo "unknown scenario: $s (one of: ${ALL[*]})" >&2; exit 2 ;; esac
@@ -63,6 +65,8 @@ mkdir -p "$OUT"
 
 # ---- cleanup: only what this script (or the loadgen for it) started
 REDIS_PID="" GW_PID=""
+GW_PIDS=()      # the gateways of a several-gateway run (cluster)
+CLUSTER_PIDS=() # the redis-servers of the Redis Cluster (cluster)
 RESTART_PIDFILE="$OUT/.restarted-gateway.pid"
 stop_pid() { # pid, seconds to wait after SIGTERM
   local pid="$1" wait_s="${2:-15}" i
@@ -77,10 +81,14 @@ stop_pid() { # pid, seconds to wait after SIGTERM
   wait "$pid" 2>/dev/null || true
 }
 cleanup() {
-  local rc=$?
+  local rc=$? p
   stop_pid "$GW_PID" 15; GW_PID=""
+  for p in "${GW_PIDS[@]}"; do stop_pid "$p" 15; done
+  GW_PIDS=()
+  for p in "${CLUSTER_PIDS[@]}"; do stop_pid "$p" 5; done
+  CLUSTER_PIDS=()
   if [ -f "$RESTART_PIDFILE" ]; then
-    local p; p="$(cat "$RESTART_PIDFILE")"
+    p="$(cat "$RESTART_PIDFILE")"
     if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then kill -TERM "$p" 2>/dev/null || true; sleep 1; kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null || true; fi
     rm -f "$RESTART_PIDFILE"
   fi
@@ -138,6 +146,112 @@ run() { # name, loadgen args...
     FAILED+=("$name")
   fi
   stop_gateway
+}
+
+# ---- several gateways (cluster): N gateways on CPU 0, each with its own port and instance
+# id (CONTAINER_ID), all on the Redis given as one environment assignment (REDIS_URL=... or
+# REDIS_CLUSTER_NODES=...; the gateway refuses both at once).
+GW_ADDRS=""
+start_gateways() { # name, count, redis env assignment
+  local name="$1" n="$2" renv="$3" i port a addrs=()
+  GW_PIDS=()
+  for ((i = 1; i <= n; i++)); do
+    port="$("$LG_BIN" free-port)"
+    env -u REDIS_URL -u REDIS_CLUSTER_NODES "$renv" SWITCHBOARD_LISTEN="127.0.0.1:$port" \
+      CONTAINER_ID="lt-$name-$i" "${PIN_GW[@]}" "$GW_BIN" serve --config config/loadtest.toml \
+      >"$OUT/gateway-$name-$i.log" 2>&1 &
+    GW_PIDS+=("$!")
+    addrs+=("127.0.0.1:$port")
+  done
+  for a in "${addrs[@]}"; do
+    if ! "$LG_BIN" wait-ready --addr "$a" --timeout 30; then
+      echo "gateway $a did not become ready; see $OUT/gateway-$name-*.log" >&2
+      exit 1
+    fi
+  done
+  GW_ADDRS="$(IFS=,; echo "${addrs[*]}")"
+}
+stop_gateways() {
+  local p
+  for p in "${GW_PIDS[@]}"; do stop_pid "$p" 15; done
+  GW_PIDS=()
+}
+run_gateways() { # name, count, redis env assignment, loadgen args...
+  local name="$1" n="$2" renv="$3"; shift 3
+  echo "== $name"
+  start_gateways "$name" "$n" "$renv"
+  if ! timeout 300 env -u REDIS_URL -u REDIS_CLUSTER_NODES "$renv" "${LG[@]}" "$@" \
+      --gateways "$GW_ADDRS" --gateway-pid "$(IFS=,; echo "${GW_PIDS[*]}")" --out "$OUT/$name.json"; then
+    echo "!! $name failed" >&2
+    FAILED+=("$name")
+  fi
+  stop_gateways
+}
+
+# ---- a Redis Cluster of 3 masters + 3 replicas on CPU 1 (with the loadgen and the single
+# Redis), each node on free ports in its own directory under $OUT/redis-cluster/. Sets
+# CLUSTER_NODES (host:port,...) once cluster_state is ok everywhere and every replica is in sync.
+CLUSTER_NODES=""
+start_redis_cluster() {
+  local i port bus dir n ok used=" " nodes=()
+  mkdir -p "$OUT/redis-cluster"
+  for ((i = 1; i <= 6; i++)); do
+    # Two distinct free ports per node (client port, cluster bus), none used twice.
+    port="$("$LG_BIN" free-port)"
+    while [[ "$used" == *" $port "* ]]; do port="$("$LG_BIN" free-port)"; done
+    used+="$port "
+    bus="$("$LG_BIN" free-port)"
+    while [[ "$used" == *" $bus "* ]]; do bus="$("$LG_BIN" free-port)"; done
+    used+="$bus "
+    dir="$OUT/redis-cluster/$port"
+    mkdir -p "$dir"
+    "${PIN_LG[@]}" redis-server --port "$port" --bind 127.0.0.1 --protected-mode yes \
+      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port "$bus" \
+      --cluster-node-timeout 5000 --repl-diskless-sync-delay 0 --save "" --appendonly no \
+      --daemonize no --loglevel warning --dir "$dir" >"$dir/redis.log" 2>&1 &
+    CLUSTER_PIDS+=("$!")
+    nodes+=("127.0.0.1:$port")
+  done
+  for n in "${nodes[@]}"; do "$LG_BIN" wait-redis --redis-url "redis://$n" --timeout 10; done
+  if ! redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes \
+      >"$OUT/redis-cluster/create.log" 2>&1; then
+    echo "redis-cli --cluster create failed; see $OUT/redis-cluster/create.log" >&2
+    exit 1
+  fi
+  # Ready when every node says cluster_state:ok and sees 3 masters with slots and 3
+  # replicas (none failing or still in handshake), and every replica's link is up.
+  for ((i = 0; i < 600; i++)); do # up to 60 s
+    ok=1
+    for n in "${nodes[@]}"; do
+      redis-cli -h 127.0.0.1 -p "${n##*:}" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || { ok=0; break; }
+      redis-cli -h 127.0.0.1 -p "${n##*:}" cluster nodes 2>/dev/null | awk '
+        $3 ~ /fail|handshake|noaddr/ { bad = 1 }
+        $3 ~ /master/ && NF >= 9 { masters++ }
+        $3 ~ /slave/ { replicas++ }
+        END { exit !(!bad && masters == 3 && replicas == 3) }' || { ok=0; break; }
+      if redis-cli -h 127.0.0.1 -p "${n##*:}" info replication 2>/dev/null | grep -q '^role:slave'; then
+        redis-cli -h 127.0.0.1 -p "${n##*:}" info replication 2>/dev/null | grep -q '^master_link_status:up' || { ok=0; break; }
+      fi
+    done
+    [ "$ok" = 1 ] && break
+    sleep 0.1
+  done
+  if [ "$ok" != 1 ]; then
+    echo "the Redis Cluster did not reach cluster_state:ok with its replicas in sync; see $OUT/redis-cluster/" >&2
+    exit 1
+  fi
+  redis-cli -h 127.0.0.1 -p "${nodes[0]##*:}" cluster nodes >"$OUT/redis-cluster/nodes.txt" 2>&1 || true
+  CLUSTER_NODES="$(IFS=,; echo "${nodes[*]}")"
+}
+stop_redis_cluster() {
+  local p n
+  # Where the run's keys went: role and key count per node.
+  for n in ${CLUSTER_NODES//,/ }; do
+    echo "$n $(redis-cli -h 127.0.0.1 -p "${n##*:}" info replication 2>/dev/null | grep '^role:' | tr -d '\r') keys=$(redis-cli -h 127.0.0.1 -p "${n##*:}" dbsize 2>/dev/null)"
+  done >"$OUT/redis-cluster/keys.txt"
+  for p in "${CLUSTER_PIDS[@]}"; do stop_pid "$p" 5; done
+  CLUSTER_PIDS=()
+  CLUSTER_NODES=""
 }
 
 for s in "${SCENARIOS[@]}"; do
@@ -206,6 +320,18 @@ for s in "${SCENARIOS[@]}"; do
         if kill -0 "$p" 2>/dev/null; then kill -TERM "$p" 2>/dev/null || true; sleep 2; kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null || true; fi
         rm -f "$RESTART_PIDFILE"
       fi ;;
+    cluster)
+      # Issue 14: the spread load (clients over many projects, a fixed event rate through
+      # the publish script) on three gateways, first on the single Redis above, then on a
+      # 3-master + 3-replica Redis Cluster started here. The clients go round-robin over
+      # the gateways, every project on each of them; all three gateways share CPU 0.
+      CL_ARGS=(spread --clients "${CLUSTER_CLIENTS:-$(q 1500 3000)}" --projects "${CLUSTER_PROJECTS:-$(q 150 300)}"
+        --rate "${CLUSTER_RATE:-$(q 1000 1500)}" --duration "${CLUSTER_DURATION:-$(q 4 10)}")
+      run_gateways cluster-one-redis 3 "REDIS_URL=$REDIS_URL" "${CL_ARGS[@]}"
+      echo "== starting a Redis Cluster (3 masters, 3 replicas)"
+      start_redis_cluster
+      run_gateways cluster-redis-cluster 3 "REDIS_CLUSTER_NODES=$CLUSTER_NODES" "${CL_ARGS[@]}"
+      stop_redis_cluster ;;
     slow)
       run slow slow --clients 1000 --slow 100 --rate 1000 --pad 1024 --duration "$(q 7 10)" ;;
   esac

@@ -114,22 +114,29 @@ pub fn metric_sum(body: &str, name: &str) -> f64 {
 }
 
 /// The `q` quantile (upper bucket bound, seconds) of a Prometheus histogram's observations
-/// between two scrapes (`name` without `_bucket`); None when nothing was observed.
+/// between two scrapes (`name` without `_bucket`); None when nothing was observed. A body
+/// may hold several gateways' scrapes one after the other ([`metrics_all`]): their buckets
+/// are added up.
 pub fn histogram_quantile(before: &str, after: &str, name: &str, q: f64) -> Option<f64> {
     let buckets = |body: &str| -> Vec<(f64, f64)> {
         let prefix = format!("{name}_bucket{{le=\"");
-        body.lines()
-            .filter_map(|l| {
-                let rest = l.strip_prefix(prefix.as_str())?;
-                let (le, count) = rest.split_once("\"} ")?;
-                let le = if le == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    le.parse().ok()?
-                };
-                Some((le, count.trim().parse().ok()?))
-            })
-            .collect()
+        let mut sum: Vec<(f64, f64)> = Vec::new();
+        for (le, count) in body.lines().filter_map(|l| {
+            let rest = l.strip_prefix(prefix.as_str())?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse::<f64>().ok()?))
+        }) {
+            match sum.iter_mut().find(|(l, _)| *l == le) {
+                Some(b) => b.1 += count,
+                None => sum.push((le, count)),
+            }
+        }
+        sum
     };
     let (b0, b1) = (buckets(before), buckets(after));
     let delta: Vec<(f64, f64)> = b1
@@ -154,6 +161,17 @@ pub async fn metrics(addr: SocketAddr) -> Option<String> {
         Ok((200, body)) => Some(body),
         _ => None,
     }
+}
+
+/// Every gateway's /metrics, one after the other (None if one fails): [`metric_sum`] and
+/// [`histogram_quantile`] then add the gateways up.
+pub async fn metrics_all(addrs: &[SocketAddr]) -> Option<String> {
+    let mut all = String::new();
+    for a in addrs {
+        all.push_str(&metrics(*a).await?);
+        all.push('\n');
+    }
+    Some(all)
 }
 
 /// Waits (bounded) until GET /readyz is 200.
@@ -249,4 +267,33 @@ pub async fn stop_child(mut child: Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn histograms_of_several_gateways_add_up() {
+        let scrape = |a: u32, b: u32, inf: u32| {
+            format!(
+                "# TYPE h histogram\nh_bucket{{le=\"0.001\"}} {a}\nh_bucket{{le=\"0.01\"}} {b}\n\
+                 h_bucket{{le=\"+Inf\"}} {inf}\nh_count {inf}\n"
+            )
+        };
+        let before = format!("{}\n{}", scrape(0, 0, 0), scrape(0, 0, 0));
+        // Gateway 1: 100 fast; gateway 2: 2 slow. Together p99 is still fast, p999 not.
+        let after = format!("{}\n{}", scrape(100, 100, 100), scrape(0, 0, 2));
+        assert_eq!(
+            super::histogram_quantile(&before, &after, "h", 0.5),
+            Some(0.001)
+        );
+        assert_eq!(
+            super::histogram_quantile(&before, &after, "h", 0.99),
+            Some(f64::INFINITY)
+        );
+        assert_eq!(
+            super::histogram_quantile(&before, &after, "h", 0.98),
+            Some(0.001)
+        );
+        assert_eq!(super::metric_sum(&after, "h_count"), 102.0);
+    }
 }

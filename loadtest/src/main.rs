@@ -29,15 +29,24 @@ struct Common {
     /// Gateway address (host:port, loopback only).
     #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
+    /// Several gateways instead of --addr (host:port,host:port,..., loopback only): the
+    /// clients are spread over them round-robin, every project on every gateway.
+    #[arg(long, value_delimiter = ',')]
+    gateways: Vec<SocketAddr>,
     /// Redis the gateway uses (the publisher EVALSHAs the publish script there).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
+    /// A Redis Cluster instead (seed nodes host:port,..., loopback only; the gateway's own
+    /// variable): the publisher then uses hash-tagged keys and the cluster client.
+    #[arg(long, env = "REDIS_CLUSTER_NODES", value_delimiter = ',')]
+    redis_cluster_nodes: Vec<String>,
     /// HS256 secret of the gateway (tokens are minted with it).
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
     jwt_secret: String,
-    /// The gateway's pid, for CPU and RSS from /proc (and the resume storm's restart).
-    #[arg(long)]
-    gateway_pid: Option<u32>,
+    /// The gateway's pid, for CPU and RSS from /proc (and the resume storm's restart); with
+    /// several gateways, their pids (comma-separated), summed.
+    #[arg(long, value_delimiter = ',')]
+    gateway_pid: Vec<u32>,
     /// Source addresses 127.0.0.1..127.0.0.N the clients are spread over.
     #[arg(long, default_value_t = 50)]
     sources: u8,
@@ -173,20 +182,36 @@ enum Cmd {
     },
 }
 
+/// True for `localhost` and 127.0.0.0/8.
+fn loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn loopback_only(c: &Common) -> anyhow::Result<()> {
     anyhow::ensure!(
-        c.addr.ip().is_loopback(),
-        "the gateway address must be on 127.0.0.0/8"
+        c.addr.ip().is_loopback() && c.gateways.iter().all(|a| a.ip().is_loopback()),
+        "the gateway addresses must be on 127.0.0.0/8"
     );
     let rest = c.redis_url.split("://").nth(1).unwrap_or("");
     let hostport = rest.split('/').next().unwrap_or("");
     let hostport = hostport.rsplit('@').next().unwrap_or("");
     let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
-    let ok = host == "localhost"
-        || host
-            .parse::<std::net::Ipv4Addr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    anyhow::ensure!(ok, "REDIS_URL must point to 127.0.0.0/8 or localhost");
+    anyhow::ensure!(
+        loopback_host(host),
+        "REDIS_URL must point to 127.0.0.0/8 or localhost"
+    );
+    for node in cluster_nodes(c) {
+        let ok = node
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| loopback_host(h) && p.parse::<u16>().is_ok());
+        anyhow::ensure!(
+            ok,
+            "REDIS_CLUSTER_NODES: {node:?} is not host:port on 127.0.0.0/8 or localhost"
+        );
+    }
     anyhow::ensure!(
         c.sources >= 1 && c.sources <= 250,
         "--sources must be 1..250"
@@ -194,13 +219,29 @@ fn loopback_only(c: &Common) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cluster's seed nodes, without empty entries (an empty REDIS_CLUSTER_NODES = none).
+fn cluster_nodes(c: &Common) -> Vec<String> {
+    c.redis_cluster_nodes
+        .iter()
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
 fn ctx(c: &Common) -> anyhow::Result<scenarios::Ctx> {
     loopback_only(c)?;
+    let addrs = if c.gateways.is_empty() {
+        vec![c.addr]
+    } else {
+        c.gateways.clone()
+    };
     Ok(scenarios::Ctx {
-        addr: c.addr,
+        addr: addrs[0],
+        addrs,
         redis_url: c.redis_url.clone(),
+        cluster_nodes: cluster_nodes(c),
         secret: c.jwt_secret.clone(),
-        gateway_pid: c.gateway_pid,
+        gateway_pids: c.gateway_pid.clone(),
         sources: c.sources,
         concurrency: c.concurrency.max(1),
         tag: util::run_tag(),

@@ -29,6 +29,29 @@ fn opt(x: Option<f64>, digits: usize) -> String {
     x.map_or("?".into(), |x| format!("{x:.digits$}"))
 }
 
+/// "3 gateways on a 3-master cluster" / "3 gateways on one Redis" for the runs of run.sh's
+/// `cluster` (several gateways or a Redis Cluster); None for the others.
+fn setup(v: &Value) -> Option<String> {
+    let p = &v["params"];
+    let gateways = p["gateways"].as_u64().unwrap_or(1);
+    let cluster = p["redis"]["kind"].as_str() == Some("cluster");
+    if gateways <= 1 && !cluster {
+        return None;
+    }
+    let redis = if cluster {
+        match p["redis"]["masters"].as_u64() {
+            Some(m) => format!("a {m}-master cluster"),
+            None => "a Redis Cluster".into(),
+        }
+    } else {
+        "one Redis".into()
+    };
+    Some(format!(
+        "{gateways} gateway{} on {redis}",
+        if gateways == 1 { "" } else { "s" }
+    ))
+}
+
 fn row(v: &Value) -> (String, String, String, String, String) {
     let p = &v["params"];
     let name = v["scenario"].as_str().unwrap_or("?").to_string();
@@ -81,7 +104,8 @@ fn row(v: &Value) -> (String, String, String, String, String) {
         }
         _ => {
             params = format!(
-                "{} clients{}, {} projects, {} ev/s, {} s",
+                "{}{} clients{}, {} projects, {} ev/s, {} s",
+                setup(v).map_or(String::new(), |s| format!("{s}: ")),
                 p["clients"],
                 if p["slow"].as_u64().unwrap_or(0) > 0 {
                     format!(" ({} never read)", p["slow"])
@@ -123,6 +147,7 @@ fn row(v: &Value) -> (String, String, String, String, String) {
             }
             measured = m;
             target = match (name.as_str(), p["rate"].as_f64().unwrap_or(0.0) as u64) {
+                _ if setup(v).is_some() => "–".into(),
                 ("fanout", 100) => "≤ 4.6 µs CPU/delivery".into(),
                 ("fanout", 1000) => "≤ 1.2 µs CPU/delivery, no loss".into(),
                 ("spread", _) => "p99 ≤ 0.3 ms".into(),
@@ -206,6 +231,43 @@ pub fn write(dir: &Path) -> anyhow::Result<()> {
                 p.p99_us / 1000.0,
                 p.max_us / 1000.0,
                 opt(p.cpu_us, 2)
+            );
+        }
+    }
+    let mut multi: Vec<&(String, Value)> =
+        runs.iter().filter(|(_, v)| setup(v).is_some()).collect();
+    multi.sort_by_key(|(stem, v)| {
+        (
+            v["params"]["redis"]["kind"].as_str() == Some("cluster"),
+            stem.clone(),
+        )
+    });
+    if !multi.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nSeveral gateways (`cluster`, issue 14): the same load on one Redis and on a Redis \
+             Cluster. All gateways share CPU 0; Redis (every node of the cluster) and the load \
+             generator share CPU 1. CPU/delivery is the gateways' sum.\n\n\
+             | setup | load | deliveries/s | p50 | p99 | max | lost | publish errors | gateway CPU/delivery |\n\
+             | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for (stem, v) in multi {
+            let p = &v["params"];
+            let _ = writeln!(
+                md,
+                "| {} (`{stem}`) | {} clients, {} projects, {} ev/s, {} s | {} | {} | {} | {} | {} | {} | {} µs |",
+                setup(v).unwrap_or_default(),
+                p["clients"],
+                p["projects"],
+                p["rate"],
+                p["duration_s"],
+                opt(f(v, "delivered_per_s"), 0),
+                lat(v, "p50_us"),
+                lat(v, "p99_us"),
+                lat(v, "max_us"),
+                v["loss"],
+                v["publish_errors"],
+                opt(f(v, "gateway_cpu_us_per_delivery"), 2),
             );
         }
     }

@@ -19,10 +19,17 @@ use crate::ws::{client_task, Mode, Shared};
 /// What every scenario needs.
 #[derive(Clone, Debug)]
 pub struct Ctx {
+    /// The first (usually the only) gateway: readiness, the resume storm's restart.
     pub addr: SocketAddr,
+    /// Every gateway the clients are spread over (`addr` first).
+    pub addrs: Vec<SocketAddr>,
     pub redis_url: String,
+    /// Redis Cluster seed nodes; empty: the single Redis at `redis_url`.
+    pub cluster_nodes: Vec<String>,
     pub secret: String,
-    pub gateway_pid: Option<u32>,
+    /// The gateways' pids (CPU and RSS are summed over them); the first is the one the
+    /// resume storm restarts.
+    pub gateway_pids: Vec<u32>,
     pub sources: u8,
     pub concurrency: usize,
     pub tag: String,
@@ -46,18 +53,48 @@ impl Ctx {
             .collect()
     }
 
+    /// Summed over the gateways; None without a pid or when one cannot be read.
+    fn sum(&self, read: impl Fn(u32) -> Option<u64>) -> Option<u64> {
+        if self.gateway_pids.is_empty() {
+            return None;
+        }
+        self.gateway_pids.iter().map(|p| read(*p)).sum()
+    }
+
     fn rss(&self) -> Option<u64> {
-        self.gateway_pid.and_then(gateway::rss_bytes)
+        self.sum(gateway::rss_bytes)
     }
 
     fn cpu(&self) -> Option<u64> {
-        self.gateway_pid.and_then(gateway::cpu_us)
+        self.sum(gateway::cpu_us)
+    }
+
+    /// CPU µs of each gateway.
+    fn cpu_each(&self) -> Vec<Option<u64>> {
+        self.gateway_pids
+            .iter()
+            .map(|p| gateway::cpu_us(*p))
+            .collect()
     }
 
     fn threads(&self) -> Vec<(u32, String, u64)> {
-        self.gateway_pid
-            .map(gateway::thread_cpu_us)
-            .unwrap_or_default()
+        self.gateway_pids
+            .iter()
+            .flat_map(|p| gateway::thread_cpu_us(*p))
+            .collect()
+    }
+
+    /// The Redis the gateways use, for the JSON.
+    async fn redis_json(&self) -> Value {
+        if self.cluster_nodes.is_empty() {
+            json!({ "kind": "single" })
+        } else {
+            json!({
+                "kind": "cluster",
+                "seed_nodes": self.cluster_nodes,
+                "masters": publisher::cluster_masters(&self.cluster_nodes).await,
+            })
+        }
     }
 }
 
@@ -183,7 +220,7 @@ pub async fn idle(
     let projects = projects.clamp(1, clients.max(1));
     let names = ctx.projects("idle", projects);
     let sh = Shared::new(
-        ctx.addr,
+        ctx.addrs.clone(),
         ctx.sources,
         ctx.paths(&names)?,
         |i| (i % projects) as u32,
@@ -231,7 +268,7 @@ pub async fn connect_storm(ctx: &Ctx, clients: usize, projects: usize) -> anyhow
     let projects = projects.clamp(1, clients.max(1));
     let names = ctx.projects("storm", projects);
     let sh = Shared::new(
-        ctx.addr,
+        ctx.addrs.clone(),
         ctx.sources,
         ctx.paths(&names)?,
         |i| (i % projects) as u32,
@@ -301,7 +338,7 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
     let names = ctx.projects(&t.name, projects);
     let readers = t.clients.saturating_sub(t.slow);
     let sh = Shared::new(
-        ctx.addr,
+        ctx.addrs.clone(),
         ctx.sources,
         ctx.paths(&names)?,
         |i| (i % projects) as u32,
@@ -325,9 +362,10 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
     // Let the snapshots (`status`) settle, then measure from a clean state.
     tokio::time::sleep(Duration::from_millis(500)).await;
     sh.latency.borrow_mut().reset();
-    let m0 = gateway::metrics(ctx.addr).await;
+    let m0 = gateway::metrics_all(&ctx.addrs).await;
     let rss0 = ctx.rss();
     let cpu0 = ctx.cpu();
+    let cpu_each0 = ctx.cpu_each();
     let threads0 = ctx.threads();
     let events0 = sh.events.get();
     let t0 = Instant::now();
@@ -336,6 +374,7 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
     let handle = publisher::spawn(
         PubSpec {
             redis_url: ctx.redis_url.clone(),
+            cluster_nodes: ctx.cluster_nodes.clone(),
             projects: names.clone(),
             rate: t.rate,
             duration: t.duration,
@@ -395,8 +434,10 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
     }
     let drained = Instant::now();
     let cpu1 = ctx.cpu();
+    let cpu_each1 = ctx.cpu_each();
     let threads = thread_split(&threads0, &ctx.threads());
-    let m1 = gateway::metrics(ctx.addr).await;
+    let m1 = gateway::metrics_all(&ctx.addrs).await;
+    let redis = ctx.redis_json().await;
     let rss1 = ctx.rss();
     if let Some(r) = rss1 {
         rss_peak = rss_peak.max(r);
@@ -452,8 +493,35 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
     let slow_closes = metric_delta("switchboard_slow_consumer_closes_total");
     let growth = rss_peak as f64 - rss0.unwrap_or(0) as f64;
 
+    // Several gateways and/or a Redis Cluster (run.sh's `cluster`): not issue 4's setup,
+    // so no target; the CPU is the gateways' sum.
+    let multi = ctx.addrs.len() > 1 || !ctx.cluster_nodes.is_empty();
+    let setup = if multi {
+        format!(
+            " ({} gateways on {})",
+            ctx.addrs.len(),
+            if ctx.cluster_nodes.is_empty() {
+                "one Redis"
+            } else {
+                "a Redis Cluster"
+            }
+        )
+    } else {
+        String::new()
+    };
+    let cpu_each: Vec<Option<f64>> = cpu_each0
+        .iter()
+        .zip(&cpu_each1)
+        .map(|(a, b)| Some(b.as_ref()?.saturating_sub(*a.as_ref()?) as f64 / 1e6))
+        .collect();
+    let mut per_gateway = vec![0usize; ctx.addrs.len()];
+    for i in 0..t.clients {
+        if let Some(g) = ctx.addrs.iter().position(|a| *a == sh.addr(i)) {
+            per_gateway[g] += 1;
+        }
+    }
     let mut summary = format!(
-        "{}: {} clients ({} slow) over {} projects, {:.0} ev/s for {:.0}s: published {}, delivered {} ({:.0}/s), loss {} (gaps {}, dup {}, ooo {}), latency p50 {} p90 {} p99 {} p999 {} max {}, gateway CPU {} µs/delivery ({}% of a core)",
+        "{}{setup}: {} clients ({} slow) over {} projects, {:.0} ev/s for {:.0}s: published {}, delivered {} ({:.0}/s), loss {} (gaps {}, dup {}, ooo {}), latency p50 {} p90 {} p99 {} p999 {} max {}, gateway CPU {} µs/delivery ({}% of a core)",
         t.name,
         t.clients,
         t.slow,
@@ -494,6 +562,7 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
     println!("{summary}");
 
     let targets = match (t.name.as_str(), t.rate as u64) {
+        _ if multi => json!({}),
         ("fanout", 100) => json!({ "cpu_us_per_delivery_max": 4.6 }),
         ("fanout", 1000) => json!({ "cpu_us_per_delivery_max": 1.2, "loss": 0 }),
         ("spread", _) => json!({ "p99_us_max": 300 }),
@@ -503,6 +572,7 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
         _ => json!({}),
     };
     let met = match t.name.as_str() {
+        _ if multi => None,
         "fanout" if t.rate as u64 == 100 => cpu_us.map(|c| c <= 4.6),
         "fanout" if t.rate as u64 == 1000 => cpu_us.map(|c| c <= 1.2 && loss == 0),
         "spread" => lat["p99_us"].as_f64().map(|p| p <= 300.0),
@@ -515,7 +585,10 @@ pub async fn traffic(ctx: &Ctx, t: &Traffic) -> anyhow::Result<Value> {
             "clients": t.clients, "projects": projects, "rate": t.rate,
             "duration_s": t.duration.as_secs_f64(), "slow": t.slow, "pad_bytes": t.pad,
             "outbound_queue_messages": t.queue_messages, "outbound_queue_bytes": t.queue_bytes,
+            "gateways": ctx.addrs.len(), "redis": redis,
         },
+        "clients_per_gateway": per_gateway,
+        "gateway_cpu_s_each": cpu_each,
         "all_established": all,
         "established": sh.established.get(),
         "published": report.published,
@@ -568,11 +641,17 @@ pub struct Resume {
 }
 
 pub async fn resume_storm(ctx: &Ctx, r: &Resume) -> anyhow::Result<Value> {
-    let old_pid = ctx.gateway_pid.ok_or_else(|| {
+    let old_pid = ctx.gateway_pids.first().copied().ok_or_else(|| {
         anyhow::anyhow!("resume-storm needs --gateway-pid (the gateway to restart)")
     })?;
     let names = ctx.projects("resume", 1);
-    let sh = Shared::new(ctx.addr, ctx.sources, ctx.paths(&names)?, |_| 0, r.clients);
+    let sh = Shared::new(
+        vec![ctx.addr],
+        ctx.sources,
+        ctx.paths(&names)?,
+        |_| 0,
+        r.clients,
+    );
     sh.deadline
         .set(Some(Instant::now() + r.duration + Duration::from_secs(120)));
     let sem = Arc::new(Semaphore::new(ctx.concurrency));
@@ -592,6 +671,7 @@ pub async fn resume_storm(ctx: &Ctx, r: &Resume) -> anyhow::Result<Value> {
     let handle = publisher::spawn(
         PubSpec {
             redis_url: ctx.redis_url.clone(),
+            cluster_nodes: ctx.cluster_nodes.clone(),
             projects: names.clone(),
             rate: r.rate,
             duration: r.duration,

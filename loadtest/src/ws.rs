@@ -60,7 +60,8 @@ pub struct ClientState {
 
 /// State shared by every client task of a scenario.
 pub struct Shared {
-    pub addr: SocketAddr,
+    /// The gateways; each client connects to one of them ([`Shared::addr`]).
+    pub addrs: Vec<SocketAddr>,
     pub sources: u8,
     pub start: Instant,
     pub clients: Vec<RefCell<ClientState>>,
@@ -85,14 +86,15 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(
-        addr: SocketAddr,
+        addrs: Vec<SocketAddr>,
         sources: u8,
         paths: Vec<String>,
         projects_of: impl Fn(usize) -> u32,
         n: usize,
     ) -> Rc<Self> {
+        assert!(!addrs.is_empty(), "at least one gateway address");
         Rc::new(Shared {
-            addr,
+            addrs,
             sources: sources.max(1),
             start: Instant::now(),
             clients: (0..n)
@@ -130,6 +132,19 @@ impl Shared {
 
     fn source(&self, idx: usize) -> Ipv4Addr {
         Ipv4Addr::new(127, 0, 0, 1 + (idx % self.sources as usize) as u8)
+    }
+
+    /// The gateway of client `idx`: round-robin over the gateways, shifted by one at each
+    /// pass over the projects (clients are `i % projects`), so that every project has
+    /// clients on every gateway and each gateway subscribes to every project.
+    pub fn addr(&self, idx: usize) -> SocketAddr {
+        let g = self.addrs.len();
+        if g == 1 {
+            return self.addrs[0];
+        }
+        let projects = self.paths.len().max(1);
+        let project = self.clients[idx].borrow().project as usize;
+        self.addrs[(idx / projects + project) % g]
     }
 
     fn path(&self, idx: usize, resume: bool) -> String {
@@ -220,7 +235,8 @@ pub async fn client_task(
         let path = sh.path(idx, mode == Mode::Resuming);
         let src = sh.source(idx);
         let opened =
-            tokio::time::timeout(sh.handshake_timeout, open(sh.addr, src, &path, rcvbuf)).await;
+            tokio::time::timeout(sh.handshake_timeout, open(sh.addr(idx), src, &path, rcvbuf))
+                .await;
         let (stream, leftover) = match opened {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
@@ -528,6 +544,25 @@ mod tests {
         assert_eq!(parse_header(&f), Some((1, 4, 260)));
         assert_eq!(parse_u64(b"123,\"x\""), 123);
         assert_eq!(parse_u64(b" 7}"), 7);
+    }
+
+    #[test]
+    fn every_project_on_every_gateway() {
+        let addrs: Vec<SocketAddr> = (1..=3)
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], 8000 + p)))
+            .collect();
+        for projects in [1usize, 2, 3, 4, 5, 6, 300] {
+            let n = projects * 9;
+            let paths = vec![String::new(); projects];
+            let sh = Shared::new(addrs.clone(), 1, paths, |i| (i % projects) as u32, n);
+            let mut seen = vec![[0usize; 3]; projects];
+            for i in 0..n {
+                let g = addrs.iter().position(|a| *a == sh.addr(i)).unwrap();
+                seen[i % projects][g] += 1;
+            }
+            // Each project: 3 clients on each gateway; so 1/3 of all clients per gateway.
+            assert!(seen.iter().all(|s| *s == [3, 3, 3]), "{projects}: {seen:?}");
+        }
     }
 
     #[test]
