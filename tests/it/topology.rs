@@ -670,3 +670,30 @@ async fn cluster_sessions_authenticate_and_are_rechecked_across_slots() {
         }
     }
 }
+
+/// Sentinels are only asked, never in the path: with every sentinel gone and the master
+/// fine, a lost pub/sub connection comes back to the master last found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_sentinels_the_gateway_keeps_the_master_it_found() {
+    let mut set = SentinelSet::start();
+    let gw = sentinel_opts(&set, "gw-ns").start();
+    let mut c = gw.client("p1").await;
+    set.sentinels.clear();
+    set.master.kill_pubsub_clients().await;
+    let back = eventually(Duration::from_secs(15), || async {
+        gw.metric("switchboard_broker_reconnects_total")
+            .await
+            .is_some_and(|n| n >= 1.0)
+            && gw.get("/readyz").await.status == 200
+    })
+    .await;
+    assert!(back, "pub/sub not back without sentinels\n{}", gw.logs());
+    let seqs = gw
+        .publish(
+            "p1",
+            &json!({"type": "file.changed", "data": {"path": "x"}}),
+        )
+        .await;
+    let ev = c.next_of_type("file.changed", T).await;
+    assert_eq!(ev["seq"], seqs[0]);
+}

@@ -454,14 +454,28 @@ impl Backend {
         match self {
             Backend::Single { url, .. } => Ok(url.clone()),
             Backend::Sentinel(s) => {
-                s.refresh(true).await?;
-                s.current
-                    .read()
-                    .as_ref()
-                    .map(|m| m.url.clone())
-                    .ok_or_else(|| unavailable("no master found"))
+                // Half the connect budget for the lookup: when every sentinel is down but
+                // the master is not, the master last found is used rather than nothing.
+                let looked = tokio::time::timeout(s.timeout / 2, s.refresh(true)).await;
+                let current = s.current.read().as_ref().map(|m| m.url.clone());
+                match (looked, current) {
+                    (Ok(Ok(())), Some(url)) => Ok(url),
+                    (why, Some(url)) => {
+                        let why = match why {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "timed out".into(),
+                        };
+                        tracing::warn!(%why, "Sentinel lookup failed: reconnecting to the master last found");
+                        Ok(url)
+                    }
+                    (Ok(Err(e)), None) => Err(e),
+                    (_, None) => Err(unavailable("no master found yet")),
+                }
             }
-            Backend::Cluster { nodes, .. } => Ok(format!("redis://{}/", nodes[0])),
+            Backend::Cluster { nodes, .. } => nodes
+                .first()
+                .map(|n| format!("redis://{n}/"))
+                .ok_or_else(|| unavailable("no cluster node configured")),
         }
     }
 
