@@ -147,6 +147,13 @@ pub struct RedisConfig {
     pub publish_wait_replicas: u32,
     /// The `WAIT` timeout (ms); a publish not confirmed by then is answered 503.
     pub publish_wait_timeout_ms: u64,
+    /// ACL user and password of the cluster's nodes, or of the Sentinel-managed master and
+    /// its replicas (env `REDIS_USERNAME`, `REDIS_PASSWORD`). With `url`, credentials go in
+    /// the URL instead.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// The sentinels' own password, when they have one (env `REDIS_SENTINEL_PASSWORD`).
+    pub sentinel_password: Option<String>,
 }
 
 /// Which Redis the gateway uses (docs/protocol.md §11).
@@ -162,6 +169,60 @@ pub enum RedisTopology {
     Cluster {
         nodes: Vec<String>,
     },
+}
+
+/// Credentials for the nodes of a cluster or a Sentinel deployment (`Debug` hides them).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RedisCredentials {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub sentinel_password: Option<String>,
+}
+
+impl std::fmt::Debug for RedisCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCredentials")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field(
+                "sentinel_password",
+                &self.sentinel_password.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+impl RedisCredentials {
+    /// `redis://[user:password@]addr/` (userinfo percent-encoded).
+    pub fn node_url(&self, addr: &str) -> String {
+        userinfo_url(self.username.as_deref(), self.password.as_deref(), addr)
+    }
+
+    /// The URL of a sentinel (its own password, if any).
+    pub fn sentinel_url(&self, addr: &str) -> String {
+        userinfo_url(None, self.sentinel_password.as_deref(), addr)
+    }
+}
+
+fn userinfo_url(user: Option<&str>, password: Option<&str>, addr: &str) -> String {
+    fn enc(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+    match password {
+        Some(p) => format!(
+            "redis://{}:{}@{addr}/",
+            user.map(enc).unwrap_or_default(),
+            enc(p)
+        ),
+        None => format!("redis://{addr}/"),
+    }
 }
 
 impl RedisConfig {
@@ -180,6 +241,15 @@ impl RedisConfig {
             Some(RedisTopology::Cluster { nodes }) => {
                 format!("cluster (seed nodes {})", nodes.join(","))
             }
+        }
+    }
+
+    /// Credentials for cluster nodes, the Sentinel master and the sentinels.
+    pub fn credentials(&self) -> RedisCredentials {
+        RedisCredentials {
+            username: self.username.clone(),
+            password: self.password.clone(),
+            sentinel_password: self.sentinel_password.clone(),
         }
     }
 
@@ -332,6 +402,9 @@ impl Default for RedisConfig {
             failover_timeout_ms: 15_000,
             publish_wait_replicas: 0,
             publish_wait_timeout_ms: 1_000,
+            username: None,
+            password: None,
+            sentinel_password: None,
         }
     }
 }
@@ -473,6 +546,15 @@ impl Config {
         if let Some(v) = env("REDIS_SENTINEL_MASTER") {
             self.redis.sentinel_master = Some(v).filter(|v| !v.trim().is_empty());
         }
+        if let Some(v) = env("REDIS_USERNAME") {
+            self.redis.username = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = env("REDIS_PASSWORD") {
+            self.redis.password = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = env("REDIS_SENTINEL_PASSWORD") {
+            self.redis.sentinel_password = Some(v).filter(|v| !v.is_empty());
+        }
         if let Some(v) = env("SWITCHBOARD_JWT_SECRET") {
             self.auth.jwt_secret = Some(v);
         }
@@ -588,6 +670,15 @@ impl Config {
             if let Some(bad_addr) = addrs.iter().find(|a| !is_host_port(a)) {
                 return bad(format!("{what}: {bad_addr:?} is not host:port"));
             }
+        }
+        if redis.url.is_some() && (redis.username.is_some() || redis.password.is_some()) {
+            return bad("with redis.url (REDIS_URL) the credentials go in the URL \
+                 (redis://user:password@host:port); redis.username and redis.password \
+                 (REDIS_USERNAME, REDIS_PASSWORD) are for a cluster or Sentinel"
+                .into());
+        }
+        if redis.username.is_some() && redis.password.is_none() {
+            return bad("redis.username (REDIS_USERNAME) needs redis.password".into());
         }
         if !redis.sentinels.is_empty() && redis.sentinel_master.is_none() {
             return bad(
@@ -776,6 +867,11 @@ impl Config {
         }
         if let Some(url) = &copy.redis.url {
             copy.redis.url = Some(redact_url_password(url));
+        }
+        for secret in [&mut copy.redis.password, &mut copy.redis.sentinel_password] {
+            if secret.is_some() {
+                *secret = Some("<redacted>".into());
+            }
         }
         // Effective, not "unset": whether this gateway serves /console is what an operator asks.
         copy.console.enabled = Some(self.console_enabled());

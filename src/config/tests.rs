@@ -317,3 +317,32 @@ fn one_redis_topology_is_chosen_and_checked() {
     c.redis.publish_wait_timeout_ms = c.redis.command_timeout_ms - 1;
     c.validate().unwrap();
 }
+
+#[test]
+fn cluster_and_sentinel_credentials_are_encoded_checked_and_redacted() {
+    let c = load(&[
+        ("REDIS_CLUSTER_NODES", "h1:7000"),
+        ("REDIS_USERNAME", "gw"),
+        ("REDIS_PASSWORD", "p@ss:w/rd"),
+    ])
+    .unwrap();
+    c.validate().unwrap();
+    let creds = c.redis.credentials();
+    assert_eq!(
+        creds.node_url("h1:7000"),
+        "redis://gw:p%40ss%3Aw%2Frd@h1:7000/"
+    );
+    assert_eq!(creds.sentinel_url("s:26379"), "redis://s:26379/");
+    assert!(!format!("{creds:?}").contains("p@ss"), "{creds:?}");
+    let shown = c.redacted_toml();
+    assert!(!shown.contains("p@ss"), "{shown}");
+    assert!(shown.contains("<redacted>"), "{shown}");
+    // With REDIS_URL the credentials belong in the URL; a user needs a password.
+    for env in [
+        vec![("REDIS_URL", "redis://h:1"), ("REDIS_PASSWORD", "x")],
+        vec![("REDIS_CLUSTER_NODES", "h:1"), ("REDIS_USERNAME", "u")],
+    ] {
+        let e = load(&env).and_then(|c| c.validate().map(|_| c));
+        assert!(e.is_err(), "{env:?} accepted");
+    }
+}

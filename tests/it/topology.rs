@@ -697,3 +697,40 @@ async fn without_sentinels_the_gateway_keeps_the_master_it_found() {
     let ev = c.next_of_type("file.changed", T).await;
     assert_eq!(ev["seq"], seqs[0]);
 }
+
+/// Clusters and Sentinel deployments with `requirepass`: `REDIS_PASSWORD` is used for every
+/// node (the master found through Sentinel included), never shown, and without it the
+/// gateway is not ready rather than half working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_protected_cluster_and_sentinel_are_served_with_redis_password() {
+    const PASSWORD: &str = "s3cret:with@odd/chars";
+    let cluster = Cluster::start();
+    cluster.require_password(PASSWORD);
+    let set = SentinelSet::start();
+    set.require_password(PASSWORD);
+    for gw in [
+        cluster_opts(&cluster, "gw-pc")
+            .env("REDIS_PASSWORD", PASSWORD)
+            .start(),
+        sentinel_opts(&set, "gw-ps")
+            .env("REDIS_PASSWORD", PASSWORD)
+            .start(),
+    ] {
+        let mut c = gw.client("p1").await;
+        let seqs = gw
+            .publish(
+                "p1",
+                &json!({"type": "file.changed", "data": {"path": "a"}}),
+            )
+            .await;
+        let ev = c.next_of_type("file.changed", T).await;
+        assert_eq!(ev["seq"], seqs[0]);
+        assert!(!gw.logs().contains("s3cret"), "{}", gw.logs());
+        let health = gw.get("/health/websocket").await.text();
+        assert!(!health.contains("s3cret"), "{health}");
+    }
+    // Without the password: not ready, and clients are refused (nothing half works).
+    let gw = cluster_opts(&cluster, "gw-np").no_wait_ready().start();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(gw.get("/readyz").await.status, 503, "{}", gw.logs());
+}

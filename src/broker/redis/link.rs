@@ -180,9 +180,9 @@ impl RedisBroker {
         &self,
         wanted: &std::collections::HashSet<String>,
     ) -> RedisResult<(Link, Stream)> {
-        if let Some(nodes) = self.backend.cluster_nodes() {
+        if let Some(urls) = self.backend.cluster_urls() {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let client = ClusterClientBuilder::new(nodes.iter().map(|n| format!("redis://{n}/")))
+            let client = ClusterClientBuilder::new(urls.to_vec())
                 .use_protocol(ProtocolVersion::RESP3)
                 .push_sender(tx)
                 .connection_timeout(self.timeout)

@@ -131,6 +131,7 @@ impl RedisBroker {
         let timeout = Duration::from_millis(config.command_timeout_ms.max(100));
         let backend = topology::Backend::new(
             topology,
+            &config.credentials(),
             config.pool_size,
             timeout,
             Duration::from_millis(config.failover_timeout_ms.max(1)),

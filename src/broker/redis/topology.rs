@@ -19,7 +19,7 @@ use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use parking_lot::RwLock;
 
 use crate::broker::BrokerError;
-use crate::config::RedisTopology;
+use crate::config::{RedisCredentials, RedisTopology};
 
 /// Key and channel names: the seed's on one Redis and behind Sentinel, hash-tagged per
 /// project (and per story) on a cluster, so one project's keys share a slot.
@@ -200,6 +200,7 @@ struct Master {
 
 pub(super) struct Sentinel {
     sentinels: Vec<String>,
+    creds: RedisCredentials,
     name: String,
     current: RwLock<Option<Master>>,
     /// One lookup at a time; holds when the last one ended, so a burst of failing commands
@@ -241,7 +242,7 @@ impl Sentinel {
     async fn ask(&self, sentinel: &str) -> Result<String, String> {
         let name = self.name.clone();
         let work = async {
-            let client = redis::Client::open(format!("redis://{sentinel}/"))?;
+            let client = redis::Client::open(self.creds.sentinel_url(sentinel))?;
             let mut conn = client.get_multiplexed_async_connection().await?;
             redis::cmd("SENTINEL")
                 .arg("get-master-addr-by-name")
@@ -259,7 +260,7 @@ impl Sentinel {
 
     async fn confirm(&self, addr: &str) -> Result<(), String> {
         let work = async {
-            let client = redis::Client::open(format!("redis://{addr}/"))?;
+            let client = redis::Client::open(self.creds.node_url(addr))?;
             let mut conn = client.get_multiplexed_async_connection().await?;
             redis::cmd("ROLE")
                 .query_async::<Vec<Value>>(&mut conn)
@@ -288,7 +289,7 @@ impl Sentinel {
         let addr = found?;
         let moved = self.current.read().as_ref().map(|m| m.addr.as_str()) != Some(&addr);
         if moved {
-            let url = format!("redis://{addr}/");
+            let url = self.creds.node_url(&addr);
             let pool = pool_for(&url, self.pool_size, self.timeout)?;
             let previous = self
                 .current
@@ -327,6 +328,8 @@ pub(super) enum Backend {
     Sentinel(std::sync::Arc<Sentinel>),
     Cluster {
         nodes: Vec<String>,
+        /// The seed nodes' URLs, with the credentials.
+        urls: Vec<String>,
         pool: deadpool_redis::cluster::Pool,
         /// The masters as last read from `CLUSTER NODES` (by the pub/sub link).
         masters: RwLock<Vec<String>>,
@@ -336,6 +339,7 @@ pub(super) enum Backend {
 impl Backend {
     pub(super) fn new(
         topology: &RedisTopology,
+        creds: &RedisCredentials,
         pool_size: usize,
         timeout: Duration,
         failover_timeout: Duration,
@@ -352,6 +356,7 @@ impl Backend {
             RedisTopology::Sentinel { sentinels, master } => {
                 Backend::Sentinel(std::sync::Arc::new(Sentinel {
                     sentinels: sentinels.clone(),
+                    creds: creds.clone(),
                     name: master.clone(),
                     current: RwLock::new(None),
                     lookup: tokio::sync::Mutex::new(None),
@@ -362,14 +367,15 @@ impl Backend {
                 }))
             }
             RedisTopology::Cluster { nodes } => {
-                let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}/")).collect();
-                let mut cfg = deadpool_redis::cluster::Config::from_urls(urls);
+                let urls: Vec<String> = nodes.iter().map(|n| creds.node_url(n)).collect();
+                let mut cfg = deadpool_redis::cluster::Config::from_urls(urls.clone());
                 cfg.pool = Some(pool_config(pool_size, timeout));
                 let pool = cfg
                     .create_pool(Some(Runtime::Tokio1))
                     .map_err(|e| BrokerError::Protocol(e.to_string()))?;
                 Backend::Cluster {
                     nodes: nodes.clone(),
+                    urls,
                     pool,
                     masters: RwLock::new(Vec::new()),
                 }
@@ -403,10 +409,10 @@ impl Backend {
         }
     }
 
-    /// The seed nodes, on a cluster.
-    pub(super) fn cluster_nodes(&self) -> Option<&[String]> {
+    /// The seed nodes' URLs (with the credentials), on a cluster.
+    pub(super) fn cluster_urls(&self) -> Option<&[String]> {
         match self {
-            Backend::Cluster { nodes, .. } => Some(nodes),
+            Backend::Cluster { urls, .. } => Some(urls),
             _ => None,
         }
     }
@@ -472,9 +478,9 @@ impl Backend {
                     (_, None) => Err(unavailable("no master found yet")),
                 }
             }
-            Backend::Cluster { nodes, .. } => nodes
+            Backend::Cluster { urls, .. } => urls
                 .first()
-                .map(|n| format!("redis://{n}/"))
+                .cloned()
                 .ok_or_else(|| unavailable("no cluster node configured")),
         }
     }

@@ -12,7 +12,13 @@ use super::{free_port, redis, temp_path, RedisServer, TcpProxy};
 pub const MASTER_NAME: &str = "sbmaster";
 
 fn query(port: u16, args: &[&str]) -> Option<redis::Value> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    query_as(port, None, args)
+}
+
+/// `query` with a password (`AUTH` as the default user).
+pub fn query_as(port: u16, password: Option<&str>, args: &[&str]) -> Option<redis::Value> {
+    let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+    let client = redis::Client::open(format!("redis://{auth}127.0.0.1:{port}/")).ok()?;
     let mut conn = client
         .get_connection_with_timeout(Duration::from_millis(500))
         .ok()?;
@@ -126,6 +132,27 @@ impl SentinelSet {
             );
         }
         set
+    }
+
+    /// The master and the replica require `password`; the sentinels are told it
+    /// (`auth-pass`), so they keep monitoring and can fail over.
+    pub fn require_password(&self, password: &str) {
+        for s in &self.sentinels {
+            let r = query(
+                s.port,
+                &["SENTINEL", "SET", MASTER_NAME, "auth-pass", password],
+            );
+            assert!(matches!(r, Some(redis::Value::Okay)), "SENTINEL SET: {r:?}");
+        }
+        for port in [self.master.port(), self.replica.port()] {
+            for (key, value) in [("masterauth", password), ("requirepass", password)] {
+                let r = query(port, &["CONFIG", "SET", key, value]);
+                assert!(
+                    matches!(r, Some(redis::Value::Okay)),
+                    "CONFIG SET {key}: {r:?}"
+                );
+            }
+        }
     }
 
     /// `host:port,...` for `REDIS_SENTINELS`.
@@ -264,6 +291,21 @@ impl Cluster {
                 .all(|n| role(n.port()).as_deref() != Some("slave") || in_sync(n.port()))
         });
         cluster
+    }
+
+    /// Every node requires `password` from now on (`requirepass`, and `masterauth` so the
+    /// replicas keep replicating); the cluster bus needs none. Queries through this
+    /// helper's own methods are not authenticated: call it last.
+    pub fn require_password(&self, password: &str) {
+        for n in &self.nodes {
+            for (key, value) in [("masterauth", password), ("requirepass", password)] {
+                let r = query(n.port(), &["CONFIG", "SET", key, value]);
+                assert!(
+                    matches!(r, Some(redis::Value::Okay)),
+                    "CONFIG SET {key}: {r:?}"
+                );
+            }
+        }
     }
 
     /// `host:port,...` for `REDIS_CLUSTER_NODES` (every node: any of them is a seed).
