@@ -419,6 +419,13 @@ impl Collector for BrokerCollector {
             "Silently dead pub/sub connections detected by PING.",
             load(&stats.dead_pubsub_detected),
         )?;
+        counter(
+            e,
+            "switchboard_redis_master_changes_total",
+            "Sentinel failovers followed: times the master the sentinels name moved (0 on one \
+             Redis and on a cluster, whose failovers show as reconnects).",
+            redis.master_changes(),
+        )?;
         seconds_histogram(
             e,
             "switchboard_pubsub_lag_seconds",

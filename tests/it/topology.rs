@@ -92,6 +92,11 @@ async fn sentinel_master_is_found_and_served_like_one_redis() {
         topology_of(&gw).await,
         gw.logs()
     );
+    assert_eq!(
+        gw.metric("switchboard_redis_master_changes_total").await,
+        Some(1.0),
+        "one failover followed"
+    );
     // The new master needs its replica back before a publish can be confirmed.
     let synced = eventually(Duration::from_secs(20), || async {
         role(set.master.port()).as_deref() == Some("slave")

@@ -168,6 +168,11 @@ impl RedisBroker {
         self.backend.describe()
     }
 
+    /// Sentinel failovers followed (the master moved); 0 for one Redis and a cluster.
+    pub fn master_changes(&self) -> u64 {
+        self.backend.master_changes()
+    }
+
     /// Runs a pooled command with the command timeout. A failure that looks like a failover
     /// makes the backend look for the master again (Sentinel) before it is returned.
     async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>

@@ -208,6 +208,8 @@ pub(super) struct Sentinel {
     lookup: tokio::sync::Mutex<Option<Instant>>,
     /// A background lookup (after a failing command) is running: no second one is spawned.
     looking: std::sync::atomic::AtomicBool,
+    /// Times the master moved (a failover followed), for `/metrics`.
+    changes: std::sync::atomic::AtomicU64,
     pool_size: usize,
     timeout: Duration,
     failover_timeout: Duration,
@@ -302,6 +304,8 @@ impl Sentinel {
                 .map(|m| m.addr);
             match previous {
                 Some(from) => {
+                    self.changes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(%from, to = %addr, "Redis master moved (Sentinel failover)")
                 }
                 None => tracing::info!(master = %addr, "Redis master found through Sentinel"),
@@ -361,6 +365,7 @@ impl Backend {
                     current: RwLock::new(None),
                     lookup: tokio::sync::Mutex::new(None),
                     looking: std::sync::atomic::AtomicBool::new(false),
+                    changes: std::sync::atomic::AtomicU64::new(0),
                     pool_size,
                     timeout,
                     failover_timeout,
@@ -482,6 +487,14 @@ impl Backend {
                 .first()
                 .cloned()
                 .ok_or_else(|| unavailable("no cluster node configured")),
+        }
+    }
+
+    /// How many times the master moved (Sentinel failovers followed); 0 elsewhere.
+    pub(super) fn master_changes(&self) -> u64 {
+        match self {
+            Backend::Sentinel(s) => s.changes.load(std::sync::atomic::Ordering::Relaxed),
+            _ => 0,
         }
     }
 
