@@ -704,11 +704,17 @@ impl Config {
             );
         }
         if let Some(url) = &self.redis.url {
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("unix://"))
-            {
-                return bad("redis.url must start with redis://, rediss:// or unix://".into());
+            if url.starts_with("rediss://") {
+                // Said here, not as "broker setup failed" at start: the Redis client is
+                // built without TLS (docs/operations.md "Sentinel and Cluster").
+                return bad(
+                    "redis.url: rediss:// (TLS) is not supported by this build; use redis:// on \
+                     a private network or a local TLS tunnel"
+                        .into(),
+                );
+            }
+            if !(url.starts_with("redis://") || url.starts_with("unix://")) {
+                return bad("redis.url must start with redis:// or unix://".into());
             }
         }
         if let Some(url) = &self.auth.hook_url {

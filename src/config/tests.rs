@@ -346,3 +346,12 @@ fn cluster_and_sentinel_credentials_are_encoded_checked_and_redacted() {
         assert!(e.is_err(), "{env:?} accepted");
     }
 }
+
+#[test]
+fn a_tls_redis_url_is_refused_with_its_reason() {
+    let text = load(&[("REDIS_URL", "rediss://h:6380")])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(text.contains("rediss:// (TLS) is not supported"), "{text}");
+}
