@@ -13,7 +13,9 @@
 -- ARGV[2] now, unix milliseconds
 -- ARGV[3] on a cluster, the seed's classic channel project:<id>:commands, PUBLISHed too
 --         (seed workers); '' elsewhere
--- Returns the number of receivers.
+-- Returns { receivers, classic }: receivers through KEYS[1] and the command streams, and the
+-- subscribers of ARGV[3] on this node (0 without it; on a cluster the gateway counts those on
+-- every node itself: a script only sees its own node).
 
 local n
 if string.find(KEYS[1], '{', 1, true) then
@@ -21,8 +23,9 @@ if string.find(KEYS[1], '{', 1, true) then
 else
   n = redis.call('PUBLISH', KEYS[1], ARGV[1])
 end
+local classic = 0
 if ARGV[3] ~= '' then
-  n = n + redis.call('PUBLISH', ARGV[3], ARGV[1])
+  classic = redis.call('PUBLISH', ARGV[3], ARGV[1])
 end
 local now = tonumber(ARGV[2])
 local held = redis.call('HGETALL', KEYS[2])
@@ -35,4 +38,4 @@ for i = 1, #held, 2 do
     redis.call('HDEL', KEYS[2], held[i])
   end
 end
-return n
+return { n, classic }

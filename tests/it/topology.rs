@@ -467,8 +467,10 @@ async fn cluster_serves_everything_one_redis_does() {
     .await;
     assert!(present, "presence across instances on the cluster");
 
-    // Commands: a seed worker on the slot's master, two command streams on b.
-    let mut raw = cluster.nodes[owner].subscribe("project:p1:commands").await;
+    // Commands: two command streams on b, and a seed worker.
+    // A seed worker subscribed on another node than the slot's: counted too (PUBSUB NUMSUB
+    // on every node).
+    let mut raw = cluster.nodes[other].subscribe("project:p1:commands").await;
     let mut w1 = crate::command_stream::worker(&b, "p1").await;
     let mut w2 = crate::command_stream::worker(&b, "p1").await;
     crate::command_stream::delivered_eventually(&mut ca, 3, &mut [&mut w1, &mut w2]).await;

@@ -480,18 +480,38 @@ impl RedisBroker {
         let also = if tagged == classic {
             String::new()
         } else {
-            classic
+            classic.clone()
         };
+        let cluster = !also.is_empty();
         invocation
             .key(tagged)
             .key(self.keys.project(project, "command_streams"))
             .arg(payload)
             .arg(crate::event::unix_millis())
             .arg(also);
-        let n = self
-            .with_conn(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+        let (n, classic_here) = self
+            .with_conn(
+                |mut conn| async move { invocation.invoke_async::<(i64, i64)>(&mut conn).await },
+            )
             .await?;
-        Ok(n.max(0) as u64)
+        let mut n = n.max(0) as u64 + classic_here.max(0) as u64;
+        if cluster {
+            // A cluster's PUBLISH answers with the subscribers of the node it ran on only;
+            // the seed's workers may be subscribed on any node (the message reaches them
+            // all): count them everywhere. Best effort: on failure the node's count stays.
+            match self
+                .with_conn(|mut conn| async move { conn.subscribers_everywhere(&classic).await })
+                .await
+            {
+                Ok(everywhere) => {
+                    n = n - classic_here.max(0) as u64 + everywhere.max(classic_here.max(0) as u64)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not count classic command subscribers")
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// The raw `session:{id}` values of `ids`, in order, in one MGET (None: no such key).

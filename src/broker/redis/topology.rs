@@ -122,6 +122,36 @@ impl Conn {
         }
     }
 
+    /// Subscribers of a classic channel on every node of a cluster (`PUBSUB NUMSUB` on each,
+    /// summed); on one server, its own count.
+    pub(super) async fn subscribers_everywhere(
+        &mut self,
+        channel: &str,
+    ) -> redis::RedisResult<u64> {
+        use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+        let mut cmd = redis::cmd("PUBSUB");
+        cmd.arg("NUMSUB").arg(channel);
+        let count = |v: &Value| -> u64 {
+            match v {
+                Value::Array(items) => match items.get(1) {
+                    Some(Value::Int(n)) => (*n).max(0) as u64,
+                    _ => 0,
+                },
+                _ => 0,
+            }
+        };
+        match self {
+            Conn::Single(c) => Ok(count(&cmd.query_async::<Value>(c).await?)),
+            Conn::Cluster(c) => {
+                let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllNodes, None));
+                match c.route_command(cmd, routing).await? {
+                    Value::Map(per_node) => Ok(per_node.iter().map(|(_, v)| count(v)).sum()),
+                    other => Ok(count(&other)),
+                }
+            }
+        }
+    }
+
     /// `WAIT`, on the connection that wrote `key` (on a cluster: its slot's master).
     /// Returns how many replicas confirmed.
     pub(super) async fn wait_on_key(&mut self, wait: Cmd, key: &str) -> redis::RedisResult<u64> {
