@@ -38,14 +38,7 @@ async fn sentinel_master_is_found_and_served_like_one_redis() {
         "{topo}"
     );
     let mut c = gw.client("p1").await;
-    let seqs = gw
-        .publish(
-            "p1",
-            &json!({"type": "file.changed", "data": {"path": "a"}}),
-        )
-        .await;
-    let ev = c.next_of_type("file.changed", T).await;
-    assert_eq!(ev["seq"], seqs[0]);
+    published_and_received(&gw, &mut c).await;
     // The event is on the replica too: the publish waited for it (publish_wait_replicas 1).
     let mut replica = set.replica.conn().await;
     let len: u64 = redis::cmd("XLEN")
@@ -331,6 +324,18 @@ impl FleetReport for Fleet {
         report.note(scale.describe());
         report
     }
+}
+
+/// One event published through `gw`'s API reaches `c` (a client of p1) with its seq.
+async fn published_and_received(gw: &Gateway, c: &mut WsClient) {
+    let seqs = gw
+        .publish(
+            "p1",
+            &json!({"type": "file.changed", "data": {"path": "a"}}),
+        )
+        .await;
+    let ev = c.next_of_type("file.changed", T).await;
+    assert_eq!(ev["seq"], seqs[0], "{ev}");
 }
 
 fn secs_str(d: Duration) -> String {
@@ -695,14 +700,7 @@ async fn without_sentinels_the_gateway_keeps_the_master_it_found() {
     })
     .await;
     assert!(back, "pub/sub not back without sentinels\n{}", gw.logs());
-    let seqs = gw
-        .publish(
-            "p1",
-            &json!({"type": "file.changed", "data": {"path": "x"}}),
-        )
-        .await;
-    let ev = c.next_of_type("file.changed", T).await;
-    assert_eq!(ev["seq"], seqs[0]);
+    published_and_received(&gw, &mut c).await;
 }
 
 /// Clusters and Sentinel deployments with `requirepass`: `REDIS_PASSWORD` is used for every
@@ -724,14 +722,7 @@ async fn password_protected_cluster_and_sentinel_are_served_with_redis_password(
             .start(),
     ] {
         let mut c = gw.client("p1").await;
-        let seqs = gw
-            .publish(
-                "p1",
-                &json!({"type": "file.changed", "data": {"path": "a"}}),
-            )
-            .await;
-        let ev = c.next_of_type("file.changed", T).await;
-        assert_eq!(ev["seq"], seqs[0]);
+        published_and_received(&gw, &mut c).await;
         assert!(!gw.logs().contains("s3cret"), "{}", gw.logs());
         let health = gw.get("/health/websocket").await.text();
         assert!(!health.contains("s3cret"), "{health}");

@@ -38,6 +38,18 @@ fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The server on `port` requires `password` from now on, and uses it towards its master
+/// (`masterauth`), so a replica keeps replicating.
+fn require_password_on(port: u16, password: &str) {
+    for (key, value) in [("masterauth", password), ("requirepass", password)] {
+        let r = query(port, &["CONFIG", "SET", key, value]);
+        assert!(
+            matches!(r, Some(redis::Value::Okay)),
+            "CONFIG SET {key} on :{port}: {r:?}"
+        );
+    }
+}
+
 /// Whether the replica on `port` has its link to the master up.
 fn in_sync(port: u16) -> bool {
     matches!(query(port, &["INFO", "replication"]),
@@ -145,13 +157,7 @@ impl SentinelSet {
             assert!(matches!(r, Some(redis::Value::Okay)), "SENTINEL SET: {r:?}");
         }
         for port in [self.master.port(), self.replica.port()] {
-            for (key, value) in [("masterauth", password), ("requirepass", password)] {
-                let r = query(port, &["CONFIG", "SET", key, value]);
-                assert!(
-                    matches!(r, Some(redis::Value::Okay)),
-                    "CONFIG SET {key}: {r:?}"
-                );
-            }
+            require_password_on(port, password);
         }
     }
 
@@ -298,13 +304,7 @@ impl Cluster {
     /// helper's own methods are not authenticated: call it last.
     pub fn require_password(&self, password: &str) {
         for n in &self.nodes {
-            for (key, value) in [("masterauth", password), ("requirepass", password)] {
-                let r = query(n.port(), &["CONFIG", "SET", key, value]);
-                assert!(
-                    matches!(r, Some(redis::Value::Okay)),
-                    "CONFIG SET {key}: {r:?}"
-                );
-            }
+            require_password_on(n.port(), password);
         }
     }
 
