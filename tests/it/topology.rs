@@ -732,3 +732,42 @@ async fn password_protected_cluster_and_sentinel_are_served_with_redis_password(
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(gw.get("/readyz").await.status, 503, "{}", gw.logs());
 }
+
+#[tokio::test]
+async fn broker_topology_is_shown_for_one_redis_and_for_none() {
+    let redis = RedisServer::start();
+    let single = GatewayOpts::new().redis(redis.url()).start();
+    assert_eq!(topology_of(&single).await, json!({"mode": "single"}));
+    let embedded = GatewayOpts::new().start();
+    assert_eq!(topology_of(&embedded).await, json!({"mode": "embedded"}));
+}
+
+/// With publish_wait_replicas and a replica that stopped taking writes (its link frozen),
+/// a publish is answered 503 `not_replicated`, saying it was published; the client got it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_publish_is_answered_503_not_replicated() {
+    let set = SentinelSet::start_partitionable();
+    let gw = sentinel_opts(&set, "gw-nr").start();
+    let mut c = gw.client("p1").await;
+    published_and_received(&gw, &mut c).await;
+    set.link.as_ref().unwrap().freeze_existing();
+    let r = gw
+        .post_json(
+            "/v1/projects/p1/events",
+            Some(&gw.service_token()),
+            &json!({"type": "file.changed", "data": {"path": "b"}}),
+        )
+        .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["error"], "not_replicated", "{body}\n{}", gw.logs());
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("was published"),
+        "{body}"
+    );
+    let ev = c.next_of_type("file.changed", T).await;
+    assert_eq!(ev["data"]["path"], "b", "delivered all the same: {ev}");
+}

@@ -204,11 +204,22 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
+/// A pool to one server. Its connections wait for an answer as long as the command timeout
+/// (`with_conn` bounds each command by it): the client's own default of 500 ms answered a
+/// `WAIT` of `publish_wait_timeout_ms` (1 s by default) "timed out", and cut any slower
+/// command short of the configured timeout.
 fn pool_for(url: &str, size: usize, timeout: Duration) -> Result<Pool, BrokerError> {
-    let mut cfg = deadpool_redis::Config::from_url(url);
-    cfg.pool = Some(pool_config(size, timeout));
-    cfg.create_pool(Some(Runtime::Tokio1))
-        .map_err(|e| BrokerError::Protocol(e.to_string()))
+    let protocol = |e: &dyn std::fmt::Display| BrokerError::Protocol(e.to_string());
+    let connection = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
+    let manager =
+        deadpool_redis::Manager::new_with_config(url, connection).map_err(|e| protocol(&e))?;
+    Pool::builder(manager)
+        .config(pool_config(size, timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| protocol(&e))
 }
 
 fn pool_config(size: usize, timeout: Duration) -> PoolConfig {
