@@ -16,6 +16,7 @@ use deadpool_redis::redis::{
     self, aio::ConnectionLike, cluster::ClusterClientBuilder, cluster_async::ClusterConnection,
     Msg, ProtocolVersion, PushInfo, PushKind, RedisResult,
 };
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,37 +40,44 @@ pub(super) enum Stream {
 /// The sharded channels this link itself unsubscribed lately, so the stream can tell their
 /// `sunsubscribe` confirmations from the server's own: Redis unsubscribes a shard channel's
 /// subscribers when its slot moves to another shard (resharding, a failover), and the
-/// cluster client does not follow it there. Entries older than [`OWN_UNSUBSCRIBE_TTL`] are
-/// dropped, so the set stays bounded whatever the churn.
+/// cluster client does not follow it there. Bounded: entries older than
+/// [`OWN_UNSUBSCRIBE_TTL`] are dropped, and past [`OWN_UNSUBSCRIBE_MAX`] channels the oldest
+/// go first (a client churning through projects cannot grow it).
 #[derive(Clone, Default)]
-pub(super) struct OwnUnsubscribes(Arc<Mutex<Vec<OwnUnsubscribe>>>);
-
-/// A channel name and when this link unsubscribed it.
-type OwnUnsubscribe = (Vec<u8>, Instant);
+pub(super) struct OwnUnsubscribes(Arc<Mutex<HashMap<Vec<u8>, Instant>>>);
 
 const OWN_UNSUBSCRIBE_TTL: Duration = Duration::from_secs(30);
+const OWN_UNSUBSCRIBE_MAX: usize = 16_384;
 
 impl OwnUnsubscribes {
     fn note(&self, channel: &str) {
         let mut own = self.0.lock();
-        own.retain(|(_, at)| at.elapsed() < OWN_UNSUBSCRIBE_TTL);
-        own.push((channel.as_bytes().to_vec(), Instant::now()));
+        if own.len() >= OWN_UNSUBSCRIBE_MAX {
+            own.retain(|_, at| at.elapsed() < OWN_UNSUBSCRIBE_TTL);
+            while own.len() >= OWN_UNSUBSCRIBE_MAX {
+                let Some(oldest) = own
+                    .iter()
+                    .min_by_key(|(_, at)| **at)
+                    .map(|(c, _)| c.clone())
+                else {
+                    break;
+                };
+                own.remove(&oldest);
+            }
+        }
+        own.insert(channel.as_bytes().to_vec(), Instant::now());
     }
 
-    /// Whether `channel`'s unsubscription was ours (and forgets it).
+    /// Whether `channel`'s unsubscription was ours, lately (and forgets it).
     fn take(&self, channel: &[u8]) -> bool {
-        let mut own = self.0.lock();
-        match own.iter().position(|(c, _)| c == channel) {
-            Some(i) => {
-                own.swap_remove(i);
-                true
-            }
-            None => false,
-        }
+        self.0
+            .lock()
+            .remove(channel)
+            .is_some_and(|at| at.elapsed() < OWN_UNSUBSCRIBE_TTL)
     }
 
     fn forget(&self, channel: &str) {
-        self.0.lock().retain(|(c, _)| c != channel.as_bytes());
+        self.0.lock().remove(channel.as_bytes());
     }
 }
 
@@ -173,6 +181,9 @@ impl Stream {
     }
 }
 
+/// Subscriptions sent at once when a cluster link (re)connects.
+const SUBSCRIBE_CONCURRENCY: usize = 256;
+
 impl RedisBroker {
     /// Connects the pub/sub link and subscribes `wanted` (Sentinel: to the master the
     /// sentinels name now).
@@ -189,10 +200,20 @@ impl RedisBroker {
                 .response_timeout(self.timeout)
                 .build()?;
             let own = OwnUnsubscribes::default();
-            let mut link = Link::Cluster(client.get_async_connection().await?, own.clone());
+            let conn = client.get_async_connection().await?;
+            let mut link = Link::Cluster(conn.clone(), own.clone());
             link.ping(self).await?;
-            for channel in wanted {
-                link.subscribe(channel).await?;
+            // Every channel again after a reconnect, many at a time (clones share the node
+            // connections): one by one, a few thousand projects would outlast the connect
+            // timeout and the link would never come back.
+            let channels: Vec<String> = wanted.iter().cloned().collect();
+            for chunk in channels.chunks(SUBSCRIBE_CONCURRENCY) {
+                let sent = chunk.iter().map(|channel| {
+                    let mut one = Link::Cluster(conn.clone(), own.clone());
+                    let channel = channel.clone();
+                    async move { one.subscribe(&channel).await }
+                });
+                futures_util::future::try_join_all(sent).await?;
             }
             return Ok((link, Stream::Cluster(rx, own)));
         }
@@ -211,6 +232,28 @@ impl RedisBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_unsubscribes_are_told_apart_and_bounded() {
+        let own = OwnUnsubscribes::default();
+        own.note("project:{a}:events");
+        assert!(own.take(b"project:{a}:events"), "ours");
+        assert!(
+            !own.take(b"project:{a}:events"),
+            "taken once: the next is the server's"
+        );
+        own.note("project:{b}:events");
+        own.forget("project:{b}:events");
+        assert!(
+            !own.take(b"project:{b}:events"),
+            "subscribed again: not ours any more"
+        );
+        for i in 0..OWN_UNSUBSCRIBE_MAX + 100 {
+            own.note(&format!("project:{{p{i}}}:events"));
+        }
+        assert!(own.0.lock().len() <= OWN_UNSUBSCRIBE_MAX);
+        assert!(own.take(format!("project:{{p{}}}:events", OWN_UNSUBSCRIBE_MAX + 99).as_bytes()));
+    }
 
     #[test]
     fn cluster_follows_events_on_both_channels_and_commands_on_the_sharded_one() {

@@ -174,7 +174,7 @@ impl RedisBroker {
     }
 
     /// Runs a pooled command with the command timeout. A failure that looks like a failover
-    /// makes the backend look for the master again (Sentinel) before it is returned.
+    /// makes the backend look for the master again (Sentinel), in the background.
     async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
     where
         F: FnOnce(topology::Conn) -> Fut,
